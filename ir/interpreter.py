@@ -1,0 +1,75 @@
+"""Reference interpreter: runs a kiln function with each op's numpy reference.
+
+Slow and simple on purpose; it is the semantics every pass and backend is
+checked against.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from .errors import KilnError
+from .graph import Function, Module
+from .ops import OPS, concrete_attrs
+from .symbolic import SymExpr, evaluate
+from .types import dtype_of_numpy
+
+
+def bind_symbols(fn: Function, arrays: Sequence[np.ndarray]) -> dict:
+    """Solve symbol values from the concrete shapes of the inputs."""
+    if len(arrays) != len(fn.params):
+        raise KilnError(f"@{fn.name} takes {len(fn.params)} inputs, got {len(arrays)}")
+    env: dict = {}
+    pending = []
+    for p, a in zip(fn.params, arrays):
+        if len(a.shape) != p.type.rank:
+            raise KilnError(f"@{fn.name} input %{p.name}: expected rank {p.type.rank} ({p.type}), "
+                            f"got shape {list(a.shape)}")
+        for d, n in zip(p.type.shape, a.shape):
+            if isinstance(d, SymExpr) and len(d.terms) == 1 and d.terms[0][1] == 1 and len(d.terms[0][0]) == 1:
+                name = d.terms[0][0][0]
+                if env.setdefault(name, int(n)) != int(n):
+                    raise KilnError(f"@{fn.name}: symbol {name} is {env[name]} and {n} in different inputs")
+            else:
+                pending.append((p, d, n))
+    for p, d, n in pending:
+        if evaluate(d, env) != n:
+            raise KilnError(f"@{fn.name} input %{p.name}: expected {p.type}, got shape {list(a.shape)}")
+    return env
+
+
+def run_function(module: Module, name: str, inputs: Sequence[np.ndarray],
+                 weights: Mapping[str, np.ndarray] | None = None) -> list:
+    """Run ``@name`` on numpy inputs; returns the list of result arrays."""
+    fn = module.functions[name]
+    weights = module.weight_data if weights is None else weights
+    arrays = [np.asarray(a) for a in inputs]
+    env = bind_symbols(fn, arrays)
+    values: dict = {}
+    for p, a in zip(fn.params, arrays):
+        if dtype_of_numpy(a.dtype) != p.type.dtype:
+            raise KilnError(f"@{fn.name} input %{p.name}: expected {p.type.dtype}, got {a.dtype}")
+        values[id(p)] = a
+    last_use = {}
+    for i, node in enumerate(fn.nodes):
+        for v in node.inputs:
+            last_use[id(v)] = i
+    keep = {id(r) for r in fn.results}
+    for i, node in enumerate(fn.nodes):
+        if node.op == "weight":
+            outs = [np.asarray(weights[node.attrs["name"]])]
+        else:
+            args = [values[id(v)] for v in node.inputs]
+            outs = OPS[node.op].reference(args, concrete_attrs(node.attrs, env))
+        for v, out in zip(node.outputs, outs):
+            expected = v.type.concrete(env)
+            if tuple(out.shape) != expected or dtype_of_numpy(out.dtype) != v.type.dtype:
+                raise AssertionError(f"@{fn.name}: {node.op} reference gave {out.dtype}{list(out.shape)} "
+                                     f"for %{v.name}: {v.type} = {list(expected)}")
+            values[id(v)] = out
+        for v in node.inputs:
+            if last_use.get(id(v)) == i and id(v) not in keep:
+                values.pop(id(v), None)
+    return [values[id(r)] for r in fn.results]

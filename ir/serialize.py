@@ -1,0 +1,65 @@
+"""Save a module to a directory and load it back, without pickle.
+
+The directory holds ``module.kir`` (the IR text, metadata included) and
+``weights.safetensors``. Writing goes to a temporary sibling that is renamed
+into place, so a failed save never leaves a half-written directory.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+import numpy as np
+
+from .errors import KilnError
+from .graph import Module
+from .parser import parse_module
+from .printer import print_module
+from .verifier import verify_module
+
+IR_FILE = "module.kir"
+WEIGHTS_FILE = "weights.safetensors"
+
+
+def save_module(module: Module, path: str) -> None:
+    from safetensors.numpy import save_file
+
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".kiln-tmp-", dir=parent)
+    try:
+        with open(os.path.join(tmp, IR_FILE), "w", encoding="utf-8") as f:
+            f.write(print_module(module))
+        arrays = {k: np.ascontiguousarray(v) for k, v in module.weight_data.items()}
+        save_file(arrays, os.path.join(tmp, WEIGHTS_FILE))
+        if os.path.exists(path):
+            old = path + ".old-" + os.path.basename(tmp)
+            os.rename(path, old)
+            os.rename(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_module(path: str) -> Module:
+    from safetensors.numpy import load_file
+
+    ir_path = os.path.join(path, IR_FILE)
+    if not os.path.isfile(ir_path):
+        raise KilnError(f"{path}: no {IR_FILE}; expected a directory written by kiln's save_module")
+    with open(ir_path, encoding="utf-8") as f:
+        module = parse_module(f.read())
+    weights_path = os.path.join(path, WEIGHTS_FILE)
+    if os.path.exists(weights_path):
+        for name, array in load_file(weights_path).items():
+            if name not in module.weights:
+                raise KilnError(f"{weights_path}: tensor {name!r} is not a weight of the module")
+            module.weight_data[name] = array
+    verify_module(module)
+    return module
