@@ -1,0 +1,416 @@
+"""kiln's own torch implementation of the Llama family (llama, mistral, qwen2).
+
+Parameter names match transformers' LlamaForCausalLM so its state dicts load as
+they are; the forward is written in transformers' plain style because later
+passes pattern-match these forms (RMSNorm, rotate_half RoPE, repeat_kv, SDPA).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kiln.ir.errors import ConfigError
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_ROPE_TYPES = ("default", "llama3")
+_LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+# transformers' class defaults for keys a config.json may leave out.
+_DEFAULTS = {
+    "llama": {"max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "rope_theta": 10000.0},
+    "mistral": {"max_position_embeddings": 131072, "rms_norm_eps": 1e-6, "rope_theta": 10000.0},
+    "qwen2": {"max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 10000.0},
+}
+
+
+@dataclass
+class LlamaConfig:
+    """Shape and numerics of one Llama-family model; kiln's own, JSON-able."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    # llama's attention_bias also puts a bias on o_proj; qwen2 has q/k/v bias only.
+    attention_output_bias: bool = False
+    mlp_bias: bool = False
+    sliding_window: int | None = None
+    rope_scaling: dict | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    model_type: str = "llama"
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"model config: expected {name} to be a positive integer, found {value!r}; fix the config")
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ConfigError(
+                    f"model config: hidden_size {self.hidden_size} is not divisible by num_attention_heads "
+                    f"{self.num_attention_heads} and no head_dim is given; set head_dim")
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if isinstance(self.head_dim, bool) or not isinstance(self.head_dim, int) or self.head_dim <= 0 or self.head_dim % 2:
+            raise ConfigError(f"model config: expected head_dim to be a positive even integer, found {self.head_dim!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"model config: num_attention_heads {self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads {self.num_key_value_heads}; fix the config")
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ConfigError(
+                f"model config: expected model_type in {SUPPORTED_MODEL_TYPES}, found {self.model_type!r}")
+        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
+            raise ConfigError(f"model config: expected sliding_window to be a positive integer or None, found {self.sliding_window!r}")
+        if not (self.rms_norm_eps > 0 and self.rope_theta > 0):
+            raise ConfigError(
+                f"model config: expected positive rms_norm_eps and rope_theta, found {self.rms_norm_eps!r} and {self.rope_theta!r}")
+        self.rope_scaling = _check_rope_scaling(self.rope_scaling)
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        if self.eos_token_id is None:
+            return []
+        if isinstance(self.eos_token_id, int):
+            return [self.eos_token_id]
+        return list(self.eos_token_id)
+
+    @classmethod
+    def from_hf_dict(cls, d: dict) -> "LlamaConfig":
+        """Read a transformers config.json dict (4.x or 5.x rope spelling)."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"config.json: expected a JSON object, found {type(d).__name__}")
+        model_type = d.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ConfigError(
+                f"config.json: expected model_type in {SUPPORTED_MODEL_TYPES}, found {model_type!r}; "
+                "kiln supports only the Llama family")
+        defaults = _DEFAULTS[model_type]
+
+        def required(key: str) -> Any:
+            if key not in d:
+                raise ConfigError(f"config.json: required key {key!r} is missing (model_type {model_type!r})")
+            return d[key]
+
+        hidden_act = d.get("hidden_act", "silu")
+        if hidden_act != "silu":
+            raise ConfigError(f"config.json: expected hidden_act 'silu', found {hidden_act!r}; kiln has no other MLP activation")
+        for key in ("pretraining_tp",):
+            if d.get(key, 1) != 1:
+                raise ConfigError(f"config.json: expected {key} 1, found {d[key]!r}")
+
+        num_attention_heads = required("num_attention_heads")
+        rope_theta, rope_scaling = _read_rope(d, defaults["rope_theta"])
+
+        if model_type == "qwen2":
+            attention_bias, attention_output_bias, mlp_bias = True, False, False
+            sliding_window = _qwen2_sliding_window(d, required("num_hidden_layers"))
+        elif model_type == "mistral":
+            attention_bias, attention_output_bias, mlp_bias = False, False, False
+            sliding_window = d.get("sliding_window")
+        else:
+            attention_bias = bool(d.get("attention_bias", False))
+            attention_output_bias = attention_bias
+            mlp_bias = bool(d.get("mlp_bias", False))
+            sliding_window = None
+
+        return cls(
+            vocab_size=required("vocab_size"),
+            hidden_size=required("hidden_size"),
+            intermediate_size=required("intermediate_size"),
+            num_hidden_layers=required("num_hidden_layers"),
+            num_attention_heads=num_attention_heads,
+            num_key_value_heads=d.get("num_key_value_heads") or num_attention_heads,
+            head_dim=d.get("head_dim"),
+            rms_norm_eps=float(d.get("rms_norm_eps", defaults["rms_norm_eps"])),
+            rope_theta=rope_theta,
+            max_position_embeddings=d.get("max_position_embeddings", defaults["max_position_embeddings"]),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            attention_bias=attention_bias,
+            attention_output_bias=attention_output_bias,
+            mlp_bias=mlp_bias,
+            sliding_window=sliding_window,
+            rope_scaling=rope_scaling,
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_id=d.get("eos_token_id"),
+            model_type=model_type,
+        )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LlamaConfig":
+        """Inverse of to_dict (kiln's own spelling, not transformers')."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"kiln model config: unknown keys {unknown}; expected only {sorted(names)}")
+        return cls(**d)
+
+
+def _read_rope(d: dict, default_theta: float) -> tuple[float, dict | None]:
+    # transformers 5 writes rope_parameters (with rope_theta inside); 4.x wrote rope_theta + rope_scaling.
+    params = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"config.json: expected rope_parameters to be an object, found {params!r}")
+    if any(isinstance(v, dict) for v in params.values()):
+        raise ConfigError("config.json: per-layer-type rope_parameters are not supported; expected one rope dict")
+    theta = float(params.get("rope_theta", d.get("rope_theta", default_theta)))
+    if params.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise ConfigError("config.json: partial_rotary_factor other than 1.0 is not supported")
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type == "default":
+        return theta, None
+    scaling = {k: v for k, v in params.items() if k not in ("rope_theta", "type")}
+    scaling["rope_type"] = rope_type
+    if rope_type == "llama3" and "original_max_position_embeddings" not in scaling and "original_max_position_embeddings" in d:
+        scaling["original_max_position_embeddings"] = d["original_max_position_embeddings"]
+    return theta, scaling
+
+
+def _check_rope_scaling(scaling: dict | None) -> dict | None:
+    if scaling is None:
+        return None
+    if not isinstance(scaling, dict):
+        raise ConfigError(f"model config: expected rope_scaling to be an object or None, found {scaling!r}")
+    rope_type = scaling.get("rope_type", scaling.get("type"))
+    if rope_type in (None, "default"):
+        return None
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ConfigError(
+            f"model config: rope type {rope_type!r} is not supported; expected one of {SUPPORTED_ROPE_TYPES}")
+    missing = [k for k in _LLAMA3_ROPE_KEYS if k not in scaling]
+    if missing:
+        raise ConfigError(f"model config: llama3 rope scaling is missing {missing}")
+    out = {"rope_type": "llama3"}
+    for key in _LLAMA3_ROPE_KEYS:
+        value = scaling[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise ConfigError(f"model config: llama3 rope scaling {key} must be a positive number, found {value!r}")
+        out[key] = value
+    if out["high_freq_factor"] <= out["low_freq_factor"]:
+        raise ConfigError(
+            f"model config: llama3 rope scaling needs high_freq_factor > low_freq_factor, found "
+            f"{out['high_freq_factor']} and {out['low_freq_factor']}")
+    return out
+
+
+def _qwen2_sliding_window(d: dict, num_layers: int) -> int | None:
+    # Qwen2 can mix full and sliding layers; kiln's module has one attention kind for all layers.
+    if not d.get("use_sliding_window", False) or d.get("sliding_window") is None:
+        return None
+    layer_types = d.get("layer_types")
+    if layer_types is None:
+        first_sliding = d.get("max_window_layers", 28)
+        layer_types = ["sliding_attention" if i >= first_sliding else "full_attention" for i in range(num_layers)]
+    kinds = set(layer_types)
+    if kinds == {"full_attention"}:
+        return None
+    if kinds == {"sliding_attention"}:
+        return d["sliding_window"]
+    raise ConfigError(
+        "config.json: qwen2 mixes sliding-window and full-attention layers (use_sliding_window with "
+        "max_window_layers); kiln supports only one attention kind for all layers")
+
+
+def rope_inverse_frequencies(config: LlamaConfig) -> torch.Tensor:
+    """inv_freq[head_dim/2] as transformers computes it (default or llama3 scaling), in fp32."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq
+    factor = scaling["factor"]
+    low_freq_factor = scaling["low_freq_factor"]
+    high_freq_factor = scaling["high_freq_factor"]
+    old_context_len = scaling["original_max_position_embeddings"]
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    # Long wavelengths are stretched by `factor`, short ones kept, the band between interpolated.
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+class LlamaRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+
+class LlamaRotaryEmbedding(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        # Not persistent: transformers' state dicts do not carry it either.
+        self.register_buffer("inv_freq", rope_inverse_frequencies(config), persistent=False)
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype=x.dtype), emb.sin().to(dtype=x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1 = x[..., : x.shape[-1] // 2]
+    x2 = x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim: int = 1):
+    cos = cos.unsqueeze(unsqueeze_dim)
+    sin = sin.unsqueeze(unsqueeze_dim)
+    q_embed = (q * cos) + (rotate_half(q) * sin)
+    k_embed = (k * cos) + (rotate_half(k) * sin)
+    return q_embed, k_embed
+
+
+def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """[batch, kv_heads, seq, head_dim] -> [batch, kv_heads * n_rep, seq, head_dim]."""
+    batch, num_key_value_heads, seq_len, head_dim = hidden_states.shape
+    if n_rep == 1:
+        return hidden_states
+    hidden_states = hidden_states[:, :, None, :, :].expand(batch, num_key_value_heads, n_rep, seq_len, head_dim)
+    return hidden_states.reshape(batch, num_key_value_heads * n_rep, seq_len, head_dim)
+
+
+def sliding_window_causal_mask(seq_len: int, sliding_window: int, device: torch.device) -> torch.Tensor:
+    """bool[seq, seq]: key j is visible from query i when i - window < j <= i (transformers' rule)."""
+    q_idx = torch.arange(seq_len, device=device)[:, None]
+    kv_idx = torch.arange(seq_len, device=device)[None, :]
+    return (kv_idx <= q_idx) & (kv_idx > q_idx - sliding_window)
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: LlamaConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        # A window at least as long as any position reachable is plain causal attention.
+        window = config.sliding_window
+        self.sliding_window = window if window is not None and window < config.max_position_embeddings else None
+        q_out = config.num_attention_heads * self.head_dim
+        kv_out = config.num_key_value_heads * self.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, q_out, bias=config.attention_bias)
+        self.k_proj = nn.Linear(config.hidden_size, kv_out, bias=config.attention_bias)
+        self.v_proj = nn.Linear(config.hidden_size, kv_out, bias=config.attention_bias)
+        self.o_proj = nn.Linear(q_out, config.hidden_size, bias=config.attention_output_bias)
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+
+        query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+
+        cos, sin = position_embeddings
+        query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
+
+        key_states = repeat_kv(key_states, self.num_key_value_groups)
+        value_states = repeat_kv(value_states, self.num_key_value_groups)
+
+        if self.sliding_window is None:
+            attn_output = F.scaled_dot_product_attention(
+                query_states, key_states, value_states, is_causal=True, scale=self.scaling)
+        else:
+            mask = sliding_window_causal_mask(hidden_states.shape[1], self.sliding_window, hidden_states.device)
+            attn_output = F.scaled_dot_product_attention(
+                query_states, key_states, value_states, attn_mask=mask, scale=self.scaling)
+
+        attn_output = attn_output.transpose(1, 2).contiguous()
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        return self.o_proj(attn_output)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: LlamaConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(config, layer_idx)
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states = self.input_layernorm(hidden_states)
+        hidden_states = self.self_attn(hidden_states, position_embeddings)
+        hidden_states = residual + hidden_states
+
+        residual = hidden_states
+        hidden_states = self.post_attention_layernorm(hidden_states)
+        hidden_states = self.mlp(hidden_states)
+        return residual + hidden_states
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = LlamaRotaryEmbedding(config)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.embed_tokens(input_ids)
+        position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]
+        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, position_embeddings)
+        return self.norm(hidden_states)
+
+
+class LlamaForCausalLM(nn.Module):
+    """input_ids[batch, seq] -> fp32 logits[batch, seq, vocab], causal, positions 0..seq-1."""
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.model(input_ids)
+        return self.lm_head(hidden_states).float()

@@ -1,0 +1,118 @@
+"""kiln's Llama-family torch module against transformers' own classes.
+
+Tiny random configs; transformers builds the reference model, kiln loads its
+state dict and must give the same fp32 logits, and must capture with torch.export.
+"""
+
+import pytest
+import torch
+import transformers
+
+from kiln.frontend.llama import LlamaConfig, LlamaForCausalLM
+from kiln.ir.errors import ConfigError
+
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+            rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
+
+CONFIGS = {
+    "llama": dict(TINY, model_type="llama", rope_theta=10000.0),
+    "llama_tied_bias": dict(TINY, model_type="llama", tie_word_embeddings=True, attention_bias=True, mlp_bias=True),
+    "llama3_rope": dict(TINY, model_type="llama", rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16}, rope_theta=500000.0),
+    "qwen2": dict(TINY, model_type="qwen2", rope_theta=1000000.0, tie_word_embeddings=True),
+    "mistral": dict(TINY, model_type="mistral", sliding_window=5, head_dim=32),
+    "mistral_no_window": dict(TINY, model_type="mistral", sliding_window=None),
+}
+
+
+def _reference(hf_dict: dict) -> torch.nn.Module:
+    config = transformers.AutoConfig.for_model(**hf_dict)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
+    # Random init gives tiny norms; perturb them so norm weights matter in the comparison.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith(".bias"):
+                p.add_(torch.randn_like(p) * 0.5)
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_logits_match_transformers(name):
+    hf_dict = CONFIGS[name]
+    reference = _reference(hf_dict)
+    config = LlamaConfig.from_hf_dict(reference.config.to_dict())
+    model = LlamaForCausalLM(config).eval()
+    missing, unexpected = model.load_state_dict(reference.state_dict(), strict=True)
+    assert not missing and not unexpected
+    ids = torch.randint(0, TINY["vocab_size"], (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = reference(ids).logits.float()
+        got = model(ids)
+    assert got.dtype == torch.float32 and got.shape == (2, 11, TINY["vocab_size"])
+    assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+def test_state_dict_names_match_transformers():
+    for hf_dict in CONFIGS.values():
+        reference = _reference(hf_dict)
+        model = LlamaForCausalLM(LlamaConfig.from_hf_dict(reference.config.to_dict()))
+        assert sorted(model.state_dict()) == sorted(reference.state_dict())
+        assert {k: v.shape for k, v in model.state_dict().items()} == {
+            k: v.shape for k, v in reference.state_dict().items()}
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "mistral"])
+def test_export_dynamic_batch_and_seq(name):
+    config = LlamaConfig.from_hf_dict(transformers.AutoConfig.for_model(**CONFIGS[name]).to_dict())
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 128, (2, 9))
+    dynamic = {"input_ids": {0: torch.export.Dim("batch", max=64), 1: torch.export.Dim("seq", max=4096)}}
+    program = torch.export.export(model, (ids,), dynamic_shapes=dynamic)
+    # No guard narrowed batch or seq below the requested ranges.
+    assert sorted(int(r.upper) for r in program.range_constraints.values()) == [64, 4096]
+    # The captured program must serve other batch sizes and lengths, below and above the window.
+    for shape in [(1, 1), (3, 4), (2, 17)]:
+        other = torch.randint(0, 128, shape)
+        with torch.no_grad():
+            torch.testing.assert_close(program.module()(other), model(other), rtol=1e-5, atol=1e-5)
+
+
+def test_config_round_trip_and_old_rope_spelling():
+    old = dict(TINY, model_type="llama", rope_theta=500000.0, rope_scaling={
+        "type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192})
+    config = LlamaConfig.from_hf_dict(old)
+    assert config.rope_theta == 500000.0 and config.rope_scaling["rope_type"] == "llama3"
+    assert config.head_dim == 16 and config.num_key_value_heads == 2
+    assert LlamaConfig.from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize("change, fragment", [
+    ({"model_type": "gpt2"}, "model_type"),
+    ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "yarn"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 4.0}}, "missing"),
+    ({"num_key_value_heads": 3}, "num_key_value_heads"),
+    ({"vocab_size": None}, "vocab_size"),
+])
+def test_config_refusals(change, fragment):
+    d = dict(CONFIGS["llama"], **change)
+    with pytest.raises(ConfigError, match=fragment):
+        LlamaConfig.from_hf_dict(d)
+
+
+def test_config_missing_key():
+    d = dict(CONFIGS["llama"])
+    del d["hidden_size"]
+    with pytest.raises(ConfigError, match="hidden_size"):
+        LlamaConfig.from_hf_dict(d)
+
+
+def test_qwen2_mixed_sliding_layers_refused():
+    d = dict(CONFIGS["qwen2"], use_sliding_window=True, sliding_window=4, max_window_layers=1)
+    with pytest.raises(ConfigError, match="sliding"):
+        LlamaConfig.from_hf_dict(d)
