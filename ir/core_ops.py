@@ -413,17 +413,21 @@ define_op("concat", infer=_concat_infer, reference=lambda xs, a: [np.concatenate
 
 def _index_infer(types, attrs, module):
     x, idx = types[0], types[1:]
-    if len(idx) > x.rank:
-        raise fail("index", f"{len(idx)} index tensors for rank {x.rank}")
+    axis = attrs["axis"]
+    if axis < 0 or axis + len(idx) > x.rank:
+        raise fail("index", f"{len(idx)} index tensors from axis {axis} for rank {x.rank}")
     for t in idx:
         if t.dtype not in ("i64", "i32"):
             raise fail("index", f"index tensors must be integer, found {t.dtype}")
-    shape = broadcast_shapes("index", *[t.shape for t in idx]) + tuple(x.shape[len(idx):])
+    shape = tuple(x.shape[:axis]) + broadcast_shapes("index", *[t.shape for t in idx]) + \
+        tuple(x.shape[axis + len(idx):])
     return [TensorType(x.dtype, shape)]
 
 
-define_op("index", infer=_index_infer, reference=lambda xs, a: [np.asarray(xs[0][tuple(xs[1:])])],
-          inputs=(2, None), doc="x[i0, i1, ...] with broadcast integer index tensors on leading axes")
+define_op("index", infer=_index_infer,
+          reference=lambda xs, a: [np.asarray(xs[0][(slice(None),) * a["axis"] + tuple(xs[1:])])],
+          attrs={"axis": 0}, inputs=(2, None),
+          doc="x[:, ..., i0, i1, ...]: broadcast integer index tensors on consecutive axes from `axis`")
 
 
 def _embedding_infer(types, attrs, module):
