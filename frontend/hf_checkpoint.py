@@ -66,8 +66,8 @@ def load_hf_checkpoint(path: str | os.PathLike, *, attn_implementation: str = "e
     if config.get("quantization_config") is not None:
         raise ConfigError(
             f"{directory / 'config.json'}: expected an unquantized checkpoint, found quantization_config "
-            f"({_describe_quantization(config['quantization_config'])}); use the original fp16/bf16/fp32 weights, "
-            "kiln quantizes them itself"
+            f"({_describe_quantization(config['quantization_config'])}); "
+            "use the original fp16/bf16/fp32 weights"
         )
     # Validate every header before spending time building the module.
     sources = _open_weights(directory)
@@ -76,7 +76,7 @@ def load_hf_checkpoint(path: str | os.PathLike, *, attn_implementation: str = "e
     # Building a module draws random initial weights; keep the caller's RNG stream untouched.
     with torch.random.fork_rng(devices=[]):
         if native:
-            module = _build_native(config)
+            module = _build_native(directory, config)
             rename = None
         else:
             module = _build_with_transformers(directory, config, attn_implementation)
@@ -216,10 +216,14 @@ def _open_sharded(directory: Path, index: Path) -> dict[str, tuple[SafetensorsFi
     return sources
 
 
-def _build_native(config: dict[str, Any]) -> torch.nn.Module:
+def _build_native(directory: Path, config: dict[str, Any]) -> torch.nn.Module:
     from kiln.frontend.llama import LlamaConfig, LlamaForCausalLM
 
-    return LlamaForCausalLM(LlamaConfig.from_hf_dict(config))
+    try:
+        llama_config = LlamaConfig.from_hf_dict(config)
+    except ConfigError as err:
+        raise ConfigError(f"{directory}: {err}") from None
+    return LlamaForCausalLM(llama_config)
 
 
 def _build_with_transformers(directory: Path, config: dict[str, Any], attn_implementation: str) -> torch.nn.Module:
@@ -255,11 +259,13 @@ def _build_with_transformers(directory: Path, config: dict[str, Any], attn_imple
         hf_config = config_class.from_dict(settings)
         # Construct the class directly, not through AutoModel, so nothing can redirect to remote code.
         module = model_class._from_config(hf_config, dtype=torch.float32, attn_implementation=attn_implementation)
-    except (TypeError, ValueError, KeyError, AttributeError) as err:
+    except Exception as err:
+        # transformers validates configs with its own exception types; the user needs one line either way.
+        reason = " ".join(str(err).split())[:300] or type(err).__name__
         raise ConfigError(
-            f"{directory / 'config.json'}: transformers could not build {model_class_name} from it "
-            f"({str(err).splitlines()[0] if str(err) else type(err).__name__}); check the config values"
-        ) from None
+            f"{directory / 'config.json'}: transformers could not build {model_class_name} from it ({reason}); "
+            "check the config values"
+        ) from err
     return module
 
 

@@ -424,3 +424,38 @@ def test_corrupt_weights_file(tmp_path):
     data = (tmp_path / "model.safetensors").read_bytes()
     (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
     load_error(tmp_path, ModelFormatError, "model.safetensors", "truncated")
+
+
+def test_model_type_without_a_causal_lm_class_is_refused(tmp_path):
+    write_config(tmp_path, {"model_type": "vit"})
+    write_safetensors(tmp_path / "model.safetensors", {"w": np.zeros(2, np.float32)})
+    load_error(tmp_path, ConfigError, "'vit'", "built-in transformers")
+
+
+def test_config_transformers_rejects_is_a_config_error(tmp_path):
+    write_config(tmp_path, {"model_type": "gpt2", "vocab_size": VOCAB, "n_embd": "wide", "n_layer": 1, "n_head": 4})
+    write_safetensors(tmp_path / "model.safetensors", {"w": np.zeros(2, np.float32)})
+    load_error(tmp_path, ConfigError, "config.json", "GPT2LMHeadModel", "n_embd")
+
+
+def test_checkpoints_transformers_must_merge_are_refused(tmp_path):
+    # Mixtral's per-expert tensors are stacked by transformers while loading; kiln does not copy that logic.
+    config = transformers.MixtralConfig(**TINY_DECODER, num_local_experts=2, num_experts_per_tok=1)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path, safe_serialization=True)
+    load_error(tmp_path, ConfigError, "experts", "not supported")
+
+
+def test_oversized_json_is_refused_before_reading(tmp_path, monkeypatch):
+    from kiln.frontend import hf_checkpoint
+
+    save_reference("llama", tmp_path)
+    monkeypatch.setattr(hf_checkpoint, "MAX_JSON_BYTES", 64)
+    load_error(tmp_path, ModelFormatError, "config.json", "under 64 bytes")
+
+
+def test_native_config_errors_name_the_directory(tmp_path):
+    save_reference("llama", tmp_path)
+    config = read_config(tmp_path)
+    config["hidden_act"] = "gelu"
+    write_config(tmp_path, config)
+    load_error(tmp_path, ConfigError, str(tmp_path), "hidden_act")
