@@ -91,7 +91,13 @@ class SafetensorsFile:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self._raw: np.ndarray | None = None
-        with open(self.path, "rb") as handle:
+        try:
+            handle = open(self.path, "rb")
+        except OSError as err:
+            raise ModelFormatError(
+                f"{self.path}: expected a readable safetensors file, found {err.strerror or type(err).__name__}"
+            ) from None
+        with handle:
             file_size = os.fstat(handle.fileno()).st_size
             if file_size < 8:
                 self._fail(f"expected at least 8 bytes (the header length), found a {file_size}-byte file")
@@ -130,7 +136,10 @@ class SafetensorsFile:
         if not isinstance(header, dict):
             self._fail(f"expected the header to be a JSON object, found {type(header).__name__}")
 
-        metadata = header.pop("__metadata__", {})
+        # The reference writer may emit "__metadata__": null for no metadata.
+        metadata = header.pop("__metadata__", None)
+        if metadata is None:
+            metadata = {}
         if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
             self._fail("expected __metadata__ to be an object of string values")
 

@@ -163,6 +163,18 @@ def test_header_padding_and_no_tensors(tmp_path):
 # --- planted defects -------------------------------------------------------------------
 
 
+def test_missing_file_and_directory(tmp_path):
+    expect_error(tmp_path / "absent.safetensors", "expected a readable safetensors file")
+    with pytest.raises(ModelFormatError, match="readable"):
+        SafetensorsFile(tmp_path)
+
+
+def test_null_metadata_means_none(tmp_path):
+    path = tmp_path / "x.safetensors"
+    write_raw(path, {"__metadata__": None, "w": entry()}, b"\0" * 8)
+    assert SafetensorsFile(path).metadata == {}
+
+
 def test_file_shorter_than_header_length_field(tmp_path):
     path = tmp_path / "short.safetensors"
     path.write_bytes(b"\x01\x02\x03")
@@ -227,9 +239,10 @@ def test_duplicate_keys_inside_an_entry(tmp_path):
     expect_error(path, "'dtype' twice")
 
 
-def test_bad_metadata(tmp_path):
+@pytest.mark.parametrize("metadata", [{"n": 3}, [], "", 0], ids=["int-value", "list", "string", "zero"])
+def test_bad_metadata(tmp_path, metadata):
     path = tmp_path / "x.safetensors"
-    write_raw(path, {"__metadata__": {"n": 3}})
+    write_raw(path, {"__metadata__": metadata})
     expect_error(path, "__metadata__")
 
 
