@@ -1,0 +1,55 @@
+"""The driver: the one place that strings frontend -> passes -> backend together."""
+
+from __future__ import annotations
+
+import collections
+from typing import Any
+
+from kiln.ir.graph import Module
+from kiln.ir.symbolic import symbols_of
+
+from .progress import QUIET, Progress
+
+
+def capture_source(source: Any, *, max_seq: int = 2048, max_batch: int = 64, progress: Progress = QUIET):
+    """Load ``source`` and capture it; returns (kiln Module, ModelSource)."""
+    from kiln.frontend.capture import capture
+    from kiln.frontend.sources import load_source
+
+    with progress.stage("loading model"):
+        loaded = load_source(source)
+    with progress.stage("capturing with torch.export"):
+        module = capture(loaded.model, max_batch=max_batch, max_seq=max_seq)
+    module.metadata["model"] = {"name": loaded.name, "kind": loaded.kind, "content_hash": loaded.content_hash,
+                                "config": loaded.config}
+    return module, loaded
+
+
+def op_histogram(module: Module, function: str) -> dict:
+    counts = collections.Counter(n.op for n in module.functions[function].nodes)
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def summarize(module: Module) -> dict:
+    """The JSON summary `kiln inspect` prints."""
+    functions = {}
+    symbols = set()
+    for name, fn in module.functions.items():
+        for p in fn.params:
+            for d in p.type.shape:
+                symbols |= symbols_of(d)
+        functions[name] = {
+            "params": {p.name: str(p.type) for p in fn.params},
+            "results": [str(r.type) for r in fn.results],
+            "nodes": len(fn.nodes),
+        }
+    entry = "prefill" if "prefill" in module.functions else next(iter(module.functions))
+    return {
+        "model": module.metadata.get("model", {}).get("name"),
+        "functions": functions,
+        "ops": op_histogram(module, entry),
+        "ops_function": entry,
+        "parameters": module.parameter_count(),
+        "parameter_bytes": module.parameter_bytes(),
+        "symbolic_dims": sorted(symbols),
+    }

@@ -1,0 +1,73 @@
+"""Capture of real architectures: the interpreter on the captured IR gives torch eager's logits."""
+
+import numpy as np
+import pytest
+import torch
+
+from kiln.frontend.capture import capture
+from kiln.ir.errors import UnsupportedOpError
+from kiln.ir.interpreter import run_function
+from kiln.ir.symbolic import sym
+from kiln.ir.types import TensorType
+from kiln.ir.verifier import verify_module
+
+from tiny_models import PROMPT_SHAPES, TINY_ARCHS, VOCAB, captured, reference_logits
+
+
+@pytest.mark.parametrize("arch", sorted(TINY_ARCHS))
+def test_architecture_logits_match_torch(arch):
+    module = captured(arch)
+    verify_module(module)
+    (fn,) = module.functions.values()
+    assert fn.params[0].type == TensorType("i64", (sym("batch"), sym("seq")))
+    rng = np.random.default_rng(0)
+    for shape in PROMPT_SHAPES:
+        ids = rng.integers(0, VOCAB, size=shape)
+        ref = reference_logits(arch, ids)
+        (out,) = run_function(module, "forward", [ids])
+        assert out.shape == ref.shape
+        assert np.abs(out - ref).max() <= 1e-4 * np.abs(ref).max(), (arch, shape)
+
+
+class _PlainLM(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(50, 16)
+        self.norm = torch.nn.LayerNorm(16)
+        self.head = torch.nn.Linear(16, 50)
+
+    def forward(self, input_ids):
+        h = self.embed(input_ids)
+        h = h + torch.cumsum(h, dim=1) * 0.5
+        return self.head(torch.nn.functional.gelu(self.norm(h), approximate="tanh"))
+
+
+def test_plain_module_capture():
+    torch.manual_seed(1)
+    model = _PlainLM().eval()
+    module = capture(model, max_seq=64)
+    ids = np.array([[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]])
+    with torch.no_grad():
+        ref = model(torch.as_tensor(ids)).numpy()
+    (out,) = run_function(module, "forward", [ids])
+    assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+class _Sorter(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(50, 8)
+
+    def forward(self, input_ids):
+        h = self.embed(input_ids)
+        return torch.sort(h, dim=-1).values
+
+
+def test_unsupported_op_names_op_node_and_source_line():
+    with pytest.raises(UnsupportedOpError) as info:
+        capture(_Sorter(), max_seq=64)
+    message = str(info.value)
+    assert "aten.sort" in message
+    assert "graph node %sort" in message
+    assert "test_capture.py" in message and "torch.sort(h, dim=-1)" in message
+    assert "\n" not in message
