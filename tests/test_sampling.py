@@ -218,3 +218,18 @@ def test_non_finite_logits_are_reported():
         Sampler(SamplingParams()).sample(logits, [])
     with pytest.raises(KilnError, match="finite logits"):
         Sampler(SamplingParams(temperature=1.0)).sample(np.full(4, -np.inf, dtype=np.float32), [])
+
+
+def test_runtime_modules_import_without_torch():
+    # An exported artifact must run on a machine with only numpy, tokenizers and jinja2.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import kiln.runtime.sampling, kiln.runtime.detokenize, kiln.runtime.stopping, kiln.runtime.chat_template\n"
+        "banned = [m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')"
+        " or m.startswith(('kiln.frontend', 'kiln.passes'))]\n"
+        "assert not banned, banned\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
