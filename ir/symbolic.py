@@ -247,6 +247,10 @@ class _DimParser:
                 value = value * rhs
             else:
                 try:
+                    if isinstance(value, int) and isinstance(rhs, int) and (rhs == 0 or value % rhs):
+                        raise ValueError(f"{value} is not divisible by {rhs}")
+                    if isinstance(value, int) and isinstance(rhs, SymExpr):
+                        raise ValueError(f"{value} is not divisible by {rhs}")
                     value = value // rhs
                 except ValueError as err:
                     raise ParseError(f"bad dim expression {self.text!r}: {err}") from None
