@@ -1,0 +1,267 @@
+"""Tokenizers for kiln: a `tokenizers` JSON plus the special-token facts the runtime needs.
+
+Built from a GGUF's tokenizer.ggml.* metadata (byte-level BPE, pre-tokenized as
+llama.cpp does for the file's tokenizer.ggml.pre) or read from a Hugging Face directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+from kiln.ir.errors import ModelFormatError
+
+# llama.cpp's token types (tokenizer.ggml.token_type).
+TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
+
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _gpt2_split():
+    return [pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)]
+
+
+def _digits_then_gpt2_split():
+    # llama.cpp splits on \p{N} first, then applies GPT-2's regex: HF spells that Digits + ByteLevel.
+    return [pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)]
+
+
+def _regex_split(pattern: str):
+    def build():
+        return [pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False)]
+    return build
+
+
+# tokenizer.ggml.pre -> pre-tokenizer, following llama.cpp's llama-vocab.cpp groups.
+_BYTE_LEVEL_PRE_TOKENIZERS = {
+    "gpt-2": _gpt2_split,
+    "gpt2": _gpt2_split,
+    "phi-2": _gpt2_split,
+    "smollm": _digits_then_gpt2_split,
+    "starcoder": _digits_then_gpt2_split,
+    "refact": _digits_then_gpt2_split,
+    "command-r": _digits_then_gpt2_split,
+    "codeshell": _digits_then_gpt2_split,
+    "exaone": _digits_then_gpt2_split,
+    "minerva-7b": _digits_then_gpt2_split,
+    "llama-bpe": _regex_split(_LLAMA3_SPLIT),
+    "llama3": _regex_split(_LLAMA3_SPLIT),
+    "dbrx": _regex_split(_LLAMA3_SPLIT),
+    "smaug-bpe": _regex_split(_LLAMA3_SPLIT),
+    "falcon3": _regex_split(_LLAMA3_SPLIT),
+    "qwen2": _regex_split(_QWEN2_SPLIT),
+    "deepseek-r1-qwen": _regex_split(_QWEN2_SPLIT),
+}
+
+
+@dataclass
+class TokenizerBundle:
+    """A serialized `tokenizers` tokenizer and its special tokens.
+
+    The tokenizer's own post-processor adds BOS when add_bos_token is true (as a
+    Hugging Face tokenizer.json does), so callers encode with add_special_tokens=True.
+    """
+
+    tokenizer_json: str
+    bos_token_id: int | None
+    eos_token_ids: list[int] = field(default_factory=list)
+    add_bos_token: bool = False
+    chat_template: str | None = None
+    bos_token: str | None = None
+    eos_token: str | None = None
+
+    def tokenizer(self) -> Tokenizer:
+        return Tokenizer.from_str(self.tokenizer_json)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TokenizerBundle":
+        names = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(d, dict) or set(d) - names or "tokenizer_json" not in d:
+            found = sorted(d) if isinstance(d, dict) else type(d).__name__
+            raise ModelFormatError(f"tokenizer bundle: expected keys {sorted(names)}, found {found}")
+        return cls(**d)
+
+
+def _byte_alphabet() -> dict[int, str]:
+    """GPT-2's byte -> printable character map: printable Latin-1 maps to itself, the rest above 255."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    mapping = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in mapping:
+            mapping[b] = chr(256 + extra)
+            extra += 1
+    return mapping
+
+
+def tokenizer_from_gguf(gguf_file) -> TokenizerBundle:
+    """Build the tokenizer a GGUF describes. gguf_file: a GGUFFile or a path to one."""
+    from kiln.frontend.gguf_file import GGUFFile
+
+    if not isinstance(gguf_file, GGUFFile):
+        gguf_file = GGUFFile(gguf_file)
+    meta = gguf_file.metadata
+    where = gguf_file.path
+
+    def fail(key: str, expected: str, found) -> None:
+        raise ModelFormatError(f"{where}: GGUF tokenizer {key}: expected {expected}, found {found}")
+
+    model = meta.get("tokenizer.ggml.model")
+    if model != "gpt2":
+        fail("tokenizer.ggml.model", "'gpt2' (byte-level BPE; kiln supports no other GGUF vocabulary yet)",
+             repr(model))
+    tokens = meta.get("tokenizer.ggml.tokens")
+    merges = meta.get("tokenizer.ggml.merges")
+    if not tokens:
+        fail("tokenizer.ggml.tokens", "a non-empty array of strings", "none")
+    if merges is None:
+        fail("tokenizer.ggml.merges", "an array of 'left right' strings", "none")
+    token_types = meta.get("tokenizer.ggml.token_type") or [TOKEN_NORMAL] * len(tokens)
+    if len(token_types) != len(tokens):
+        fail("tokenizer.ggml.token_type", f"{len(tokens)} entries (one per token)", len(token_types))
+    pre = meta.get("tokenizer.ggml.pre", "default")
+    if pre not in _BYTE_LEVEL_PRE_TOKENIZERS:
+        fail("tokenizer.ggml.pre", f"one of {sorted(_BYTE_LEVEL_PRE_TOKENIZERS)}", repr(pre))
+
+    vocab: dict[str, int] = {}
+    for index, token in enumerate(tokens):
+        if token in vocab:
+            fail("tokenizer.ggml.tokens", "unique tokens", f"{token!r} at ids {vocab[token]} and {index}")
+        vocab[token] = index
+    pairs = []
+    for index, merge in enumerate(merges):
+        parts = merge.split(" ")
+        if len(parts) != 2 or parts[0] not in vocab or parts[1] not in vocab or parts[0] + parts[1] not in vocab:
+            fail("tokenizer.ggml.merges", "'left right' of two vocabulary tokens whose join is a token",
+                 f"{merge!r} at #{index}")
+        pairs.append((parts[0], parts[1]))
+
+    def token_id(key: str) -> int | None:
+        value = meta.get(key)
+        if value is not None and not 0 <= value < len(tokens):
+            fail(key, f"a token id below {len(tokens)}", value)
+        return value
+
+    bos_id = token_id("tokenizer.ggml.bos_token_id")
+    eos_ids: list[int] = []
+    for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
+        value = token_id(key)
+        if value is not None and value not in eos_ids:
+            eos_ids.append(value)
+    # llama.cpp adds no BOS to a BPE vocabulary unless the file asks.
+    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False))
+    if add_bos and bos_id is None:
+        fail("tokenizer.ggml.bos_token_id", "a BOS id since add_bos_token is true", "none")
+
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(_BYTE_LEVEL_PRE_TOKENIZERS[pre]())
+    tokenizer.decoder = decoders.ByteLevel()
+    if add_bos:
+        bos = tokens[bos_id]
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, bos_id)])
+    else:
+        tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    # Control tokens are matched whole and are special (skipped when decoding without specials);
+    # user-defined ones are matched whole too but are ordinary text.
+    alphabet = set(_byte_alphabet().values())
+    special, added = [], []
+    for token, token_type in zip(tokens, token_types):
+        if token_type == TOKEN_CONTROL and set(token) <= alphabet:
+            special.append(AddedToken(token, special=True, normalized=False))
+        elif token_type == TOKEN_USER_DEFINED:
+            added.append(AddedToken(token, special=False, normalized=False))
+    tokenizer.add_special_tokens(special)
+    tokenizer.add_tokens(added)
+
+    chat_template = meta.get("tokenizer.chat_template")
+    return TokenizerBundle(
+        tokenizer_json=tokenizer.to_str(),
+        bos_token_id=bos_id,
+        eos_token_ids=eos_ids,
+        add_bos_token=add_bos,
+        chat_template=chat_template,
+        bos_token=tokens[bos_id] if bos_id is not None else None,
+        eos_token=tokens[eos_ids[0]] if eos_ids else None,
+    )
+
+
+def _read_json(path: str, required: bool) -> dict | None:
+    if not os.path.exists(path):
+        if required:
+            raise ModelFormatError(f"{path}: file not found; a Hugging Face tokenizer directory needs tokenizer.json")
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as err:
+        raise ModelFormatError(f"{path}: expected valid JSON, found an unreadable file ({err})") from None
+    if not isinstance(data, dict):
+        raise ModelFormatError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+def _token_text(value) -> str | None:
+    # tokenizer_config.json spells special tokens as strings or as serialized AddedToken objects.
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def tokenizer_from_hf_dir(directory: str | os.PathLike) -> TokenizerBundle:
+    """Read tokenizer.json, tokenizer_config.json (and chat_template.jinja, generation_config.json if present)."""
+    directory = os.fspath(directory)
+    tokenizer_path = os.path.join(directory, "tokenizer.json")
+    _read_json(tokenizer_path, required=True)
+    with open(tokenizer_path, encoding="utf-8") as f:
+        tokenizer_json = f.read()
+    try:
+        tokenizer = Tokenizer.from_str(tokenizer_json)
+    except Exception as err:  # tokenizers raises plain Exception subclasses from Rust
+        raise ModelFormatError(f"{tokenizer_path}: expected a `tokenizers` tokenizer, found one it cannot load ({err})") from None
+    config = _read_json(os.path.join(directory, "tokenizer_config.json"), required=False) or {}
+
+    def lookup(name: str) -> tuple[str | None, int | None]:
+        text = _token_text(config.get(name))
+        if text is None:
+            return None, None
+        token_id = tokenizer.token_to_id(text)
+        if token_id is None:
+            raise ModelFormatError(f"{directory}: tokenizer_config.json {name} {text!r} is not in tokenizer.json's vocabulary")
+        return text, token_id
+
+    bos_token, bos_id = lookup("bos_token")
+    eos_token, eos_id = lookup("eos_token")
+    eos_ids = [eos_id] if eos_id is not None else []
+    generation = _read_json(os.path.join(directory, "generation_config.json"), required=False) or {}
+    extra = generation.get("eos_token_id")
+    for token_id in (extra if isinstance(extra, list) else [extra]):
+        if isinstance(token_id, int) and token_id not in eos_ids:
+            eos_ids.append(token_id)
+
+    chat_template = config.get("chat_template")
+    if isinstance(chat_template, list):  # named templates: [{"name": ..., "template": ...}]
+        named = {t.get("name"): t.get("template") for t in chat_template if isinstance(t, dict)}
+        chat_template = named.get("default")
+    jinja_path = os.path.join(directory, "chat_template.jinja")
+    if chat_template is None and os.path.exists(jinja_path):
+        with open(jinja_path, encoding="utf-8") as f:
+            chat_template = f.read()
+
+    # What the tokenizer does is what counts: the post-processor either adds BOS or it does not.
+    add_bos = bos_id is not None and tokenizer.encode("", add_special_tokens=True).ids[:1] == [bos_id]
+    return TokenizerBundle(tokenizer_json=tokenizer_json, bos_token_id=bos_id, eos_token_ids=eos_ids,
+                           add_bos_token=add_bos, chat_template=chat_template if isinstance(chat_template, str) else None,
+                           bos_token=bos_token, eos_token=eos_token)
