@@ -1,0 +1,261 @@
+"""Fused LLM ops: RMSNorm, RoPE, gated MLP, grouped attention, and attention over a paged KV cache.
+
+The fusion passes produce these; each has its shape rule and a numpy reference
+that mirrors the float32 arithmetic of the unfused graph it replaces.
+
+Paged KV cache layout (one tensor for all layers):
+``kv_cache[num_layers, 2, num_pages, num_kv_heads, page_size, head_dim]``
+(index 0 of axis 1 is K, 1 is V). Token at absolute position ``p`` of
+sequence ``b`` lives in page ``page_table[b, p // page_size]`` at offset
+``p % page_size``. A position of -1 marks padding: it is not written and its
+output row is zero.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .core_ops import broadcast_shapes
+from .ops import REQUIRED, define_op, fail
+from .types import TensorType, is_float
+
+
+# RMSNorm ----------------------------------------------------------------------
+def _rms_norm(x, w, eps):
+    x32 = x.astype(np.float32)
+    variance = np.mean(np.square(x32, dtype=np.float32), axis=-1, keepdims=True, dtype=np.float32)
+    normed = x32 * (1.0 / np.sqrt(variance + np.float32(eps))).astype(np.float32)
+    return (w.astype(np.float32) * normed.astype(x.dtype)).astype(x.dtype)
+
+
+def _rms_norm_infer(types, attrs, module):
+    x, w = types
+    if w.shape != (x.shape[-1],):
+        raise fail("rms_norm", f"weight must be [{x.shape[-1]}], found {w}")
+    if not is_float(x.dtype):
+        raise fail("rms_norm", f"expected a float input, found {x.dtype}")
+    return [x]
+
+
+define_op("rms_norm", infer=_rms_norm_infer, reference=lambda xs, a: [_rms_norm(xs[0], xs[1], a["eps"])],
+          attrs={"eps": REQUIRED}, inputs=2, doc="x * rsqrt(mean(x^2, -1) + eps) * w")
+
+
+def _add_rms_norm_infer(types, attrs, module):
+    x, residual, w = types
+    shape = broadcast_shapes("add_rms_norm", x.shape, residual.shape)
+    if shape != tuple(x.shape):
+        raise fail("add_rms_norm", f"residual {residual} must broadcast to x {x}")
+    _rms_norm_infer([x, w], attrs, module)
+    return [x, x]
+
+
+def _add_rms_norm_ref(xs, attrs):
+    x, residual, w = xs
+    total = (x + residual).astype(x.dtype)
+    return [total, _rms_norm(total, w, attrs["eps"])]
+
+
+define_op("add_rms_norm", infer=_add_rms_norm_infer, reference=_add_rms_norm_ref, attrs={"eps": REQUIRED},
+          inputs=3, doc="s = x + residual; returns (s, rms_norm(s, w))")
+
+
+# RoPE ---------------------------------------------------------------------------
+def rope_cos_sin(positions, inv_freq, scaling):
+    """cos/sin tables [P, S, rotary_dim] as transformers computes them in float32."""
+    freqs = positions.astype(np.float32)[..., None] * inv_freq.astype(np.float32)
+    emb = np.concatenate([freqs, freqs], axis=-1)
+    return (np.cos(emb) * np.float32(scaling)).astype(np.float32), (np.sin(emb) * np.float32(scaling)).astype(np.float32)
+
+
+def _rope_ref(xs, attrs):
+    x, positions, inv_freq = xs
+    rd, seq_axis = attrs["rotary_dim"], attrs["seq_axis"]
+    cos, sin = rope_cos_sin(positions, inv_freq, attrs["scaling"])
+    # cos: [P, S, rd] -> broadcast against x (rank 4, batch first, head_dim last)
+    shape = [cos.shape[0], 1, 1, rd]
+    shape[seq_axis] = cos.shape[1]
+    cos, sin = cos.reshape(shape), sin.reshape(shape)
+    rot, rest = x[..., :rd], x[..., rd:]
+    half = rd // 2
+    rotated = np.concatenate([-rot[..., half:], rot[..., :half]], axis=-1)
+    out = (rot * cos.astype(x.dtype) + rotated * sin.astype(x.dtype)).astype(x.dtype)
+    return [np.concatenate([out, rest], axis=-1) if rest.shape[-1] else out]
+
+
+def _rope_infer(types, attrs, module):
+    x, positions, inv_freq = types
+    rd, seq_axis = attrs["rotary_dim"], attrs["seq_axis"]
+    if x.rank != 4 or seq_axis not in (1, 2):
+        raise fail("rope", f"expected x of rank 4 with seq_axis 1 or 2, found {x} seq_axis={seq_axis}")
+    if not (isinstance(rd, int) and 0 < rd <= x.shape[-1] and rd % 2 == 0):
+        raise fail("rope", f"rotary_dim must be even and in (0, {x.shape[-1]}], found {rd}")
+    if inv_freq.shape != (rd // 2,):
+        raise fail("rope", f"inv_freq must be [{rd // 2}], found {inv_freq}")
+    if positions.rank != 2 or positions.dtype not in ("i64", "i32"):
+        raise fail("rope", f"positions must be integer [batch, seq], found {positions}")
+    if positions.shape[1] != x.shape[seq_axis] or positions.shape[0] not in (1, x.shape[0]):
+        raise fail("rope", f"positions {positions} do not match x {x} (seq axis {seq_axis})")
+    return [x]
+
+
+define_op("rope", infer=_rope_infer, reference=_rope_ref,
+          attrs={"rotary_dim": REQUIRED, "seq_axis": 2, "scaling": 1.0}, inputs=3,
+          doc="rotate-half RoPE on the first rotary_dim features; cos/sin from positions * inv_freq")
+
+
+# gated MLP ------------------------------------------------------------------------
+_ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
+
+
+def _activation(x, kind):
+    from .core_ops import _gelu, _sigmoid
+
+    if kind == "silu":
+        return (x.astype(np.float64) * _sigmoid(x.astype(np.float64))).astype(x.dtype)
+    return _gelu(x, "tanh" if kind == "gelu_tanh" else "none")
+
+
+def _gated_mlp_infer(types, attrs, module):
+    x, wg, wu, wd = types
+    if attrs["activation"] not in _ACTIVATIONS:
+        raise fail("gated_mlp", f"activation must be one of {_ACTIVATIONS}, found {attrs['activation']!r}")
+    hidden = x.shape[-1]
+    if wg.shape != wu.shape or wg.rank != 2 or wg.shape[1] != hidden or wd.rank != 2 or wd.shape[1] != wg.shape[0]:
+        raise fail("gated_mlp", f"expected w_gate/w_up [I, {hidden}] and w_down [N, I], found {wg}, {wu}, {wd}")
+    return [TensorType(x.dtype, tuple(x.shape[:-1]) + (wd.shape[0],))]
+
+
+def _gated_mlp_ref(xs, attrs):
+    x, wg, wu, wd = xs
+    x64 = x.astype(np.float64)
+    gate = (x64 @ wg.astype(np.float64).T).astype(x.dtype)
+    up = (x64 @ wu.astype(np.float64).T).astype(x.dtype)
+    h = (_activation(gate, attrs["activation"]) * up).astype(x.dtype)
+    return [(h.astype(np.float64) @ wd.astype(np.float64).T).astype(x.dtype)]
+
+
+define_op("gated_mlp", infer=_gated_mlp_infer, reference=_gated_mlp_ref, attrs={"activation": REQUIRED},
+          inputs=4, doc="down(act(x @ w_gate.T) * (x @ w_up.T)): SwiGLU / GeGLU")
+
+
+# attention ---------------------------------------------------------------------------
+def _check_heads(op, q, k, v, attrs):
+    if q.rank != 4 or k.rank != 4 or v.rank != 4:
+        raise fail(op, f"expected rank-4 q, k, v [batch, heads, seq, head_dim], found {q}, {k}, {v}")
+    heads, kv_heads = q.shape[1], k.shape[1]
+    if attrs["num_heads"] != heads or attrs["num_kv_heads"] != kv_heads or v.shape[1] != kv_heads:
+        raise fail(op, f"head counts: attrs say {attrs['num_heads']}/{attrs['num_kv_heads']}, "
+                       f"tensors have {heads}/{kv_heads}/{v.shape[1]}")
+    if not isinstance(heads, int) or not isinstance(kv_heads, int) or heads % kv_heads:
+        raise fail(op, f"num_heads {heads} must be a multiple of num_kv_heads {kv_heads}")
+    if q.shape[3] != k.shape[3]:
+        raise fail(op, f"q and k head dims differ: {q} vs {k}")
+    if attrs["window"] is not None and attrs["window"] < 1:
+        raise fail(op, f"window must be >= 1 or none, found {attrs['window']}")
+
+
+def _attention_infer(types, attrs, module):
+    q, k, v = types
+    _check_heads("attention", q, k, v, attrs)
+    if k.shape[2] != q.shape[2] or v.shape[2] != k.shape[2] or k.shape[0] != q.shape[0]:
+        raise fail("attention", f"q, k, v must share batch and seq: {q}, {k}, {v}")
+    return [TensorType(q.dtype, (q.shape[0], q.shape[1], q.shape[2], v.shape[3]))]
+
+
+def attention_reference(q, k, v, key_positions, query_positions, scale, window):
+    """Grouped attention of q [H, Sq, D] over k/v [Hkv, Sk, D]; a key is visible when
+    0 <= key_pos <= query_pos (and query_pos - key_pos < window)."""
+    heads, kv_heads = q.shape[0], k.shape[0]
+    rep = heads // kv_heads
+    k64 = np.repeat(k.astype(np.float64), rep, axis=0)
+    v64 = np.repeat(v.astype(np.float64), rep, axis=0)
+    scores = np.matmul(q.astype(np.float64), np.swapaxes(k64, -1, -2)) * scale
+    qp = np.asarray(query_positions)[:, None]
+    kp = np.asarray(key_positions)[None, :]
+    visible = (kp <= qp) & (kp >= 0)
+    if window is not None:
+        visible &= (qp - kp) < window
+    scores = np.where(visible[None], scores, -np.inf)
+    best = np.max(scores, axis=-1, keepdims=True)
+    best = np.where(np.isfinite(best), best, 0.0)
+    p = np.exp(scores - best)
+    total = np.sum(p, axis=-1, keepdims=True)
+    out = np.matmul(p / np.where(total > 0, total, 1.0), v64)
+    return out.astype(q.dtype)
+
+
+def _attention_ref(xs, attrs):
+    q, k, v = xs
+    seq = q.shape[2]
+    positions = np.arange(seq)
+    out = np.stack([attention_reference(q[b], k[b], v[b], positions, positions, attrs["scale"], attrs["window"])
+                    for b in range(q.shape[0])])
+    return [out]
+
+
+_ATTN_ATTRS = {"num_heads": REQUIRED, "num_kv_heads": REQUIRED, "scale": REQUIRED, "window": None}
+
+define_op("attention", infer=_attention_infer, reference=_attention_ref, attrs=dict(_ATTN_ATTRS), inputs=3,
+          doc="causal grouped-query attention over q [b, H, s, D], k/v [b, Hkv, s, D] (query head h reads "
+              "KV head h // (H / Hkv)); optional sliding window")
+
+
+def _paged_attention_infer(types, attrs, module):
+    q, k, v, cache, page_table, positions = types
+    _check_heads("paged_attention", q, k, v, attrs)
+    if cache.rank != 6 or cache.shape[1] != 2 or cache.shape[3] != k.shape[1] or cache.shape[5] != k.shape[3]:
+        raise fail("paged_attention", f"kv_cache must be [layers, 2, pages, {k.shape[1]}, page_size, "
+                                      f"{k.shape[3]}], found {cache}")
+    if not (isinstance(attrs["layer"], int) and 0 <= attrs["layer"] < cache.shape[0]):
+        raise fail("paged_attention", f"layer {attrs['layer']} outside the cache's {cache.shape[0]} layers")
+    if not is_float(cache.dtype):
+        raise fail("paged_attention", f"cache dtype must be a float type, found {cache.dtype}")
+    if page_table.rank != 2 or page_table.dtype != "i32" or page_table.shape[0] != q.shape[0]:
+        raise fail("paged_attention", f"page_table must be i32[batch, pages_per_seq], found {page_table}")
+    if positions.rank != 2 or positions.dtype != "i64" or positions.shape != (q.shape[0], q.shape[2]):
+        raise fail("paged_attention", f"positions must be i64[{q.shape[0]}, {q.shape[2]}], found {positions}")
+    if k.shape[2] != q.shape[2] or v.shape[2] != q.shape[2]:
+        raise fail("paged_attention", f"q, k, v must share seq: {q}, {k}, {v}")
+    return [TensorType(q.dtype, (q.shape[0], q.shape[1], q.shape[2], v.shape[3])), cache]
+
+
+def _paged_attention_ref(xs, attrs):
+    q, k, v, cache, page_table, positions = xs
+    layer = attrs["layer"]
+    page_size = cache.shape[4]
+    cache = cache.copy()
+    batch, _, seq, _ = q.shape
+    for b in range(batch):
+        for t in range(seq):
+            pos = int(positions[b, t])
+            if pos < 0:
+                continue
+            page = int(page_table[b, pos // page_size])
+            cache[layer, 0, page, :, pos % page_size, :] = k[b, :, t, :]
+            cache[layer, 1, page, :, pos % page_size, :] = v[b, :, t, :]
+    out = np.zeros(q.shape[:3] + (v.shape[3],), dtype=q.dtype)
+    for b in range(batch):
+        valid = positions[b] >= 0
+        if not valid.any():
+            continue
+        length = int(positions[b][valid].max()) + 1
+        pages = [int(page_table[b, i]) for i in range((length + page_size - 1) // page_size)]
+        keys = np.concatenate([cache[layer, 0, p] for p in pages], axis=1)[:, :length]
+        values = np.concatenate([cache[layer, 1, p] for p in pages], axis=1)[:, :length]
+        rows = attention_reference(q[b], keys, values, np.arange(length), positions[b], attrs["scale"],
+                                   attrs["window"])
+        out[b] = np.where(valid[None, :, None], rows, 0)
+    return [out, cache]
+
+
+define_op("paged_attention", infer=_paged_attention_infer, reference=_paged_attention_ref,
+          attrs={**_ATTN_ATTRS, "layer": REQUIRED}, inputs=6,
+          doc="write k/v of each token at its position into the paged cache, then attend causally over "
+              "the sequence's cached history; returns (output, updated cache)")
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)
