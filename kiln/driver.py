@@ -25,6 +25,21 @@ def capture_source(source: Any, *, max_seq: int = 2048, max_batch: int = 64, pro
     return module, loaded
 
 
+def optimize(module: Module, options=None, *, pipeline=None, verify: bool = True, print_after: str | None = None,
+             stop_after: str | None = None, progress: Progress = QUIET, printer=print):
+    """Run the pass pipeline; returns the PassManager (its ``records`` hold the timings)."""
+    from kiln.passes import PassManager, PassOptions
+    from kiln.passes.pipeline import PIPELINE
+
+    manager = PassManager(pipeline or PIPELINE, verify=verify, print_after=print_after, stop_after=stop_after,
+                          printer=printer)
+    with progress.stage(f"optimizing ({len(manager.names())} passes)"):
+        manager.run(module, options or PassOptions())
+    module.metadata["passes"] = [{"name": r.name, "milliseconds": round(r.milliseconds, 3), "modified": r.modified}
+                                 for r in manager.records]
+    return manager
+
+
 def op_histogram(module: Module, function: str) -> dict:
     counts = collections.Counter(n.op for n in module.functions[function].nodes)
     return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
@@ -52,4 +67,16 @@ def summarize(module: Module) -> dict:
         "parameters": module.parameter_count(),
         "parameter_bytes": module.parameter_bytes(),
         "symbolic_dims": sorted(symbols),
+        "unfused_attention": module.metadata.get("unfused_attention", []),
+        "kv_cache": module.metadata.get("kv_cache"),
+        "activations": _activation_summary(module.metadata.get("activations")),
+        "passes": module.metadata.get("passes", []),
     }
+
+
+def _activation_summary(plans):
+    """Top level peak/naive bytes of the prefill plan, with every function's plan beside them."""
+    if not plans:
+        return None
+    main = plans.get("prefill") or next(iter(plans.values()))
+    return {"peak_bytes": main.get("peak_bytes"), "naive_bytes": main.get("naive_bytes"), "functions": plans}
