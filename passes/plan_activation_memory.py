@@ -76,6 +76,7 @@ def _lifetimes(function: Function, env: dict) -> dict:
     result_ids = {id(v) for v in function.results}
     storage: dict = {}  # id(value) -> name of the activation holding its bytes, or None (not in the arena)
     lifetimes: dict = {}
+    sizes: dict = {}  # TensorType -> bytes; symbolic products are the slow part and types repeat a lot
     for i, node in enumerate(function.nodes):
         for k, value in enumerate(node.outputs):
             source = IN_PLACE_OUTPUTS.get((node.op, k))
@@ -85,7 +86,9 @@ def _lifetimes(function: Function, env: dict) -> dict:
                 holder = None
             else:
                 holder = value.name
-                lifetimes[holder] = [int(evaluate(value.type.nbytes(), env)), i, i]
+                if value.type not in sizes:
+                    sizes[value.type] = int(evaluate(value.type.nbytes(), env))
+                lifetimes[holder] = [sizes[value.type], i, i]
             storage[id(value)] = holder
             if holder is None:
                 continue
