@@ -18,6 +18,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from kiln.frontend.hf_checkpoint import LoadedCheckpoint, load_hf_checkpoint
 from kiln.frontend.safetensors_file import SafetensorsFile, write_safetensors
+from kiln.frontend.tokenizer import TokenizerBundle
 from kiln.ir.errors import ConfigError, ModelFormatError
 
 VOCAB = 128
@@ -211,7 +212,10 @@ def test_tokenizer_json_is_loaded(tmp_path):
     tokenizer.save(str(tmp_path / "tokenizer.json"))
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
     loaded = load_hf_checkpoint(tmp_path)
-    assert loaded.tokenizer is not None
+    assert isinstance(loaded.tokenizer, TokenizerBundle)
+    assert loaded.tokenizer.eos_token_ids == [tokenizer.token_to_id("</s>")]
+    text = "hello kiln world"
+    assert loaded.tokenizer.tokenizer().encode(text).ids == tokenizer.encode(text).ids
 
 
 # --- refused sources ----------------------------------------------------------------------
