@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kiln.ir.errors import ConfigError
+from kiln.ir.errors import ConfigError, ModelFormatError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
@@ -414,3 +414,34 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         hidden_states = self.model(input_ids)
         return self.lm_head(hidden_states).float()
+
+
+def llama_from_state_dict(config: LlamaConfig, state_dict: dict[str, torch.Tensor],
+                          where: str = "state dict") -> LlamaForCausalLM:
+    """Build kiln's module around tensors named as in transformers, without random initialisation.
+
+    Every parameter must be present with its exact shape (lm_head.weight may be left out when
+    tied); `where` names the source in error messages.
+    """
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    tensors = dict(state_dict)
+    if config.tie_word_embeddings and "model.embed_tokens.weight" in tensors:
+        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ModelFormatError(
+            f"{where}: expected the {config.model_type} tensors of the config, found missing {missing[:4]}"
+            f"{'...' if len(missing) > 4 else ''} and unexpected {unexpected[:4]}{'...' if len(unexpected) > 4 else ''}")
+    for name, shape in expected.items():
+        if tuple(tensors[name].shape) != shape:
+            raise ModelFormatError(
+                f"{where}: tensor {name!r}: expected shape {list(shape)} from the config, found {list(tensors[name].shape)}")
+    model.load_state_dict(tensors, strict=True, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    # Buffers are not in state dicts: compute the rotary frequencies for real.
+    model.model.rotary_emb = LlamaRotaryEmbedding(config)
+    return model.eval()

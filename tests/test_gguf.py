@@ -349,3 +349,184 @@ def test_well_known_key_with_wrong_type(tmp_path, key, value, value_type, expect
         value = [1, 2]
     path = write_gguf(tmp_path / "typed.gguf", extra={key: (value, value_type)})
     _refused(path, repr(key), expected)
+
+
+# --- whole models -----------------------------------------------------------------------------
+
+def llama_cpp_permute(weight: np.ndarray, num_heads: int) -> np.ndarray:
+    """What llama.cpp's convert_hf_to_gguf.py does to q/k rows (LlamaModel.permute)."""
+    return (weight.reshape(num_heads, 2, weight.shape[0] // num_heads // 2, *weight.shape[1:])
+            .swapaxes(1, 2)
+            .reshape(weight.shape))
+
+
+_GGUF_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+
+
+def tiny_transformers_llama(tie: bool):
+    import torch
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=259, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5, rope_theta=10000.0,
+        tie_word_embeddings=tie, bos_token_id=0, eos_token_id=1)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.add_(torch.randn_like(p) * 0.5)
+    return model
+
+
+def write_llama_gguf(path, model, ggml_type=Q.F32, arch="llama", extra_tensors=(), skip=()):
+    """A llama.cpp-style GGUF of a transformers Llama: names, q/k permutation, metadata, byte vocab."""
+    config = model.config
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_dimension_count(config.head_dim)
+    writer.add_vocab_size(config.vocab_size)
+    byte_map = {b: c for b, c in zip(*_gpt2_bytes())}
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("smollm")
+    writer.add_token_list(["<s>", "</s>"] + [byte_map[b] for b in range(256)] + ["ab"])
+    writer.add_token_types([3, 3] + [1] * 257)
+    writer.add_token_merges(["a b"])
+    writer.add_bos_token_id(0)
+    writer.add_eos_token_id(1)
+    state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    for hf_name, values in state.items():
+        if hf_name == "model.embed_tokens.weight":
+            name = "token_embd.weight"
+        elif hf_name == "model.norm.weight":
+            name = "output_norm.weight"
+        elif hf_name == "lm_head.weight":
+            if config.tie_word_embeddings:
+                continue
+            name = "output.weight"
+        else:
+            _, _, layer, rest = hf_name.split(".", 3)
+            name = f"blk.{layer}.{_GGUF_NAMES[rest]}"
+            if rest.startswith("self_attn.q_proj"):
+                values = llama_cpp_permute(values, config.num_attention_heads)
+            elif rest.startswith("self_attn.k_proj"):
+                values = llama_cpp_permute(values, config.num_key_value_heads)
+        if name in skip:
+            continue
+        if ggml_type == Q.F32 or values.ndim == 1:
+            writer.add_tensor(name, np.ascontiguousarray(values, dtype=np.float32))
+        else:
+            writer.add_tensor(name, gguf.quants.quantize(values, ggml_type), raw_dtype=ggml_type)
+    for name, values in extra_tensors:
+        writer.add_tensor(name, values)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def _gpt2_bytes():
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    others = [b for b in range(256) if b not in printable]
+    return printable + others, [chr(b) for b in printable] + [chr(256 + i) for i in range(len(others))]
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_tiny_llama_gguf_logits_match_transformers(tmp_path, tie):
+    import torch
+
+    from kiln.frontend.gguf_model import load_gguf
+
+    reference = tiny_transformers_llama(tie)
+    path = write_llama_gguf(tmp_path / "tiny.gguf", reference)
+    model, config, bundle = load_gguf(path)
+    assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (4, 2, 16)
+    assert config.tie_word_embeddings is tie and bundle.bos_token_id == 0 and bundle.eos_token_ids == [1]
+    ids = torch.randint(0, 259, (2, 13), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = reference(ids).logits
+        got = model(ids)
+    assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+@pytest.mark.parametrize("ggml_type", [Q.F32, Q.Q8_0, Q.Q4_0, Q.Q4_1])
+def test_tiny_llama_tensors_match_transformers_gguf_loader(tmp_path, ggml_type):
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    from kiln.frontend.gguf_model import load_gguf
+
+    original = tiny_transformers_llama(False)
+    path = write_llama_gguf(tmp_path / "tiny.gguf", original, ggml_type=ggml_type)
+    model, _, _ = load_gguf(path)
+    expected = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=original)["tensors"]
+    ours = model.state_dict()
+    assert set(expected) == set(ours)
+    for name, tensor in expected.items():
+        np.testing.assert_array_equal(ours[name].numpy(), tensor.numpy(), err_msg=name)
+
+
+def test_gguf_model_refusals(tmp_path):
+    from kiln.frontend.gguf_model import load_gguf
+
+    reference = tiny_transformers_llama(True)
+    path = write_llama_gguf(tmp_path / "qwen.gguf", reference, arch="qwen2")
+    with pytest.raises(ModelFormatError, match="'qwen2'"):
+        load_gguf(path)
+    path = write_llama_gguf(tmp_path / "extra.gguf", reference, extra_tensors=[("blk.0.mystery.weight", np.zeros(4, np.float32))])
+    with pytest.raises(ModelFormatError, match="mystery"):
+        load_gguf(path)
+    path = write_llama_gguf(tmp_path / "rope.gguf", reference, extra_tensors=[("rope_freqs.weight", np.ones(8, np.float32))])
+    with pytest.raises(ModelFormatError, match="rope"):
+        load_gguf(path)
+    path = write_llama_gguf(tmp_path / "missing.gguf", reference, skip=("blk.1.ffn_up.weight",))
+    with pytest.raises(ModelFormatError, match="up_proj"):
+        load_gguf(path)
+
+
+def test_smollm2_loads_quickly():
+    from kiln.frontend.gguf_model import load_gguf
+
+    start = time.perf_counter()
+    model, config, bundle = load_gguf(SMOLLM2)
+    elapsed = time.perf_counter() - start
+    print(f"\nSmolLM2-135M Q4_1 load_gguf: {elapsed:.2f} s")
+    # SmolLM2-135M's published shape.
+    assert (config.num_hidden_layers, config.hidden_size, config.intermediate_size) == (30, 576, 1536)
+    assert (config.num_attention_heads, config.num_key_value_heads, config.vocab_size) == (9, 3, 49152)
+    assert config.rope_theta == 100000.0 and config.tie_word_embeddings
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert bundle.eos_token == "<|im_end|>"
+
+
+@pytest.mark.slow
+def test_smollm2_logits_match_transformers():
+    import torch
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")  # transformers needs it to load GGUF files
+
+    from kiln.frontend.gguf_model import load_gguf
+
+    model, _, bundle = load_gguf(SMOLLM2)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(SMOLLM2), gguf_file=os.path.basename(SMOLLM2), dtype=torch.float32).eval()
+    ids = torch.tensor([bundle.tokenizer().encode(
+        "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n").ids])
+    with torch.no_grad():
+        expected = reference(ids).logits
+        got = model(ids)
+    assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()

@@ -1,0 +1,154 @@
+"""Load a llama-architecture GGUF as kiln's torch LlamaForCausalLM, its config and tokenizer.
+
+Tensors are dequantized to fp32, renamed to transformers' names, and q/k rows are put
+back in Hugging Face order (llama.cpp's converter interleaves them for its rope).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+import torch
+
+from kiln.frontend.gguf_file import GGUFFile
+from kiln.frontend.llama import LlamaConfig, LlamaForCausalLM, llama_from_state_dict
+from kiln.frontend.tokenizer import TokenizerBundle, tokenizer_from_gguf
+from kiln.ir.errors import ConfigError, ModelFormatError
+
+SUPPORTED_ARCHITECTURES = ("llama",)
+
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_BLOCK_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_output.bias": "self_attn.o_proj.bias",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_BLOCK_PATTERN = re.compile(r"blk\.(\d+)\.(.+)")
+
+
+def hf_tensor_name(gguf_name: str) -> str | None:
+    """transformers' name for a llama GGUF tensor name, or None if kiln has no place for it."""
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    match = _BLOCK_PATTERN.fullmatch(gguf_name)
+    if match and match.group(2) in _BLOCK_NAMES:
+        return f"model.layers.{int(match.group(1))}.{_BLOCK_NAMES[match.group(2)]}"
+    return None
+
+
+def unpermute_rope_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
+    """Undo llama.cpp's q/k permutation: per head it stores rows (0, d/2, 1, d/2+1, ...) interleaved.
+
+    The converter reshaped rows to [heads, 2, head_dim/2] and swapped the last two axes;
+    the inverse reshapes to [heads, head_dim/2, 2] and swaps them back. Works for biases too.
+    """
+    rows = weight.shape[0]
+    head_dim = rows // num_heads
+    return (weight.reshape(num_heads, head_dim // 2, 2, *weight.shape[1:])
+            .swapaxes(1, 2)
+            .reshape(weight.shape))
+
+
+def config_from_gguf(gguf_file: GGUFFile) -> LlamaConfig:
+    meta = gguf_file.metadata
+    arch = gguf_file.architecture
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ModelFormatError(
+            f"{gguf_file.path}: GGUF general.architecture is {arch!r}; kiln loads only {SUPPORTED_ARCHITECTURES} "
+            "GGUF files (use the Hugging Face checkpoint for other models)")
+
+    def get(key: str, default=None, required: bool = False):
+        full = f"{arch}.{key}"
+        if full not in meta:
+            if required:
+                raise ModelFormatError(f"{gguf_file.path}: GGUF metadata {full!r} is missing; expected it for a {arch} model")
+            return default
+        return meta[full]
+
+    hidden_size = get("embedding_length", required=True)
+    num_heads = get("attention.head_count", required=True)
+    num_kv_heads = get("attention.head_count_kv", num_heads)
+    if not isinstance(num_kv_heads, int):
+        raise ModelFormatError(f"{gguf_file.path}: GGUF {arch}.attention.head_count_kv: expected one integer for all "
+                               f"layers, found {type(num_kv_heads).__name__}")
+    head_dim = get("attention.key_length") or (hidden_size // num_heads if num_heads else None)
+    if get("attention.value_length", head_dim) != head_dim:
+        raise ModelFormatError(f"{gguf_file.path}: GGUF {arch}.attention.value_length differs from key_length; "
+                               "kiln expects equal q/k/v head sizes")
+    rope_dims = get("rope.dimension_count", head_dim)
+    if rope_dims != head_dim:
+        raise ModelFormatError(f"{gguf_file.path}: GGUF {arch}.rope.dimension_count: expected the head size {head_dim} "
+                               f"(rope over whole heads), found {rope_dims}")
+    scaling = get("rope.scaling.type", "none")
+    if scaling not in ("none", None) or "rope_freqs.weight" in gguf_file.tensors:
+        found = repr(scaling) if scaling not in ("none", None) else "a rope_freqs tensor (Llama 3.1 scaling)"
+        raise ModelFormatError(f"{gguf_file.path}: GGUF rope scaling: expected none, found {found}; kiln does not "
+                               "load scaled rope from GGUF yet (use the Hugging Face checkpoint)")
+
+    tokens = meta.get("tokenizer.ggml.tokens")
+    vocab_size = get("vocab_size") or (len(tokens) if tokens else None)
+    if vocab_size is None and "token_embd.weight" in gguf_file.tensors:
+        vocab_size = gguf_file.tensors["token_embd.weight"].shape[0]
+    eos = meta.get("tokenizer.ggml.eos_token_id")
+    try:
+        return LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=hidden_size,
+            intermediate_size=get("feed_forward_length", required=True),
+            num_hidden_layers=get("block_count", required=True),
+            num_attention_heads=num_heads,
+            num_key_value_heads=num_kv_heads,
+            head_dim=head_dim,
+            rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+            rope_theta=float(get("rope.freq_base", 10000.0)),
+            max_position_embeddings=get("context_length", 2048),
+            tie_word_embeddings="output.weight" not in gguf_file.tensors,
+            bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+            eos_token_id=eos,
+            model_type="llama",
+        )
+    except ConfigError as err:
+        raise ModelFormatError(f"{gguf_file.path}: GGUF metadata gives an unusable config: {err}") from None
+
+
+def state_dict_from_gguf(gguf_file: GGUFFile, config: LlamaConfig) -> dict[str, torch.Tensor]:
+    """fp32 tensors under transformers' names, q/k rows in Hugging Face order."""
+    tensors = {}
+    for name in gguf_file.tensors:
+        hf_name = hf_tensor_name(name)
+        if hf_name is None:
+            raise ModelFormatError(f"{gguf_file.path}: GGUF tensor {name!r}: expected a llama tensor "
+                                   "(token_embd, blk.N.attn_*/ffn_*, output_norm, output), found an unknown name")
+        values = gguf_file.dequantize(name)
+        if ".q_proj." in hf_name:
+            values = unpermute_rope_rows(values, config.num_attention_heads)
+        elif ".k_proj." in hf_name:
+            values = unpermute_rope_rows(values, config.num_key_value_heads)
+        if not values.flags.writeable:
+            values = values.copy()
+        tensors[hf_name] = torch.from_numpy(np.ascontiguousarray(values))
+    return tensors
+
+
+def load_gguf(path: str | os.PathLike) -> tuple[LlamaForCausalLM, LlamaConfig, TokenizerBundle]:
+    """Read a llama GGUF into kiln's fp32 torch module, its config and its tokenizer."""
+    gguf_file = GGUFFile(path)
+    config = config_from_gguf(gguf_file)
+    model = llama_from_state_dict(config, state_dict_from_gguf(gguf_file, config), where=gguf_file.path)
+    return model, config, tokenizer_from_gguf(gguf_file)
