@@ -1,0 +1,90 @@
+"""The whole pass pipeline: prefill then batched decode through the KV cache reproduce transformers' logits."""
+
+import collections
+
+import numpy as np
+import pytest
+
+from kiln.passes import PassManager, PassOptions
+from kiln.passes.pipeline import PIPELINE
+
+from kv_harness import generate_logits
+from smollm2 import fresh_copy, smollm2_captured, smollm2_source
+from tiny_models import TINY_ARCHS, VOCAB, captured, reference_logits
+
+OPTIONS = PassOptions(max_seq_len=32, max_num_seqs=3, page_size=4, activation_seq_len=16)
+
+# fused ops expected per architecture (2 layers each)
+EXPECTED = {
+    "llama": {"paged_attention": 2, "rope": 4, "rms_norm": 1, "add_rms_norm": 4, "gated_mlp": 2},
+    "mistral": {"paged_attention": 2, "rope": 4, "rms_norm": 1, "add_rms_norm": 4, "gated_mlp": 2},
+    "qwen2": {"paged_attention": 2, "rope": 4, "rms_norm": 1, "add_rms_norm": 4, "gated_mlp": 2},
+    "phi3": {"paged_attention": 2, "rope": 4, "rms_norm": 1, "add_rms_norm": 4, "gated_mlp": 2},
+    "gemma": {"paged_attention": 2, "rope": 4, "rms_norm": 1, "add_rms_norm": 4, "gated_mlp": 2},
+    "gpt2": {"paged_attention": 2, "layer_norm": 5},
+    "falcon": {"paged_attention": 2, "rope": 4, "layer_norm": 3},
+    "gpt_neox": {"paged_attention": 2, "rope": 4, "layer_norm": 5},
+}
+
+
+def optimized(module, options=OPTIONS):
+    module = fresh_copy(module)
+    PassManager(PIPELINE).run(module, options)
+    return module
+
+
+@pytest.mark.parametrize("arch", sorted(TINY_ARCHS))
+def test_tiny_prefill_then_batched_decode_match_transformers(arch):
+    module = optimized(captured(arch))
+    assert set(module.functions) == {"prefill", "decode"}
+    assert module.metadata["unfused_attention"] == []
+    ops = collections.Counter(n.op for n in module.functions["prefill"].nodes)
+    for op, count in EXPECTED[arch].items():
+        assert ops[op] == count, (arch, op, dict(ops))
+    assert ops["sdpa"] == 0 and ops["softmax"] == 0 and ops["arange"] == 0
+    rng = np.random.default_rng(1)
+    full = [rng.integers(0, VOCAB, size=n) for n in (9, 6, 11)]  # different lengths decode together
+    prompts = [f[:4] for f in full[:2]] + [full[2][:7]]
+    steps = [f[len(p):] for f, p in zip(full, prompts)]
+    got = generate_logits(module, prompts, steps)
+    for seq, logits in zip(full, got):
+        ref = reference_logits(arch, seq[None])[0]
+        assert logits.shape == ref.shape
+        assert np.abs(logits - ref).max() <= 1e-4 * np.abs(ref).max(), arch
+
+
+def test_decode_is_prefill_with_one_token():
+    module = optimized(captured("llama"))
+    prefill, decode = module.functions["prefill"], module.functions["decode"]
+    assert [str(p.type) for p in decode.params][:2] == ["i64[batch, 1]", "i64[batch, 1]"]
+    assert len(decode.nodes) == len(prefill.nodes)
+    # no node in decode depends on the sequence length: O(1) new work per token
+    assert all("seq" not in str(v.type) for n in decode.nodes for v in n.outputs)
+
+
+def test_smollm2_fusions_and_kv_bytes():
+    module = optimized(smollm2_captured(), PassOptions(max_seq_len=64, max_num_seqs=1, page_size=16,
+                                                       activation_seq_len=16))
+    prefill = module.functions["prefill"]
+    attentions = [n for n in prefill.nodes if n.op == "paged_attention"]
+    assert len(attentions) == 30
+    assert {(n.attrs["num_heads"], n.attrs["num_kv_heads"], n.inputs[1].type.shape[3]) for n in attentions} == \
+        {(9, 3, 64)}
+    ops = collections.Counter(n.op for n in prefill.nodes)
+    assert ops["rms_norm"] + ops["add_rms_norm"] == 61
+    assert ops["gated_mlp"] == 30
+    assert module.metadata["kv_cache"]["bytes_per_token"] == 46080
+    half = optimized(smollm2_captured(), PassOptions(max_seq_len=64, max_num_seqs=1, kv_cache_dtype="f16",
+                                                     activation_seq_len=16))
+    assert half.metadata["kv_cache"]["bytes_per_token"] == 23040
+
+
+def test_smollm2_prefill_and_decode_match_torch_eager():
+    import torch
+
+    module = optimized(smollm2_captured(), PassOptions(max_seq_len=64, max_num_seqs=1, activation_seq_len=16))
+    tokens = np.array([1, 9690, 28, 314, 5248, 253, 1345, 30, 2, 1014], dtype=np.int64)
+    with torch.no_grad():
+        ref = smollm2_source().model(torch.as_tensor(tokens[None])).numpy()[0]
+    (got,) = generate_logits(module, [tokens[:7]], [tokens[7:]])
+    assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
