@@ -13,7 +13,7 @@ import numpy as np
 
 from .ops import REQUIRED, define_op, fail
 from .symbolic import SymExpr, dim_product, is_static, known_ge
-from .types import TensorType, is_float, numpy_dtype, promote
+from .types import DTYPES, TensorType, is_float, numpy_dtype, promote
 
 
 # helpers ----------------------------------------------------------------------
@@ -51,6 +51,19 @@ def _cast(x: np.ndarray, dtype: str) -> np.ndarray:
     return x if x.dtype == dt else x.astype(dt)
 
 
+def _dtype_attr(op: str, dtype) -> str:
+    if dtype not in DTYPES:
+        raise fail(op, f"dtype must be one of {', '.join(DTYPES)}, found {dtype!r}")
+    return dtype
+
+
+def _shape_attr(op: str, shape) -> tuple:
+    for d in shape:
+        if not (isinstance(d, SymExpr) or (isinstance(d, int) and not isinstance(d, bool) and d >= 0)):
+            raise fail(op, f"shape {_fmt(shape)} has a bad dim {d!r}; expected ints >= 0 or symbolic dims")
+    return tuple(shape)
+
+
 def _same(types, attrs, module):
     return [types[0]]
 
@@ -63,6 +76,9 @@ def _binary(name, fn, *, compare=False, logical=False, commutative=False):
         if logical and (a.dtype != "bool" or b.dtype != "bool"):
             raise fail(name, f"expected bool inputs, found {a.dtype} and {b.dtype}")
         dtype = "bool" if compare or logical else promote(a.dtype, b.dtype)
+        if name == "div" and not is_float(dtype):
+            # the reference refuses integer division; the frontend casts to the float result dtype first
+            raise fail(name, f"expected a float input, found {a.dtype} and {b.dtype}")
         return [TensorType(dtype, shape)]
 
     def reference(xs, attrs):
@@ -105,7 +121,11 @@ _binary("and", np.logical_and, logical=True, commutative=True)
 _binary("or", np.logical_or, logical=True, commutative=True)
 
 
-_erf = np.frompyfunc(math.erf, 1, 1)
+_erf_object = np.frompyfunc(math.erf, 1, 1)
+
+
+def _erf(x64):
+    return np.asarray(_erf_object(x64), dtype=np.float64)  # frompyfunc gives a Python float for 0-d input
 
 
 def _gelu(x, approximate):
@@ -113,8 +133,8 @@ def _gelu(x, approximate):
     if approximate == "tanh":
         y = 0.5 * x64 * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x64 + 0.044715 * x64 ** 3)))
     else:
-        y = 0.5 * x64 * (1.0 + _erf(x64 / math.sqrt(2.0)).astype(np.float64))
-    return y.astype(x.dtype)
+        y = 0.5 * x64 * (1.0 + _erf(x64 / math.sqrt(2.0)))
+    return np.asarray(y).astype(x.dtype)
 
 
 def _sigmoid(x):
@@ -171,7 +191,7 @@ define_op("gelu", infer=_gelu_infer, reference=lambda xs, a: [_gelu(xs[0], a["ap
 
 
 def _cast_infer(types, attrs, module):
-    return [types[0].with_dtype(attrs["dtype"])]
+    return [types[0].with_dtype(_dtype_attr("cast", attrs["dtype"]))]
 
 
 define_op("cast", infer=_cast_infer, reference=lambda xs, a: [_cast(xs[0], a["dtype"])],
@@ -200,7 +220,7 @@ def _constant_infer(types, attrs, module):
     value = attrs["value"]
     if not isinstance(value, (bool, int, float)):
         raise fail("constant", f"value must be a number or bool, found {value!r}")
-    return [TensorType(attrs["dtype"], ())]
+    return [TensorType(_dtype_attr("constant", attrs["dtype"]), ())]
 
 
 define_op("constant", infer=_constant_infer,
@@ -210,7 +230,7 @@ define_op("constant", infer=_constant_infer,
 
 
 def _full_infer(types, attrs, module):
-    return [TensorType(attrs["dtype"], tuple(attrs["shape"]))]
+    return [TensorType(_dtype_attr("full", attrs["dtype"]), _shape_attr("full", attrs["shape"]))]
 
 
 define_op("full", infer=_full_infer,
@@ -221,6 +241,9 @@ define_op("full", infer=_full_infer,
 
 def _arange_infer(types, attrs, module):
     start, end, step = attrs["start"], attrs["end"], attrs["step"]
+    _dtype_attr("arange", attrs["dtype"])
+    if step == 0:
+        raise fail("arange", "step must not be 0")
     if step == 1:
         length = end - start
     elif is_static(start) and is_static(end):
@@ -308,18 +331,19 @@ define_op("softmax", infer=_softmax_infer, reference=_softmax_ref, attrs={"axis"
 
 def _cumsum_infer(types, attrs, module):
     _axis("cumsum", attrs["axis"], types[0].rank)
-    return [types[0].with_dtype(attrs["dtype"])]
+    return [types[0].with_dtype(_dtype_attr("cumsum", attrs["dtype"]))]
 
 
 define_op("cumsum", infer=_cumsum_infer,
-          reference=lambda xs, a: [np.cumsum(xs[0], axis=a["axis"]).astype(numpy_dtype(a["dtype"]))],
-          attrs={"axis": REQUIRED, "dtype": REQUIRED}, inputs=1, doc="running sum along one axis")
+          reference=lambda xs, a: [np.cumsum(_cast(xs[0], a["dtype"]), axis=a["axis"]).astype(numpy_dtype(a["dtype"]))],
+          attrs={"axis": REQUIRED, "dtype": REQUIRED}, inputs=1,
+          doc="running sum along one axis, accumulated in dtype (as torch.cumsum(dtype=...))")
 
 
 # shape ops --------------------------------------------------------------------
 def _reshape_infer(types, attrs, module):
     (a,) = types
-    shape = tuple(attrs["shape"])
+    shape = _shape_attr("reshape", attrs["shape"])
     if dim_product(a.shape) != dim_product(shape):
         raise fail("reshape", f"cannot reshape {_fmt(a.shape)} into {_fmt(shape)}: element counts "
                               f"{dim_product(a.shape)} and {dim_product(shape)} differ")
@@ -339,13 +363,13 @@ def _permute_infer(types, attrs, module):
 
 
 define_op("permute", infer=_permute_infer,
-          reference=lambda xs, a: [np.ascontiguousarray(np.transpose(xs[0], a["perm"]))],
+          reference=lambda xs, a: [np.array(np.transpose(xs[0], a["perm"]), order="C")],
           attrs={"perm": REQUIRED}, inputs=1, traits=["view"], doc="reorder axes")
 
 
 def _expand_infer(types, attrs, module):
     (a,) = types
-    shape = tuple(attrs["shape"])
+    shape = _shape_attr("expand", attrs["shape"])
     if len(shape) < a.rank:
         raise fail("expand", f"cannot expand rank {a.rank} to rank {len(shape)}")
     for d_in, d_out in zip(a.shape, shape[len(shape) - a.rank:]):
@@ -355,7 +379,7 @@ def _expand_infer(types, attrs, module):
 
 
 define_op("expand", infer=_expand_infer,
-          reference=lambda xs, a: [np.ascontiguousarray(np.broadcast_to(xs[0], a["shape"]))],
+          reference=lambda xs, a: [np.array(np.broadcast_to(xs[0], a["shape"]), order="C")],
           attrs={"shape": REQUIRED}, inputs=1, traits=["view"], doc="broadcast size-1 or new leading dims")
 
 
@@ -383,7 +407,7 @@ def _slice_ref(xs, attrs):
     (x,) = xs
     idx = [slice(None)] * x.ndim
     idx[attrs["axis"]] = slice(attrs["start"], attrs["end"], attrs["step"])
-    return [np.ascontiguousarray(x[tuple(idx)])]
+    return [np.array(x[tuple(idx)], order="C")]
 
 
 define_op("slice", infer=_slice_infer, reference=_slice_ref,
@@ -454,7 +478,8 @@ def _matmul_infer(types, attrs, module):
 
 def _matmul_ref(xs, attrs):
     a, b = xs
-    return [np.matmul(a.astype(np.float64), b.astype(np.float64)).astype(a.dtype)]
+    dt = numpy_dtype(promote(_kiln_dtype(a), _kiln_dtype(b)))
+    return [np.matmul(a.astype(np.float64), b.astype(np.float64)).astype(dt)]
 
 
 define_op("matmul", infer=_matmul_infer, reference=_matmul_ref, inputs=2, doc="batched a @ b")
@@ -462,7 +487,7 @@ define_op("matmul", infer=_matmul_infer, reference=_matmul_ref, inputs=2, doc="b
 
 def _linear_infer(types, attrs, module):
     x, w = types[0], types[1]
-    if w.rank != 2 or x.shape[-1] != w.shape[1]:
+    if w.rank != 2 or x.rank < 1 or x.shape[-1] != w.shape[1]:
         raise fail("linear", f"expected x[..., K] and w[N, K], found {x} and {w}")
     if len(types) == 3 and types[2].shape != (w.shape[0],):
         raise fail("linear", f"bias must be [{w.shape[0]}], found {types[2]}")
@@ -484,6 +509,8 @@ define_op("linear", infer=_linear_infer, reference=_linear_ref, inputs=(2, 3),
 # normalisation and attention ---------------------------------------------------
 def _layer_norm_infer(types, attrs, module):
     x, w, b = types
+    if x.rank < 1:
+        raise fail("layer_norm", f"expected x of rank >= 1, found {x}")
     if w.shape != (x.shape[-1],) or b.shape != (x.shape[-1],):
         raise fail("layer_norm", f"weight and bias must be [{x.shape[-1]}], found {w} and {b}")
     return [x]
@@ -507,6 +534,15 @@ def _sdpa_infer(types, attrs, module):
         raise fail("sdpa", f"expected q, k, v of equal rank >= 3, found {q}, {k}, {v}")
     if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2]:
         raise fail("sdpa", f"head dims or key lengths differ: {q}, {k}, {v}")
+    # the output takes q's leading dims: k and v must match them, broadcast from 1 (torch's matmul
+    # broadcasting, e.g. Falcon's single K/V head), or group heads under enable_gqa
+    heads, kv_heads = q.shape[-3], k.shape[-3]
+    grouped = attrs["enable_gqa"] and kv_heads != heads
+    leading_ok = all(kd == qd or kd == 1 for kd, qd in zip(k.shape[:-3], q.shape[:-3]))
+    if k.shape[:-2] != v.shape[:-2] or not leading_ok or (kv_heads not in (heads, 1) and not grouped):
+        raise fail("sdpa", f"leading dims of q, k, v differ: {q}, {k}, {v}")
+    if grouped and not (isinstance(heads, int) and isinstance(kv_heads, int) and heads % kv_heads == 0):
+        raise fail("sdpa", f"enable_gqa needs q heads {heads} to be a multiple of kv heads {kv_heads}")
     if len(types) == 4:
         mask = types[3]
         scores = tuple(q.shape[:-1]) + (k.shape[-2],)
