@@ -55,6 +55,8 @@ def promote(a: str, b: str) -> str:
     order = ["bool", "u8", "i8", "i16", "u32", "i32", "i64", "bf16", "f16", "f32", "f64"]
     if {a, b} == {"bf16", "f16"}:
         return "f32"
+    if {a, b} == {"u8", "i8"}:
+        return "i16"  # neither holds the other's range
     return max(a, b, key=order.index)
 
 
@@ -70,6 +72,8 @@ class TensorType:
         for d in self.shape:
             if not (isinstance(d, SymExpr) or (isinstance(d, int) and not isinstance(d, bool))):
                 raise TypeError(f"bad dim {d!r} in shape {self.shape}")
+            if isinstance(d, int) and d < 0:
+                raise ValueError(f"negative dim {d} in shape {self.shape}")
 
     @property
     def rank(self) -> int:
