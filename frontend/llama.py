@@ -138,7 +138,7 @@ class LlamaConfig:
             num_attention_heads=num_attention_heads,
             num_key_value_heads=d.get("num_key_value_heads") or num_attention_heads,
             head_dim=d.get("head_dim"),
-            rms_norm_eps=float(d.get("rms_norm_eps", defaults["rms_norm_eps"])),
+            rms_norm_eps=_number(d, "rms_norm_eps", defaults["rms_norm_eps"]),
             rope_theta=rope_theta,
             max_position_embeddings=d.get("max_position_embeddings", defaults["max_position_embeddings"]),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
@@ -165,6 +165,13 @@ class LlamaConfig:
         return cls(**d)
 
 
+def _number(d: dict, key: str, default: float) -> float:
+    value = d.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"config.json: expected {key} to be a number, found {value!r}")
+    return float(value)
+
+
 def _read_rope(d: dict, default_theta: float) -> tuple[float, dict | None]:
     # transformers 5 writes rope_parameters (with rope_theta inside); 4.x wrote rope_theta + rope_scaling.
     params = d.get("rope_parameters") or d.get("rope_scaling") or {}
@@ -172,7 +179,10 @@ def _read_rope(d: dict, default_theta: float) -> tuple[float, dict | None]:
         raise ConfigError(f"config.json: expected rope_parameters to be an object, found {params!r}")
     if any(isinstance(v, dict) for v in params.values()):
         raise ConfigError("config.json: per-layer-type rope_parameters are not supported; expected one rope dict")
-    theta = float(params.get("rope_theta", d.get("rope_theta", default_theta)))
+    theta = params.get("rope_theta", d.get("rope_theta", default_theta))
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)):
+        raise ConfigError(f"config.json: expected rope_theta to be a number, found {theta!r}")
+    theta = float(theta)
     if params.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0)) != 1.0:
         raise ConfigError("config.json: partial_rotary_factor other than 1.0 is not supported")
     rope_type = params.get("rope_type", params.get("type", "default"))

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
+from kiln.frontend.gguf_file import GGUFFile
 from kiln.ir.errors import ModelFormatError
 
 # llama.cpp's token types (tokenizer.ggml.token_type).
@@ -108,8 +109,6 @@ def _byte_alphabet() -> dict[int, str]:
 
 def tokenizer_from_gguf(gguf_file) -> TokenizerBundle:
     """Build the tokenizer a GGUF describes. gguf_file: a GGUFFile or a path to one."""
-    from kiln.frontend.gguf_file import GGUFFile
-
     if not isinstance(gguf_file, GGUFFile):
         gguf_file = GGUFFile(gguf_file)
     meta = gguf_file.metadata
@@ -198,10 +197,9 @@ def tokenizer_from_gguf(gguf_file) -> TokenizerBundle:
     )
 
 
-def _read_json(path: str, required: bool) -> dict | None:
+def _read_json(path: str) -> dict | None:
+    """A JSON object from an optional file (None when absent)."""
     if not os.path.exists(path):
-        if required:
-            raise ModelFormatError(f"{path}: file not found; a Hugging Face tokenizer directory needs tokenizer.json")
         return None
     try:
         with open(path, encoding="utf-8") as f:
@@ -224,14 +222,16 @@ def tokenizer_from_hf_dir(directory: str | os.PathLike) -> TokenizerBundle:
     """Read tokenizer.json, tokenizer_config.json (and chat_template.jinja, generation_config.json if present)."""
     directory = os.fspath(directory)
     tokenizer_path = os.path.join(directory, "tokenizer.json")
-    _read_json(tokenizer_path, required=True)
-    with open(tokenizer_path, encoding="utf-8") as f:
-        tokenizer_json = f.read()
+    try:
+        with open(tokenizer_path, encoding="utf-8") as f:
+            tokenizer_json = f.read()
+    except FileNotFoundError:
+        raise ModelFormatError(f"{tokenizer_path}: file not found; a Hugging Face tokenizer directory needs tokenizer.json") from None
     try:
         tokenizer = Tokenizer.from_str(tokenizer_json)
     except Exception as err:  # tokenizers raises plain Exception subclasses from Rust
         raise ModelFormatError(f"{tokenizer_path}: expected a `tokenizers` tokenizer, found one it cannot load ({err})") from None
-    config = _read_json(os.path.join(directory, "tokenizer_config.json"), required=False) or {}
+    config = _read_json(os.path.join(directory, "tokenizer_config.json")) or {}
 
     def lookup(name: str) -> tuple[str | None, int | None]:
         text = _token_text(config.get(name))
@@ -245,7 +245,7 @@ def tokenizer_from_hf_dir(directory: str | os.PathLike) -> TokenizerBundle:
     bos_token, bos_id = lookup("bos_token")
     eos_token, eos_id = lookup("eos_token")
     eos_ids = [eos_id] if eos_id is not None else []
-    generation = _read_json(os.path.join(directory, "generation_config.json"), required=False) or {}
+    generation = _read_json(os.path.join(directory, "generation_config.json")) or {}
     extra = generation.get("eos_token_id")
     for token_id in (extra if isinstance(extra, list) else [extra]):
         if isinstance(token_id, int) and token_id not in eos_ids:

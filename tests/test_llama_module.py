@@ -8,8 +8,8 @@ import pytest
 import torch
 import transformers
 
-from kiln.frontend.llama import LlamaConfig, LlamaForCausalLM
-from kiln.ir.errors import ConfigError
+from kiln.frontend.llama import LlamaConfig, LlamaForCausalLM, llama_from_state_dict
+from kiln.ir.errors import ConfigError, ModelFormatError
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
@@ -98,6 +98,8 @@ def test_config_round_trip_and_old_rope_spelling():
     ({"rope_scaling": {"rope_type": "llama3", "factor": 4.0}}, "missing"),
     ({"num_key_value_heads": 3}, "num_key_value_heads"),
     ({"vocab_size": None}, "vocab_size"),
+    ({"rms_norm_eps": "1e-5"}, "rms_norm_eps"),
+    ({"rope_theta": None}, "rope_theta"),
 ])
 def test_config_refusals(change, fragment):
     d = dict(CONFIGS["llama"], **change)
@@ -116,3 +118,33 @@ def test_qwen2_mixed_sliding_layers_refused():
     d = dict(CONFIGS["qwen2"], use_sliding_window=True, sliding_window=4, max_window_layers=1)
     with pytest.raises(ConfigError, match="sliding"):
         LlamaConfig.from_hf_dict(d)
+
+
+@pytest.mark.parametrize("name", ["llama_tied_bias", "qwen2"])
+def test_llama_from_state_dict(name):
+    reference = _reference(CONFIGS[name])
+    config = LlamaConfig.from_hf_dict(reference.config.to_dict())
+    state = {k: v.clone() for k, v in reference.state_dict().items()}
+    state.pop("lm_head.weight")  # tied: the embedding serves both
+    model = llama_from_state_dict(config, state)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    ids = torch.randint(0, TINY["vocab_size"], (1, 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = reference(ids).logits
+        got = model(ids)
+    assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+def test_llama_from_state_dict_refusals():
+    reference = _reference(CONFIGS["llama"])
+    config = LlamaConfig.from_hf_dict(reference.config.to_dict())
+    state = dict(reference.state_dict())
+    del state["model.layers.1.mlp.up_proj.weight"]
+    with pytest.raises(ModelFormatError, match="up_proj"):
+        llama_from_state_dict(config, state, where="ckpt")
+    state = dict(reference.state_dict(), **{"model.layers.0.extra.weight": torch.zeros(1)})
+    with pytest.raises(ModelFormatError, match="extra"):
+        llama_from_state_dict(config, state)
+    state = dict(reference.state_dict(), **{"model.norm.weight": torch.zeros(3)})
+    with pytest.raises(ModelFormatError, match="model.norm.weight"):
+        llama_from_state_dict(config, state)

@@ -224,6 +224,9 @@ def test_hf_dir_with_bos_named_templates_and_generation_eos(tmp_path):
 def test_hf_dir_errors(tmp_path):
     with pytest.raises(ModelFormatError, match="tokenizer.json"):
         tokenizer_from_hf_dir(tmp_path)
+    (tmp_path / "tokenizer.json").write_text('{"model": {"type": "Nothing"}}')
+    with pytest.raises(ModelFormatError, match="tokenizers"):
+        tokenizer_from_hf_dir(tmp_path)
     _tiny_bos_tokenizer().save(str(tmp_path / "tokenizer.json"))
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<missing>"}))
     with pytest.raises(ModelFormatError, match="<missing>"):
