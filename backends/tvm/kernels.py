@@ -17,9 +17,12 @@ from kiln.ir.errors import ConfigError
 # these names, so a PrimFunc emitted from here is recognised without extra attributes.
 LINEAR_BLOCKS = ("linear", "linear_int4", "linear_int8")
 PARTIAL_SUFFIX = "_partial"
+DEQUANT_SUFFIX = "_dequantize"
 ATTENTION_DECODE = "paged_attention_decode"
 ATTENTION_PREFILL = "paged_attention_prefill"
 KV_APPEND = "paged_kv_append"
+# Attribute of PrimFuncs written (and scheduled) for CPUs only: the paged attention.
+CPU_ONLY = "kiln.cpu_only"
 
 # Row tile of the prefill (GEMM) form: 4 rows x 4 columns of 16-lane accumulators
 # fill 16 of the 32 AVX-512 registers and leave room for the operands.
@@ -32,6 +35,14 @@ INT4_PER_WORD = 8
 def symbolic_dim(name: str = "m") -> tirx.Var:
     """An int64 symbolic dimension, the kind Relax uses for a dynamic length."""
     return tirx.Var(name, "int64")
+
+
+def prim_func(*tensors: te.Tensor) -> tirx.PrimFunc:
+    """The PrimFunc of te tensors (inputs then outputs), as emit_te makes it: int64 indices.
+
+    dlight's GPU Matmul rule fails on int32 constant indices mixed with an int64 m.
+    """
+    return te.create_prim_func(list(tensors), "int64")
 
 
 def _reduce_lanes(k: int) -> int:
@@ -48,7 +59,8 @@ def _int_dim(extent, what: str) -> int:
     return int(extent)
 
 
-def _matmul(x: te.Tensor, n: int, k: int, weight, name: str, row_tile: int | None) -> te.Tensor:
+def _matmul(x: te.Tensor, n: int, k: int, weight, name: str, row_tile: int | None,
+            dequant_stage: bool = False) -> te.Tensor:
     """y[i, j] = sum_k x[i, k] * weight(j, k), in the plain or the row-tiled form.
 
     The plain form is one reduction block: what dlight's GPU rules and the GEMV
@@ -56,11 +68,20 @@ def _matmul(x: te.Tensor, n: int, k: int, weight, name: str, row_tile: int | Non
     `row_tile`, reading row min(i, m - 1) for the padding rows of the last tile, so
     the hot loop has no bounds check; the padding results are never stored. It also
     splits K into `REDUCE_LANES` partial sums so the inner loop is a vector FMA.
+    `dequant_stage` materialises weight(j, k) as its own block first (plain form
+    only): dlight gpu.Matmul schedules that for a symbolic m, not the fused reduction;
+    the CPU schedules inline it back.
     """
     m = x.shape[0]
     if row_tile is None:
+        if dequant_stage:
+            w = te.compute((n, k), weight, name=name + DEQUANT_SUFFIX)
+            weight = lambda j, c: w[j, c]  # noqa: E731
         kk = te.reduce_axis((0, k), name="k")
         return te.compute((m, n), lambda i, j: te.sum(x[i, kk] * weight(j, kk), axis=kk), name=name)
+    if dequant_stage:
+        raise ConfigError("expected dequant_stage only with the plain form (row_tile=None), "
+                          f"found row_tile={row_tile}")
     lanes = _reduce_lanes(k)
     ko = te.reduce_axis((0, k // lanes), name="ko")
     row_tiles = (m + row_tile - 1) // row_tile
@@ -83,12 +104,12 @@ def linear(x: te.Tensor, w: te.Tensor, row_tile: int | None = None) -> te.Tensor
     return _matmul(x, n, k, lambda j, c: w[j, c], "linear", row_tile)
 
 
-def linear_int8(x: te.Tensor, q: te.Tensor, scale: te.Tensor,
-                row_tile: int | None = None) -> te.Tensor:
+def linear_int8(x: te.Tensor, q: te.Tensor, scale: te.Tensor, row_tile: int | None = None,
+                dequant_stage: bool = False) -> te.Tensor:
     """y = x @ (q * scale[:, None])^T with q[N, K] int8 and one fp32 scale per output row."""
     n, k = (_int_dim(d, "int8 weight dim") for d in q.shape)
     return _matmul(x, n, k, lambda j, c: q[j, c].astype("float32") * scale[j],
-                   "linear_int8", row_tile)
+                   "linear_int8", row_tile, dequant_stage)
 
 
 def int4_nibble(q: te.Tensor, j, c):
@@ -98,25 +119,33 @@ def int4_nibble(q: te.Tensor, j, c):
 
 
 def linear_int4(x: te.Tensor, q: te.Tensor, scale: te.Tensor, zero: te.Tensor | None = None,
-                group_size: int = 32, row_tile: int | None = None) -> te.Tensor:
-    """Weight-only int4 linear with the dequantize fused into the reduction.
+                group_size: int = 32, row_tile: int | None = None, offset: te.Tensor | None = None,
+                dequant_stage: bool = False) -> te.Tensor:
+    """Weight-only int4 linear with the dequantize in the same PrimFunc as the reduction.
 
     q[N, K / 8] uint32 holds 8 nibbles per word along K (element k in bits 4*(k % 8));
-    scale[N, K / group_size] fp32; w = (nibble - zero) * scale, with zero[N, K / group_size]
-    fp32 when given and 8 otherwise (symmetric int4).
+    scale[N, K / group_size] fp32. The weight is (nibble - zero) * scale with
+    zero[N, K / group_size] fp32 when given, nibble * scale + offset with
+    offset[N, K / group_size] when given instead (GGUF Q4_1: scale d, offset m, exact),
+    and (nibble - 8) * scale (symmetric, GGUF Q4_0) when neither is.
     """
     n, words = (_int_dim(d, "int4 weight dim") for d in q.shape)
     k = words * INT4_PER_WORD
     if k % group_size or _int_dim(scale.shape[1], "int4 scale dim") != k // group_size:
-        raise ConfigError(f"int4 scale must have K / group_size = {k // group_size} columns "
-                         f"for K={k} and group_size={group_size}, found {scale.shape[1]}")
+        raise ConfigError(f"expected int4 scales with K / group_size = {k / group_size:g} columns "
+                          f"(K={k}, group_size={group_size}), found {scale.shape[1]}; "
+                          "K must be a multiple of the group size")
+    if zero is not None and offset is not None:
+        raise ConfigError("expected at most one of zero and offset for an int4 linear, found both")
 
     def weight(j, c):
         g = c // group_size
-        offset = zero[j, g] if zero is not None else tirx.const(8.0, "float32")
-        return (int4_nibble(q, j, c) - offset) * scale[j, g]
+        if offset is not None:
+            return int4_nibble(q, j, c) * scale[j, g] + offset[j, g]
+        shift = zero[j, g] if zero is not None else tirx.const(8.0, "float32")
+        return (int4_nibble(q, j, c) - shift) * scale[j, g]
 
-    return _matmul(x, n, k, weight, "linear_int4", row_tile)
+    return _matmul(x, n, k, weight, "linear_int4", row_tile, dequant_stage)
 
 
 # ---------------------------------------------------------------------------------
@@ -223,7 +252,7 @@ def _attention_func(kind: str, num_heads: int, num_kv_heads: int, head_dim: int,
     @T.prim_func(s_tir=True)
     def paged_attention_decode(q_h: T.handle, k_h: T.handle, v_h: T.handle, table_h: T.handle,
                                len_h: T.handle, out_h: T.handle):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, CPU_ONLY: True})
         batch = T.int64()
         num_pages = T.int64()
         max_pages = T.int64()
@@ -252,7 +281,7 @@ def _attention_func(kind: str, num_heads: int, num_kv_heads: int, head_dim: int,
     @T.prim_func(s_tir=True)
     def paged_attention_prefill(q_h: T.handle, k_h: T.handle, v_h: T.handle, table_h: T.handle,
                                 seq_h: T.handle, pos_h: T.handle, out_h: T.handle):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, CPU_ONLY: True})
         rows = T.int64()
         batch = T.int64()
         num_pages = T.int64()
@@ -318,7 +347,7 @@ def kv_append_func(num_kv_heads: int, head_dim: int, page_size: int) -> tirx.Pri
     @T.prim_func(s_tir=True)
     def paged_kv_append(k_h: T.handle, v_h: T.handle, table_h: T.handle, seq_h: T.handle,
                         pos_h: T.handle, kp_h: T.handle, vp_h: T.handle):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, CPU_ONLY: True})
         rows = T.int64()
         batch = T.int64()
         num_pages = T.int64()

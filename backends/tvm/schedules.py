@@ -41,6 +41,8 @@ def schedule_gemv(func: tirx.PrimFunc, block_name: str = "linear",
     group so the few weight rows of that group are reused from L1 by every row.
     """
     sch = s_tir.Schedule(func)
+    if _has_block(func, block_name + kernels.DEQUANT_SUFFIX):
+        sch.compute_inline(sch.get_sblock(block_name + kernels.DEQUANT_SUFFIX))
     block = sch.get_sblock(block_name)
     _, _, k = sch.get_loops(block)
     lanes = _reduction_lanes(sch, k)
@@ -169,7 +171,11 @@ def build_cpu(func_or_mod: tirx.PrimFunc | tvm.IRModule, target: tvm.target.Targ
 # --------------------------------------------------------------------------------------
 
 def cuda_target(arch: str = "sm_80") -> tvm.target.Target:
-    return tvm.target.Target({"kind": "cuda", "arch": arch}, host=cpu_target())
+    """A CUDA target for `arch` (sm_80, sm_90, ...), host = this CPU. 48 KiB is the static
+    shared memory every arch since sm_70 gives a block; dlight warns when it is unset."""
+    return tvm.target.Target(
+        {"kind": "cuda", "arch": arch, "max_shared_memory_per_block": 49152,
+         "max_threads_per_block": 1024}, host=cpu_target())
 
 
 def dlight_gpu_rules():
@@ -198,6 +204,12 @@ def build_cuda_source(func_or_mod: tirx.PrimFunc | tvm.IRModule, arch: str = "sm
     compile_cuda_source proves it compiles.
     """
     mod = func_or_mod if isinstance(func_or_mod, tvm.IRModule) else tvm.IRModule({"main": func_or_mod})
+    cpu_only = [gvar.name_hint for gvar, func in mod.functions_items()
+                if isinstance(func, tirx.PrimFunc) and func.attrs is not None
+                and func.attrs.get(kernels.CPU_ONLY, False)]
+    if cpu_only:
+        raise ConfigError(f"expected GPU-schedulable kernels for {arch}, found CPU-only kernels "
+                          f"{cpu_only}; use TVM's TIRPagedKVCache attention on GPUs")
     target = cuda_target(arch)
     mod = schedule_cuda(mod, target)
     missing = unscheduled_funcs(mod)
@@ -217,4 +229,6 @@ def compile_cuda_source(source: str, arch: str = "sm_80") -> bytes:
     """Compiles CUDA C with nvcc (not NVRTC, which needs cuda-bindings) to a fatbin."""
     from tvm.support import nvcc
 
-    return bytes(nvcc.compile_cuda(source, target_format="fatbin", arch=arch, compiler="nvcc"))
+    # nvcc reads the compute version from the current target when no GPU is present.
+    with cuda_target(arch):
+        return bytes(nvcc.compile_cuda(source, target_format="fatbin", arch=arch, compiler="nvcc"))
