@@ -158,11 +158,12 @@ class _Cursor:
         except ValueError:
             self.gguf._fail(field, "a GGUF value type 0..12", str(code))
 
-    def value(self, value_type: GGUFValueType, field: str, depth: int = 0) -> Any:
+    def value(self, value_type: GGUFValueType, field: str) -> Any:
+        """A scalar or string; an array comes back as (element type, items)."""
         if value_type == GGUFValueType.STRING:
             return self.string(field)
         if value_type == GGUFValueType.ARRAY:
-            return self.array(field, depth)
+            return self.array(field, 0)
         value = self.scalar(_SCALAR_FORMATS[value_type], field)
         return bool(value) if value_type == GGUFValueType.BOOL else value
 
@@ -194,14 +195,16 @@ class GGUFFile:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = os.fspath(path)
-        try:
-            file_size = os.path.getsize(self.path)
-        except OSError as err:
-            raise ModelFormatError(f"{self.path}: cannot read GGUF file ({err.strerror}); check the path") from None
+        if not os.path.isfile(self.path):
+            raise ModelFormatError(f"{self.path}: expected a GGUF file, found no regular file there; check the path")
+        file_size = os.path.getsize(self.path)
         self.file_size = file_size
         if file_size < 24:
             self._fail("header", "at least 24 bytes (magic, version, counts)", f"a file of {file_size} bytes")
-        self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
+        try:
+            self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
+        except OSError as err:
+            raise ModelFormatError(f"{self.path}: cannot map the GGUF file ({err.strerror}); check its permissions") from None
         cursor = _Cursor(self, memoryview(self._map))
 
         magic = bytes(self._map[:4])

@@ -185,6 +185,11 @@ def test_unsupported_version(valid, version):
     _refused(_damaged(valid, lambda d: d.__setitem__(slice(4, 8), struct.pack("<I", version))), "version", str(version))
 
 
+def test_not_a_file(tmp_path):
+    _refused(tmp_path, "no regular file")
+    _refused(tmp_path / "absent.gguf", "no regular file")
+
+
 def test_empty_and_tiny_files(tmp_path):
     (tmp_path / "empty.gguf").write_bytes(b"")
     _refused(tmp_path / "empty.gguf", "header")
