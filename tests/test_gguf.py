@@ -6,7 +6,6 @@ model test compares kiln's GGUF-loaded module with transformers' own GGUF loadin
 
 import importlib.util
 import os
-import shutil
 import struct
 import time
 
