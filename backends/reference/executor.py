@@ -1,0 +1,30 @@
+"""Execution side of the reference backend: prefill/decode through the numpy interpreter."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kiln.ir.interpreter import run_function
+from kiln.ir.parser import parse_module
+
+
+class ReferenceExecutor:
+    def __init__(self, module, weights: dict):
+        self.module = module
+        self.weights = weights
+        plan = module.metadata["kv_cache"]
+        self.cache = np.zeros((plan["num_layers"], 2, plan["num_pages"], plan["num_kv_heads"], plan["page_size"],
+                               plan["head_dim"]), dtype={"f32": np.float32, "f16": np.float16}[plan["dtype"]])
+
+    def run(self, function: str, input_ids: np.ndarray, positions: np.ndarray, page_table: np.ndarray) -> np.ndarray:
+        logits, self.cache = run_function(self.module, function, [input_ids, positions, self.cache, page_table],
+                                          weights=self.weights)
+        return logits
+
+
+def load_executor(info, **options):
+    from safetensors.numpy import load_file
+
+    with open(info.file("module.kir"), encoding="utf-8") as f:
+        module = parse_module(f.read())
+    return ReferenceExecutor(module, load_file(info.file("weights.safetensors")))

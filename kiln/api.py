@@ -1,0 +1,101 @@
+"""kiln's Python embedding API: ``kiln.compile`` and ``kiln.load``."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+from kiln.ir.errors import ConfigError
+
+from .progress import QUIET, Progress
+
+
+class Artifact:
+    """A compiled model: a complete artifact directory (temporary until saved)."""
+
+    def __init__(self, path: str, temporary: bool):
+        self.path = path
+        self._temporary = temporary
+
+    @property
+    def manifest(self) -> dict:
+        from kiln.runtime.artifact import read_manifest
+
+        return read_manifest(self.path)
+
+    def save(self, path) -> str:
+        """Copy the artifact to ``path`` atomically (a temporary sibling, then rename)."""
+        path = os.path.abspath(os.fspath(path))
+        parent = os.path.dirname(path)
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+        try:
+            staged = os.path.join(tmp, "artifact")
+            shutil.copytree(self.path, staged)
+            if os.path.exists(path):
+                shutil.rmtree(path)
+            os.rename(staged, path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return path
+
+    def __del__(self):
+        if getattr(self, "_temporary", False):
+            shutil.rmtree(os.path.dirname(self.path), ignore_errors=True)
+
+    def __repr__(self) -> str:
+        return f"<kiln.Artifact {self.path}>"
+
+
+def compile_options(*, max_seq_len=2048, max_num_seqs=4, page_size=16, kv_cache_dtype="f32",
+                    kv_cache_budget=None, activation_seq_len=None):
+    from kiln.passes import PassOptions
+
+    for name, value in (("max_seq_len", max_seq_len), ("max_num_seqs", max_num_seqs), ("page_size", page_size)):
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    if kv_cache_dtype not in ("f32", "f16"):
+        raise ConfigError(f"kv_cache_dtype must be 'f32' or 'f16', got {kv_cache_dtype!r}")
+    return PassOptions(max_seq_len=max_seq_len, max_num_seqs=max_num_seqs, page_size=page_size,
+                       kv_cache_dtype=kv_cache_dtype, memory_budget_bytes=kv_cache_budget,
+                       activation_seq_len=activation_seq_len or min(max_seq_len, 128))
+
+
+def compile(source, backend: str = "tvm", target: str = "cpu", quantize=None, max_seq_len: int = 2048, *,
+            output=None, progress: Progress | bool = False, **options) -> Artifact:
+    """Compile ``source`` ("smollm2", a .gguf path, a Hugging Face checkpoint dir or a torch.nn.Module)."""
+    from kiln.backends import check_backend
+
+    from .artifact import write_artifact
+    from .driver import capture_source, optimize
+
+    check_backend(backend)
+    if target not in ("cpu", "cuda"):
+        raise ConfigError(f"unknown target {target!r}; expected 'cpu' or 'cuda'")
+    if quantize not in (None, "none"):
+        raise ConfigError(f"quantize={quantize!r} is not supported yet; use None (fp32)")
+    pass_options = compile_options(max_seq_len=max_seq_len, **options)
+    progress = Progress() if progress is True else (progress or QUIET)
+    module, source_info = capture_source(source, max_seq=max_seq_len, progress=progress)
+    manager = optimize(module, pass_options, progress=progress)
+    if output is None:
+        holder = tempfile.mkdtemp(prefix="kiln-artifact-")
+        path, temporary = os.path.join(holder, "model.kiln"), True
+    else:
+        path, temporary = os.fspath(output), False
+    with progress.stage(f"building for {backend}/{target}"):
+        write_artifact(path, module, source_info, backend=backend, target=target, options=pass_options,
+                       pipeline=manager.pipeline)
+    return Artifact(path, temporary)
+
+
+def load(artifact, **backend_options):
+    """Load a compiled artifact (a directory or an :class:`Artifact`) into an Engine."""
+    from kiln.runtime.engine import Engine
+
+    path = artifact.path if isinstance(artifact, Artifact) else os.fspath(artifact)
+    engine = Engine.from_path(path, **backend_options)
+    if isinstance(artifact, Artifact):
+        engine._artifact = artifact  # keep a temporary artifact alive while the engine uses it
+    return engine

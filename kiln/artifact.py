@@ -1,0 +1,90 @@
+"""Write a compiled artifact directory atomically (temporary sibling, then rename)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+from kiln import __version__
+from kiln.ir.printer import print_module
+from kiln.runtime.artifact import FORMAT_NAME, FORMAT_VERSION, MANIFEST, sha256_file
+
+WEIGHTS = "weights.safetensors"
+IR = "module.kir"
+
+
+def write_artifact(path: str, module, source, *, backend: str, target: str, options, pipeline,
+                   progress=None) -> str:
+    """Lower ``module`` with ``backend`` and write the artifact at ``path``; an existing ``path``
+    is replaced only once the new one is complete."""
+    from kiln.backends import backend_version, lowering
+    from kiln.frontend.safetensors_file import write_safetensors
+
+    path = os.path.abspath(os.fspath(path))
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    try:
+        write_safetensors(os.path.join(tmp, WEIGHTS), module.weight_data)
+        with open(os.path.join(tmp, IR), "w", encoding="utf-8") as f:
+            f.write(print_module(module))
+        lowered = lowering(backend).compile_module(module, target, tmp, options)
+        tokenizer_entry, template_file = None, None
+        bundle = source.tokenizer
+        if bundle is not None:
+            with open(os.path.join(tmp, "tokenizer.json"), "w", encoding="utf-8") as f:
+                f.write(bundle.tokenizer_json)
+            tokenizer_entry = {"file": "tokenizer.json", "bos_token_id": bundle.bos_token_id,
+                               "eos_token_ids": list(bundle.eos_token_ids), "add_bos_token": bundle.add_bos_token,
+                               "bos_token": bundle.bos_token, "eos_token": bundle.eos_token}
+            if bundle.chat_template:
+                template_file = "chat_template.jinja"
+                with open(os.path.join(tmp, template_file), "w", encoding="utf-8") as f:
+                    f.write(bundle.chat_template)
+        files = sorted(name for name in os.listdir(tmp) if os.path.isfile(os.path.join(tmp, name)))
+        model = dict(module.metadata.get("model", {}))
+        config = model.get("config", {})
+        manifest = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "kiln_version": __version__,
+            "backend": backend,
+            "backend_version": backend_version(backend),
+            "target": lowered.get("target", target),
+            "backend_info": {k: v for k, v in lowered.items() if k not in ("target", "files")},
+            "model": {"name": model.get("name"), "kind": model.get("kind"), "content_hash": model.get("content_hash"),
+                      "vocab_size": _vocab_size(module, config), "config": config},
+            "pipeline": [list(p) if isinstance(p, tuple) else p for p in pipeline],
+            "passes": module.metadata.get("passes", []),
+            "kv_cache": module.metadata["kv_cache"],
+            "activations": module.metadata.get("activations"),
+            "options": {"max_seq_len": options.max_seq_len, "max_num_seqs": options.max_num_seqs,
+                        "page_size": options.page_size, "kv_cache_dtype": options.kv_cache_dtype},
+            "tokenizer": tokenizer_entry,
+            "chat_template": template_file,
+            "files": {name: sha256_file(os.path.join(tmp, name)) for name in files},
+        }
+        with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=2, sort_keys=True)
+        if os.path.exists(path):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
+            os.rename(path, os.path.join(old, "a"))
+            os.rename(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _vocab_size(module, config) -> int | None:
+    prefill = module.functions.get("prefill")
+    if prefill is not None:
+        last = prefill.results[0].type.shape[-1]
+        if isinstance(last, int):
+            return last
+    return config.get("vocab_size")
