@@ -20,6 +20,10 @@ _WEIGHT = re.compile(r'weight (".*") : (.+)$')
 _VALUE = re.compile(r"%([A-Za-z0-9_.]+)$")
 
 
+class _Located(ParseError):
+    """A ParseError whose message already names its line."""
+
+
 def parse_attr_value(text: str):
     text = text.strip()
     if text == "none":
@@ -34,7 +38,7 @@ def parse_attr_value(text: str):
         if not text.endswith("]"):
             raise ParseError(f"unterminated list {text!r}")
         body = text[1:-1].strip()
-        return tuple(parse_attr_value(p) for p in _split_top(body)) if body else ()
+        return tuple(parse_attr_value(p) for p in _split_top_quoted(body)) if body else ()
     try:
         return int(text)
     except ValueError:
@@ -91,8 +95,8 @@ def parse_module(text: str) -> Module:
     i = 0
 
     def error(msg: str, lineno: int) -> ParseError:
-        return ParseError(f"line {lineno + 1}: {msg}: {lines[lineno].strip()!r}" if lineno < len(lines)
-                          else f"line {lineno + 1}: {msg}")
+        return _Located(f"line {lineno + 1}: {msg}: {lines[lineno].strip()!r}" if lineno < len(lines)
+                        else f"line {lineno + 1}: {msg}")
 
     while i < len(lines) and not lines[i].strip():
         i += 1
@@ -120,7 +124,7 @@ def parse_module(text: str) -> Module:
                 i = _parse_function(module, lines, i, error)
             else:
                 raise error("expected metadata, weight, func or '}'", i)
-        except ParseError:
+        except _Located:
             raise
         except (KilnError, ValueError, TypeError, json.JSONDecodeError) as err:
             raise error(str(err), i) from None
@@ -156,31 +160,43 @@ def _parse_function(module: Module, lines: list, i: int, error) -> int:
             if i + 1 >= len(lines) or lines[i + 1].strip() != "}":
                 raise error("expected '}' after return", i + 1)
             return i + 2
-        nm = _NODE.match(line)
-        if not nm:
-            raise error("bad node line", i)
-        outs, op, ins, attrs, types = nm.groups()
-        inputs = [_lookup(scope, p.strip(), error, i) for p in ins.split(",") if p.strip()]
-        printed = [parse_type(t) for t in _split_top(types)] if types.strip() else []
-        node = fn.add_node(op, inputs, parse_attrs(attrs) if attrs else {})
-        if [v.type for v in node.outputs] != printed:
-            found = ", ".join(str(v.type) for v in node.outputs)
-            raise error(f"printed type(s) {types} differ from the op's rule ({found})", i)
-        out_names = [p.strip() for p in outs.split(",")] if outs else []
-        if len(out_names) != len(node.outputs):
-            raise error(f"{op} has {len(node.outputs)} outputs, line names {len(out_names)}", i)
-        for value, name in zip(node.outputs, out_names):
-            vm = _VALUE.match(name)
-            if not vm:
-                raise error(f"bad value name {name!r}", i)
-            if vm.group(1) in scope:
-                raise error(f"%{vm.group(1)} defined twice", i)
-            fn._names.discard(value.name)
-            value.name = vm.group(1)
-            fn._names.add(value.name)
-            scope[value.name] = value
+        if line == "}":
+            raise error(f"missing return at the end of @{fn.name}", i)
+        try:
+            _parse_node(fn, scope, line, i, error)
+        except _Located:
+            raise
+        except (KilnError, ValueError, TypeError, json.JSONDecodeError) as err:
+            # errors from the op registry or type parser get this node's line, not the func header's
+            raise error(str(err), i) from None
         i += 1
     raise error("missing return", i - 1)
+
+
+def _parse_node(fn, scope: dict, line: str, i: int, error) -> None:
+    nm = _NODE.match(line)
+    if not nm:
+        raise error("bad node line", i)
+    outs, op, ins, attrs, types = nm.groups()
+    inputs = [_lookup(scope, p.strip(), error, i) for p in ins.split(",") if p.strip()]
+    printed = [parse_type(t) for t in _split_top(types)] if types.strip() else []
+    node = fn.add_node(op, inputs, parse_attrs(attrs) if attrs else {})
+    if [v.type for v in node.outputs] != printed:
+        found = ", ".join(str(v.type) for v in node.outputs)
+        raise error(f"printed type(s) {types} differ from the op's rule ({found})", i)
+    out_names = [p.strip() for p in outs.split(",")] if outs else []
+    if len(out_names) != len(node.outputs):
+        raise error(f"{op} has {len(node.outputs)} outputs, line names {len(out_names)}", i)
+    for value, name in zip(node.outputs, out_names):
+        vm = _VALUE.match(name)
+        if not vm:
+            raise error(f"bad value name {name!r}", i)
+        if vm.group(1) in scope:
+            raise error(f"%{vm.group(1)} defined twice", i)
+        fn._names.discard(value.name)
+        value.name = vm.group(1)
+        fn._names.add(value.name)
+        scope[value.name] = value
 
 
 def _lookup(scope: dict, text: str, error, lineno: int):
