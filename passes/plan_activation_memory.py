@@ -1,8 +1,7 @@
-"""Plan activation memory: every intermediate tensor of an entry function gets a byte range in one arena.
+"""Plan activation memory: each intermediate tensor of an entry function gets a byte range in one arena.
 
-Liveness over node order at concrete symbol values, then greedy-by-size placement with best-fit
-offsets (TFLite's and ExecuTorch's planner), so tensors whose lifetimes do not overlap share bytes.
-:func:`check_activation_plan` re-derives lifetimes on its own and proves no two live tensors overlap.
+Liveness over node order at concrete symbol values, then best-fit placement largest first (as TFLite and
+ExecuTorch do; two more orders are tried); :func:`check_activation_plan` independently proves no overlap.
 """
 
 from __future__ import annotations
@@ -100,36 +99,95 @@ def _lifetimes(function: Function, env: dict) -> dict:
     return lifetimes
 
 
-def _place(lifetimes: dict, alignment: int) -> dict:
-    """Greedy by size, best fit: largest first, each into the smallest gap among the buffers live with it."""
-    order = sorted(lifetimes, key=lambda n: (-lifetimes[n][0], lifetimes[n][1], n))
-    count = len(order)
-    firsts = np.empty(count, dtype=np.int64)
-    lasts = np.empty(count, dtype=np.int64)
-    starts = np.empty(count, dtype=np.int64)
-    stops = np.empty(count, dtype=np.int64)
-    placed = 0
+# Placement orders tried in turn; the smallest arena wins. Largest first is TFLite's and
+# ExecuTorch's default; in execution order packs a diamond whose big buffers die before small ones
+# are born; longest-lived first keeps long-lived buffers from splitting the arena's free space.
+_ORDERS = (
+    lambda n, size, first, last: (-size, first, n),
+    lambda n, size, first, last: (first, -size, n),
+    lambda n, size, first, last: (first - last, -size, n),
+)
+
+
+_NO_FIT = np.iinfo(np.int64).max
+
+
+def _best_fit(ranges, need: int) -> int:
+    """Offset of the smallest gap of ``need`` bytes between (start, stop) ranges sorted by start, else the top."""
+    best_gap, offset, cursor = None, 0, 0
+    for start, stop in ranges:
+        gap = start - cursor
+        if gap >= need and (best_gap is None or gap < best_gap):
+            best_gap, offset = gap, cursor
+        cursor = max(cursor, stop)
+    return offset if best_gap is not None else cursor
+
+
+def _best_fit_numpy(starts: np.ndarray, stops: np.ndarray, need: int) -> int:
+    """:func:`_best_fit` for many ranges at once."""
+    reach = np.maximum.accumulate(stops)
+    free_from = np.concatenate(([0], reach[:-1]))  # everything in front of range i ends here
+    gaps = starts - free_from
+    best = int(np.argmin(np.where(gaps >= need, gaps, _NO_FIT)))
+    return int(free_from[best]) if gaps[best] >= need else int(reach[-1])
+
+
+def _place(lifetimes: dict, alignment: int, order_key) -> tuple:
+    """Best fit in the given order: each buffer into the smallest gap left by those live with it.
+
+    Returns (buffers, arena bytes).
+    """
+    order = sorted(lifetimes, key=lambda n: order_key(n, *lifetimes[n]))
+    # Placed buffers, kept sorted by offset so the live ones come out in offset order.
+    firsts, lasts, starts, stops = (np.empty(len(order), dtype=np.int64) for _ in range(4))
+    placed, top = 0, 0
     buffers = {}
     for name in order:
         size, first, last = lifetimes[name]
         need = _align(size, alignment)
         offset = 0
         if need:
-            live = (firsts[:placed] <= last) & (lasts[:placed] >= first)
-            ranges = sorted(zip(starts[:placed][live].tolist(), stops[:placed][live].tolist()))
-            best_gap, cursor = None, 0
-            for start, stop in ranges:
-                gap = start - cursor
-                if gap >= need and (best_gap is None or gap < best_gap):
-                    best_gap, offset = gap, cursor
-                cursor = max(cursor, stop)
-            if best_gap is None:
-                offset = cursor
+            live = np.flatnonzero((firsts[:placed] <= last) & (lasts[:placed] >= first))
+            if len(live) > 64:
+                offset = _best_fit_numpy(starts[live], stops[live], need)
+            elif len(live):
+                offset = _best_fit(zip(starts[live].tolist(), stops[live].tolist()), need)
             # Zero-size buffers never conflict, so only sized ones join the search arrays.
-            firsts[placed], lasts[placed], starts[placed], stops[placed] = first, last, offset, offset + need
+            at = int(np.searchsorted(starts[:placed], offset, side="right"))
+            for array, item in ((firsts, first), (lasts, last), (starts, offset), (stops, offset + need)):
+                array[at + 1:placed + 1] = array[at:placed]
+                array[at] = item
             placed += 1
+            top = max(top, offset + need)
         buffers[name] = Buffer(offset, size, first, last)
-    return buffers
+    return buffers, top
+
+
+def live_bytes_bound(lifetimes: dict, alignment: int = ALIGNMENT) -> int:
+    """The most aligned bytes live at any one moment: no arena can be smaller."""
+    if not lifetimes:
+        return 0
+    change = np.zeros(max(last for _, _, last in lifetimes.values()) + 2, dtype=np.int64)
+    for size, first, last in lifetimes.values():
+        change[first] += _align(size, alignment)
+        change[last + 1] -= _align(size, alignment)
+    return int(np.cumsum(change).max())
+
+
+def pack_buffers(lifetimes: dict, alignment: int = ALIGNMENT) -> tuple:
+    """Offsets for ``{name: (size, first, last)}`` so that buffers live at once never share a byte.
+
+    Returns ``({name: Buffer}, arena bytes)``: the smallest of the placement orders tried.
+    """
+    lower = live_bytes_bound(lifetimes, alignment)
+    best, peak = {}, 0
+    for i, order_key in enumerate(_ORDERS):
+        buffers, top = _place(lifetimes, alignment, order_key)
+        if i == 0 or top < peak:
+            best, peak = buffers, top
+        if peak == lower:  # nothing can beat the bytes live at the busiest moment
+            break
+    return best, peak
 
 
 def plan_activation_memory(function: Function, env: dict, alignment: int = ALIGNMENT) -> ActivationPlan:
@@ -139,15 +197,10 @@ def plan_activation_memory(function: Function, env: dict, alignment: int = ALIGN
         raise ConfigError(f"activation planning of @{function.name} needs a value for symbol(s) "
                           f"{', '.join(missing)}; found only {sorted(env)}; pass them in env")
     lifetimes = _lifetimes(function, env)
-    buffers = _place(lifetimes, alignment)
-    peak = max((b.offset + _align(b.size, alignment) for b in buffers.values()), default=0)
-    naive = sum(_align(b.size, alignment) for b in buffers.values())
-    live_bytes = np.zeros(len(function.nodes) + 2, dtype=np.int64)
-    for b in buffers.values():
-        live_bytes[b.first] += _align(b.size, alignment)
-        live_bytes[b.last + 1] -= _align(b.size, alignment)
-    lower = int(np.cumsum(live_bytes).max()) if buffers else 0
-    return ActivationPlan(buffers, int(peak), int(naive), lower, dict(env), alignment)
+    buffers, peak = pack_buffers(lifetimes, alignment)
+    naive = sum(_align(size, alignment) for size, _, _ in lifetimes.values())
+    return ActivationPlan(buffers, int(peak), int(naive), live_bytes_bound(lifetimes, alignment), dict(env),
+                          alignment)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,15 +226,15 @@ def _checked_activations(function: Function, env: dict) -> dict:
                 owner[value.name] = None
             else:
                 owner[value.name] = value.name
-                size = int(np.prod(value.type.concrete(env), dtype=np.int64)) * numpy_dtype(value.type.dtype).itemsize
-                spans[value.name] = [size, i, i]
+                count = int(np.prod(value.type.concrete(env), dtype=np.int64))
+                spans[value.name] = [count * numpy_dtype(value.type.dtype).itemsize, i, i]
             holder = owner[value.name]
             if holder is not None:
                 spans[holder][2] = max(spans[holder][2], last_read.get(value.name, i))
     return spans
 
 
-def check_activation_plan(function: Function, plan: ActivationPlan, env: dict) -> None:
+def check_activation_plan(function: Function, plan: ActivationPlan, env: dict, alignment: int = ALIGNMENT) -> None:
     """Prove ``plan`` is safe for ``function`` at ``env``; raise :class:`ActivationPlanError` naming the culprits.
 
     Checks: every activation has a buffer of at least its size; offsets are aligned; every
@@ -203,9 +256,9 @@ def check_activation_plan(function: Function, plan: ActivationPlan, env: dict) -
         if not (buf.first <= spans[name][1] and spans[name][2] <= buf.last):
             raise ActivationPlanError(f"{where}: %{name} is live at nodes {spans[name][1]}..{spans[name][2]}, "
                                       f"the plan says {buf.first}..{buf.last}")
-        if buf.offset < 0 or buf.offset % plan.alignment:
+        if buf.offset < 0 or buf.offset % alignment:
             raise ActivationPlanError(f"{where}: %{name} at offset {buf.offset} is not a non-negative "
-                                      f"multiple of {plan.alignment}")
+                                      f"multiple of {alignment}")
         if buf.offset + size > plan.peak_bytes:
             raise ActivationPlanError(f"{where}: %{name} ends at byte {buf.offset + size}, past the arena's "
                                       f"{plan.peak_bytes}")
