@@ -14,7 +14,7 @@ from kiln.ir.symbolic import SymExpr
 from kiln.ir.types import dtype_of_numpy, is_float
 
 from .manager import register_pass
-from .rewrite import ANY_OP, apply_rules, fresh_weight_name, producer_op, scalar_value
+from .rewrite import ANY_OP, apply_rules, emit_before, emit_weight, fresh_weight_name, producer_op, scalar_value
 
 # Largest tensor folded from constants; bigger ones stay computed at run time so
 # a module does not grow by a copy of, say, a full causal mask.
@@ -60,7 +60,7 @@ def _evaluate(node: Node, inputs: list) -> np.ndarray | None:
             (out,) = OPS[node.op].reference(inputs, node.attrs)
     except (ValueError, ArithmeticError, TypeError):
         return None  # e.g. integer div: left for the run time to refuse
-    out = np.ascontiguousarray(out)
+    out = np.array(out, order="C")  # an owned, contiguous copy (ascontiguousarray would make 0-d 1-d)
     expected = node.output.type
     assert tuple(out.shape) == expected.shape and dtype_of_numpy(out.dtype) == expected.dtype, \
         f"{node.op} reference gave {out.dtype}{list(out.shape)} for {expected}"
@@ -73,18 +73,18 @@ def _materialize(node: Node, array: np.ndarray, weight_base: str | None) -> Valu
     Without ``weight_base`` a rank-0 array becomes ``constant`` and a uniform
     one ``full``; otherwise (and for anything else) it becomes a new weight.
     """
-    fn = node.function
+    module = node.function.module
     dtype = node.output.type.dtype
     if weight_base is None:
         if array.ndim == 0:
-            return fn.emit("constant", value=array.item(), dtype=dtype, insert_before=node)
+            return emit_before(node, "constant", value=array.item(), dtype=dtype)
         flat = array.reshape(-1)
         if flat.size and bool(np.all(flat == flat[0])):
-            return fn.emit("full", shape=array.shape, value=flat[0].item(), dtype=dtype, insert_before=node)
-        weight_base = _next_folded_name(fn.module)
-    name = fresh_weight_name(fn.module, weight_base)
-    fn.module.add_weight(name, array)
-    return fn.emit("weight", name=name, value_name=name, insert_before=node)
+            return emit_before(node, "full", shape=array.shape, value=flat[0].item(), dtype=dtype)
+        weight_base = _next_folded_name(module)
+    name = fresh_weight_name(module, weight_base)
+    module.add_weight(name, array)
+    return emit_weight(node, name)
 
 
 def _next_folded_name(module: Module) -> str:
@@ -134,7 +134,7 @@ def fold_weight_elementwise(node: Node):
     return None if out is None else _materialize(node, out, base)
 
 
-def _identity(op_name: str, neutral, *, commutative: bool, float_only: bool = False):
+def _identity(neutral, *, commutative: bool, float_only: bool = False):
     """Rule body for ``x op neutral -> x`` (and ``neutral op x`` when commutative)."""
 
     def rewrite(node: Node):
@@ -156,19 +156,18 @@ def _identity(op_name: str, neutral, *, commutative: bool, float_only: bool = Fa
 def full_rank0_to_constant(node: Node):
     if node.attrs["shape"]:
         return None
-    return node.function.emit("constant", value=node.attrs["value"], dtype=node.attrs["dtype"],
-                              insert_before=node)
+    return emit_before(node, "constant", value=node.attrs["value"], dtype=node.attrs["dtype"])
 
 
 RULES = [
     ("full", full_rank0_to_constant, "full{shape=[]} -> constant: one spelling of a scalar"),
-    ("add", _identity("add", 0, commutative=True), "x + 0 -> x, 0 + x -> x (only the sign of -0.0 differs)"),
-    ("sub", _identity("sub", 0, commutative=False), "x - 0 -> x"),
-    ("mul", _identity("mul", 1, commutative=True), "x * 1 -> x, 1 * x -> x"),
-    ("div", _identity("div", 1, commutative=False, float_only=True), "x / 1 -> x (floats)"),
-    ("pow", _identity("pow", 1, commutative=False), "x ** 1 -> x (x ** 2 stays for the norm fusions)"),
-    ("and", _identity("and", True, commutative=True), "x and true -> x"),
-    ("or", _identity("or", False, commutative=True), "x or false -> x"),
+    ("add", _identity(0, commutative=True), "x + 0 -> x, 0 + x -> x (only the sign of -0.0 differs)"),
+    ("sub", _identity(0, commutative=False), "x - 0 -> x"),
+    ("mul", _identity(1, commutative=True), "x * 1 -> x, 1 * x -> x"),
+    ("div", _identity(1, commutative=False, float_only=True), "x / 1 -> x (floats)"),
+    ("pow", _identity(1, commutative=False), "x ** 1 -> x (x ** 2 stays for the norm fusions)"),
+    ("and", _identity(True, commutative=True), "x and true -> x"),
+    ("or", _identity(False, commutative=True), "x or false -> x"),
     (ANY_OP, fold_known, "op(known...) -> constant | full | const.N weight, evaluated by the op's reference"),
     (ANY_OP, fold_weight_elementwise, "elementwise(weight, known...) -> new weight computed once (Gemma's 1 + w)"),
 ]

@@ -91,10 +91,25 @@ def drop_weight_if_unused(module: Module | None, name: str) -> bool:
     return True
 
 
-# small matchers the rule tables share -------------------------------------------
+# small helpers the rule tables share ----------------------------------------------
+def emit_before(node: Node, op: str, *inputs: Value, **attrs) -> Value:
+    """Emit ``op`` in front of ``node``, named after the value it is about to replace."""
+    return node.function.emit(op, *inputs, value_name=node.output.name, insert_before=node, **attrs)
+
+
+def emit_weight(node: Node, name: str) -> Value:
+    """Emit a ``weight`` node for module weight ``name`` in front of ``node``."""
+    return node.function.emit("weight", name=name, value_name=name.replace(".", "_"), insert_before=node)
+
+
 def producer_op(value: Value) -> str | None:
     """The op that produced ``value`` (None for a function parameter)."""
     return value.producer.op if value.producer is not None else None
+
+
+def only_use(value: Value) -> bool:
+    """Whether exactly one node input reads ``value`` and the function does not return it."""
+    return len(value.uses) == 1 and not value.function.is_result(value)
 
 
 def scalar_value(value: Value):
