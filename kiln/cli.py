@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from kiln import __version__
+
+MODEL_HELP = "'smollm2' (the embedded default), a .gguf file, a Hugging Face checkpoint dir, or an artifact dir"
 
 
 class UsageError(Exception):
@@ -24,16 +27,42 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
+    compile_ = sub.add_parser("compile", help="compile a model into an artifact directory",
+                              description="Capture, optimize and build MODEL into the artifact directory DIR.")
+    compile_.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    compile_.add_argument("-o", "--output", metavar="DIR", required=True, help="artifact directory to write")
+    add_compile_options(compile_)
+
+    run = sub.add_parser("run", help="generate text from a prompt",
+                         description="Generate from PROMPT (or standard input). MODEL that is not an artifact is "
+                                     "compiled on first use into the cache (~/.cache/kiln) and reused after.")
+    run.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    run.add_argument("prompt", metavar="PROMPT", nargs="?", help="the prompt (read from stdin when omitted)")
+    run.add_argument("--chat", action="store_true", help="apply the model's chat template to the prompt")
+    run.add_argument("--no-stream", action="store_true", help="print the text at the end, not as it comes")
+    run.add_argument("--stats", action="store_true", help="print prefill/decode speed to stderr")
+    add_sampling_options(run)
+    add_compile_options(run)
+
+    chat = sub.add_parser("chat", help="interactive multi-turn chat",
+                          description="Chat with MODEL; an empty line or /exit (or end of input) quits.")
+    chat.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    chat.add_argument("--system", help="a system message to start the conversation")
+    add_sampling_options(chat)
+    add_compile_options(chat)
+
     inspect = sub.add_parser("inspect", help="show what kiln makes of a model",
-                             description="Capture MODEL and summarise its kiln IR.")
-    inspect.add_argument("model", metavar="MODEL",
-                         help="'smollm2', a .gguf file, a Hugging Face checkpoint dir, or an artifact dir")
+                             description="Capture and optimize MODEL (or read an artifact) and summarise it: IR, "
+                                         "pass timings, fusion decisions, KV-cache and activation memory plans.")
+    inspect.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     inspect.add_argument("--print-ir", action="store_true", help="print the whole IR text")
     inspect.add_argument("--json", action="store_true", help="print the summary as one JSON object")
-    add_plan_options(inspect)
     inspect.add_argument("--print-after", metavar="PASS|all", help="print the IR after this pass (or all)")
     inspect.add_argument("--stop-after", metavar="PASS", help="stop the pipeline after this pass")
-    inspect.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    add_plan_options(inspect)
+
+    for p in (compile_, run, chat, inspect):
+        p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     return parser
 
 
@@ -44,6 +73,28 @@ def add_plan_options(parser) -> None:
     group.add_argument("--page-size", type=int, default=16, help="tokens per KV-cache page")
     group.add_argument("--kv-cache-dtype", choices=["f32", "f16"], default="f32", help="KV-cache element type")
     group.add_argument("--kv-cache-budget", metavar="BYTES", help="KV-cache memory budget, e.g. 512MiB")
+
+
+def add_compile_options(parser) -> None:
+    group = parser.add_argument_group("compilation (when MODEL is not an artifact)")
+    group.add_argument("--backend", default="tvm", help="tvm (default) or reference (numpy, slow)")
+    group.add_argument("--target", default="cpu", help="cpu (default) or cuda")
+    group.add_argument("--quantize", default="none", help="weight quantization: none")
+    group.add_argument("--threads", type=int, default=None, help="CPU threads for the TVM runtime")
+    add_plan_options(parser)
+
+
+def add_sampling_options(parser) -> None:
+    group = parser.add_argument_group("sampling")
+    group.add_argument("-n", "--max-new-tokens", type=int, default=256, help="most tokens to generate")
+    group.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    group.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
+    group.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1]")
+    group.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability")
+    group.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats")
+    group.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    group.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    group.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
 
 
 def parse_bytes(text: str) -> int:
@@ -60,33 +111,165 @@ def parse_bytes(text: str) -> int:
     return int(value)
 
 
-def pass_options(args):
-    from kiln.passes import PassOptions
-
+def plan_kwargs(args) -> dict:
     for flag in ("max_seq_len", "max_num_seqs", "page_size"):
         if getattr(args, flag) <= 0:
             raise UsageError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
-    budget = parse_bytes(args.kv_cache_budget) if args.kv_cache_budget else None
-    return PassOptions(max_seq_len=args.max_seq_len, max_num_seqs=args.max_num_seqs, page_size=args.page_size,
-                       kv_cache_dtype=args.kv_cache_dtype, memory_budget_bytes=budget,
-                       activation_seq_len=min(args.max_seq_len, 128))
+    return {"max_seq_len": args.max_seq_len, "max_num_seqs": args.max_num_seqs, "page_size": args.page_size,
+            "kv_cache_dtype": args.kv_cache_dtype,
+            "kv_cache_budget": parse_bytes(args.kv_cache_budget) if args.kv_cache_budget else None}
+
+
+def check_compile_args(args) -> None:
+    from kiln.backends import BACKENDS
+
+    if args.backend not in BACKENDS:
+        raise UsageError(f"unknown backend {args.backend!r}; expected one of {', '.join(sorted(BACKENDS))}")
+    if args.target not in ("cpu", "cuda"):
+        raise UsageError(f"unknown target {args.target!r}; expected cpu or cuda")
+    if args.quantize not in ("none",):
+        raise UsageError(f"unknown --quantize {args.quantize!r}; expected none")
+    if args.threads is not None and args.threads <= 0:
+        raise UsageError(f"--threads must be positive, got {args.threads}")
+    plan_kwargs(args)
+
+
+def sampling_kwargs(args) -> dict:
+    from kiln.ir.errors import ConfigError
+    from kiln.runtime.sampling import SamplingParams
+
+    kwargs = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
+              "top_p": args.top_p, "min_p": args.min_p, "repetition_penalty": args.repetition_penalty,
+              "seed": args.seed, "stop": tuple(args.stop), "ignore_eos": args.ignore_eos}
+    try:
+        SamplingParams(**kwargs).validate()
+    except ConfigError as err:
+        raise UsageError(str(err).replace("SamplingParams.", "--").replace("_", "-")) from None
+    return kwargs
+
+
+# engines ------------------------------------------------------------------------
+def cache_dir() -> str:
+    return os.environ.get("KILN_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "kiln")
+
+
+def open_engine(args):
+    """An Engine for MODEL: an artifact directly, anything else through the compile cache."""
+    from kiln.runtime.artifact import is_artifact
+
+    from .progress import Progress
+
+    backend_options = {"num_threads": args.threads} if getattr(args, "threads", None) else {}
+    if is_artifact(args.model):
+        from kiln.api import load
+
+        return load(args.model, **backend_options)
+    import hashlib
+
+    from kiln.api import compile as compile_model
+    from kiln.api import load
+    from kiln.backends import backend_version
+    from kiln.frontend.sources import content_hash
+
+    progress = Progress()
+    with progress.stage("hashing model"):
+        digest = content_hash(args.model)
+    key = json.dumps({"model": digest, "kiln": __version__, "backend": args.backend,
+                      "backend_version": backend_version(args.backend), "target": args.target,
+                      "quantize": args.quantize, **plan_kwargs(args)}, sort_keys=True)
+    path = os.path.join(cache_dir(), hashlib.sha256(key.encode()).hexdigest()[:24], "model.kiln")
+    if not is_artifact(path):
+        compile_model(args.model, backend=args.backend, target=args.target, output=path, progress=progress,
+                      **plan_kwargs(args))
+    else:
+        progress.stream.write(f"kiln: using the compiled model in {path}\n")
+    return load(path, **backend_options)
+
+
+# commands ------------------------------------------------------------------------
+def cmd_compile(args) -> int:
+    from kiln.api import compile as compile_model
+
+    from .progress import Progress
+
+    check_compile_args(args)
+    art = compile_model(args.model, backend=args.backend, target=args.target, output=args.output,
+                        progress=Progress(), **plan_kwargs(args))
+    print(f"kiln: wrote {art.path}", file=sys.stderr)
+    return 0
+
+
+def cmd_run(args) -> int:
+    check_compile_args(args)
+    kwargs = sampling_kwargs(args)
+    prompt = args.prompt
+    if prompt is None:
+        if sys.stdin.isatty():
+            raise UsageError("give a PROMPT or pipe one on standard input")
+        prompt = sys.stdin.read()
+    engine = open_engine(args)
+    stream = not args.no_stream and sys.stdout.isatty()
+    if args.chat:
+        messages = [{"role": "user", "content": prompt}]
+        result = engine.chat(messages, stream=stream, **kwargs)
+    else:
+        result = engine.stream(prompt, **kwargs) if stream else engine.generate(prompt, **kwargs)
+    if stream:
+        for piece in result:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    else:
+        print(result.text)
+        if args.stats:
+            s = result.stats
+            print(f"kiln: prefill {s['prompt_tokens']} tokens at {s['prefill_tokens_per_s']:.1f} tok/s, decode "
+                  f"{s['new_tokens']} tokens at {s['decode_tokens_per_s']:.1f} tok/s ({result.finish_reason})",
+                  file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    check_compile_args(args)
+    kwargs = sampling_kwargs(args)
+    engine = open_engine(args)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            sys.stdout.write("> ")
+            sys.stdout.flush()
+        line = sys.stdin.readline()
+        if not line or line.strip() in ("", "/exit", "/quit"):
+            return 0
+        messages.append({"role": "user", "content": line.rstrip("\n")})
+        pieces = []
+        for piece in engine.chat(messages, stream=True, **kwargs):
+            pieces.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": "".join(pieces)})
 
 
 def cmd_inspect(args) -> int:
-    from .driver import capture_source, summarize
+    from kiln.runtime.artifact import is_artifact
+
+    from .driver import capture_source, optimize, summarize
     from .progress import Progress
 
-    from .driver import optimize
-
-    options = pass_options(args)
-    progress = Progress()
-    module, _ = capture_source(args.model, max_seq=args.max_seq_len, progress=progress)
-    optimize(module, options, print_after=args.print_after, stop_after=args.stop_after, progress=progress)
-    summary = summarize(module)
-    if args.json:
-        print(json.dumps(summary, indent=2))
+    if is_artifact(args.model):
+        summary, module = _artifact_summary(args.model)
     else:
-        print(format_summary(summary))
+        from kiln.api import compile_options
+
+        options = compile_options(**plan_kwargs(args))
+        progress = Progress()
+        module, _ = capture_source(args.model, max_seq=args.max_seq_len, progress=progress)
+        optimize(module, options, print_after=args.print_after, stop_after=args.stop_after, progress=progress)
+        summary = summarize(module)
+    print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
     if args.print_ir:
         from kiln.ir.printer import print_module
 
@@ -94,11 +277,31 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def _artifact_summary(path: str):
+    from kiln.ir.parser import parse_module
+    from kiln.runtime.artifact import open_artifact
+
+    from .driver import summarize
+
+    info = open_artifact(path)
+    with open(info.file("module.kir"), encoding="utf-8") as f:
+        module = parse_module(f.read())
+    module.metadata["passes"] = info.manifest.get("passes", [])
+    summary = summarize(module)
+    summary["artifact"] = {k: info.manifest[k] for k in ("backend", "backend_version", "target", "kiln_version",
+                                                          "files")}
+    return summary, module
+
+
 def format_summary(summary: dict) -> str:
     lines = [f"model: {summary['model']}",
              f"parameters: {summary['parameters']:,} ({summary['parameter_bytes'] / 2**20:.1f} MiB)",
              f"symbolic dims: {', '.join(summary['symbolic_dims'])}",
              "entry functions:"]
+    if summary.get("artifact"):
+        art = summary["artifact"]
+        lines.insert(1, f"artifact: {art['backend']} {art['backend_version']}, target {art['target']}, "
+                        f"kiln {art['kiln_version']}, {len(art['files'])} files")
     for name, info in summary["functions"].items():
         params = ", ".join(f"{k}: {v}" for k, v in info["params"].items())
         lines.append(f"  @{name}({params}) -> {', '.join(info['results'])}  [{info['nodes']} nodes]")
@@ -130,7 +333,7 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-COMMANDS = {"inspect": cmd_inspect}
+COMMANDS = {"compile": cmd_compile, "run": cmd_run, "chat": cmd_chat, "inspect": cmd_inspect}
 
 
 def main(argv=None) -> int:
@@ -145,15 +348,15 @@ def main(argv=None) -> int:
     except UsageError as err:
         print(f"kiln: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("kiln: interrupted", file=sys.stderr)
+        return 130
     except Exception as err:  # noqa: BLE001 - user errors print one line; --debug shows the traceback
         from kiln.ir.errors import KilnError
 
         if debug:
             raise
-        if isinstance(err, KilnError):
-            print(f"kiln: error: {err}", file=sys.stderr)
-            return 2
-        if isinstance(err, (OSError, KeyboardInterrupt)):
+        if isinstance(err, (KilnError, OSError)):
             print(f"kiln: error: {err}", file=sys.stderr)
             return 2
         print(f"kiln: internal error: {type(err).__name__}: {err} (rerun with --debug for the traceback)",
