@@ -13,7 +13,7 @@
    attributes gives exactly the recorded types (shapes compared symbolically).
 5. Results: the function returns at least one value, each defined in it.
 6. Weights: every ``weight`` node names a module weight; every weight array
-   present matches its declared dtype and shape.
+   present is declared and matches its declared dtype and shape.
 7. Symbols: every symbol in a node's types or attributes appears in the
    parameter types of its function (no free symbols).
 
@@ -32,12 +32,19 @@ from .types import dtype_of_numpy
 
 
 def verify_module(module: Module) -> None:
+    for name in module.weight_data:
+        if name not in module.weights:
+            raise VerificationError(f"weight array {name!r} is not declared in the module; "
+                                    f"add it with Module.add_weight or drop the array")
     for name, ty in module.weights.items():
         data = module.weight_data.get(name)
         if data is not None:
-            if tuple(data.shape) != tuple(ty.shape) or dtype_of_numpy(data.dtype) != ty.dtype:
-                raise VerificationError(f"weight {name!r}: declared {ty}, array is "
-                                        f"{dtype_of_numpy(data.dtype)}{list(data.shape)}")
+            try:
+                found = dtype_of_numpy(data.dtype)
+            except TypeError:
+                found = str(data.dtype)
+            if tuple(data.shape) != tuple(ty.shape) or found != ty.dtype:
+                raise VerificationError(f"weight {name!r}: declared {ty}, array is {found}{list(data.shape)}")
     for fn in module.functions.values():
         if fn.module is not module:
             raise VerificationError(f"@{fn.name}: function does not point back to its module")
@@ -102,6 +109,8 @@ def verify_function(fn: Function) -> None:
             _define(out, defined, names, where)
     node_ids = {id(n) for n in fn.nodes}
     for value in fn.values():
+        if len({(id(node), pos) for node, pos in value.uses}) != len(value.uses):
+            raise VerificationError(f"{where}: %{value.name}'s use list has duplicate entries")
         for node, pos in value.uses:
             if node.function is not fn or id(node) not in node_ids:
                 raise VerificationError(f"{where}: %{value.name} is used by a node outside the function")
