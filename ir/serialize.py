@@ -13,7 +13,7 @@ import tempfile
 
 import numpy as np
 
-from .errors import KilnError
+from .errors import ArtifactError, KilnError, ParseError
 from .graph import Module
 from .parser import parse_module
 from .printer import print_module
@@ -26,6 +26,7 @@ WEIGHTS_FILE = "weights.safetensors"
 def save_module(module: Module, path: str) -> None:
     from safetensors.numpy import save_file
 
+    verify_module(module)  # never write a directory that load_module would refuse
     path = os.path.abspath(path)
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
@@ -33,12 +34,17 @@ def save_module(module: Module, path: str) -> None:
     try:
         with open(os.path.join(tmp, IR_FILE), "w", encoding="utf-8") as f:
             f.write(print_module(module))
-        arrays = {k: np.ascontiguousarray(v) for k, v in module.weight_data.items()}
+        # np.ascontiguousarray turns a 0-d array into shape (1,); reshape back (a view, no copy)
+        arrays = {k: np.ascontiguousarray(v).reshape(np.shape(v)) for k, v in module.weight_data.items()}
         save_file(arrays, os.path.join(tmp, WEIGHTS_FILE))
         if os.path.exists(path):
             old = path + ".old-" + os.path.basename(tmp)
             os.rename(path, old)
-            os.rename(tmp, path)
+            try:
+                os.rename(tmp, path)
+            except BaseException:
+                os.rename(old, path)  # put the previous module back
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, path)
@@ -53,11 +59,23 @@ def load_module(path: str) -> Module:
     ir_path = os.path.join(path, IR_FILE)
     if not os.path.isfile(ir_path):
         raise KilnError(f"{path}: no {IR_FILE}; expected a directory written by kiln's save_module")
-    with open(ir_path, encoding="utf-8") as f:
-        module = parse_module(f.read())
+    try:
+        with open(ir_path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as err:
+        raise ArtifactError(f"{ir_path}: not UTF-8 text ({err}); the file is damaged, save the module again") from None
+    try:
+        module = parse_module(text)
+    except ParseError as err:
+        raise ParseError(f"{ir_path}: {err}") from None
     weights_path = os.path.join(path, WEIGHTS_FILE)
     if os.path.exists(weights_path):
-        for name, array in load_file(weights_path).items():
+        try:
+            arrays = load_file(weights_path)
+        except Exception as err:  # safetensors raises its own error types for damaged files
+            raise ArtifactError(f"{weights_path}: cannot read weights ({err}); the file is damaged, "
+                                f"save the module again") from None
+        for name, array in arrays.items():
             if name not in module.weights:
                 raise KilnError(f"{weights_path}: tensor {name!r} is not a weight of the module")
             module.weight_data[name] = array
