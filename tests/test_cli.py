@@ -1,0 +1,106 @@
+"""The command line: version, help, one-line errors with status 2, inspect on a checkpoint and an artifact."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tiny_models import tiny_model
+
+
+def kiln_cli(*args, env=None, input=None):
+    return subprocess.run([sys.executable, "-m", "kiln.cli", *args], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **(env or {})}, input=input)
+
+
+def test_version_and_help():
+    from kiln import __version__
+
+    out = kiln_cli("--version")
+    assert out.returncode == 0 and out.stdout.strip() == f"kiln {__version__}"
+    out = kiln_cli("--help")
+    assert out.returncode == 0
+    for command in ("compile", "run", "chat", "inspect"):
+        assert command in out.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "smollm2", "hi", "--temperature", "-1"], "--temperature must be"),
+    (["run", "smollm2", "hi", "--top-p", "1.5"], "--top-p must be in (0, 1]"),
+    (["run", "smollm2", "hi", "-n", "0"], "--max-new-tokens must be"),
+    (["run", "smollm2", "hi", "--backend", "nope"], "unknown backend 'nope'"),
+    (["compile", "smollm2", "-o", "x", "--max-seq-len", "0"], "--max-seq-len must be positive"),
+    (["inspect", "/no/such/model"], "not found"),
+    (["inspect", "smollm2", "--kv-cache-budget", "lots"], "cannot read 'lots' as a size"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_user_errors_are_one_line_status_2(args, message):
+    out = kiln_cli(*args)
+    assert out.returncode == 2
+    lines = [line for line in out.stderr.splitlines() if line.startswith("kiln: error")]
+    assert len(lines) == 1 and message in lines[0], out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_debug_shows_the_traceback():
+    out = kiln_cli("--debug", "inspect", "/no/such/model")
+    assert out.returncode != 0 and "Traceback" in out.stderr
+
+
+def test_bad_gguf_is_refused_in_one_line(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\xff" * 20)
+    out = kiln_cli("inspect", str(bad))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert len([line for line in out.stderr.splitlines() if line.startswith("kiln: error")]) == 1
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "tiny-llama"
+    tiny_model("llama").save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def test_inspect_json_on_a_checkpoint(checkpoint):
+    out = kiln_cli("inspect", str(checkpoint), "--json", "--max-seq-len", "64", "--page-size", "8")
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)
+    assert summary["ops"]["paged_attention"] == 2 and summary["ops"]["gated_mlp"] == 2
+    assert summary["unfused_attention"] == []
+    kv = summary["kv_cache"]
+    # 2 layers x (K, V) x 2 KV heads x head_dim 16 x 4 bytes
+    assert kv["bytes_per_token"] == 2 * 2 * 2 * 16 * 4 and kv["page_size"] == 8
+    assert kv["max_tokens"] == kv["num_pages"] * 8
+    assert 0 < summary["activations"]["peak_bytes"] < summary["activations"]["naive_bytes"]
+    names = [p["name"] for p in summary["passes"]]
+    assert "fuse_attention" in names and all(p["milliseconds"] >= 0 for p in summary["passes"])
+    assert set(summary["functions"]) == {"prefill", "decode"}
+    assert summary["symbolic_dims"] == ["batch", "seq"]
+
+
+def test_inspect_print_after_and_stop_after(checkpoint):
+    out = kiln_cli("inspect", str(checkpoint), "--max-seq-len", "64", "--print-after", "fuse_rope",
+                   "--stop-after", "fuse_rope")
+    assert out.returncode == 0, out.stderr
+    assert "// IR after fuse_rope" in out.stdout and "= rope(" in out.stdout
+    assert "paged_attention" not in out.stdout  # stopped before the KV cache was inserted
+
+
+def test_inspect_refuses_a_budget_below_one_sequence(checkpoint):
+    out = kiln_cli("inspect", str(checkpoint), "--max-seq-len", "64", "--kv-cache-budget", "1KiB")
+    assert out.returncode == 2
+    assert "KV cache budget of 1,024 bytes" in out.stderr and "64 tokens" in out.stderr
+
+
+def test_compile_then_run_and_inspect_an_artifact(checkpoint, tmp_path):
+    art = tmp_path / "tiny.kiln"
+    out = kiln_cli("compile", str(checkpoint), "-o", str(art), "--backend", "reference", "--max-seq-len", "32")
+    assert out.returncode == 0, out.stderr
+    assert (art / "manifest.json").exists()
+    out = kiln_cli("inspect", str(art), "--json")
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)
+    assert summary["artifact"]["backend"] == "reference" and summary["ops"]["paged_attention"] == 2
