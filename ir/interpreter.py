@@ -14,7 +14,7 @@ from .errors import KilnError
 from .graph import Function, Module
 from .ops import OPS, concrete_attrs
 from .symbolic import SymExpr, evaluate
-from .types import dtype_of_numpy
+from .types import dtype_of_numpy, numpy_dtype
 
 
 def bind_symbols(fn: Function, arrays: Sequence[np.ndarray]) -> dict:
@@ -30,13 +30,23 @@ def bind_symbols(fn: Function, arrays: Sequence[np.ndarray]) -> dict:
         for d, n in zip(p.type.shape, a.shape):
             if isinstance(d, SymExpr) and len(d.terms) == 1 and d.terms[0][1] == 1 and len(d.terms[0][0]) == 1:
                 name = d.terms[0][0][0]
+                if n < 1:
+                    # the symbolic proofs (slice bounds, arange lengths) assume every symbol is >= 1
+                    raise KilnError(f"@{fn.name} input %{p.name}: symbol {name} would be {n}, symbols must be "
+                                    f">= 1 (got shape {list(a.shape)} for {p.type})")
                 if env.setdefault(name, int(n)) != int(n):
                     raise KilnError(f"@{fn.name}: symbol {name} is {env[name]} and {n} in different inputs")
             else:
-                pending.append((p, d, n))
-    for p, d, n in pending:
-        if evaluate(d, env) != n:
-            raise KilnError(f"@{fn.name} input %{p.name}: expected {p.type}, got shape {list(a.shape)}")
+                pending.append((p, a, d, n))
+    for p, a, d, n in pending:
+        try:
+            value = evaluate(d, env)
+        except KeyError:
+            raise KilnError(f"@{fn.name} input %{p.name}: dim {d} of {p.type} cannot be solved from the input "
+                            f"shapes; give some input a plain dim for each of its symbols") from None
+        if value != n:
+            raise KilnError(f"@{fn.name} input %{p.name}: expected {p.type} (dim {d} = {value}), "
+                            f"got shape {list(a.shape)}")
     return env
 
 
@@ -59,7 +69,14 @@ def run_function(module: Module, name: str, inputs: Sequence[np.ndarray],
     keep = {id(r) for r in fn.results}
     for i, node in enumerate(fn.nodes):
         if node.op == "weight":
-            outs = [np.asarray(weights[node.attrs["name"]])]
+            name = node.attrs["name"]
+            if name not in weights:
+                raise KilnError(f"@{fn.name}: weight {name!r} has no array; pass it in weights= or load it first")
+            array, declared = np.asarray(weights[name]), node.output.type
+            if tuple(array.shape) != declared.concrete(env) or array.dtype != numpy_dtype(declared.dtype):
+                raise KilnError(f"@{fn.name}: weight {name!r} is declared {declared}, its array is "
+                                f"{array.dtype}{list(array.shape)}")
+            outs = [array]
         else:
             args = [values[id(v)] for v in node.inputs]
             outs = OPS[node.op].reference(args, concrete_attrs(node.attrs, env))
