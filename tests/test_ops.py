@@ -208,8 +208,9 @@ for _op in ["eq", "ne", "lt", "le", "gt", "ge"]:
     for _i, (_da, _db) in enumerate([("f32", "f32"), ("f16", "f16"), ("i64", "i64"), ("bool", "bool"),
                                      ("f32", "i64")]):
         for _sa, _sb in SHAPE_PAIRS if _i == 0 else FEW_PAIRS:
-            gen = with_zeros if _da in ("f32", "f16") else None  # repeated values make equality occur
-            add(_op, [(_da, _sa, gen if _da != "i64" else ints(-2, 3)), (_db, _sb, gen if _db != "i64" else ints(-2, 3))])
+            # few distinct values, so equal pairs occur
+            gens = [with_zeros if dt in ("f16", "f32") else ints(-2, 3) if dt == "i64" else None for dt in (_da, _db)]
+            add(_op, [(_da, _sa, gens[0]), (_db, _sb, gens[1])])
 
 for _op in ["and", "or"]:
     for _sa, _sb in SHAPE_PAIRS:
@@ -299,7 +300,8 @@ for _shape, _new in [((3, 1), (2, 3, 4)), ((), (2, 2)), ((1,), (5,)), ((2, 3), (
 add("expand", [("bool", (1, 3))], {"shape": (2, 3)})
 
 for _shape, _attrs in [((5, 6), {"axis": 1, "start": 1, "end": 4}), ((5, 6), {"axis": 0, "end": 5, "step": 2}),
-                       ((5, 6), {"axis": -1, "start": 2, "end": 2}), ((7,), {"axis": 0, "start": 1, "end": 7, "step": 3}),
+                       ((5, 6), {"axis": -1, "start": 2, "end": 2}),
+                       ((7,), {"axis": 0, "start": 1, "end": 7, "step": 3}),
                        ((1, 4), {"axis": 0, "end": 1}), ((b, s), {"axis": 1, "end": s}),
                        ((b, s, 3), {"axis": 1, "start": 1, "end": s}), ((s, 4), {"axis": 0, "end": s - 1}),
                        ((b, 2 * s), {"axis": 1, "start": s, "end": 2 * s})]:
@@ -465,8 +467,9 @@ for _x, _inter, _out, _act, _dtype in [((2, 3, 8), 12, 8, "silu", "f32"), ((4, 8
                                        ((b, s, 8), 10, 8, "gelu_tanh", "f32"), ((8,), 4, 3, "silu", "f32"),
                                        ((3, 8), 12, 8, "silu", "f16")]:
     _hidden = _x[-1]
-    add("gated_mlp", [(_dtype, _x), (_dtype, (_inter, _hidden), scaled(0.5)), (_dtype, (_inter, _hidden), scaled(0.5)),
-                      (_dtype, (_out, _inter), scaled(0.5))], {"activation": _act}, torch_fn=_gated_mlp_torch)
+    add("gated_mlp", [(_dtype, _x), (_dtype, (_inter, _hidden), scaled(0.5)),
+                      (_dtype, (_inter, _hidden), scaled(0.5)), (_dtype, (_out, _inter), scaled(0.5))],
+        {"activation": _act}, torch_fn=_gated_mlp_torch)
 
 for _q, _kv, _window, _dtype in [((2, 4, 5, 8), (2, 2, 5, 8), None, "f32"), ((1, 4, 6, 8), (1, 4, 6, 8), None, "f32"),
                                  ((2, 6, 7, 8), (2, 2, 7, 8), 3, "f32"), ((1, 2, 4, 8), (1, 1, 4, 8), 1, "f32"),

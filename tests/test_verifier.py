@@ -208,7 +208,8 @@ def test_unknown_attribute():
 def test_missing_attribute():
     module = build()
     del node(module, "sl").attrs["step"]
-    expect(module, "@main", "attributes ['axis', 'end', 'start'] differ from the op's ['axis', 'end', 'start', 'step']")
+    expect(module, "@main",
+           "attributes ['axis', 'end', 'start'] differ from the op's ['axis', 'end', 'start', 'step']")
 
 
 def test_wrong_input_count():
