@@ -75,7 +75,7 @@ def _exact_in(src: str, dst: str) -> bool:
         out = np.iinfo(numpy_dtype(dst))
         return out.min <= info.min and info.max <= out.max
     # an integer of b magnitude bits fits a float with at least b significand bits
-    return (info.max.bit_length()) <= _float_info(dst).nmant + 1
+    return info.max.bit_length() <= _float_info(dst).nmant + 1
 
 
 def _float_info(dtype: str):
