@@ -335,7 +335,8 @@ def _cumsum_infer(types, attrs, module):
 
 
 define_op("cumsum", infer=_cumsum_infer,
-          reference=lambda xs, a: [np.cumsum(_cast(xs[0], a["dtype"]), axis=a["axis"]).astype(numpy_dtype(a["dtype"]))],
+          reference=lambda xs, a: [np.cumsum(_cast(xs[0], a["dtype"]), axis=a["axis"])
+                                   .astype(numpy_dtype(a["dtype"]))],
           attrs={"axis": REQUIRED, "dtype": REQUIRED}, inputs=1,
           doc="running sum along one axis, accumulated in dtype (as torch.cumsum(dtype=...))")
 

@@ -63,7 +63,8 @@ def load_module(path: str) -> Module:
         with open(ir_path, encoding="utf-8") as f:
             text = f.read()
     except UnicodeDecodeError as err:
-        raise ArtifactError(f"{ir_path}: not UTF-8 text ({err}); the file is damaged, save the module again") from None
+        raise ArtifactError(f"{ir_path}: not UTF-8 text ({err}); the file is damaged, "
+                            f"save the module again") from None
     try:
         module = parse_module(text)
     except ParseError as err:
