@@ -1,0 +1,202 @@
+"""Compiling lowered Relax modules: the CPU and CUDA pipelines, CUDA source for an
+nvcc check on machines without a GPU, and TVMFunction, one compiled entry with its
+weights bound once. TVM is imported lazily so configure_threads can run first.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from kiln.ir.errors import ConfigError, KilnError
+
+CUDA_ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90", "sm_90a")
+
+
+def configure_threads(num_threads: int) -> int:
+    """Ask TVM's CPU thread pool for `num_threads` threads; returns the count in effect.
+
+    The pool is sized from TVM_NUM_THREADS when it starts (unset, it used ONE thread
+    on a 2-core machine), and later calls can shrink it but not grow it. So: set the
+    variable, and if TVM is already loaded also reconfigure the running pool.
+    """
+    if not isinstance(num_threads, int) or num_threads < 1:
+        raise ConfigError(f"expected a thread count >= 1, found {num_threads!r}")
+    os.environ["TVM_NUM_THREADS"] = str(num_threads)
+    if "tvm" not in sys.modules:
+        return num_threads
+    import tvm
+
+    tvm.get_global_func("runtime.config_threadpool")(0, num_threads)
+    return int(tvm.runtime.num_threads())
+
+
+# pipelines ----------------------------------------------------------------------
+def _cpu_schedule_pass():
+    """kiln's hand schedules for the kernels of kernels.py, when that module is present."""
+    try:
+        from kiln.backends.tvm import schedules
+    except ImportError:  # pragma: no cover - schedules.py is written by another part of kiln
+        return []
+    return [schedules.apply_cpu_schedules]
+
+
+def cpu_pipeline(target):
+    """Relax -> VM for the CPU: legalize, fuse elementwise chains, schedule kiln's kernels."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+    from tvm.s_tir import dlight as dl
+
+    @tvm.transform.module_pass(opt_level=0, name="kiln.CPUPipeline")
+    def _pipeline(mod, _ctx):
+        with target:
+            passes = (
+                cpu.library_dispatch_passes(target)
+                # before legalization, so matmul(x, permute_dims(w)) becomes one NT kernel
+                + [relax.transform.FuseTransposeMatmul()]
+                + cpu.legalize_passes(target)
+                + _cpu_schedule_pass()
+                # what kiln has no schedule for: dlight's CPU rules beat a plain loop nest
+                + [dl.ApplyDefaultSchedule(dl.cpu.GEMV(), dl.cpu.Reduction())]
+                + cpu.dataflow_lower_passes(target)
+                + cpu.finalize_passes(target)
+            )
+            return tvm.transform.Sequential(passes)(mod)
+
+    return _pipeline
+
+
+def cuda_pipeline(target):
+    """Relax -> VM for CUDA: legalize, fuse, dlight's default GPU schedules."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.backend.cuda import pipeline as cuda
+    from tvm.s_tir import dlight as dl
+
+    @tvm.transform.module_pass(opt_level=0, name="kiln.CUDAPipeline")
+    def _pipeline(mod, _ctx):
+        with target:
+            passes = (
+                cuda.library_dispatch_passes(target)
+                + [relax.transform.FuseTransposeMatmul(),
+                   relax.transform.LegalizeOps(),
+                   relax.transform.AnnotateTIROpPattern(),
+                   relax.transform.FoldConstant(),
+                   relax.transform.FuseOps(),
+                   relax.transform.FuseTIR(),
+                   dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.LowBatchGEMV(),
+                                           dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
+                                           dl.gpu.Fallback())]
+                + cuda.dataflow_lower_passes(target)
+                + cuda.finalize_passes(target)
+            )
+            return tvm.transform.Sequential(passes)(mod)
+
+    return _pipeline
+
+
+def _target(target, arch: str | None = None):
+    from kiln.backends.tvm.lower import as_target
+
+    if target == "cuda" and arch is not None:
+        target = f"cuda:{arch}"
+    return as_target(target)
+
+
+def build(irmodule, target="cpu", num_threads: int | None = None, arch: str | None = None):
+    """Compile a lowered IRModule; returns a tvm Executable (load with relax.VirtualMachine).
+
+    target: "cpu" (LLVM for this host's CPU), "cuda" (arch defaults to sm_80), or a Target.
+    """
+    if num_threads is not None:
+        configure_threads(num_threads)
+    import tvm
+
+    target = _target(target, arch)
+    if target.kind.name == "llvm":
+        return tvm.compile(irmodule, target, relax_pipeline=cpu_pipeline(target))
+    if target.kind.name == "cuda":
+        # nvcc, not NVRTC (which needs the cuda-bindings package); and nvcc needs
+        # the target in scope to know the architecture on a machine without a GPU.
+        os.environ.setdefault("TVM_CUDA_COMPILE_MODE", "nvcc")
+        with target:
+            return tvm.compile(irmodule, target, relax_pipeline=cuda_pipeline(target))
+    raise ConfigError(f"expected a cpu or cuda target, found {target.kind.name}")
+
+
+def cuda_source(irmodule, arch: str = "sm_80") -> str:
+    """The CUDA C source TVM generates for `irmodule` (no GPU or driver needed)."""
+    if arch not in CUDA_ARCHS:
+        raise ConfigError(f"expected a CUDA arch in {', '.join(CUDA_ARCHS)}, found {arch!r}")
+    executable = build(irmodule, "cuda", arch=arch)
+    sources = [m.inspect_source("cu") for m in executable.mod.imports if m.kind == "cuda"]
+    if not sources:
+        kinds = [m.kind for m in executable.mod.imports]
+        raise ConfigError(f"expected a CUDA module in the build for {arch}, found {kinds}")
+    return "\n".join(sources)
+
+
+def compile_cuda_source(source: str, arch: str = "sm_80") -> bytes:
+    """Compile CUDA C with nvcc to a fatbin (proves the generated code compiles)."""
+    import shutil
+
+    if shutil.which("nvcc") is None:
+        raise ConfigError("expected nvcc on PATH to compile CUDA source, found none; install the CUDA toolkit")
+    from tvm.support import nvcc
+
+    return bytes(nvcc.compile_cuda(source, target_format="fatbin", arch=arch, compiler="nvcc"))
+
+
+# running ------------------------------------------------------------------------
+def _contiguous(array) -> np.ndarray:
+    # not np.ascontiguousarray: it turns a rank-0 array into shape (1,)
+    return np.asarray(array, order="C")
+
+
+class TVMFunction:
+    """One entry of a compiled module with its weights uploaded once.
+
+    Call with numpy inputs (in the kiln function's parameter order); returns a
+    list of numpy arrays, one per result.
+    """
+
+    def __init__(self, executable, entry: str, weight_names: Sequence[str],
+                 weights: Mapping[str, np.ndarray], device=None):
+        import tvm
+        from tvm import relax
+
+        self.device = device if device is not None else tvm.cpu()
+        self.entry = entry
+        self.weight_names = list(weight_names)
+        missing = [n for n in self.weight_names if n not in weights]
+        if missing:
+            raise KilnError(f"@{entry}: expected data for weights {missing[:3]}"
+                            f"{' ...' if len(missing) > 3 else ''}, found none; load the module's weights")
+        self._vm = relax.VirtualMachine(executable, self.device)
+        self._func = self._vm[entry]
+        self._weights = [tvm.runtime.tensor(_contiguous(weights[n]), self.device)
+                         for n in self.weight_names]
+
+    @classmethod
+    def from_module(cls, module, function_name: str, target="cpu", num_threads: int | None = None,
+                    weights: Mapping[str, np.ndarray] | None = None) -> "TVMFunction":
+        """Lower, build and bind one kiln function (weights default to the module's data)."""
+        from kiln.backends.tvm.lower import lower_function, weight_names
+
+        irmodule = lower_function(module, function_name, target)
+        executable = build(irmodule, target, num_threads=num_threads)
+        return cls(executable, function_name, weight_names(irmodule, function_name),
+                   module.weight_data if weights is None else weights)
+
+    def __call__(self, *arrays) -> list:
+        import tvm
+
+        inputs = [tvm.runtime.tensor(_contiguous(a), self.device) for a in arrays]
+        out = self._func(*inputs, *self._weights)
+        if isinstance(out, tvm.runtime.Tensor):
+            return [out.numpy()]
+        return [o.numpy() for o in out]

@@ -1,0 +1,584 @@
+"""Lowering of kiln IR functions into TVM Relax functions.
+
+``LOWERINGS`` maps each kiln op name to a function that emits Relax for one node
+(relax ops where TVM has them, TE compute otherwise); ``lower_function`` walks a
+kiln function and returns an IRModule whose entry takes the inputs, then the weights.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import numpy as np
+import tvm
+import tvm.sym
+import tvm_ffi
+from tvm import relax, te, tirx
+
+from kiln.ir.errors import ConfigError, UnsupportedOpError
+from kiln.ir.graph import Function, Module, Node
+from kiln.ir.symbolic import SymExpr
+from kiln.ir.types import TensorType, is_float, promote
+
+try:  # Fast CPU kernels are optional: without them linear falls back to relax.op.matmul.
+    from kiln.backends.tvm import kernels as _kernels
+except ImportError:  # pragma: no cover - kernels.py is written by another part of kiln
+    _kernels = None
+
+TVM_DTYPES = {
+    "f64": "float64", "f32": "float32", "f16": "float16", "bf16": "bfloat16",
+    "i64": "int64", "i32": "int32", "i16": "int16", "i8": "int8",
+    "u8": "uint8", "u32": "uint32", "bool": "bool",
+}
+
+# PrimFunc attribute that keeps FuseOps from merging a hand-scheduled kernel into
+# its neighbours (8 is TVM's kOpaque op pattern).
+OPAQUE = {"op_pattern": 8}
+# Function attribute holding the weight names in parameter order (after the inputs).
+WEIGHT_NAMES_ATTR = "kiln.weight_names"
+
+
+def tvm_dtype(dtype: str) -> str:
+    return TVM_DTYPES[dtype]
+
+
+class LoweringContext:
+    """What a lowering rule sees: the block builder, the target, symbols and weights."""
+
+    def __init__(self, bb: relax.BlockBuilder, module: Module, function: Function,
+                 target: tvm.target.Target, symbols: dict, weights: dict):
+        self.bb = bb
+        self.module = module
+        self.function = function
+        self.target = target
+        self.symbols = symbols  # kiln symbol name -> tirx.Var("name", "int64")
+        self.weights = weights  # weight name -> relax.Var parameter
+        self.node: Node | None = None
+        self.analyzer = tvm.sym.Analyzer()
+
+    @property
+    def is_cpu(self) -> bool:
+        return self.target.kind.name == "llvm"
+
+    # dims -------------------------------------------------------------------
+    def dim(self, d) -> tirx.PrimExpr:
+        """A kiln dim (int or SymExpr polynomial) as an int64 TIR expression."""
+        if isinstance(d, int):
+            return tirx.IntImm("int64", d)
+        total = None
+        for monomial, coeff in d.terms:
+            term = tirx.IntImm("int64", coeff)
+            for name in monomial:
+                term = term * self.symbols[name]
+            total = term if total is None else total + term
+        # One spelling per dim (`seq + 1`, never `1 + seq`): FuseTIR matches buffer
+        # shapes structurally across the kernels it fuses.
+        return self.analyzer.simplify(total)
+
+    def shape(self, dims) -> list:
+        return [self.dim(d) for d in dims]
+
+    def out_type(self, index: int = 0) -> TensorType:
+        return self.node.outputs[index].type
+
+    def in_type(self, index: int) -> TensorType:
+        return self.node.inputs[index].type
+
+    # emission ---------------------------------------------------------------
+    def emit(self, expr: relax.Expr) -> relax.Var:
+        return self.bb.emit(expr)
+
+    def emit_te(self, fn: Callable, *args, name: str, attrs: dict | None = None) -> relax.Var:
+        kwargs = {"primfunc_name_hint": name}
+        if attrs:
+            kwargs["primfunc_attrs"] = attrs
+        return self.bb.emit_te(fn, *args, **kwargs)
+
+    def cast(self, expr: relax.Expr, from_dtype: str, to_dtype: str) -> relax.Expr:
+        """Convert to `to_dtype`; a constant is converted at lowering time."""
+        if from_dtype == to_dtype:
+            return expr
+        if isinstance(expr, tvm.ir.expr.Constant):
+            return relax.const(expr.value.numpy().astype(_numpy_dtype(to_dtype)), tvm_dtype(to_dtype))
+        return self.emit(relax.op.astype(expr, tvm_dtype(to_dtype)))
+
+    def constant_value(self, index: int):
+        """The value of input `index` when it comes from a `constant` node, else None."""
+        producer = self.node.inputs[index].producer
+        if producer is not None and producer.op == "constant":
+            return producer.attrs["value"]
+        return None
+
+
+def _numpy_dtype(dtype: str) -> np.dtype:
+    from kiln.ir.types import numpy_dtype
+
+    return numpy_dtype(dtype)
+
+
+Lowering = Callable[[LoweringContext, Node, list], "relax.Expr | list"]
+LOWERINGS: dict[str, Lowering] = {}
+
+
+def lowering(*names: str):
+    """Register one rule for the given op names (adding an op is one decorated function)."""
+
+    def register(fn: Lowering) -> Lowering:
+        for name in names:
+            assert name not in LOWERINGS, f"two TVM lowerings for {name}"
+            LOWERINGS[name] = fn
+        return fn
+
+    return register
+
+
+# elementwise ------------------------------------------------------------------
+_BINARY = {
+    "add": relax.op.add, "sub": relax.op.subtract, "mul": relax.op.multiply, "div": relax.op.divide,
+    "pow": relax.op.power, "maximum": relax.op.maximum, "minimum": relax.op.minimum,
+    "eq": relax.op.equal, "ne": relax.op.not_equal, "lt": relax.op.less, "le": relax.op.less_equal,
+    "gt": relax.op.greater, "ge": relax.op.greater_equal,
+    "and": relax.op.logical_and, "or": relax.op.logical_or,
+}
+
+
+@lowering(*_BINARY)
+def _lower_binary(ctx, node, inputs):
+    a_type, b_type = ctx.in_type(0), ctx.in_type(1)
+    dtype = promote(a_type.dtype, b_type.dtype)
+    a = ctx.cast(inputs[0], a_type.dtype, dtype)
+    b = ctx.cast(inputs[1], b_type.dtype, dtype)
+    if node.op == "pow":
+        # x ** 2 is everywhere (RMSNorm, GELU-tanh); a multiply beats a libm pow call.
+        exponent = ctx.constant_value(1)
+        if exponent == 2 and b_type.shape == () and is_float(dtype):
+            return ctx.emit(relax.op.multiply(a, a))
+    return ctx.emit(_BINARY[node.op](a, b))
+
+
+_UNARY = {
+    "neg": relax.op.negative, "exp": relax.op.exp, "log": relax.op.log, "sqrt": relax.op.sqrt,
+    "rsqrt": relax.op.rsqrt, "sin": relax.op.sin, "cos": relax.op.cos, "tanh": relax.op.tanh,
+    "abs": relax.op.abs, "erf": relax.op.erf, "sigmoid": relax.op.sigmoid, "silu": relax.op.nn.silu,
+    "relu": relax.op.nn.relu, "not": relax.op.logical_not,
+}
+
+
+@lowering(*_UNARY)
+def _lower_unary(ctx, node, inputs):
+    return ctx.emit(_UNARY[node.op](inputs[0]))
+
+
+@lowering("reciprocal")
+def _lower_reciprocal(ctx, node, inputs):
+    one = relax.const(1, tvm_dtype(ctx.in_type(0).dtype))
+    return ctx.emit(relax.op.divide(one, inputs[0]))
+
+
+@lowering("gelu")
+def _lower_gelu(ctx, node, inputs):
+    op = relax.op.nn.gelu_tanh if node.attrs["approximate"] == "tanh" else relax.op.nn.gelu
+    return ctx.emit(op(inputs[0]))
+
+
+@lowering("cast")
+def _lower_cast(ctx, node, inputs):
+    return ctx.cast(inputs[0], ctx.in_type(0).dtype, node.attrs["dtype"])
+
+
+@lowering("where")
+def _lower_where(ctx, node, inputs):
+    dtype = ctx.out_type().dtype
+    a = ctx.cast(inputs[1], ctx.in_type(1).dtype, dtype)
+    b = ctx.cast(inputs[2], ctx.in_type(2).dtype, dtype)
+    return ctx.emit(relax.op.where(inputs[0], a, b))
+
+
+# sources ------------------------------------------------------------------------
+@lowering("constant")
+def _lower_constant(ctx, node, inputs):
+    dtype = node.attrs["dtype"]
+    return relax.const(np.array(node.attrs["value"], dtype=_numpy_dtype(dtype)), tvm_dtype(dtype))
+
+
+@lowering("full")
+def _lower_full(ctx, node, inputs):
+    out = ctx.out_type()
+    fill = relax.const(np.array(node.attrs["value"], dtype=_numpy_dtype(out.dtype)), tvm_dtype(out.dtype))
+    if out.shape == ():
+        return fill
+    return ctx.emit(relax.op.full(ctx.shape(out.shape), fill, tvm_dtype(out.dtype)))
+
+
+@lowering("arange")
+def _lower_arange(ctx, node, inputs):
+    dtype = tvm_dtype(node.attrs["dtype"])
+    start, end, step = (ctx.dim(node.attrs[k]) for k in ("start", "end", "step"))
+    return ctx.emit(relax.op.arange(start, end, step, dtype))
+
+
+@lowering("weight")
+def _lower_weight(ctx, node, inputs):
+    return ctx.weights[node.attrs["name"]]
+
+
+# reductions -------------------------------------------------------------------
+_REDUCE = {"sum": relax.op.sum, "mean": relax.op.mean, "max": relax.op.max, "min": relax.op.min}
+
+
+@lowering(*_REDUCE)
+def _lower_reduce(ctx, node, inputs):
+    x = ctx.cast(inputs[0], ctx.in_type(0).dtype, ctx.out_type().dtype)
+    rank = ctx.in_type(0).rank
+    axes = sorted(a % rank for a in node.attrs["axes"])
+    if not axes:
+        return x
+    return ctx.emit(_REDUCE[node.op](x, axes, keepdims=node.attrs["keepdims"]))
+
+
+@lowering("softmax")
+def _lower_softmax(ctx, node, inputs):
+    return ctx.emit(relax.op.nn.softmax(inputs[0], node.attrs["axis"]))
+
+
+@lowering("cumsum")
+def _lower_cumsum(ctx, node, inputs):
+    dtype = node.attrs["dtype"]
+    x = ctx.cast(inputs[0], ctx.in_type(0).dtype, dtype)
+    axis = node.attrs["axis"] % ctx.in_type(0).rank
+    return ctx.emit(relax.op.cumsum(x, axis, tvm_dtype(dtype)))
+
+
+# shape ops --------------------------------------------------------------------
+@lowering("reshape")
+def _lower_reshape(ctx, node, inputs):
+    return ctx.emit(relax.op.reshape(inputs[0], ctx.shape(node.attrs["shape"])))
+
+
+@lowering("permute")
+def _lower_permute(ctx, node, inputs):
+    perm = list(node.attrs["perm"])
+    if perm == sorted(perm):
+        return inputs[0]
+    return ctx.emit(relax.op.permute_dims(inputs[0], perm))
+
+
+@lowering("expand")
+def _lower_expand(ctx, node, inputs):
+    if tuple(node.attrs["shape"]) == tuple(ctx.in_type(0).shape):
+        return inputs[0]
+    return ctx.emit(relax.op.broadcast_to(inputs[0], ctx.shape(node.attrs["shape"])))
+
+
+@lowering("slice")
+def _lower_slice(ctx, node, inputs):
+    # TE rather than strided_slice: the output shape is kiln's own symbolic length,
+    # with no clamping expressions for the analyzer to untangle.
+    axis = node.attrs["axis"] % ctx.in_type(0).rank
+    start, step = ctx.dim(node.attrs["start"]), node.attrs["step"]
+    shape = ctx.shape(ctx.out_type().shape)
+
+    def te_slice(x):
+        def body(*i):
+            idx = list(i)
+            idx[axis] = start + i[axis] * step
+            return x[tuple(idx)]
+
+        return te.compute(shape, body, name="slice")
+
+    return ctx.emit_te(te_slice, inputs[0], name="slice")
+
+
+@lowering("concat")
+def _lower_concat(ctx, node, inputs):
+    if len(inputs) == 1:
+        return inputs[0]
+    axis = node.attrs["axis"] % ctx.in_type(0).rank
+    return ctx.emit(relax.op.concat(list(inputs), axis))
+
+
+def _wrap_index(value, extent):
+    """numpy's negative-index rule, then a clamp so a bad index cannot read out of bounds."""
+    value = value.astype("int64")
+    value = tirx.Select(value < 0, value + extent, value)
+    return tirx.max(tirx.min(value, extent - 1), tirx.IntImm("int64", 0))
+
+
+@lowering("index")
+def _lower_index(ctx, node, inputs):
+    axis = node.attrs["axis"]
+    x_type = ctx.in_type(0)
+    index_types = [t.type for t in node.inputs[1:]]
+    out_shape = ctx.out_type().shape
+    consumed = len(index_types)
+    broadcast_rank = len(out_shape) - (x_type.rank - consumed)
+    shape = ctx.shape(out_shape)
+    x_dims = ctx.shape(x_type.shape)
+
+    def te_index(x, *indices):
+        def body(*i):
+            b = i[axis:axis + broadcast_rank]
+            picked = []
+            for j, (t, t_type) in enumerate(zip(indices, index_types)):
+                own = b[broadcast_rank - t_type.rank:]
+                # A static 1 in an index tensor broadcasts: read its only element.
+                coords = [tirx.IntImm("int64", 0) if d == 1 else c for d, c in zip(t_type.shape, own)]
+                picked.append(_wrap_index(t[tuple(coords)], x_dims[axis + j]))
+            return x[tuple(i[:axis]) + tuple(picked) + tuple(i[axis + broadcast_rank:])]
+
+        return te.compute(shape, body, name="index")
+
+    return ctx.emit_te(te_index, inputs[0], *inputs[1:], name="index")
+
+
+@lowering("embedding")
+def _lower_embedding(ctx, node, inputs):
+    # "clip": an out-of-range token id must not read outside the table.
+    return ctx.emit(relax.op.take(inputs[0], inputs[1], axis=0, mode="clip"))
+
+
+# linear algebra -------------------------------------------------------------------
+@lowering("matmul")
+def _lower_matmul(ctx, node, inputs):
+    dtype = ctx.out_type().dtype
+    a = ctx.cast(inputs[0], ctx.in_type(0).dtype, dtype)
+    b = ctx.cast(inputs[1], ctx.in_type(1).dtype, dtype)
+    return ctx.emit(relax.op.matmul(a, b))
+
+
+# GEMV (one row per sequence) vs row-tiled GEMM (prefill): rows counted by these
+# symbols alone are few; anything with `seq` in it is a prefill.
+SMALL_ROW_SYMBOLS = frozenset({"batch"})
+SMALL_ROW_LIMIT = 8
+
+
+def _use_cpu_kernel(ctx: LoweringContext, x_type: TensorType, w_type: TensorType) -> bool:
+    return (_kernels is not None and ctx.is_cpu and x_type.dtype == "f32" and w_type.dtype == "f32"
+            and w_type.is_static)
+
+
+def _linear_row_tile(rows) -> int | None:
+    if isinstance(rows, int):
+        return None if rows <= SMALL_ROW_LIMIT else _kernels.DEFAULT_ROW_TILE
+    return None if rows.symbols <= SMALL_ROW_SYMBOLS else _kernels.DEFAULT_ROW_TILE
+
+
+@lowering("linear")
+def _lower_linear(ctx, node, inputs):
+    x_type, w_type = ctx.in_type(0), ctx.in_type(1)
+    x, w = inputs[0], inputs[1]
+    out_type = ctx.out_type()
+    if _use_cpu_kernel(ctx, x_type, w_type):
+        # kernels.linear wants x[m, K]: flatten the leading dims, then restore them.
+        rows = 1
+        for d in x_type.shape[:-1]:
+            rows = rows * d
+        k = x_type.shape[-1]
+        x2 = x if x_type.rank == 2 else ctx.emit(relax.op.reshape(x, [ctx.dim(rows), ctx.dim(k)]))
+        row_tile = _linear_row_tile(rows)
+        y = ctx.emit_te(lambda a, b: _kernels.linear(a, b, row_tile=row_tile), x2, w,
+                        name="linear", attrs=OPAQUE)
+        if x_type.rank != 2:
+            y = ctx.emit(relax.op.reshape(y, ctx.shape(out_type.shape)))
+    else:
+        # FuseTransposeMatmul (build.py) turns this pair into one NT_matmul kernel.
+        y = ctx.emit(relax.op.matmul(x, ctx.emit(relax.op.permute_dims(w, [1, 0]))))
+    if len(inputs) == 3:
+        y = ctx.emit(relax.op.add(y, inputs[2]))
+    return y
+
+
+# normalisation and attention ---------------------------------------------------
+@lowering("layer_norm")
+def _lower_layer_norm(ctx, node, inputs):
+    x, w, b = inputs
+    return ctx.emit(relax.op.nn.layer_norm(x, w, b, axes=[-1], epsilon=node.attrs["eps"]))
+
+
+def _causal_mask(ctx, scores, shape):
+    """Top-left aligned causal mask (torch's is_causal): key j is visible to query i if j <= i."""
+    rank = len(shape)
+    fill = tirx.const(-math.inf, tvm_dtype(ctx.out_type().dtype))
+
+    def te_causal(s):
+        return te.compute(shape, lambda *i: tirx.Select(i[rank - 1] <= i[rank - 2], s[i], fill),
+                          name="causal_mask")
+
+    return ctx.emit_te(te_causal, scores, name="causal_mask")
+
+
+@lowering("sdpa")
+def _lower_sdpa(ctx, node, inputs):
+    q_type, k_type = ctx.in_type(0), ctx.in_type(1)
+    q, k, v = inputs[:3]
+    dtype = q_type.dtype
+    rank = q_type.rank
+    if node.attrs["enable_gqa"] and k_type.shape[-3] != q_type.shape[-3]:
+        repeats = q_type.shape[-3] // k_type.shape[-3]
+        k = ctx.emit(relax.op.repeat(k, repeats, axis=rank - 3))
+        v = ctx.emit(relax.op.repeat(v, repeats, axis=rank - 3))
+    scale = node.attrs["scale"]
+    if scale is None:
+        scale = 1.0 / math.sqrt(q_type.shape[-1])
+    swap = list(range(rank - 2)) + [rank - 1, rank - 2]
+    scores = ctx.emit(relax.op.matmul(q, ctx.emit(relax.op.permute_dims(k, swap))))
+    scores = ctx.emit(relax.op.multiply(scores, relax.const(scale, tvm_dtype(dtype))))
+    score_shape = ctx.shape(tuple(q_type.shape[:-1]) + (k_type.shape[-2],))
+    if node.attrs["is_causal"]:
+        scores = _causal_mask(ctx, scores, score_shape)
+    if len(inputs) == 4:
+        mask, mask_type = inputs[3], ctx.in_type(3)
+        if mask_type.dtype == "bool":
+            ninf = relax.const(-math.inf, tvm_dtype(dtype))
+            scores = ctx.emit(relax.op.where(mask, scores, ninf))
+        else:
+            scores = ctx.emit(relax.op.add(scores, ctx.cast(mask, mask_type.dtype, dtype)))
+    probs = ctx.emit(relax.op.nn.softmax(scores, axis=-1))
+    return ctx.emit(relax.op.matmul(probs, v))
+
+
+# the function walk ------------------------------------------------------------
+def cpu_target() -> tvm.target.Target:
+    """The host CPU with its real mcpu (plain "llvm" has no AVX)."""
+    return tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
+
+
+def as_target(target) -> tvm.target.Target:
+    """"cpu", "cuda", "cuda:sm_90", a Target or a JSON dict -> Target."""
+    if isinstance(target, tvm.target.Target):
+        return target
+    if target in (None, "cpu", "llvm"):
+        return cpu_target()
+    if isinstance(target, str) and target.split(":")[0] == "cuda":
+        arch = target.split(":")[1] if ":" in target else "sm_80"
+        return tvm.target.Target({"kind": "cuda", "arch": arch}, host=cpu_target())
+    if isinstance(target, dict):
+        return tvm.target.Target(target)
+    raise ConfigError(f"expected target 'cpu', 'cuda', 'cuda:sm_XX' or a tvm Target, found {target!r}")
+
+
+def check_lowerable(fn: Function) -> None:
+    """Raise UnsupportedOpError for the first op with no TVM lowering (before any emission)."""
+    for node in fn.nodes:
+        if node.op not in LOWERINGS:
+            where = ", ".join(f"%{v.name}" for v in node.outputs)
+            raise UnsupportedOpError(
+                f"op {node.op!r} ({where} in @{fn.name}) has no TVM lowering; expected one of "
+                f"{len(LOWERINGS)} lowered ops; add an entry to LOWERINGS in kiln/backends/tvm/lower.py "
+                "or use another backend")
+
+
+def _function_symbols(fn: Function) -> dict:
+    """One int64 tirx.Var per symbol; each must be a plain dim of some input to be bound at run time."""
+    bound: dict = {}
+    for p in fn.params:
+        for d in p.type.shape:
+            if isinstance(d, SymExpr) and len(d.terms) == 1 and d.terms[0][1] == 1 and len(d.terms[0][0]) == 1:
+                name = d.terms[0][0][0]
+                bound.setdefault(name, tirx.Var(name, "int64"))
+    used = set()
+    for v in fn.values():
+        used |= v.type.symbols
+    for n in fn.nodes:
+        for value in n.attrs.values():
+            for item in value if isinstance(value, tuple) else (value,):
+                if isinstance(item, SymExpr):
+                    used |= item.symbols
+    missing = sorted(used - set(bound))
+    if missing:
+        raise ConfigError(f"@{fn.name}: expected every symbol to be a plain dim of some input, found "
+                          f"{', '.join(missing)} only inside expressions; add an input with that dim")
+    return bound
+
+
+def _weight_order(fn: Function) -> list:
+    order: list = []
+    for n in fn.nodes:
+        if n.op == "weight" and n.attrs["name"] not in order:
+            order.append(n.attrs["name"])
+    return order
+
+
+def _relax_name(name: str) -> str:
+    return name.replace(".", "_") or "v"
+
+
+def _ensure_type(ctx: LoweringContext, expr: relax.Expr, expected: TensorType) -> relax.Expr:
+    """Make the Relax value carry kiln's shape, spelled as ctx.dim spells it.
+
+    Relax may derive an equal shape written differently (concat gives `1 + seq`);
+    a kernel reading it would then disagree structurally with the one writing it,
+    which FuseTIR refuses. A match_cast to the canonical spelling fixes that (and
+    checks the shape at run time).
+    """
+    ty = expr.ty
+    want = ctx.shape(expected.shape)
+    if isinstance(ty, relax.TensorType) and ty.shape is not None and ty.dtype == tvm_dtype(expected.dtype):
+        got = list(ty.shape.values) if isinstance(ty.shape, relax.ShapeExpr) else None
+        if got is not None and len(got) == len(want) and all(
+                tvm_ffi.structural_equal(g, w) for g, w in zip(got, want)):
+            return expr
+    if isinstance(ty, relax.TensorType) and ty.dtype != tvm_dtype(expected.dtype) and ty.dtype != "":
+        raise AssertionError(f"lowering of {ctx.node.op} gave {ty.dtype}, kiln says {expected}")
+    return ctx.bb.match_cast(expr, relax.TensorType(want, tvm_dtype(expected.dtype)))
+
+
+def _emit_function(bb: relax.BlockBuilder, module: Module, fn: Function, target: tvm.target.Target,
+                   entry_name: str) -> None:
+    check_lowerable(fn)
+    symbols = _function_symbols(fn)
+    weight_names = _weight_order(fn)
+    params, values = [], {}
+    tmp_ctx = LoweringContext(bb, module, fn, target, symbols, {})
+    for p in fn.params:
+        var = relax.Var(_relax_name(p.name), relax.TensorType(tmp_ctx.shape(p.type.shape), tvm_dtype(p.type.dtype)))
+        params.append(var)
+        values[id(p)] = var
+    weights = {}
+    for name in weight_names:
+        t = module.weights[name]
+        weights[name] = relax.Var(_relax_name(name), relax.TensorType(tmp_ctx.shape(t.shape), tvm_dtype(t.dtype)))
+    ctx = LoweringContext(bb, module, fn, target, symbols, weights)
+    attrs = {"num_input": len(params), WEIGHT_NAMES_ATTR: weight_names}
+    with bb.function(entry_name, params + [weights[n] for n in weight_names], attrs=attrs):
+        with bb.dataflow():
+            for node in fn.nodes:
+                ctx.node = node
+                out = LOWERINGS[node.op](ctx, node, [values[id(v)] for v in node.inputs])
+                outs = list(out) if isinstance(out, (list, tuple)) else [out]
+                if len(outs) != len(node.outputs):
+                    raise AssertionError(f"lowering of {node.op} gave {len(outs)} values for "
+                                         f"{len(node.outputs)} outputs")
+                for value, expr in zip(node.outputs, outs):
+                    values[id(value)] = _ensure_type(ctx, expr, value.type)
+            results = [values[id(r)] for r in fn.results]
+            out = bb.emit_output(results[0] if len(results) == 1 else relax.Tuple(results))
+        bb.emit_func_output(out)
+
+
+def lower_functions(module: Module, function_names: Sequence[str], target="cpu") -> tvm.IRModule:
+    """Lower several kiln functions into one IRModule (each keeps its name)."""
+    target = as_target(target)
+    bb = relax.BlockBuilder()
+    for name in function_names:
+        if name not in module.functions:
+            raise ConfigError(f"expected a function @{name} in the module, found "
+                              f"{', '.join('@' + f for f in module.functions) or 'none'}")
+        _emit_function(bb, module, module.functions[name], target, name)
+    return bb.get()
+
+
+def lower_function(module: Module, function_name: str, target="cpu") -> tvm.IRModule:
+    """Lower ``@function_name`` to a Relax function of the same name.
+
+    Parameters are the function's inputs, then its weights in the order
+    ``weight_names(irmodule, function_name)``; attribute ``num_input`` counts the inputs.
+    """
+    return lower_functions(module, [function_name], target)
+
+
+def weight_names(irmodule: tvm.IRModule, function_name: str) -> list:
+    """The weight names of a lowered function, in parameter order."""
+    func = irmodule[function_name]
+    return [str(n) for n in func.attrs[WEIGHT_NAMES_ATTR]]
