@@ -96,7 +96,8 @@ def _tensors(*arrays):
 
 
 def bench_linear(rng):
-    header(f"fp32 linear y = x @ W^T, {ARGS.threads} threads (decode m=1: GEMV; prefill m={PREFILL_ROWS}: GEMM)")
+    header(f"fp32 linear y = x @ W^T, {ARGS.threads} threads "
+           f"(decode m=1: GEMV schedule; prefill m={PREFILL_ROWS}: GEMM schedule)")
     for form, row_tile, m in (("decode", None, 1), ("prefill", 4, PREFILL_ROWS)):
         for name, k, n in MATMULS:
             if form == "prefill" and name == "lm_head":

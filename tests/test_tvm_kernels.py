@@ -6,6 +6,8 @@ module-scoped fixtures because a TVM build takes about a second.
 
 import os
 import shutil
+import subprocess
+import sys
 
 os.environ.setdefault("TVM_NUM_THREADS", "2")
 
@@ -252,7 +254,10 @@ def test_relax_append_prefill_then_linear_in_one_function():
     """emit_kv_append (in place) + emit_attention_prefill + emit_te(linear) through the VM."""
     heads, kv_heads, dim, page, hidden = 4, 2, 16, 4, 24
     sym = {name: tirx.Var(name, "int64") for name in ("s", "pages", "b", "max_pages")}
-    tensor = lambda name, shape, dtype="float32": relax.Var(name, relax.TensorType(shape, dtype))  # noqa: E731
+
+    def tensor(name, shape, dtype="float32"):
+        return relax.Var(name, relax.TensorType(shape, dtype))
+
     q = tensor("q", [sym["s"], heads, dim])
     k = tensor("k", [sym["s"], kv_heads, dim])
     v = tensor("v", [sym["s"], kv_heads, dim])
@@ -316,6 +321,18 @@ def test_apply_cpu_schedules_marks_kernels_and_leaves_other_funcs():
 def test_configure_threads_rejects_zero():
     with pytest.raises(ConfigError, match="thread"):
         schedules.configure_threads(0)
+
+
+def test_configure_threads_sizes_a_fresh_pool_and_refuses_to_grow_it():
+    # A fresh interpreter without TVM_NUM_THREADS: the pool would otherwise guess its size.
+    script = ("from kiln.backends.tvm import schedules\n"
+              "from kiln.ir.errors import ConfigError\n"
+              "print(schedules.configure_threads(2))\n"
+              "try:\n    schedules.configure_threads(3)\nexcept ConfigError:\n    print('refused')\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                            timeout=60, check=True)
+    assert result.stdout.split() == ["2", "refused"]
 
 
 def test_cpu_target_names_the_host_cpu():

@@ -221,9 +221,9 @@ def _attention_func(kind: str, num_heads: int, num_kv_heads: int, head_dim: int,
                     # q . k in 16-lane partial sums, then folded in halves: no scalar chain.
                     for l in T.vectorized(lanes):
                         part[l] = qs[l] * k_pages[pid, kvh, t, l]
-                    for c in T.serial(chunks - 1):
+                    for c in T.serial(1, chunks):
                         for l in T.vectorized(lanes):
-                            part[l] = part[l] + qs[(c + 1) * lanes + l] * k_pages[pid, kvh, t, (c + 1) * lanes + l]
+                            part[l] = part[l] + qs[c * lanes + l] * k_pages[pid, kvh, t, c * lanes + l]
                     for l in T.vectorized(lanes // 2):
                         part[l] = part[l] + part[l + lanes // 2]
                     for l in T.vectorized(lanes // 4):

@@ -135,11 +135,12 @@ def cpu_target() -> tvm.target.Target:
 def configure_threads(num_threads: int) -> int:
     """Makes TVM's CPU thread pool use `num_threads` threads; returns the count in use.
 
-    TVM sizes its pool once, at the first parallel launch, from TVM_NUM_THREADS (else
-    OMP_NUM_THREADS, else a guess that was 1 on a 2-core VM); later it can shrink the
-    pool (runtime.config_threadpool) but never grow it. So kiln sets
-    os.environ["TVM_NUM_THREADS"] in its entry point before any TVM kernel runs; this
-    function does that when still possible and raises if the pool is already smaller.
+    TVM creates its pool once, at the first parallel launch (or the first call of
+    this), sized by TVM_NUM_THREADS (else OMP_NUM_THREADS, else a guess that was 1 on
+    a 2-core VM); afterwards runtime.config_threadpool can move between 1 and that size
+    but never above it. So kiln sets os.environ["TVM_NUM_THREADS"] in its entry point
+    (CLI / kiln.load) before any TVM kernel runs, or calls this first thing; it raises
+    ConfigError if the pool already exists with fewer threads.
     """
     if num_threads < 1:
         raise ConfigError(f"expected a thread count >= 1, found {num_threads}")
