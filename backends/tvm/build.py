@@ -63,6 +63,8 @@ def cpu_pipeline(target):
                 # what kiln has no schedule for: dlight's CPU rules beat a plain loop nest
                 + [dl.ApplyDefaultSchedule(dl.cpu.GEMV(), dl.cpu.Reduction())]
                 + cpu.dataflow_lower_passes(target)
+                # reshapes became views above; their kernels would still go through LLVM
+                + [relax.transform.DeadCodeElimination()]
                 + cpu.finalize_passes(target)
             )
             return tvm.transform.Sequential(passes)(mod)
@@ -92,6 +94,7 @@ def cuda_pipeline(target):
                                            dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
                                            dl.gpu.Fallback())]
                 + cuda.dataflow_lower_passes(target)
+                + [relax.transform.DeadCodeElimination()]
                 + cuda.finalize_passes(target)
             )
             return tvm.transform.Sequential(passes)(mod)
@@ -133,9 +136,14 @@ def cuda_source(irmodule, arch: str = "sm_80") -> str:
     if arch not in CUDA_ARCHS:
         raise ConfigError(f"expected a CUDA arch in {', '.join(CUDA_ARCHS)}, found {arch!r}")
     executable = build(irmodule, "cuda", arch=arch)
-    sources = [m.inspect_source("cu") for m in executable.mod.imports if m.kind == "cuda"]
+    sources, kinds, pending = [], [], [executable.mod]
+    while pending:  # the CUDA module hangs under the host (llvm) module
+        mod = pending.pop()
+        kinds.append(mod.kind)
+        if mod.kind == "cuda":
+            sources.append(mod.inspect_source("cuda"))
+        pending.extend(mod.imports)
     if not sources:
-        kinds = [m.kind for m in executable.mod.imports]
         raise ConfigError(f"expected a CUDA module in the build for {arch}, found {kinds}")
     return "\n".join(sources)
 
@@ -148,7 +156,9 @@ def compile_cuda_source(source: str, arch: str = "sm_80") -> bytes:
         raise ConfigError("expected nvcc on PATH to compile CUDA source, found none; install the CUDA toolkit")
     from tvm.support import nvcc
 
-    return bytes(nvcc.compile_cuda(source, target_format="fatbin", arch=arch, compiler="nvcc"))
+    # nvcc asks the current target for the compute version when no GPU is present
+    with _target("cuda", arch):
+        return bytes(nvcc.compile_cuda(source, target_format="fatbin", arch=arch, compiler="nvcc"))
 
 
 # running ------------------------------------------------------------------------

@@ -35,6 +35,9 @@ TVM_DTYPES = {
 # PrimFunc attribute that keeps FuseOps from merging a hand-scheduled kernel into
 # its neighbours (8 is TVM's kOpaque op pattern).
 OPAQUE = {"op_pattern": 8}
+# Prefix of the PrimFuncs emitted while lowering, so they never take the name of
+# an entry function (the block builder would rename the entry instead).
+TE_PREFIX = "te_"
 # Function attribute holding the weight names in parameter order (after the inputs).
 WEIGHT_NAMES_ATTR = "kiln.weight_names"
 
@@ -90,7 +93,9 @@ class LoweringContext:
         return self.bb.emit(expr)
 
     def emit_te(self, fn: Callable, *args, name: str, attrs: dict | None = None) -> relax.Var:
-        kwargs = {"primfunc_name_hint": name}
+        """bb.emit_te. Pass every symbolic dim `fn` needs as an argument (ctx.dim / ctx.shape),
+        never through a closure: emit_te renames the symbols of the PrimFunc it builds."""
+        kwargs = {"primfunc_name_hint": TE_PREFIX + name}
         if attrs:
             kwargs["primfunc_attrs"] = attrs
         return self.bb.emit_te(fn, *args, **kwargs)
@@ -276,10 +281,9 @@ def _lower_slice(ctx, node, inputs):
     # TE rather than strided_slice: the output shape is kiln's own symbolic length,
     # with no clamping expressions for the analyzer to untangle.
     axis = node.attrs["axis"] % ctx.in_type(0).rank
-    start, step = ctx.dim(node.attrs["start"]), node.attrs["step"]
-    shape = ctx.shape(ctx.out_type().shape)
+    step = node.attrs["step"]
 
-    def te_slice(x):
+    def te_slice(x, start, shape):
         def body(*i):
             idx = list(i)
             idx[axis] = start + i[axis] * step
@@ -287,7 +291,8 @@ def _lower_slice(ctx, node, inputs):
 
         return te.compute(shape, body, name="slice")
 
-    return ctx.emit_te(te_slice, inputs[0], name="slice")
+    return ctx.emit_te(te_slice, inputs[0], ctx.dim(node.attrs["start"]), ctx.shape(ctx.out_type().shape),
+                       name="slice")
 
 
 @lowering("concat")
@@ -313,10 +318,8 @@ def _lower_index(ctx, node, inputs):
     out_shape = ctx.out_type().shape
     consumed = len(index_types)
     broadcast_rank = len(out_shape) - (x_type.rank - consumed)
-    shape = ctx.shape(out_shape)
-    x_dims = ctx.shape(x_type.shape)
 
-    def te_index(x, *indices):
+    def te_index(x, shape, *indices):
         def body(*i):
             b = i[axis:axis + broadcast_rank]
             picked = []
@@ -324,12 +327,12 @@ def _lower_index(ctx, node, inputs):
                 own = b[broadcast_rank - t_type.rank:]
                 # A static 1 in an index tensor broadcasts: read its only element.
                 coords = [tirx.IntImm("int64", 0) if d == 1 else c for d, c in zip(t_type.shape, own)]
-                picked.append(_wrap_index(t[tuple(coords)], x_dims[axis + j]))
+                picked.append(_wrap_index(t[tuple(coords)], x.shape[axis + j]))
             return x[tuple(i[:axis]) + tuple(picked) + tuple(i[axis + broadcast_rank:])]
 
         return te.compute(shape, body, name="index")
 
-    return ctx.emit_te(te_index, inputs[0], *inputs[1:], name="index")
+    return ctx.emit_te(te_index, inputs[0], ctx.shape(out_shape), *inputs[1:], name="index")
 
 
 @lowering("embedding")
@@ -344,7 +347,32 @@ def _lower_matmul(ctx, node, inputs):
     dtype = ctx.out_type().dtype
     a = ctx.cast(inputs[0], ctx.in_type(0).dtype, dtype)
     b = ctx.cast(inputs[1], ctx.in_type(1).dtype, dtype)
+    source = node.inputs[1].producer
+    if (source is not None and source.op == "permute" and source.inputs[0] is node.inputs[0]
+            and dtype == ctx.in_type(0).dtype):
+        # x @ x^T: TVM's FuseTransposeMatmul breaks when both operands are one
+        # variable, so emit the NT kernel here (same batch dims by construction).
+        perm = list(source.attrs["perm"])
+        rank = len(perm)
+        if perm == list(range(rank - 2)) + [rank - 1, rank - 2]:
+            return nt_matmul(ctx, inputs[0], inputs[0])
     return ctx.emit(relax.op.matmul(a, b))
+
+
+def nt_matmul(ctx, a, b, name: str = "NT_matmul") -> relax.Var:
+    """a[..., M, K] @ b[..., N, K]^T in one reduction kernel (the form dlight's GEMV and
+    Matmul rules schedule). b's leading dims, if any, equal a's; a 2-D b is shared."""
+
+    def te_nt_matmul(x, y):
+        k = te.reduce_axis((0, x.shape[-1]), name="k")
+        lead = len(y.shape) - 2
+
+        def body(*i):
+            return te.sum(x[tuple(i[:-1]) + (k,)] * y[tuple(i[:lead]) + (i[-1], k)], axis=k)
+
+        return te.compute(list(x.shape[:-1]) + [y.shape[-2]], body, name=name)
+
+    return ctx.emit_te(te_nt_matmul, a, b, name=name)
 
 
 # GEMV (one row per sequence) vs row-tiled GEMM (prefill): rows counted by these
@@ -382,8 +410,7 @@ def _lower_linear(ctx, node, inputs):
         if x_type.rank != 2:
             y = ctx.emit(relax.op.reshape(y, ctx.shape(out_type.shape)))
     else:
-        # FuseTransposeMatmul (build.py) turns this pair into one NT_matmul kernel.
-        y = ctx.emit(relax.op.matmul(x, ctx.emit(relax.op.permute_dims(w, [1, 0]))))
+        y = nt_matmul(ctx, x, w)
     if len(inputs) == 3:
         y = ctx.emit(relax.op.add(y, inputs[2]))
     return y
@@ -396,13 +423,13 @@ def _lower_layer_norm(ctx, node, inputs):
     return ctx.emit(relax.op.nn.layer_norm(x, w, b, axes=[-1], epsilon=node.attrs["eps"]))
 
 
-def _causal_mask(ctx, scores, shape):
+def _causal_mask(ctx, scores):
     """Top-left aligned causal mask (torch's is_causal): key j is visible to query i if j <= i."""
-    rank = len(shape)
     fill = tirx.const(-math.inf, tvm_dtype(ctx.out_type().dtype))
 
     def te_causal(s):
-        return te.compute(shape, lambda *i: tirx.Select(i[rank - 1] <= i[rank - 2], s[i], fill),
+        rank = len(s.shape)
+        return te.compute(s.shape, lambda *i: tirx.Select(i[rank - 1] <= i[rank - 2], s[i], fill),
                           name="causal_mask")
 
     return ctx.emit_te(te_causal, scores, name="causal_mask")
@@ -414,19 +441,23 @@ def _lower_sdpa(ctx, node, inputs):
     q, k, v = inputs[:3]
     dtype = q_type.dtype
     rank = q_type.rank
+    k_lead = tuple(k_type.shape[:-2])
     if node.attrs["enable_gqa"] and k_type.shape[-3] != q_type.shape[-3]:
         repeats = q_type.shape[-3] // k_type.shape[-3]
         k = ctx.emit(relax.op.repeat(k, repeats, axis=rank - 3))
         v = ctx.emit(relax.op.repeat(v, repeats, axis=rank - 3))
+        k_lead = k_lead[:-1] + (q_type.shape[-3],)
     scale = node.attrs["scale"]
     if scale is None:
         scale = 1.0 / math.sqrt(q_type.shape[-1])
-    swap = list(range(rank - 2)) + [rank - 1, rank - 2]
-    scores = ctx.emit(relax.op.matmul(q, ctx.emit(relax.op.permute_dims(k, swap))))
+    if tuple(q_type.shape[:-2]) == k_lead:
+        scores = nt_matmul(ctx, q, k)
+    else:  # batch dims that broadcast
+        swap = list(range(rank - 2)) + [rank - 1, rank - 2]
+        scores = ctx.emit(relax.op.matmul(q, ctx.emit(relax.op.permute_dims(k, swap))))
     scores = ctx.emit(relax.op.multiply(scores, relax.const(scale, tvm_dtype(dtype))))
-    score_shape = ctx.shape(tuple(q_type.shape[:-1]) + (k_type.shape[-2],))
     if node.attrs["is_causal"]:
-        scores = _causal_mask(ctx, scores, score_shape)
+        scores = _causal_mask(ctx, scores)
     if len(inputs) == 4:
         mask, mask_type = inputs[3], ctx.in_type(3)
         if mask_type.dtype == "bool":
@@ -565,6 +596,9 @@ def lower_functions(module: Module, function_names: Sequence[str], target="cpu")
         if name not in module.functions:
             raise ConfigError(f"expected a function @{name} in the module, found "
                               f"{', '.join('@' + f for f in module.functions) or 'none'}")
+        if name.startswith(TE_PREFIX):
+            raise ConfigError(f"expected function names not starting with {TE_PREFIX!r} (kiln's kernel "
+                              f"prefix), found @{name}; rename the function")
         _emit_function(bb, module, module.functions[name], target, name)
     return bb.get()
 
