@@ -187,7 +187,8 @@ def exp2(x):
 
 
 def _attention_func(kind: str, num_heads: int, num_kv_heads: int, head_dim: int,
-                    page_size: int, sm_scale: float | None) -> tirx.PrimFunc:
+                    page_size: int, sm_scale: float | None, k_base: int = 0, v_base: int = 0,
+                    window: int | None = None) -> tirx.PrimFunc:
     _check_heads(num_heads, num_kv_heads, head_dim)
     group = num_heads // num_kv_heads
     heads = num_heads
@@ -199,6 +200,8 @@ def _attention_func(kind: str, num_heads: int, num_kv_heads: int, head_dim: int,
     # Scores are kept in log2 units so the softmax uses exp2.
     scale = float((dim ** -0.5 if sm_scale is None else sm_scale) * _LOG2E)
     neg_big = -3.0e38
+    # Keys older than `span` positions before the query are outside a sliding window.
+    span = window if window is not None else 2 ** 30
 
     @T.macro
     def attend_row(q: T.Buffer, out: T.Buffer, k_pages: T.Buffer, v_pages: T.Buffer,
@@ -217,13 +220,13 @@ def _attention_func(kind: str, num_heads: int, num_kv_heads: int, head_dim: int,
             valid: T.let[T.int32] = T.min(n_tokens - p * page, page)
             for t in T.serial(page):
                 scores[t] = T.float32(neg_big)
-                if t < valid:
+                if t < valid and p * page + t >= n_tokens - span:
                     # q . k in 16-lane partial sums, then folded in halves: no scalar chain.
                     for l in T.vectorized(lanes):
-                        part[l] = qs[l] * k_pages[pid, kvh, t, l]
+                        part[l] = qs[l] * k_pages[pid + k_base, kvh, t, l]
                     for c in T.serial(1, chunks):
                         for l in T.vectorized(lanes):
-                            part[l] = part[l] + qs[c * lanes + l] * k_pages[pid, kvh, t, c * lanes + l]
+                            part[l] = part[l] + qs[c * lanes + l] * k_pages[pid + k_base, kvh, t, c * lanes + l]
                     for l in T.vectorized(lanes // 2):
                         part[l] = part[l] + part[l + lanes // 2]
                     for l in T.vectorized(lanes // 4):
@@ -245,7 +248,7 @@ def _attention_func(kind: str, num_heads: int, num_kv_heads: int, head_dim: int,
                 acc[d] = acc[d] * stat[3]
             for t in T.serial(valid):
                 for d in T.vectorized(dim):
-                    acc[d] = acc[d] + scores[t] * v_pages[pid, kvh, t, d]
+                    acc[d] = acc[d] + scores[t] * v_pages[pid + v_base, kvh, t, d]
         for d in T.vectorized(dim):
             out[row, h, d] = acc[d] / stat[1]
 
@@ -313,18 +316,21 @@ def _attention_func(kind: str, num_heads: int, num_kv_heads: int, head_dim: int,
 
 
 def attention_decode_func(num_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
-                          sm_scale: float | None = None) -> tirx.PrimFunc:
+                          sm_scale: float | None = None, k_base: int = 0, v_base: int = 0,
+                          window: int | None = None) -> tirx.PrimFunc:
     """PrimFunc(q[b, H, D], k_pages, v_pages, page_table[b, P_max], lengths[b], out[b, H, D]).
 
     Query b attends to the first lengths[b] tokens of sequence b. One parallel task
     per (sequence, query head); the query heads of one KV head are neighbouring tasks,
     so a thread mostly rereads that head's K/V from L2. Already scheduled for CPU.
     """
-    return _attention_func("decode", num_heads, num_kv_heads, head_dim, page_size, sm_scale)
+    return _attention_func("decode", num_heads, num_kv_heads, head_dim, page_size, sm_scale, k_base, v_base,
+                           window)
 
 
 def attention_prefill_func(num_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
-                           sm_scale: float | None = None) -> tirx.PrimFunc:
+                           sm_scale: float | None = None, k_base: int = 0, v_base: int = 0,
+                           window: int | None = None) -> tirx.PrimFunc:
     """PrimFunc(q[s, H, D], k_pages, v_pages, page_table[b, P_max], row_seq[s], row_pos[s],
     out[s, H, D]): causal attention for query rows of several sequences packed together.
 
@@ -332,10 +338,12 @@ def attention_prefill_func(num_heads: int, num_kv_heads: int, head_dim: int, pag
     to that sequence's tokens 0..row_pos[r] (its own K/V appended beforehand). One
     sequence of s new tokens after c cached ones: row_seq = 0, row_pos = c..c+s-1.
     """
-    return _attention_func("prefill", num_heads, num_kv_heads, head_dim, page_size, sm_scale)
+    return _attention_func("prefill", num_heads, num_kv_heads, head_dim, page_size, sm_scale, k_base, v_base,
+                           window)
 
 
-def kv_append_func(num_kv_heads: int, head_dim: int, page_size: int) -> tirx.PrimFunc:
+def kv_append_func(num_kv_heads: int, head_dim: int, page_size: int, k_base: int = 0,
+                   v_base: int = 0) -> tirx.PrimFunc:
     """PrimFunc(k[s, Hkv, D], v[s, Hkv, D], page_table[b, P_max], row_seq[s], row_pos[s],
     k_pages, v_pages): writes row r's K/V at position row_pos[r] of sequence row_seq[r],
     in place (relax.call_tir_inplace with the pages as the in-place arguments).
@@ -369,8 +377,8 @@ def kv_append_func(num_kv_heads: int, head_dim: int, page_size: int) -> tirx.Pri
                 pid: T.let[T.int64] = T.Cast("int64", page_table[row_seq[r], pos // page])
                 for h in T.serial(kv_heads):
                     for d in T.vectorized(dim):
-                        k_pages[pid, h, pos % page, d] = k[r, h, d]
-                        v_pages[pid, h, pos % page, d] = v[r, h, d]
+                        k_pages[pid + k_base, h, pos % page, d] = k[r, h, d]
+                        v_pages[pid + v_base, h, pos % page, d] = v[r, h, d]
 
     return paged_kv_append
 

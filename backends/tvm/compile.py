@@ -1,0 +1,27 @@
+"""Lowering side of the TVM backend: prefill and decode -> one Relax module -> model.so in the artifact."""
+
+from __future__ import annotations
+
+import os
+
+from kiln.ir.errors import ConfigError
+
+LIBRARY = "model.so"
+
+
+def compile_module(module, target: str, out_dir: str, options) -> dict:
+    from . import llm_lower  # noqa: F401  (registers the fused-op lowerings)
+    from .build import build
+    from .lower import as_target, lower_functions, weight_names
+
+    if target not in ("cpu", "cuda"):
+        raise ConfigError(f"unknown target {target!r}; expected cpu or cuda")
+    irmodule = lower_functions(module, ["prefill", "decode"], target)
+    executable = build(irmodule, target)
+    executable.export_library(os.path.join(out_dir, LIBRARY))
+    return {
+        "target": str(as_target(target).kind.name if target == "cuda" else "cpu"),
+        "target_json": str(as_target(target)),
+        "library": LIBRARY,
+        "weights": {name: weight_names(irmodule, name) for name in ("prefill", "decode")},
+    }

@@ -1,0 +1,56 @@
+"""Execution side of the TVM backend: the compiled prefill/decode with weights and the KV cache on the device.
+
+Imports only numpy, safetensors and the TVM runtime. The library is loaded after
+the runtime checked the artifact's hashes (kiln.runtime.artifact.open_artifact).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from kiln.ir.errors import ArtifactError
+
+
+class TVMExecutor:
+    def __init__(self, info, num_threads: int | None = None):
+        from kiln.backends.tvm.build import configure_threads
+
+        configure_threads(num_threads or os.cpu_count() or 1)
+        import tvm
+        from safetensors import safe_open
+        from tvm import relax
+
+        backend = info.manifest["backend_info"]
+        if info.manifest["target"] != "cpu":
+            raise ArtifactError(f"{info.path}: compiled for {info.manifest['target']}; this kiln runs the TVM "
+                                f"backend's cpu artifacts only")
+        self.device = tvm.cpu()
+        lib = tvm.runtime.load_module(info.file(backend["library"]))
+        self.vm = relax.VirtualMachine(lib, self.device)
+        self.functions = {name: self.vm[name] for name in backend["weights"]}
+        needed = sorted({n for names in backend["weights"].values() for n in names})
+        weights = {}
+        with safe_open(info.file("weights.safetensors"), framework="numpy") as f:
+            for name in needed:
+                weights[name] = tvm.runtime.tensor(np.ascontiguousarray(f.get_tensor(name)), self.device)
+        self.weights = {fn: [weights[n] for n in names] for fn, names in backend["weights"].items()}
+        plan = info.manifest["kv_cache"]
+        shape = (plan["num_layers"], 2, plan["num_pages"], plan["num_kv_heads"], plan["page_size"], plan["head_dim"])
+        self.cache = tvm.runtime.tensor(np.zeros(shape, dtype=np.float32), self.device)
+        self._tvm = tvm
+
+    def run(self, function: str, input_ids: np.ndarray, positions: np.ndarray, page_table: np.ndarray) -> np.ndarray:
+        tensor = self._tvm.runtime.tensor
+        out = self.functions[function](tensor(np.ascontiguousarray(input_ids, dtype=np.int64), self.device),
+                                       tensor(np.ascontiguousarray(positions, dtype=np.int64), self.device),
+                                       self.cache,
+                                       tensor(np.ascontiguousarray(page_table, dtype=np.int32), self.device),
+                                       *self.weights[function])
+        self.cache = out[1]
+        return out[0].numpy()
+
+
+def load_executor(info, num_threads: int | None = None, **options):
+    return TVMExecutor(info, num_threads=num_threads)
