@@ -34,7 +34,7 @@ class TVMExecutor:
         weights = {}
         with safe_open(info.file("weights.safetensors"), framework="numpy") as f:
             for name in needed:
-                weights[name] = tvm.runtime.tensor(np.ascontiguousarray(f.get_tensor(name)), self.device)
+                weights[name] = tvm.runtime.tensor(np.asarray(f.get_tensor(name), order="C"), self.device)
         self.weights = {fn: [weights[n] for n in names] for fn, names in backend["weights"].items()}
         plan = info.manifest["kv_cache"]
         shape = (plan["num_layers"], 2, plan["num_pages"], plan["num_kv_heads"], plan["page_size"], plan["head_dim"])
