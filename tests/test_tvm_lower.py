@@ -6,7 +6,10 @@ path through nvcc (no GPU needed), and the refusal of an op with no lowering.
 from __future__ import annotations
 
 import math
+import os
 import shutil
+import subprocess
+import sys
 import zlib
 
 import numpy as np
@@ -16,7 +19,7 @@ pytest.importorskip("tvm")
 
 from kiln.backends.tvm import lower as tvm_lower  # noqa: E402
 from kiln.backends.tvm.build import TVMFunction, build, compile_cuda_source, cuda_source  # noqa: E402
-from kiln.ir.errors import UnsupportedOpError  # noqa: E402
+from kiln.ir.errors import KilnError, UnsupportedOpError  # noqa: E402
 from kiln.ir.graph import Module  # noqa: E402
 from kiln.ir.interpreter import run_function  # noqa: E402
 from kiln.ir.ops import OPS, define_op  # noqa: E402
@@ -29,7 +32,7 @@ ENVS = ({"batch": 2, "seq": 3}, {"batch": 1, "seq": 7})
 
 WEIGHTS = {
     "w_lin": (24, 16), "b_lin": (24,), "w_small": (5, 16), "table": (11, 6), "ln_w": (16,), "ln_b": (16,),
-    "row": (8,),
+    "row": (8,), "w_half": (6, 32),
 }
 
 CASES: dict = {}  # name -> (build(fn, *params) -> results, [(type, kind), ...])
@@ -213,6 +216,14 @@ def _linear_f64(fn, x, w, bias):
     return [fn.emit("linear", x, w, bias), fn.emit("linear", fn.emit("slice", x, axis=1, start=0, end=1), w)]
 
 
+@case("linear_half", (TensorType("f16", (B, S, 32)), N), (TensorType("bf16", (S, 32)), N))
+def _linear_half(fn, x, y):
+    # half inputs: f32 accumulation, then rounding (the reference rounds the f64 result)
+    wx = fn.emit("cast", fn.emit("weight", name="w_half"), dtype="f16")
+    wy = fn.emit("cast", fn.emit("weight", name="w_half"), dtype="bf16")
+    return [fn.emit("linear", x, wx), fn.emit("linear", y, wy)]
+
+
 case("layer_norm", (f32(B, S, 16), N))(lambda fn, x: [fn.emit(
     "layer_norm", x, fn.emit("weight", name="ln_w"), fn.emit("weight", name="ln_b"), eps=1e-5)])
 
@@ -274,8 +285,8 @@ def compiled_ops():
 def _assert_close(got: np.ndarray, want: np.ndarray, what: str):
     assert got.dtype == want.dtype, f"{what}: dtype {got.dtype} != {want.dtype}"
     assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
-    if want.dtype.kind == "f":
-        tol = 2e-3 if want.dtype == np.float16 else 2e-5
+    if want.dtype.kind == "f" or want.dtype == numpy_dtype("bf16"):
+        tol = {np.dtype(np.float16): 2e-3, numpy_dtype("bf16"): 1.6e-2}.get(want.dtype, 2e-5)
         np.testing.assert_allclose(got.astype(np.float64), want.astype(np.float64), rtol=tol, atol=tol,
                                    equal_nan=True, err_msg=what)
     else:
@@ -319,6 +330,31 @@ def test_symbols_are_shared_int64_vars(compiled_ops):
     batch = params[0].ty.shape.values[0]
     assert all(p.ty.shape.values[0].same_as(batch) for p in params)
     assert batch.ty.dtype == "int64" and batch.name == "batch"
+
+
+def test_tvm_function_checks_inputs_and_weights(compiled_ops):
+    module, irmodule, executable = compiled_ops
+    names = tvm_lower.weight_names(irmodule, "linear")
+    run = TVMFunction(executable, "linear", names, module.weight_data)
+    assert run.num_inputs == 3
+    with pytest.raises(KilnError, match="expected 3 input arrays, found 1"):
+        run(np.zeros((1, 1, 16), np.float32))
+    with pytest.raises(KilnError, match="w_small"):
+        TVMFunction(executable, "linear", names, {n: module.weight_data[n] for n in names[:2]})
+
+
+def test_configure_threads_before_and_after_tvm_import():
+    script = (
+        "import sys\n"
+        "from kiln.backends.tvm.build import configure_threads\n"
+        "assert configure_threads(2) == 2 and 'tvm' not in sys.modules\n"
+        "import tvm\n"
+        "assert tvm.runtime.num_threads() == 2\n"
+        "assert configure_threads(1) == 1 == tvm.runtime.num_threads()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 # no lowering: refused while lowering, not at run time --------------------------------------

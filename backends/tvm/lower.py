@@ -361,18 +361,29 @@ def _lower_matmul(ctx, node, inputs):
 
 def nt_matmul(ctx, a, b, name: str = "NT_matmul") -> relax.Var:
     """a[..., M, K] @ b[..., N, K]^T in one reduction kernel (the form dlight's GEMV and
-    Matmul rules schedule). b's leading dims, if any, equal a's; a 2-D b is shared."""
+    Matmul rules schedule). b's leading dims, if any, equal a's; a 2-D b is shared.
+    Half-precision inputs accumulate in float32, as torch does on CPU."""
+    dtype = ctx.out_type().dtype
+    accumulate = "float32" if dtype in ("f16", "bf16") else tvm_dtype(dtype)
 
     def te_nt_matmul(x, y):
         k = te.reduce_axis((0, x.shape[-1]), name="k")
         lead = len(y.shape) - 2
 
         def body(*i):
-            return te.sum(x[tuple(i[:-1]) + (k,)] * y[tuple(i[:lead]) + (i[-1], k)], axis=k)
+            xv, yv = x[tuple(i[:-1]) + (k,)], y[tuple(i[:lead]) + (i[-1], k)]
+            if accumulate != x.dtype:
+                xv, yv = xv.astype(accumulate), yv.astype(accumulate)
+            return te.sum(xv * yv, axis=k)
 
-        return te.compute(list(x.shape[:-1]) + [y.shape[-2]], body, name=name)
+        out = te.compute(list(x.shape[:-1]) + [y.shape[-2]], body, name=name)
+        if accumulate == x.dtype:
+            return out
+        return te.compute(out.shape, lambda *i: out[i].astype(x.dtype), name=name + "_cast")
 
-    return ctx.emit_te(te_nt_matmul, a, b, name=name)
+    # dlight's gpu.Matmul tensorizes fp16 and crashes in s_tir::Tensorize (see the TVM note)
+    attrs = {"dlight.do_not_tensorize": True} if not ctx.is_cpu and accumulate != tvm_dtype(dtype) else None
+    return ctx.emit_te(te_nt_matmul, a, b, name=name, attrs=attrs)
 
 
 # GEMV (one row per sequence) vs row-tiled GEMM (prefill): rows counted by these
@@ -392,25 +403,26 @@ def _linear_row_tile(rows) -> int | None:
     return None if rows.symbols <= SMALL_ROW_SYMBOLS else _kernels.DEFAULT_ROW_TILE
 
 
+def emit_linear(ctx, x, x_type: TensorType, w, w_type: TensorType) -> relax.Var:
+    """x[..., K] @ w[N, K]^T: kiln's CPU kernel when it applies, else one NT matmul."""
+    if not _use_cpu_kernel(ctx, x_type, w_type):
+        return nt_matmul(ctx, x, w)
+    # kernels.linear wants x[m, K]: flatten the leading dims, then restore them.
+    rows = 1
+    for d in x_type.shape[:-1]:
+        rows = rows * d
+    k = x_type.shape[-1]
+    x2 = x if x_type.rank == 2 else ctx.emit(relax.op.reshape(x, [ctx.dim(rows), ctx.dim(k)]))
+    row_tile = _linear_row_tile(rows)
+    y = ctx.emit_te(lambda a, b: _kernels.linear(a, b, row_tile=row_tile), x2, w, name="linear", attrs=OPAQUE)
+    if x_type.rank != 2:
+        y = ctx.emit(relax.op.reshape(y, ctx.shape(tuple(x_type.shape[:-1]) + (w_type.shape[0],))))
+    return y
+
+
 @lowering("linear")
 def _lower_linear(ctx, node, inputs):
-    x_type, w_type = ctx.in_type(0), ctx.in_type(1)
-    x, w = inputs[0], inputs[1]
-    out_type = ctx.out_type()
-    if _use_cpu_kernel(ctx, x_type, w_type):
-        # kernels.linear wants x[m, K]: flatten the leading dims, then restore them.
-        rows = 1
-        for d in x_type.shape[:-1]:
-            rows = rows * d
-        k = x_type.shape[-1]
-        x2 = x if x_type.rank == 2 else ctx.emit(relax.op.reshape(x, [ctx.dim(rows), ctx.dim(k)]))
-        row_tile = _linear_row_tile(rows)
-        y = ctx.emit_te(lambda a, b: _kernels.linear(a, b, row_tile=row_tile), x2, w,
-                        name="linear", attrs=OPAQUE)
-        if x_type.rank != 2:
-            y = ctx.emit(relax.op.reshape(y, ctx.shape(out_type.shape)))
-    else:
-        y = nt_matmul(ctx, x, w)
+    y = emit_linear(ctx, inputs[0], ctx.in_type(0), inputs[1], ctx.in_type(1))
     if len(inputs) == 3:
         y = ctx.emit(relax.op.add(y, inputs[2]))
     return y
