@@ -19,9 +19,9 @@ from tvm import relax, te, tirx
 from kiln.ir.errors import ConfigError, UnsupportedOpError
 from kiln.ir.graph import Function, Module, Node
 from kiln.ir.symbolic import SymExpr
-from kiln.ir.types import TensorType, is_float, promote
+from kiln.ir.types import TensorType, is_float, numpy_dtype, promote
 
-try:  # Fast CPU kernels are optional: without them linear falls back to relax.op.matmul.
+try:  # Fast CPU kernels are optional: without them linear uses the generic NT kernel.
     from kiln.backends.tvm import kernels as _kernels
 except ImportError:  # pragma: no cover - kernels.py is written by another part of kiln
     _kernels = None
@@ -105,7 +105,7 @@ class LoweringContext:
         if from_dtype == to_dtype:
             return expr
         if isinstance(expr, tvm.ir.expr.Constant):
-            return relax.const(expr.value.numpy().astype(_numpy_dtype(to_dtype)), tvm_dtype(to_dtype))
+            return relax.const(expr.value.numpy().astype(numpy_dtype(to_dtype)), tvm_dtype(to_dtype))
         return self.emit(relax.op.astype(expr, tvm_dtype(to_dtype)))
 
     def constant_value(self, index: int):
@@ -114,12 +114,6 @@ class LoweringContext:
         if producer is not None and producer.op == "constant":
             return producer.attrs["value"]
         return None
-
-
-def _numpy_dtype(dtype: str) -> np.dtype:
-    from kiln.ir.types import numpy_dtype
-
-    return numpy_dtype(dtype)
 
 
 Lowering = Callable[[LoweringContext, Node, list], "relax.Expr | list"]
@@ -204,13 +198,13 @@ def _lower_where(ctx, node, inputs):
 @lowering("constant")
 def _lower_constant(ctx, node, inputs):
     dtype = node.attrs["dtype"]
-    return relax.const(np.array(node.attrs["value"], dtype=_numpy_dtype(dtype)), tvm_dtype(dtype))
+    return relax.const(np.array(node.attrs["value"], dtype=numpy_dtype(dtype)), tvm_dtype(dtype))
 
 
 @lowering("full")
 def _lower_full(ctx, node, inputs):
     out = ctx.out_type()
-    fill = relax.const(np.array(node.attrs["value"], dtype=_numpy_dtype(out.dtype)), tvm_dtype(out.dtype))
+    fill = relax.const(np.array(node.attrs["value"], dtype=numpy_dtype(out.dtype)), tvm_dtype(out.dtype))
     if out.shape == ():
         return fill
     return ctx.emit(relax.op.full(ctx.shape(out.shape), fill, tvm_dtype(out.dtype)))
