@@ -28,8 +28,9 @@ _EXHAUSTIVE_UP_TO = 256
 
 
 # K/V head repetition ------------------------------------------------------------
-def _kv_source(k: Value, num_heads: int):
-    """Undo repeat_kv: returns the [b, Hkv, s, D] value and Hkv, or None."""
+def _kv_source(k: Value, num_heads: int, grouped: bool = False):
+    """Undo repeat_kv: returns the [b, Hkv, s, D] value and Hkv, or None. ``grouped``: the op itself maps
+    query head h to K/V head h // (H / Hkv) (SDPA's enable_gqa)."""
     if k.type.rank != 4:
         return None
     heads = k.type.shape[1]
@@ -49,7 +50,7 @@ def _kv_source(k: Value, num_heads: int):
     expand = producer(k, "expand")
     if expand is not None and expand.inputs[0].type.rank == 4 and expand.inputs[0].type.shape[1] == 1:
         return expand.inputs[0], 1
-    if heads == num_heads:
+    if heads == num_heads or (grouped and isinstance(heads, int) and num_heads % heads == 0):
         return k, heads
     return None
 
@@ -192,12 +193,29 @@ def _match_eager(node: Node):
         return None
     q, kt = qk.inputs
     perm = producer(kt, "permute")
-    if perm is None or tuple(perm.attrs["perm"]) != (0, 1, 3, 2):
+    if perm is None or kt.type.rank != 4:
         return None
-    return q, perm.inputs[0], node.inputs[1], mask, scale
+    # k^T = x.permute(p) means k = x.permute(p with its last two axes swapped); canonicalize composes
+    # GPT-2's k.permute(0, 2, 1, 3).transpose(-1, -2) into one permute (0, 2, 3, 1)
+    p = tuple(perm.attrs["perm"])
+    k_perm = p[:2] + (p[3], p[2])
+    k = perm.inputs[0] if k_perm == (0, 1, 2, 3) else \
+        node.function.emit("permute", perm.inputs[0], perm=k_perm, insert_before=node)
+    return q, k, node.inputs[1], mask, scale
 
 
 def _fuse_one(fn: Function, node: Node, module: Module, max_seq: int, reasons: list) -> bool:
+    existing = {id(n) for n in fn.nodes}
+    if _try_fuse(fn, node, module, max_seq, reasons):
+        return True
+    # Matching may have emitted views (a fresh K/V reshape or permute); a failed match leaves the
+    # function as it was, so that the pass truthfully reports no change.
+    for extra in reversed([n for n in fn.nodes if id(n) not in existing]):
+        fn.erase(extra)
+    return False
+
+
+def _try_fuse(fn: Function, node: Node, module: Module, max_seq: int, reasons: list) -> bool:
     if node.op == "sdpa":
         q, k, v = node.inputs[:3]
         mask = node.inputs[3] if len(node.inputs) == 4 else None
@@ -214,7 +232,8 @@ def _fuse_one(fn: Function, node: Node, module: Module, max_seq: int, reasons: l
         reasons.append(f"{where}: q is not [batch, heads, seq, head_dim]")
         return False
     num_heads, head_dim = q.type.shape[1], q.type.shape[3]
-    ks, vs = _kv_source(k, num_heads), _kv_source(v, num_heads)
+    grouped = node.op == "sdpa" and node.attrs["enable_gqa"]
+    ks, vs = _kv_source(k, num_heads, grouped), _kv_source(v, num_heads, grouped)
     if ks is None or vs is None or ks[1] != vs[1] or num_heads % ks[1]:
         reasons.append(f"{where}: cannot see how K/V heads map to query heads")
         return False

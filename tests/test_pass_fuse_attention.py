@@ -194,6 +194,15 @@ def test_repeat_kv_of_an_unsqueezed_input_gets_a_fresh_view():
     check_same_results(before, module)
 
 
+def test_sdpa_enable_gqa_groups_heads_itself():
+    before = module_text(QKV_GQA, f"""
+    %o = sdpa(%q, %k, %v) {{is_causal=true, enable_gqa=true}} : {OUT}""")
+    module = check_golden(PASS, before, module_text(QKV_GQA, f"""
+    %a = attention(%q, %k, %v) {{num_heads=4, num_kv_heads=2, scale=0.25}} : {OUT}
+    %o = sdpa(%q, %k, %v) {{is_causal=true, enable_gqa=true}} : {OUT}""", ret="%a", metadata=FUSED))
+    check_same_results(before, module)
+
+
 def test_mqa_single_head_broadcast_by_expand():
     body = """
     %kx = expand(%k) {shape=[batch, 4, seq, 16]} : f32[batch, 4, seq, 16]
@@ -256,6 +265,19 @@ def test_eager_attention(form):
     check_same_results(before, module)
 
 
+def test_eager_attention_with_the_key_transposes_composed():
+    # GPT-2: k.permute(0, 2, 1, 3).transpose(-1, -2) reaches fuse_attention as one permute (0, 2, 3, 1)
+    params = "%q: f32[batch, 4, seq, 16], %k_heads: f32[batch, seq, 4, 16], %v: f32[batch, 4, seq, 16]"
+    kt = "%kt = permute(%k_heads) {perm=[0, 2, 3, 1]} : f32[batch, 4, 16, seq]"
+    before = module_text(params, eager_body(EAGER_FORMS["div_then_add"], kt))
+    fused = eager_body(EAGER_FORMS["div_then_add"], kt).replace("    %o = matmul", f"""\
+    %k = permute(%k_heads) {{perm=[0, 2, 1, 3]}} : f32[batch, 4, seq, 16]
+    %a = attention(%q, %k, %v) {{num_heads=4, num_kv_heads=4, scale=0.25}} : {OUT}
+    %o = matmul""")
+    module = check_golden(PASS, before, module_text(params, fused, ret="%a", metadata=FUSED))
+    check_same_results(before, module)
+
+
 def test_eager_attention_over_repeat_kv():
     before = module_text(QKV_GQA, REPEAT_KV + eager_body(
         EAGER_FORMS["mul_then_add"], "%kt = permute(%kr) {perm=[0, 1, 3, 2]} : f32[batch, 4, 16, seq]")
@@ -287,7 +309,7 @@ def eager_captured(arch: str):
     return capture(eager_model(arch), max_seq=64)
 
 
-@pytest.mark.parametrize("arch", ["llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_transformers_eager_attention_fuses_and_keeps_logits(arch):
     from golden import copy_module
 
@@ -362,6 +384,16 @@ def test_mask_with_other_values_stays_unfused():
 def test_attention_without_mask_or_is_causal_stays_unfused(text):
     (reason,) = unfused(text)
     assert "without a mask is not causal" in reason
+
+
+def test_failed_match_leaves_no_fresh_views_behind():
+    # K would need a fresh [b, 2, s, 16] view, but V has 4 heads: nothing may be left half-built
+    params = "%q: f32[batch, 4, seq, 16], %k5: f32[batch, 2, 1, seq, 16], %v: f32[batch, 4, seq, 16]"
+    (reason,) = unfused(module_text(params, f"""
+    %kx = expand(%k5) {{shape=[batch, 2, 2, seq, 16]}} : f32[batch, 2, 2, seq, 16]
+    %kr = reshape(%kx) {{shape=[batch, 4, seq, 16]}} : f32[batch, 4, seq, 16]
+    %o = sdpa(%q, %kr, %v) {{is_causal=true}} : {OUT}"""))
+    assert "cannot see how K/V heads map to query heads" in reason
 
 
 def test_cross_attention_lengths_stay_unfused():
