@@ -126,7 +126,12 @@ def _lower_paged_attention(ctx, node, inputs):
     layer = node.attrs["layer"]
     k_base, v_base = 2 * layer * num_pages, (2 * layer + 1) * num_pages
     bb = ctx.bb
-    flat = ctx.emit(relax.op.reshape(cache, [layers * 2 * num_pages, kv_heads, page, dim]))
+    # Reuse the previous layer's flat view: a reshape back and forth between layers would be fused
+    # into a copy kernel of the whole cache.
+    views = ctx.__dict__.setdefault("kiln_flat_cache_views", {})
+    flat = views.get(cache)
+    if flat is None:
+        flat = ctx.emit(relax.op.reshape(cache, [layers * 2 * num_pages, kv_heads, page, dim]))
     rows = ctx.dim(batch * seq)
     b, s = ctx.dim(batch), ctx.dim(seq)
 
@@ -157,6 +162,7 @@ def _lower_paged_attention(ctx, node, inputs):
                                       relax.TensorType([rows, heads, dim], "float32")))
         out = ctx.emit(relax.op.permute_dims(relax.op.reshape(out, [b, s, heads, dim]), [0, 2, 1, 3]))
     new_cache = ctx.emit(relax.op.reshape(flat, ctx.shape(cache_type.shape)))
+    views[new_cache] = flat
     return [out, new_cache]
 
 
