@@ -52,7 +52,8 @@ def _fuse_one(module: Module, fn: Function, node: Node) -> bool:
         if act is None:
             continue
         gate, up = _projection(act[1]), _projection(plain)
-        if gate is None or up is None or gate[0] is not up[0]:
+        # the mul must not broadcast one side (then W_gate and W_up differ in shape: not a gated MLP)
+        if gate is None or up is None or gate[0] is not up[0] or act[1].type != plain.type:
             continue
         x = gate[0]
         w_gate = _weight_rows(module, fn, gate[1], gate[2], node)

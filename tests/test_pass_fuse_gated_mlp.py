@@ -125,6 +125,15 @@ def test_near_misses_stay(body, params, weights):
     check_unchanged(PASS, module_text(body, params=params, weights=weights))
 
 
+def test_up_projection_broadcast_against_the_gate_stays():
+    # act(x @ Wg.T) [.., 24] * (x @ Wu.T) [.., 1]: valid IR but not a gated MLP (W_gate and W_up differ in shape);
+    # the pass must leave it, not build a gated_mlp its type rule refuses
+    weights = WEIGHTS.replace('weight "up" : f32[24, 16]', 'weight "up" : f32[1, 16]')
+    body = mlp("silu(%g)").replace('%wu = weight() {name="up"} : f32[24, 16]', '%wu = weight() {name="up"} : f32[1, 16]')
+    body = body.replace(f"%u = linear(%x, %wu) : {H}", "%u = linear(%x, %wu) : f32[batch, seq, 1]")
+    check_unchanged(PASS, module_text(body, weights=weights))
+
+
 # the reference against transformers' MLP modules -----------------------------------------------------------------
 @pytest.mark.parametrize("arch", ["llama", "gemma", "phi3"])
 def test_gated_mlp_reference_matches_transformers(arch):
