@@ -167,7 +167,8 @@ def _concat(fn, x, y):
     return [joined, fn.emit("sub", tail, x), fn.emit("concat", x, x, y, axis=-2), fn.emit("concat", x, axis=0)]
 
 
-@case("index", (f32(B, S, 5), N), (i64(4), ("int", -5, 5)), (i64(B, 1), ("int", 0, 1)), (i64(1, S), ("int", -2, 2)))
+@case("index", (f32(B, S, 5), N), (i64(4), ("int", -5, 5)), (i64(B, 1), ("int", 0, 1)),
+      (i64(1, S), ("int", -2, 2)))
 def _index(fn, x, i, rows, cols):
     return [fn.emit("index", x, i, axis=2), fn.emit("index", x, rows, cols, axis=0),
             fn.emit("index", x, cols, rows, axis=1)]
@@ -182,7 +183,8 @@ def _index_mask(fn, pos):
     return [fn.emit("le", fn.emit("index", pos, b, k), fn.emit("index", pos, b, q))]
 
 
-case("embedding", (i64(B, S), ("int", 0, 11)))(lambda fn, ids: [fn.emit("embedding", fn.emit("weight", name="table"), ids)])
+case("embedding", (i64(B, S), ("int", 0, 11)))(
+    lambda fn, ids: [fn.emit("embedding", fn.emit("weight", name="table"), ids)])
 
 
 # linear algebra, normalisation, attention -----------------------------------------------
@@ -210,7 +212,8 @@ def _linear_input_weight(fn, x, w):
     return [fn.emit("linear", x, w)]
 
 
-@case("linear_f64", (TensorType("f64", (B, S, 8)), N), (TensorType("f64", (3, 8)), N), (TensorType("f64", (3,)), N))
+@case("linear_f64", (TensorType("f64", (B, S, 8)), N), (TensorType("f64", (3, 8)), N),
+      (TensorType("f64", (3,)), N))
 def _linear_f64(fn, x, w, bias):
     # not f32: the generic NT kernel instead of kiln's CPU kernel
     return [fn.emit("linear", x, w, bias), fn.emit("linear", fn.emit("slice", x, axis=1, start=0, end=1), w)]
@@ -243,7 +246,8 @@ def _sdpa_bool(fn, q, k, v, mask):
     return [fn.emit("sdpa", q, k, v, fn.emit("or", mask, first))]
 
 
-@case("sdpa_float_mask_gqa", (f32(B, 4, S, 8), N), (f32(B, 2, S, 8), N), (f32(B, 2, S, 8), N), (f32(1, 1, S, S), N))
+@case("sdpa_float_mask_gqa", (f32(B, 4, S, 8), N), (f32(B, 2, S, 8), N), (f32(B, 2, S, 8), N),
+      (f32(1, 1, S, S), N))
 def _sdpa_gqa(fn, q, k, v, mask):
     return [fn.emit("sdpa", q, k, v, mask, enable_gqa=True, scale=0.5),
             fn.emit("sdpa", q, k, v, is_causal=True, enable_gqa=True)]
@@ -375,10 +379,10 @@ FAST_ARCHS = ("llama", "gpt2")
 SLOW_ARCHS = ("mistral", "qwen2", "phi3", "gemma", "falcon", "gpt_neox")
 
 
-def _check_tiny_model(name):
+def _check_tiny_model(name, target="cpu"):
     from tiny_models import VOCAB, captured, reference_logits
 
-    run = TVMFunction.from_module(captured(name), "forward")
+    run = TVMFunction.from_module(captured(name), "forward", target=target)
     rng = np.random.default_rng(3)
     for shape in ((2, 7), (1, 13)):
         ids = rng.integers(0, VOCAB, shape).astype(np.int64)
@@ -424,6 +428,19 @@ def test_cuda_source_compiles_with_nvcc(arch):
     source = cuda_source(tvm_lower.lower_function(_small_cuda_module(), "main", f"cuda:{arch}"), arch)
     assert "__global__" in source and "NT_matmul" in source
     assert len(compile_cuda_source(source, arch)) > 0
+
+
+def _has_gpu() -> bool:
+    import tvm
+
+    return tvm.cuda(0).exist
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not _has_gpu(), reason="no CUDA GPU (tvm.cuda(0) does not exist)")
+@pytest.mark.parametrize("name", FAST_ARCHS)
+def test_tiny_model_on_gpu_matches_transformers(name):
+    _check_tiny_model(name, target="cuda")
 
 
 @pytest.mark.nvcc

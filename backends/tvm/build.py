@@ -264,10 +264,14 @@ class TVMFunction:
         """Lower, build and bind one kiln function (weights default to the module's data)."""
         from kiln.backends.tvm.lower import lower_function, weight_names
 
+        import tvm
+
+        target = _target(target)
         irmodule = lower_function(module, function_name, target)
         executable = build(irmodule, target, num_threads=num_threads)
+        device = tvm.cuda(0) if target.kind.name == "cuda" else tvm.cpu()
         return cls(executable, function_name, weight_names(irmodule, function_name),
-                   module.weight_data if weights is None else weights)
+                   module.weight_data if weights is None else weights, device)
 
     def __call__(self, *arrays) -> list:
         import tvm

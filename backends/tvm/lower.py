@@ -481,14 +481,22 @@ def cpu_target() -> tvm.target.Target:
     return tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
 
 
+def local_cuda_arch() -> str | None:
+    """This machine's GPU as "sm_XY", or None without a GPU (or without libcuda)."""
+    device = tvm.cuda(0)
+    if not device.exist:
+        return None
+    return "sm_" + device.compute_version.replace(".", "")
+
+
 def as_target(target) -> tvm.target.Target:
-    """"cpu", "cuda", "cuda:sm_90", a Target or a JSON dict -> Target."""
+    """"cpu", "cuda" (this machine's GPU, else sm_80), "cuda:sm_90", a Target or a JSON dict."""
     if isinstance(target, tvm.target.Target):
         return target
     if target in (None, "cpu", "llvm"):
         return cpu_target()
     if isinstance(target, str) and target.split(":")[0] == "cuda":
-        arch = target.split(":")[1] if ":" in target else "sm_80"
+        arch = target.split(":")[1] if ":" in target else local_cuda_arch() or "sm_80"
         return tvm.target.Target({"kind": "cuda", "arch": arch}, host=cpu_target())
     if isinstance(target, dict):
         return tvm.target.Target(target)
@@ -567,16 +575,16 @@ def _emit_function(bb: relax.BlockBuilder, module: Module, fn: Function, target:
     symbols = _function_symbols(fn)
     weight_names = _weight_order(fn)
     params, values = [], {}
-    tmp_ctx = LoweringContext(bb, module, fn, target, symbols, {})
+    ctx = LoweringContext(bb, module, fn, target, symbols, {})
+
+    def param(name: str, t: TensorType) -> relax.Var:
+        return relax.Var(_relax_name(name), relax.TensorType(ctx.shape(t.shape), tvm_dtype(t.dtype)))
+
     for p in fn.params:
-        var = relax.Var(_relax_name(p.name), relax.TensorType(tmp_ctx.shape(p.type.shape), tvm_dtype(p.type.dtype)))
-        params.append(var)
-        values[id(p)] = var
-    weights = {}
-    for name in weight_names:
-        t = module.weights[name]
-        weights[name] = relax.Var(_relax_name(name), relax.TensorType(tmp_ctx.shape(t.shape), tvm_dtype(t.dtype)))
-    ctx = LoweringContext(bb, module, fn, target, symbols, weights)
+        params.append(param(p.name, p.type))
+        values[id(p)] = params[-1]
+    ctx.weights.update((name, param(name, module.weights[name])) for name in weight_names)
+    weights = ctx.weights
     attrs = {"num_input": len(params), WEIGHT_NAMES_ATTR: weight_names}
     with bb.function(entry_name, params + [weights[n] for n in weight_names], attrs=attrs):
         with bb.dataflow():
