@@ -20,7 +20,7 @@ def compile_module(module, target: str, out_dir: str, options) -> dict:
     executable = build(irmodule, target)
     executable.export_library(os.path.join(out_dir, LIBRARY))
     return {
-        "target": str(as_target(target).kind.name if target == "cuda" else "cpu"),
+        "target": target,
         "target_json": str(as_target(target)),
         "library": LIBRARY,
         "weights": {name: weight_names(irmodule, name) for name in ("prefill", "decode")},

@@ -23,10 +23,16 @@ class TVMExecutor:
         from tvm import relax
 
         backend = info.manifest["backend_info"]
-        if info.manifest["target"] != "cpu":
-            raise ArtifactError(f"{info.path}: compiled for {info.manifest['target']}; this kiln runs the TVM "
-                                f"backend's cpu artifacts only")
-        self.device = tvm.cpu()
+        target = info.manifest["target"]
+        if target == "cpu":
+            self.device = tvm.cpu()
+        elif target == "cuda":
+            self.device = tvm.cuda(0)
+            if not self.device.exist:
+                raise ArtifactError(f"{info.path}: compiled for cuda, but this machine has no CUDA GPU; "
+                                    f"recompile with --target cpu")
+        else:
+            raise ArtifactError(f"{info.path}: unknown target {target!r}; recompile the artifact")
         lib = tvm.runtime.load_module(info.file(backend["library"]))
         self.vm = relax.VirtualMachine(lib, self.device)
         self.functions = {name: self.vm[name] for name in backend["weights"]}
