@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 import torch
 
-from kiln.frontend.safetensors_file import SafetensorsFile
+from kiln.frontend.safetensors_file import SafetensorsFile, _DuplicateKey, _reject_duplicate_keys
 from kiln.ir.errors import ConfigError, ModelFormatError
 
 if TYPE_CHECKING:
@@ -98,21 +98,6 @@ def _describe_quantization(quantization: object) -> str:
     if isinstance(quantization, dict) and isinstance(quantization.get("quant_method"), str):
         return quantization["quant_method"]
     return "unknown method"
-
-
-def _reject_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
-    result: dict = {}
-    for key, value in pairs:
-        if key in result:
-            raise _DuplicateKey(key)
-        result[key] = value
-    return result
-
-
-class _DuplicateKey(ValueError):
-    def __init__(self, key: str):
-        super().__init__(key)
-        self.key = key
 
 
 def _read_json_object(file: Path, what: str) -> dict[str, Any]:
