@@ -22,17 +22,17 @@ from kiln.ir.types import TensorType
 from .manager import PassOptions, register_pass
 
 
-def _depends_on(value: Value, param: Value) -> bool:
-    seen, stack = set(), [value]
-    while stack:
-        v = stack.pop()
-        if v is param:
-            return True
-        if v.producer is None or id(v) in seen:
-            continue
-        seen.add(id(v))
-        stack.extend(v.producer.inputs)
-    return False
+def _is_sequence_positions(value: Value) -> bool:
+    """Whether ``value`` is ``arange(seq)`` seen through views as [1, seq] or [batch, seq]: the positions of a
+    prompt that starts at 0, which the ``positions`` input generalises. Anything else computed from arange
+    (an offset, a reversal) is left alone, so the surviving-arange check refuses it instead of a silent shift."""
+    if value.type.rank != 2 or value.type.shape[1] != sym("seq") or value.type.shape[0] not in (1, sym("batch")):
+        return False
+    node = value.producer
+    while node is not None and node.op in ("reshape", "expand", "cast"):
+        node = node.inputs[0].producer
+    return (node is not None and node.op == "arange" and node.attrs["start"] == 0 and node.attrs["step"] == 1
+            and node.attrs["end"] == sym("seq"))
 
 
 def _retype(fn: Function) -> None:
@@ -53,17 +53,15 @@ def _build_prefill(module: Module, plan: dict) -> Function:
     forward = module.functions["forward"]
     fn = clone_function(module, forward, "prefill")
     batch, seq = sym("batch"), sym("seq")
-    ids = fn.params[0]
     positions = fn.add_param("positions", TensorType("i64", (batch, seq)))
     cache = fn.add_param("kv_cache", TensorType(plan["dtype"], (plan["num_layers"], 2, plan["num_pages"],
                                                                  plan["num_kv_heads"], plan["page_size"],
                                                                  plan["head_dim"])))
     page_table = fn.add_param("page_table", TensorType("i32", (batch, plan["pages_per_seq"])))
     for node in list(fn.nodes):
-        if node.op == "rope":
+        # RoPE tables and learned absolute position embeddings look up the token positions
+        if node.op in ("rope", "embedding") and _is_sequence_positions(node.inputs[1]):
             node.set_input(1, positions)
-        elif node.op == "embedding" and not _depends_on(node.inputs[1], ids):
-            node.set_input(1, positions)  # learned absolute position embeddings
     _retype(fn)
     layer = 0
     for node in list(fn.nodes):

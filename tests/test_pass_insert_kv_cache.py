@@ -190,6 +190,48 @@ def test_learned_position_embeddings_read_the_positions_input():
     check_cache_reproduces_forward(before, module, random_weights(module))
 
 
+def test_an_embedding_of_a_constant_index_keeps_its_index():
+    # a token-type embedding of constant type 1 does not depend on input_ids, yet it is not a position lookup
+    token_type = """
+    %wtt = weight() {name="wtt"} : f32[2, 8]
+    %one = full() {shape=[batch, seq], value=1, dtype="i64"} : i64[batch, seq]
+    %tt = embedding(%wtt, %one) : f32[batch, seq, 8]"""
+    weights = GPT2_WEIGHTS + """
+  weight "wtt" : f32[2, 8]"""
+    rest = GPT2_REST.replace("%h = add(%tok, %pe)", "%h0 = add(%tok, %pe) : f32[batch, seq, 8]\n"
+                             "    %h = add(%h0, %tt)")
+    body = GPT2_TOKENS + SEQUENCE_POSITIONS + """
+    %pe = embedding(%wpe, %pos_row) : f32[1, seq, 8]""" + token_type + rest + GPT2_ATTENTION + GPT2_OUTPUT
+    before = module_text(weights, function(FORWARD_SIGNATURE, body, "%logits"))
+    expected = module_text(weights, split(GPT2_TOKENS + """
+    %pe = embedding(%wpe, %positions) : f32[batch, seq, 8]""" + token_type + rest + GPT2_PAGED + GPT2_OUTPUT))
+    module = check_golden(PASS, before, expected)
+    check_cache_reproduces_forward(before, module, random_weights(module))
+
+
+SHIFTED = SEQUENCE_POSITIONS + """
+    %two = constant() {value=2, dtype="i64"} : i64[]
+    %shifted = add(%pos_row, %two) : i64[1, seq]"""
+
+
+@pytest.mark.parametrize("body", [
+    GPT2_TOKENS + SHIFTED + """
+    %pe = embedding(%wpe, %shifted) : f32[1, seq, 8]""" + GPT2_REST + GPT2_ATTENTION + GPT2_OUTPUT,
+    GPT2_TOKENS + SHIFTED + """
+    %pe = embedding(%wpe, %pos_row) : f32[1, seq, 8]""" + GPT2_REST + """
+    %inv_freq = weight() {name="inv_freq"} : f32[4]
+    %xr = rope(%x, %shifted, %inv_freq) {rotary_dim=8} : f32[batch, 1, seq, 8]""" +
+    GPT2_ATTENTION.replace("attention(%x, %x, %x)", "attention(%xr, %xr, %x)") + GPT2_OUTPUT,
+], ids=["embedding", "rope"])
+def test_positions_with_an_offset_are_refused_not_dropped(body):
+    # OPT looks positions up at arange(seq) + 2: feeding the bare positions would silently shift every lookup
+    weights = GPT2_WEIGHTS + """
+  weight "inv_freq" : f32[4]"""
+    module = parse_module(module_text(weights, function(FORWARD_SIGNATURE, body, "%logits")))
+    with pytest.raises(ConfigError, match="cannot feed from the KV cache"):
+        run_pass(PASS, module)
+
+
 # refusals ----------------------------------------------------------------------------------------------------
 def test_unfused_attention_is_refused_with_its_reason():
     reason = "%o = sdpa(%q, %k, %v) : f32[batch, 1, seq, 8]: attention without a mask is not causal"
