@@ -22,6 +22,8 @@ from golden import CLEANUP, check_golden
 from tiny_models import PROMPT_SHAPES, TINY_ARCHS, VOCAB, _COMMON
 
 PASS = "fuse_attention"
+# Expected IR keeps the nodes a fusion replaced: the pass only rewires their uses, eliminate_dead_code
+# (next in the pipeline) removes them.
 
 QKV = "%q: f32[batch, 4, seq, 16], %k: f32[batch, 4, seq, 16], %v: f32[batch, 4, seq, 16]"
 QKV_GQA = "%q: f32[batch, 4, seq, 16], %k: f32[batch, 2, seq, 16], %v: f32[batch, 2, seq, 16]"
@@ -55,10 +57,9 @@ ADDITIVE = GRID + """
     %mask = where(%causal, %zero, %lowest) : f32[seq, seq]"""
 
 
-def module_text(params: str, body: str, results: str = OUT, ret: str = "%o", metadata: str = "",
-                weights: str = "") -> str:
+def module_text(params: str, body: str, results: str = OUT, ret: str = "%o", metadata: str = "") -> str:
     return f"""
-module {{{metadata and chr(10) + '  ' + metadata}{weights}
+module {{{metadata and chr(10) + '  ' + metadata}
   func @f({params}) -> ({results}) {{{body}
     return {ret}
   }}

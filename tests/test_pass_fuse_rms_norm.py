@@ -14,6 +14,8 @@ from kiln.ir.parser import parse_module
 from golden import check_golden, check_unchanged
 
 PASS = "fuse_rms_norm"
+# Expected IR keeps the nodes a fusion replaced: the pass only rewires their uses, eliminate_dead_code
+# (next in the pipeline) removes them.
 X = "f32[batch, seq, 16]"
 
 

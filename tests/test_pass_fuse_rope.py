@@ -15,6 +15,8 @@ from kiln.ir.types import numpy_dtype
 from golden import check_golden, check_unchanged
 
 PASS = "fuse_rope"
+# Expected IR keeps the nodes a fusion replaced: the pass only rewires their uses, eliminate_dead_code
+# (next in the pipeline) removes them.
 
 
 def inv_freq(rotary_dim: int) -> np.ndarray:
