@@ -7,10 +7,32 @@ the runtime checked the artifact's hashes (kiln.runtime.artifact.open_artifact).
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy as np
 
 from kiln.ir.errors import ArtifactError
+
+
+class _NoTorch:
+    """Import hook that hides torch: tvm_ffi imports torch eagerly when it is installed, and the
+    runtime must not load it (it costs seconds and memory, and an artifact must run without it)."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ModuleNotFoundError(f"kiln's runtime does not load {name}")
+        return None
+
+
+def import_tvm():
+    if "tvm" not in sys.modules:
+        hook = _NoTorch()
+        sys.meta_path.insert(0, hook)
+        try:
+            import tvm  # noqa: F401
+        finally:
+            sys.meta_path.remove(hook)
+    return sys.modules["tvm"]
 
 
 class TVMExecutor:
@@ -18,7 +40,7 @@ class TVMExecutor:
         from kiln.backends.tvm.build import configure_threads
 
         configure_threads(num_threads or os.cpu_count() or 1)
-        import tvm
+        tvm = import_tvm()
         from safetensors import safe_open
         from tvm import relax
 
