@@ -48,8 +48,12 @@ class Artifact:
         return f"<kiln.Artifact {self.path}>"
 
 
+QUANTIZE_MODES = ("none", "int8", "int4", "int4-g128")  # int4: groups of 32; int4-g128: groups of 128
+
+
 def compile_options(*, max_seq_len=2048, max_num_seqs=4, page_size=16, kv_cache_dtype="f32",
-                    kv_cache_budget=None, activation_seq_len=None):
+                    kv_cache_budget=None, activation_seq_len=None, quantize=None, quantize_zero_points=False,
+                    quantize_output=False):
     from kiln.passes import PassOptions
 
     for name, value in (("max_seq_len", max_seq_len), ("max_num_seqs", max_num_seqs), ("page_size", page_size)):
@@ -57,14 +61,26 @@ def compile_options(*, max_seq_len=2048, max_num_seqs=4, page_size=16, kv_cache_
             raise ConfigError(f"{name} must be a positive integer, got {value!r}")
     if kv_cache_dtype not in ("f32", "f16"):
         raise ConfigError(f"kv_cache_dtype must be 'f32' or 'f16', got {kv_cache_dtype!r}")
+    if quantize not in (None,) + QUANTIZE_MODES:
+        raise ConfigError(f"quantize must be None or one of {', '.join(QUANTIZE_MODES)}, got {quantize!r}")
+    mode = None if quantize in (None, "none") else quantize
+    if quantize_zero_points and (mode is None or mode == "int8"):
+        raise ConfigError(f"quantize_zero_points needs an int4 mode (int4, int4-g128), got quantize={quantize!r}")
+    extra = {"quantize": mode, "quantize_zero_points": bool(quantize_zero_points),
+             "quantize_output": bool(quantize_output)}
     return PassOptions(max_seq_len=max_seq_len, max_num_seqs=max_num_seqs, page_size=page_size,
                        kv_cache_dtype=kv_cache_dtype, memory_budget_bytes=kv_cache_budget,
-                       activation_seq_len=activation_seq_len or min(max_seq_len, 128))
+                       activation_seq_len=activation_seq_len or min(max_seq_len, 128), extra=extra)
 
 
 def compile(source, backend: str = "tvm", target: str = "cpu", quantize=None, max_seq_len: int = 2048, *,
             output=None, progress: Progress | bool = False, **options) -> Artifact:
-    """Compile ``source`` ("smollm2", a .gguf path, a Hugging Face checkpoint dir or a torch.nn.Module)."""
+    """Compile ``source`` ("smollm2", a .gguf path, a Hugging Face checkpoint dir or a torch.nn.Module).
+
+    ``quantize``: None / "none" (fp32), "int8" (per output channel), "int4" (groups of 32) or
+    "int4-g128"; ``quantize_zero_points=True`` gives int4 zero points, ``quantize_output=True``
+    also quantizes the logits projection.
+    """
     from kiln.backends import check_backend
 
     from .artifact import write_artifact
@@ -73,9 +89,7 @@ def compile(source, backend: str = "tvm", target: str = "cpu", quantize=None, ma
     check_backend(backend)
     if target not in ("cpu", "cuda"):
         raise ConfigError(f"unknown target {target!r}; expected 'cpu' or 'cuda'")
-    if quantize not in (None, "none"):
-        raise ConfigError(f"quantize={quantize!r} is not supported yet; use None (fp32)")
-    pass_options = compile_options(max_seq_len=max_seq_len, **options)
+    pass_options = compile_options(max_seq_len=max_seq_len, quantize=quantize, **options)
     progress = Progress() if progress is True else (progress or QUIET)
     module, source_info = capture_source(source, max_seq=max_seq_len, progress=progress)
     manager = optimize(module, pass_options, progress=progress)

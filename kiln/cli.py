@@ -79,7 +79,9 @@ def add_compile_options(parser) -> None:
     group = parser.add_argument_group("compilation (when MODEL is not an artifact)")
     group.add_argument("--backend", default="tvm", help="tvm (default) or reference (numpy, slow)")
     group.add_argument("--target", default="cpu", help="cpu (default) or cuda")
-    group.add_argument("--quantize", default="none", help="weight quantization: none")
+    group.add_argument("--quantize", default="none", choices=["none", "int8", "int4", "int4-g128"],
+                       help="weight-only quantization of the linear layers: none (default), int8 (per output "
+                            "channel), int4 (groups of 32) or int4-g128 (groups of 128)")
     group.add_argument("--threads", type=int, default=None, help="CPU threads for the TVM runtime")
     add_plan_options(parser)
 
@@ -127,8 +129,8 @@ def check_compile_args(args) -> None:
         raise UsageError(f"unknown backend {args.backend!r}; expected one of {', '.join(sorted(BACKENDS))}")
     if args.target not in ("cpu", "cuda"):
         raise UsageError(f"unknown target {args.target!r}; expected cpu or cuda")
-    if args.quantize not in ("none",):
-        raise UsageError(f"unknown --quantize {args.quantize!r}; expected none")
+    if args.quantize not in ("none", "int8", "int4", "int4-g128"):
+        raise UsageError(f"unknown --quantize {args.quantize!r}; expected none, int8, int4 or int4-g128")
     if args.threads is not None and args.threads <= 0:
         raise UsageError(f"--threads must be positive, got {args.threads}")
     plan_kwargs(args)
@@ -180,8 +182,8 @@ def open_engine(args):
                       "quantize": args.quantize, **plan_kwargs(args)}, sort_keys=True)
     path = os.path.join(cache_dir(), hashlib.sha256(key.encode()).hexdigest()[:24], "model.kiln")
     if not is_artifact(path):
-        compile_model(args.model, backend=args.backend, target=args.target, output=path, progress=progress,
-                      **plan_kwargs(args))
+        compile_model(args.model, backend=args.backend, target=args.target, quantize=args.quantize, output=path,
+                      progress=progress, **plan_kwargs(args))
     else:
         progress.stream.write(f"kiln: using the compiled model in {path}\n")
     return load(path, **backend_options)
@@ -194,8 +196,8 @@ def cmd_compile(args) -> int:
     from .progress import Progress
 
     check_compile_args(args)
-    art = compile_model(args.model, backend=args.backend, target=args.target, output=args.output,
-                        progress=Progress(), **plan_kwargs(args))
+    art = compile_model(args.model, backend=args.backend, target=args.target, quantize=args.quantize,
+                        output=args.output, progress=Progress(), **plan_kwargs(args))
     print(f"kiln: wrote {art.path}", file=sys.stderr)
     return 0
 

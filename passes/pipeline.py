@@ -12,6 +12,8 @@ PIPELINE = [
     "fuse_rms_norm",
     "fuse_gated_mlp",
     "eliminate_dead_code",
+    # Quantization (only when PassOptions.extra["quantize"] asks): weight-only int8 / int4 linears.
+    "quantize_weights",
     # KV cache: plan the pages, then split forward into prefill and decode.
     "plan_kv_cache",
     "insert_kv_cache",

@@ -10,7 +10,7 @@ LIBRARY = "model.so"
 
 
 def compile_module(module, target: str, out_dir: str, options) -> dict:
-    from . import llm_lower  # noqa: F401  (registers the fused-op lowerings)
+    from . import llm_lower, quant_lower  # noqa: F401  (registers the fused-op and quantized lowerings)
     from .build import build
     from .lower import as_target, lower_functions, weight_names
 
