@@ -238,8 +238,6 @@ def _optimized_tiny_llama():
 
 @pytest.mark.nvcc
 @needs_nvcc
-@pytest.mark.xfail(strict=False, raises=UnsupportedOpError,
-                   reason="llm_lower.py does not pick cuda_attention's kernels for CUDA targets yet")
 # About 25 s per arch (lowering, TVM's CUDA build, nvcc on 2 MB of source): sm_90 runs with -m slow.
 @pytest.mark.parametrize("arch", ["sm_80", pytest.param("sm_90", marks=pytest.mark.slow)])
 def test_whole_tiny_llama_compiles_with_nvcc(arch):

@@ -16,7 +16,7 @@ from tvm.script import tirx as T
 from kiln.ir.errors import UnsupportedOpError
 from kiln.ir.types import TensorType
 
-from . import kernels
+from . import cuda_attention, kernels
 from .lower import emit_linear, lowering, tvm_dtype
 
 
@@ -117,9 +117,14 @@ def _lower_paged_attention(ctx, node, inputs):
     if cache_type.dtype != "f32" or q_type.dtype != "f32":
         raise UnsupportedOpError(f"paged_attention: the TVM backend's attention kernels take f32 q and cache, "
                                  f"found {q_type.dtype} and {cache_type.dtype}; use --kv-cache-dtype f32")
-    if not ctx.is_cpu:
-        raise UnsupportedOpError("paged_attention: kiln's paged attention kernels are CPU kernels; the CUDA "
-                                 "target has no paged-attention lowering yet")
+    if ctx.target.kind.name not in ("llvm", "cuda"):
+        raise UnsupportedOpError(f"paged_attention: kiln has paged attention kernels for cpu and cuda, found "
+                                 f"target {ctx.target.kind.name}; use --target cpu or cuda")
+    append_func, decode_func, prefill_func = ((kv_append_func, kernels.attention_decode_func,
+                                               kernels.attention_prefill_func) if ctx.is_cpu else
+                                              (cuda_attention.kv_append_cuda_func,
+                                               cuda_attention.attention_decode_cuda_func,
+                                               cuda_attention.attention_prefill_cuda_func))
     layers, _, num_pages, kv_heads, page, dim = cache_type.shape
     heads = q_type.shape[1]
     batch, seq = q_type.shape[0], q_type.shape[2]
@@ -144,19 +149,19 @@ def _lower_paged_attention(ctx, node, inputs):
     sequence = ctx.emit(relax.op.arange(tirx.IntImm("int64", 0), b, tirx.IntImm("int64", 1), "int32"))
     row_seq = sequence if seq == 1 else ctx.emit(relax.op.reshape(
         relax.op.broadcast_to(relax.op.reshape(sequence, [b, 1]), [b, s]), [rows]))
-    append = _add_func(bb, kv_append_func(kv_heads, dim, page, k_base, v_base), f"paged_kv_append_l{layer}")
+    append = _add_func(bb, append_func(kv_heads, dim, page, k_base, v_base), f"paged_kv_append_l{layer}")
     flat = ctx.emit(relax.call_tir_inplace(append, [token_rows(k, kv_heads), token_rows(v, kv_heads), page_table,
                                                     row_seq, row_pos, flat], [5], [flat.ty]))
     scale, window = node.attrs["scale"], node.attrs["window"]
     if seq == 1:
         lengths = ctx.emit(relax.op.add(row_pos, relax.const(1, "int32")))
-        func = kernels.attention_decode_func(heads, kv_heads, dim, page, scale, k_base, v_base, window)
+        func = decode_func(heads, kv_heads, dim, page, scale, k_base, v_base, window)
         gvar = _add_func(bb, func, f"paged_attention_decode_l{layer}")
         out = ctx.emit(relax.call_tir(gvar, [token_rows(q, heads), flat, flat, page_table, lengths],
                                       relax.TensorType([b, heads, dim], "float32")))
         out = ctx.emit(relax.op.reshape(out, [b, heads, 1, dim]))
     else:
-        func = kernels.attention_prefill_func(heads, kv_heads, dim, page, scale, k_base, v_base, window)
+        func = prefill_func(heads, kv_heads, dim, page, scale, k_base, v_base, window)
         gvar = _add_func(bb, func, f"paged_attention_prefill_l{layer}")
         out = ctx.emit(relax.call_tir(gvar, [token_rows(q, heads), flat, flat, page_table, row_seq, row_pos],
                                       relax.TensorType([rows, heads, dim], "float32")))
