@@ -6,6 +6,7 @@ and transformers eager (LlamaForCausalLM with the same weights in fp32).
 Prints tokens/s and kiln's ratio to each peer.
 
     python benchmarks/bench_generate.py [--threads 2] [--new-tokens 128] [--backend tvm]
+        [--quantize none int8 int4]   (one kiln row per mode; ratios use the first)
 """
 
 from __future__ import annotations
@@ -26,14 +27,15 @@ PROMPT = (
 )
 
 
-def bench_kiln(args, prompt_ids):
+def bench_kiln(args, prompt_ids, quantize="none"):
     import kiln
 
+    suffix = "" if quantize == "none" else f"-{quantize}"
     cache = os.path.join(os.path.expanduser("~/.cache/kiln"), "bench",
-                         f"smollm2-{args.backend}-{args.max_seq_len}.kiln")
+                         f"smollm2-{args.backend}-{args.max_seq_len}{suffix}.kiln")
     if not os.path.exists(os.path.join(cache, "manifest.json")):
-        kiln.compile("smollm2", backend=args.backend, max_seq_len=args.max_seq_len, max_num_seqs=1, output=cache,
-                     progress=True)
+        kiln.compile("smollm2", backend=args.backend, quantize=quantize, max_seq_len=args.max_seq_len,
+                     max_num_seqs=1, output=cache, progress=True)
     engine = kiln.load(cache, num_threads=args.threads)
     engine.generate(prompt_ids[:16], max_new_tokens=4, ignore_eos=True)  # warm up
     best = None
@@ -104,6 +106,8 @@ def main():
     parser.add_argument("--backend", default="tvm")
     parser.add_argument("--max-seq-len", type=int, default=512)
     parser.add_argument("--skip", nargs="*", default=[], help="peers to skip: llama.cpp transformers")
+    parser.add_argument("--quantize", nargs="+", default=["none"], choices=["none", "int8", "int4", "int4-g128"],
+                        help="kiln weight quantization modes to measure (one row each)")
     args = parser.parse_args()
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
 
@@ -114,7 +118,8 @@ def main():
     prompt_ids = tokenizer.encode(PROMPT).ids
     print(f"SmolLM2-135M-Instruct, prompt {len(prompt_ids)} tokens, {args.new_tokens} new tokens, "
           f"{args.threads} threads, greedy")
-    rows = [("kiln " + args.backend + " (fp32)",) + bench_kiln(args, prompt_ids)[:2]]
+    rows = [(f"kiln {args.backend} ({'fp32' if mode == 'none' else mode})",) + bench_kiln(args, prompt_ids, mode)[:2]
+            for mode in args.quantize]
     peers = []
     if "llama.cpp" not in args.skip:
         try:

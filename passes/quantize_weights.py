@@ -1,10 +1,7 @@
 """Quantize weights: ``linear(x, W)`` and ``gated_mlp(x, Wg, Wu, Wd)`` -> ``linear_q`` over int8 / int4 weights.
 
-Round-to-nearest, weight-only: int8 with one scale per output channel; int4 in
-groups of 32 or 128 along K, symmetric (default) or with zero points. The fp32
-weights nothing reads any more leave the module. Reads PassOptions.extra keys
-``quantize`` (None, "none", "int8", "int4", "int4-g128"), ``quantize_zero_points``
-and ``quantize_output`` (also quantize the output projection, fp32 by default).
+Round-to-nearest, weight-only; the fp32 weights nothing reads any more leave the module. Options (PassOptions.extra):
+``quantize`` (None, "int8", "int4", "int4-g128"), ``quantize_zero_points``, ``quantize_output`` (the logits projection).
 """
 
 from __future__ import annotations
