@@ -37,18 +37,19 @@ def quantize_int4(weight: np.ndarray, group_size: int, zero_points: bool = False
     """w[N, K] -> (q u32[N, K / 8], scale f32[N, G], zero f32[N, G] or None), G = K / group_size.
 
     Symmetric: scale = max|w| / 7, nibble = clip(rint(w / scale), -8, 7) + 8.
-    Zero points: the group's range (widened to hold 0) split into 15 steps,
-    zero = rint(-min / scale), nibble = clip(rint(w / scale) + zero, 0, 15).
+    Zero points: the group's [min, max] split into 15 steps, scale = (max - min) / 15,
+    nibble = rint((w - min) / scale), zero = -min / scale kept in float (not rounded), so
+    (nibble - zero) * scale hits min and max exactly and a weight already on a 16-level
+    grid per group (a GGUF Q4_1 source) comes back unchanged.
     """
     rows, k = weight.shape
     w = weight.astype(np.float32).reshape(rows, k // group_size, group_size)
     if zero_points:
-        low = np.minimum(w.min(axis=2), 0).astype(np.float32)
-        high = np.maximum(w.max(axis=2), 0).astype(np.float32)
+        low, high = w.min(axis=2), w.max(axis=2)
         scale = ((high - low) / np.float32(15)).astype(np.float32)
         scale[scale == 0] = 1.0
-        zero = np.clip(np.rint(-low / scale), 0, 15).astype(np.float32)
-        nibbles = np.clip(np.rint(w / scale[..., None]) + zero[..., None], 0, 15)
+        zero = (-low / scale).astype(np.float32)
+        nibbles = np.clip(np.rint((w - low[..., None]) / scale[..., None]), 0, 15)
     else:
         scale = (np.max(np.abs(w), axis=2) / np.float32(7)).astype(np.float32)
         scale[scale == 0] = 1.0

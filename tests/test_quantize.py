@@ -48,7 +48,8 @@ def torch_dequantize(q, scale, zero, bits, group_size) -> torch.Tensor:
 
 
 def torch_quantize(w: np.ndarray, bits: int, group_size: int, zero_points: bool):
-    """Round-to-nearest: int8 per row (absmax / 127); int4 per group, absmax / 7 or min/max with a zero point."""
+    """Round-to-nearest: int8 per row (absmax / 127); int4 per group, absmax / 7 or [min, max] in 15 steps
+    with a float zero point -min / scale."""
     t = torch.as_tensor(w, dtype=torch.float32)
     if bits == 8:
         scale = t.abs().amax(dim=1) / 127
@@ -57,11 +58,11 @@ def torch_quantize(w: np.ndarray, bits: int, group_size: int, zero_points: bool)
     n, k = t.shape
     g = t.reshape(n, k // group_size, group_size)
     if zero_points:
-        low, high = g.amin(dim=2).clamp(max=0), g.amax(dim=2).clamp(min=0)
+        low, high = g.amin(dim=2), g.amax(dim=2)
         scale = (high - low) / 15
         scale[scale == 0] = 1
-        zero = torch.round(-low / scale).clamp(0, 15)
-        nibbles = (torch.round(g / scale[..., None]) + zero[..., None]).clamp(0, 15)
+        zero = -low / scale
+        nibbles = torch.round((g - low[..., None]) / scale[..., None]).clamp(0, 15)
     else:
         scale = g.abs().amax(dim=2) / 7
         scale[scale == 0] = 1
@@ -193,6 +194,22 @@ def test_pass_quantizes_like_an_independent_quantizer(mode, zero_points, quantiz
     meta = module.metadata["quantization"]
     assert (meta["mode"], meta["bits"], meta["group_size"], meta["quantized_layers"]) == \
         (mode, bits, group, len(quantized))
+
+
+def test_zero_points_reproduce_a_weight_already_on_a_16_level_grid():
+    """A GGUF Q4_1-style source (w = d * n + m per group of 32, n in 0..15, both ends used) comes back exact."""
+    from kiln.passes.quantize_weights import quantize_int4
+
+    rng = np.random.default_rng(11)
+    rows, k = 6, 128
+    nibbles = rng.integers(0, 16, (rows, k // 32, 32))
+    nibbles[..., 0], nibbles[..., 1] = 0, 15
+    step = rng.uniform(0.001, 0.01, (rows, k // 32, 1)).astype(np.float32)
+    low = rng.uniform(-0.1, 0.02, (rows, k // 32, 1)).astype(np.float32)
+    w = (nibbles * step + low).astype(np.float32).reshape(rows, k)
+    q, scale, zero = quantize_int4(w, 32, zero_points=True)
+    restored = torch_dequantize(q, scale, zero, 4, 32).numpy()
+    np.testing.assert_allclose(restored, w, rtol=0, atol=1e-6)
 
 
 def test_pass_is_a_no_op_without_quantize_and_refuses_unknown_modes():
