@@ -39,7 +39,7 @@ def quantize_int4(weight: np.ndarray, group_size: int, zero_points: bool = False
     Symmetric: scale = max|w| / 7, nibble = clip(rint(w / scale), -8, 7) + 8.
     Zero points: the group's [min, max] split into 15 steps, scale = (max - min) / 15,
     nibble = rint((w - min) / scale), zero = -min / scale kept in float (not rounded), so
-    (nibble - zero) * scale hits min and max exactly and a weight already on a 16-level
+    (nibble - zero) * scale reproduces min and max (to float rounding) and a weight on a 16-level
     grid per group (a GGUF Q4_1 source) comes back unchanged.
     """
     rows, k = weight.shape
