@@ -21,5 +21,3 @@ PIPELINE = [
     # Memory: plan activation buffers of each entry function.
     "plan_activation_memory",
 ]
-
-FUSION_ONLY = ["fuse_attention", "fuse_rope", "fuse_rms_norm", "fuse_gated_mlp"]
