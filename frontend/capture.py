@@ -18,7 +18,7 @@ import torch
 
 from kiln.ir.errors import UnsupportedOpError
 from kiln.ir.graph import Function, Module, Value
-from kiln.ir.symbolic import SymExpr, sym
+from kiln.ir.symbolic import sym
 from kiln.ir.types import TensorType, promote
 from kiln.ir.verifier import verify_module
 

@@ -65,28 +65,8 @@ def parse_attrs(text: str) -> dict:
 
 
 def _split_top_quoted(text: str) -> list:
-    """Split on top-level commas, ignoring commas inside strings and brackets."""
-    parts, depth, start, in_str, escape = [], 0, 0, False, False
-    for i, ch in enumerate(text):
-        if in_str:
-            if escape:
-                escape = False
-            elif ch == "\\":
-                escape = True
-            elif ch == '"':
-                in_str = False
-            continue
-        if ch == '"':
-            in_str = True
-        elif ch in "([{":
-            depth += 1
-        elif ch in ")]}":
-            depth -= 1
-        elif ch == "," and depth == 0:
-            parts.append(text[start:i])
-            start = i + 1
-    parts.append(text[start:])
-    return [p.strip() for p in parts if p.strip()]
+    """Top-level comma-separated parts, empty ones dropped (strings and brackets kept whole)."""
+    return [p for p in _split_top(text) if p]
 
 
 def parse_module(text: str) -> Module:

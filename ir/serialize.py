@@ -23,6 +23,22 @@ IR_FILE = "module.kir"
 WEIGHTS_FILE = "weights.safetensors"
 
 
+def replace_directory(staged: str, path: str) -> None:
+    """Move the complete directory ``staged`` to ``path``; an existing ``path`` is swapped out only
+    after, and restored if the rename fails (callers stage next to ``path``, on one filesystem)."""
+    if not os.path.exists(path):
+        os.rename(staged, path)
+        return
+    old = path + ".old-" + os.path.basename(staged)
+    os.rename(path, old)
+    try:
+        os.rename(staged, path)
+    except BaseException:
+        os.rename(old, path)  # put the previous directory back
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def save_module(module: Module, path: str) -> None:
     from safetensors.numpy import save_file
 
@@ -37,17 +53,7 @@ def save_module(module: Module, path: str) -> None:
         # np.ascontiguousarray turns a 0-d array into shape (1,); reshape back (a view, no copy)
         arrays = {k: np.ascontiguousarray(v).reshape(np.shape(v)) for k, v in module.weight_data.items()}
         save_file(arrays, os.path.join(tmp, WEIGHTS_FILE))
-        if os.path.exists(path):
-            old = path + ".old-" + os.path.basename(tmp)
-            os.rename(path, old)
-            try:
-                os.rename(tmp, path)
-            except BaseException:
-                os.rename(old, path)  # put the previous module back
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, path)
+        replace_directory(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -125,10 +125,20 @@ def parse_type(text: str) -> TensorType:
 
 
 def _split_top(text: str) -> list:
-    """Split on commas not inside parentheses or brackets."""
-    parts, depth, start = [], 0, 0
+    """Split on commas outside parentheses, brackets, braces and double-quoted strings."""
+    parts, depth, start, in_str, escape = [], 0, 0, False, False
     for i, ch in enumerate(text):
-        if ch in "([{":
+        if in_str:
+            if escape:
+                escape = False
+            elif ch == "\\":
+                escape = True
+            elif ch == '"':
+                in_str = False
+            continue
+        if ch == '"':
+            in_str = True
+        elif ch in "([{":
             depth += 1
         elif ch in ")]}":
             depth -= 1

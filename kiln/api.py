@@ -26,6 +26,8 @@ class Artifact:
 
     def save(self, path) -> str:
         """Copy the artifact to ``path`` atomically (a temporary sibling, then rename)."""
+        from kiln.ir.serialize import replace_directory
+
         path = os.path.abspath(os.fspath(path))
         parent = os.path.dirname(path)
         os.makedirs(parent, exist_ok=True)
@@ -33,9 +35,7 @@ class Artifact:
         try:
             staged = os.path.join(tmp, "artifact")
             shutil.copytree(self.path, staged)
-            if os.path.exists(path):
-                shutil.rmtree(path)
-            os.rename(staged, path)
+            replace_directory(staged, path)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return path

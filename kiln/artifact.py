@@ -9,6 +9,7 @@ import tempfile
 
 from kiln import __version__
 from kiln.ir.printer import print_module
+from kiln.ir.serialize import replace_directory
 from kiln.runtime.artifact import FORMAT_NAME, FORMAT_VERSION, MANIFEST, sha256_file
 
 WEIGHTS = "weights.safetensors"
@@ -70,13 +71,7 @@ def write_artifact(path: str, module, source, *, backend: str, target: str, opti
         }
         with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=2, sort_keys=True)
-        if os.path.exists(path):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
-            os.rename(path, os.path.join(old, "a"))
-            os.rename(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, path)
+        replace_directory(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -9,7 +9,6 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from kiln.ir.errors import KilnError
 from kiln.ir.graph import Module

@@ -21,7 +21,7 @@ from kiln.ir.errors import VerificationError
 from kiln.ir.graph import Module
 from kiln.ir.interpreter import run_function
 from kiln.ir.ops import OPS, complete_attrs, concrete_attrs, get_op, infer_types
-from kiln.ir.symbolic import SymExpr, evaluate, sym
+from kiln.ir.symbolic import SymExpr, sym
 from kiln.ir.types import (DTYPES, TensorType, dtype_of_numpy, numpy_dtype, parse_type, promote)
 
 b, s = sym("b"), sym("s")

@@ -87,8 +87,8 @@ def test_residual_add_becomes_add_rms_norm_and_later_uses_read_the_sum():
     check_same_results(parse_module(before), module, weights(), weights())
 
 
-GEMMA = f"""
-    %one = constant() {{value=1.0, dtype="f32"}} : f32[]
+GEMMA = """
+    %one = constant() {value=1.0, dtype="f32"} : f32[]
     %w1 = add(%one, %w) : f32[16]""" + norm("x", "y", weight="%w1", weight_first=False)
 
 

@@ -15,7 +15,7 @@ from kiln.ir.graph import Module
 from kiln.ir.ops import OPS, REQUIRED, define_op
 from kiln.ir.parser import parse_attr_value, parse_module
 from kiln.ir.printer import format_attr_value, print_module
-from kiln.ir.symbolic import SymExpr, sym
+from kiln.ir.symbolic import sym
 from kiln.ir.types import TensorType
 from kiln.ir.verifier import verify_module
 

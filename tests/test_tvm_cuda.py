@@ -18,7 +18,7 @@ tvm = pytest.importorskip("tvm")
 
 from kiln.backends.tvm import cuda_attention  # noqa: E402
 from kiln.backends.tvm.build import build, compile_cuda_source, cuda_source  # noqa: E402
-from kiln.ir.errors import ConfigError, UnsupportedOpError  # noqa: E402
+from kiln.ir.errors import ConfigError  # noqa: E402
 
 from smollm2 import fresh_copy  # noqa: E402
 from tiny_models import captured  # noqa: E402

@@ -24,7 +24,7 @@ from kiln.ir.graph import Module  # noqa: E402
 from kiln.ir.interpreter import run_function  # noqa: E402
 from kiln.ir.ops import OPS, define_op  # noqa: E402
 from kiln.ir.symbolic import sym  # noqa: E402
-from kiln.ir.types import TensorType, is_float, numpy_dtype  # noqa: E402
+from kiln.ir.types import TensorType, numpy_dtype  # noqa: E402
 
 B, S = sym("batch"), sym("seq")
 # Two bindings of the symbols, both run on ONE compiled module.
