@@ -80,18 +80,12 @@ def cleaned_model(arch: str):
 
 def check_cleaned_logits(arch: str) -> Module:
     """The cleaned tiny model still gives transformers' logits and has fewer nodes; returns it."""
-    from kiln.ir.interpreter import run_function
-    from tiny_models import PROMPT_SHAPES, VOCAB, reference_logits
+    from tiny_models import PROMPT_SHAPES, VOCAB, assert_forward_matches
 
     original, module = cleaned_model(arch)
     rng = np.random.default_rng(0)
     for shape in PROMPT_SHAPES:
-        ids = rng.integers(0, VOCAB, size=shape)
-        ref = reference_logits(arch, ids)
-        (out,) = run_function(module, "forward", [ids])
-        assert out.shape == ref.shape
-        err = float(np.abs(out - ref).max())
-        assert err <= 1e-4 * float(np.abs(ref).max()), f"{arch} {shape}: max error {err}"
+        assert_forward_matches(module, arch, rng.integers(0, VOCAB, size=shape))
     before = len(original.functions["forward"].nodes)
     after = len(module.functions["forward"].nodes)
     assert after < before, f"{arch}: {before} nodes before cleanup, {after} after"

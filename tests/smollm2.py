@@ -31,12 +31,3 @@ def smollm2_captured(max_seq: int = 256):
 
     return capture(smollm2_source().model, max_seq=max_seq)
 
-
-def fresh_copy(module):
-    """An independent copy of a module (IR re-parsed, weight arrays shared read-only)."""
-    from kiln.ir.parser import parse_module
-    from kiln.ir.printer import print_module
-
-    copy = parse_module(print_module(module))
-    copy.weight_data = dict(module.weight_data)
-    return copy

@@ -11,7 +11,7 @@ from kiln.ir.symbolic import sym
 from kiln.ir.types import TensorType
 from kiln.ir.verifier import verify_module
 
-from tiny_models import PROMPT_SHAPES, TINY_ARCHS, VOCAB, captured, reference_logits
+from tiny_models import PROMPT_SHAPES, TINY_ARCHS, VOCAB, assert_forward_matches, captured
 
 
 @pytest.mark.parametrize("arch", sorted(TINY_ARCHS))
@@ -22,11 +22,7 @@ def test_architecture_logits_match_torch(arch):
     assert fn.params[0].type == TensorType("i64", (sym("batch"), sym("seq")))
     rng = np.random.default_rng(0)
     for shape in PROMPT_SHAPES:
-        ids = rng.integers(0, VOCAB, size=shape)
-        ref = reference_logits(arch, ids)
-        (out,) = run_function(module, "forward", [ids])
-        assert out.shape == ref.shape
-        assert np.abs(out - ref).max() <= 1e-4 * np.abs(ref).max(), (arch, shape)
+        assert_forward_matches(module, arch, rng.integers(0, VOCAB, size=shape))
 
 
 class _PlainLM(torch.nn.Module):

@@ -9,7 +9,8 @@ from kiln.passes import PassManager, PassOptions
 from kiln.passes.pipeline import PIPELINE
 
 from kv_harness import generate_logits
-from smollm2 import fresh_copy, smollm2_captured, smollm2_source
+from golden import copy_module
+from smollm2 import smollm2_captured, smollm2_source
 from tiny_models import TINY_ARCHS, VOCAB, captured, reference_logits
 
 OPTIONS = PassOptions(max_seq_len=32, max_num_seqs=3, page_size=4, activation_seq_len=16)
@@ -28,7 +29,7 @@ EXPECTED = {
 
 
 def optimized(module, options=OPTIONS):
-    module = fresh_copy(module)
+    module = copy_module(module)
     PassManager(PIPELINE).run(module, options)
     return module
 

@@ -20,7 +20,7 @@ from kiln.backends.tvm import cuda_attention  # noqa: E402
 from kiln.backends.tvm.build import build, compile_cuda_source, cuda_source  # noqa: E402
 from kiln.ir.errors import ConfigError  # noqa: E402
 
-from smollm2 import fresh_copy  # noqa: E402
+from golden import copy_module  # noqa: E402
 from tiny_models import captured  # noqa: E402
 
 ARCHS = ("sm_80", "sm_90")
@@ -231,7 +231,7 @@ def _optimized_tiny_llama():
     from kiln.passes.manager import PassManager, PassOptions
     from kiln.passes.pipeline import PIPELINE
 
-    module = fresh_copy(captured("llama"))
+    module = copy_module(captured("llama"))
     PassManager(PIPELINE).run(module, PassOptions(max_seq_len=32, max_num_seqs=2, page_size=8))
     return module
 

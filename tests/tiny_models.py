@@ -52,3 +52,17 @@ def reference_logits(name: str, ids):
 
     with torch.no_grad():
         return tiny_model(name)(input_ids=torch.as_tensor(ids), use_cache=False).logits.numpy()
+
+
+def assert_forward_matches(module, name: str, ids, tolerance: float = 1e-4) -> None:
+    """The interpreter on ``module``'s forward gives transformers' logits for ``ids`` within
+    ``tolerance`` times the largest logit."""
+    import numpy as np
+
+    from kiln.ir.interpreter import run_function
+
+    ref = reference_logits(name, ids)
+    (out,) = run_function(module, "forward", [ids])
+    assert out.shape == ref.shape
+    err = float(np.abs(out - ref).max())
+    assert err <= tolerance * float(np.abs(ref).max()), f"{name} {tuple(np.shape(ids))}: max error {err}"
