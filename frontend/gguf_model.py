@@ -152,3 +152,10 @@ def load_gguf(path: str | os.PathLike) -> tuple[LlamaForCausalLM, LlamaConfig, T
     config = config_from_gguf(gguf_file)
     model = llama_from_state_dict(config, state_dict_from_gguf(gguf_file, config), where=gguf_file.path)
     return model, config, tokenizer_from_gguf(gguf_file)
+
+
+def prequantized_from_gguf(path: str | os.PathLike, config: LlamaConfig) -> dict:
+    """{transformers weight name: QuantizedWeight} of the file's Q4_0 / Q4_1 / Q8_0 tensors, as stored."""
+    from .gguf_quant import prequantized_weights
+
+    return prequantized_weights(GGUFFile(path), config, hf_tensor_name, unpermute_rope_rows)

@@ -30,6 +30,9 @@ class ModelSource:
     tokenizer: Any = None  # kiln.frontend.tokenizer.TokenizerBundle or None
     content_hash: str = ""
     path: str | None = None
+    # A quantized GGUF's blocks as kiln weights, computed on demand: () -> {weight name: QuantizedWeight}
+    # ({} when the file holds no Q4_0 / Q4_1 / Q8_0 tensor). None for other sources.
+    prequantized: Any = None
 
 
 def default_model_path() -> str:
@@ -106,9 +109,12 @@ def load_source(source) -> ModelSource:
     if magic == b"GGUF":
         from .gguf_model import load_gguf
 
+        from .gguf_model import prequantized_from_gguf
+
         model, config, tokenizer = load_gguf(path)
         return ModelSource(name=name, kind="gguf", model=model, config=_jsonable(config.to_dict()),
-                           tokenizer=tokenizer, content_hash=content_hash(path), path=path)
+                           tokenizer=tokenizer, content_hash=content_hash(path), path=path,
+                           prequantized=lambda: prequantized_from_gguf(path, config))
     raise ModelFormatError(f"{path}: not a GGUF file (magic {magic!r}) nor a checkpoint directory; "
                            f"pass a .gguf file or a directory with config.json and *.safetensors")
 

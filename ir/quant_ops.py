@@ -1,12 +1,19 @@
-"""Weight-only quantized linear: ``linear_q(x, q, scale[, zero]) {bits, group_size}`` = x @ dequantize(q).T.
+"""Weight-only quantized ops: ``linear_q`` (a dense layer) and ``embedding_q`` (a row lookup).
 
-int8: q i8[N, K], scale f32[N] (one per output channel), w = q * scale.
-int4: q u32[N, K / 8] with element k of a row in bits 4 * (k % 8) of word k // 8,
-scale f32[N, K / group_size]; w = (nibble - zero) * scale with zero f32[N, K / group_size]
-when given, else (nibble - 8) * scale (symmetric).
+Both read one quantized weight ``W[N, K]`` as ``(q, scale[, offset]) {bits, group_size}``:
+
+- int8: q i8[N, K]; scale [N] (group_size 0: one per row) or [N, K / group_size]; w = q * scale.
+- int4: q u32[N, K / 8], element k of a row in bits 4 * (k % 8) of word k // 8;
+  scale [N, K / group_size]; w = nibble * scale + offset with offset [N, K / group_size]
+  when given (GGUF Q4_1: scale d, offset m), else (nibble - 8) * scale (symmetric, GGUF Q4_0).
+
+scale and offset are f32 or f16 (a GGUF file's block scales are f16); the arithmetic is f32.
+``linear_q(x, q, scale[, offset])`` = x @ W.T; ``embedding_q(ids, q, scale[, offset])`` = W[ids].
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -15,6 +22,28 @@ from .types import TensorType, is_float
 
 INT4_PER_WORD = 8
 QUANT_BITS = (4, 8)
+SCALE_DTYPES = ("f32", "f16")
+
+
+@dataclass
+class QuantizedWeight:
+    """One weight in linear_q / embedding_q form (the arrays a module stores)."""
+
+    bits: int
+    group_size: int
+    q: np.ndarray
+    scale: np.ndarray
+    offset: np.ndarray | None = None
+
+    def arrays(self) -> list:
+        return [self.q, self.scale] + ([self.offset] if self.offset is not None else [])
+
+    def dequantize(self) -> np.ndarray:
+        return dequantize(self.q, self.scale, self.offset, self.bits, self.group_size)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays())
 
 
 def pack_int4(nibbles: np.ndarray) -> np.ndarray:
@@ -34,52 +63,97 @@ def unpack_int4(packed: np.ndarray) -> np.ndarray:
     return nibbles.reshape(packed.shape[0], -1).astype(np.uint8)
 
 
-def dequantize(q: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, bits: int, group_size: int) -> np.ndarray:
-    """The float64 weight [N, K] a linear_q computes with."""
+def _per_element(a: np.ndarray, group_size: int) -> np.ndarray:
+    """scale/offset [N] or [N, G] -> float64 broadcastable against W[N, K]."""
+    a = a.astype(np.float32).astype(np.float64)
+    return a[:, None] if a.ndim == 1 else np.repeat(a, group_size, axis=1)
+
+
+def dequantize(q: np.ndarray, scale: np.ndarray, offset: np.ndarray | None, bits: int, group_size: int) -> np.ndarray:
+    """The float64 weight [N, K] a linear_q / embedding_q computes with."""
+    s = _per_element(scale, group_size)
     if bits == 8:
-        return q.astype(np.float64) * scale.astype(np.float64)[:, None]
+        return q.astype(np.float64) * s
     nibbles = unpack_int4(q).astype(np.float64)
-    expand = lambda a: np.repeat(a.astype(np.float64), group_size, axis=1)  # noqa: E731
-    shift = expand(zero) if zero is not None else 8.0
-    return (nibbles - shift) * expand(scale)
+    if offset is None:
+        return (nibbles - 8.0) * s
+    return nibbles * s + _per_element(offset, group_size)
+
+
+def check_quantized(op: str, q: TensorType, scale: TensorType, offset: TensorType | None, bits, group,
+                    k: int | None = None) -> tuple:
+    """Shape/dtype rule of a quantized weight; returns (N, K). ``k``: the K the caller expects."""
+    if bits not in QUANT_BITS:
+        raise fail(op, f"bits must be 4 or 8, found {bits}")
+    if not isinstance(group, int) or group < 0:
+        raise fail(op, f"group_size must be a non-negative integer, found {group!r}")
+    if q.rank != 2 or not all(isinstance(d, int) for d in q.shape):
+        raise fail(op, f"expected a fixed 2-D q, found {q}")
+    if scale.dtype not in SCALE_DTYPES or (offset is not None and offset.dtype != scale.dtype):
+        raise fail(op, f"expected f32 or f16 scales (and offsets of the same dtype), found {scale} and {offset}")
+    n = q.shape[0]
+    if bits == 8:
+        qk = q.shape[1]
+        if q.dtype != "i8" or offset is not None:
+            raise fail(op, f"int8 expects q i8[N, K] and no offset, found {q} and offset={offset}")
+    else:
+        qk = q.shape[1] * INT4_PER_WORD
+        if q.dtype != "u32" or group == 0:
+            raise fail(op, f"int4 expects q u32[N, K / 8] and a group_size > 0, found {q}, group_size={group}")
+    if k is not None and qk != k:
+        raise fail(op, f"expected q for K={k} columns, found {q} (K={qk})")
+    if group:
+        if qk % group:
+            raise fail(op, f"expected a group_size dividing K={qk}, found group_size={group}")
+        want = (n, qk // group)
+    else:
+        want = (n,)
+    if scale.shape != want or (offset is not None and offset.shape != want):
+        raise fail(op, f"expected scale{' and offset' if offset is not None else ''} of shape {list(want)} "
+                       f"(N={n}, K={qk}, group_size={group}), found {scale}"
+                       f"{'' if offset is None else f' and {offset}'}")
+    return n, qk
 
 
 def _linear_q_infer(types, attrs, module):
     x, q, scale = types[:3]
-    zero = types[3] if len(types) == 4 else None
-    bits, group = attrs["bits"], attrs["group_size"]
-    if bits not in QUANT_BITS:
-        raise fail("linear_q", f"bits must be 4 or 8, found {bits}")
+    offset = types[3] if len(types) == 4 else None
     if x.rank < 1 or not is_float(x.dtype) or not isinstance(x.shape[-1], int):
         raise fail("linear_q", f"expected a float x[..., K] with a fixed K, found {x}")
-    k = x.shape[-1]
-    if q.rank != 2 or scale.dtype != "f32" or not all(isinstance(d, int) for d in q.shape):
-        raise fail("linear_q", f"expected a fixed 2-D q and f32 scales, found {q} and {scale}")
-    n = q.shape[0]
-    if bits == 8:
-        if q.dtype != "i8" or q.shape[1] != k or scale.shape != (n,) or zero is not None or group != 0:
-            raise fail("linear_q", f"int8 expects q i8[N, {k}], scale f32[N], no zero and group_size 0, "
-                                   f"found {q}, {scale}, zero={zero}, group_size={group}")
-    else:
-        if not (isinstance(group, int) and group > 0 and k % group == 0 and k % INT4_PER_WORD == 0):
-            raise fail("linear_q", f"int4 expects a group_size dividing K={k} (and K a multiple of 8), "
-                                   f"found group_size={group}")
-        groups = (n, k // group)
-        if q.dtype != "u32" or q.shape != (n, k // INT4_PER_WORD) or scale.shape != groups:
-            raise fail("linear_q", f"int4 expects q u32[N, {k // INT4_PER_WORD}] and scale f32[N, {k // group}], "
-                                   f"found {q} and {scale}")
-        if zero is not None and (zero.dtype != "f32" or zero.shape != groups):
-            raise fail("linear_q", f"int4 zero points must be f32{list(groups)}, found {zero}")
+    n, _ = check_quantized("linear_q", q, scale, offset, attrs["bits"], attrs["group_size"], k=x.shape[-1])
     return [TensorType(x.dtype, tuple(x.shape[:-1]) + (n,))]
 
 
 def _linear_q_ref(xs, attrs):
     x, q, scale = xs[:3]
-    zero = xs[3] if len(xs) == 4 else None
-    w = dequantize(q, scale, zero, attrs["bits"], attrs["group_size"])
+    offset = xs[3] if len(xs) == 4 else None
+    w = dequantize(q, scale, offset, attrs["bits"], attrs["group_size"])
     return [np.matmul(x.astype(np.float64), w.T).astype(x.dtype)]
 
 
 define_op("linear_q", infer=_linear_q_infer, reference=_linear_q_ref, attrs={"bits": REQUIRED, "group_size": 0},
-          inputs=(3, 4), doc="x @ dequantize(q, scale[, zero]).T: weight-only int8 (per output channel) or "
-                             "int4 (group-wise, symmetric or with zero points) dense layer")
+          inputs=(3, 4), doc="x @ dequantize(q, scale[, offset]).T: weight-only int8 (per row or group-wise) or "
+                             "int4 (group-wise, symmetric or with offsets) dense layer")
+
+
+def _embedding_q_infer(types, attrs, module):
+    ids, q, scale = types[:3]
+    offset = types[3] if len(types) == 4 else None
+    if ids.dtype not in ("i64", "i32"):
+        raise fail("embedding_q", f"ids must be integer, found {ids.dtype}")
+    _, k = check_quantized("embedding_q", q, scale, offset, attrs["bits"], attrs["group_size"])
+    return [TensorType("f32", tuple(ids.shape) + (k,))]
+
+
+def _embedding_q_ref(xs, attrs):
+    ids, q, scale = xs[:3]
+    offset = xs[3] if len(xs) == 4 else None
+    rows = np.clip(ids.astype(np.int64), 0, q.shape[0] - 1).reshape(-1)
+    sub = [q[rows], scale[rows]] + ([offset[rows]] if offset is not None else [None])
+    w = dequantize(sub[0], sub[1], sub[2], attrs["bits"], attrs["group_size"]).astype(np.float32)
+    return [w.reshape(tuple(ids.shape) + (w.shape[-1],))]
+
+
+define_op("embedding_q", infer=_embedding_q_infer, reference=_embedding_q_ref,
+          attrs={"bits": REQUIRED, "group_size": 0}, inputs=(3, 4),
+          doc="dequantize(q, scale[, offset])[ids]: f32 rows of a quantized table (ids clipped to the table)")

@@ -48,12 +48,12 @@ class Artifact:
         return f"<kiln.Artifact {self.path}>"
 
 
-QUANTIZE_MODES = ("none", "int8", "int4", "int4-g128")  # int4: groups of 32; int4-g128: groups of 128
+QUANTIZE_MODES = ("none", "int8", "int4", "int4-g128", "gguf")  # int4: groups of 32; gguf: the file's blocks
 
 
 def compile_options(*, max_seq_len=2048, max_num_seqs=4, page_size=16, kv_cache_dtype="f32",
-                    kv_cache_budget=None, activation_seq_len=None, quantize=None, quantize_zero_points=False,
-                    quantize_output=False):
+                    kv_cache_budget=None, activation_seq_len=None, quantize=None, quantize_zero_points=True,
+                    quantize_embedding=True):
     from kiln.passes import PassOptions
 
     for name, value in (("max_seq_len", max_seq_len), ("max_num_seqs", max_num_seqs), ("page_size", page_size)):
@@ -63,23 +63,41 @@ def compile_options(*, max_seq_len=2048, max_num_seqs=4, page_size=16, kv_cache_
         raise ConfigError(f"kv_cache_dtype must be 'f32' or 'f16', got {kv_cache_dtype!r}")
     if quantize not in (None,) + QUANTIZE_MODES:
         raise ConfigError(f"quantize must be None or one of {', '.join(QUANTIZE_MODES)}, got {quantize!r}")
-    mode = None if quantize in (None, "none") else quantize
-    if quantize_zero_points and (mode is None or mode == "int8"):
-        raise ConfigError(f"quantize_zero_points needs an int4 mode (int4, int4-g128), got quantize={quantize!r}")
-    extra = {"quantize": mode, "quantize_zero_points": bool(quantize_zero_points),
-             "quantize_output": bool(quantize_output)}
+    extra = {"quantize": quantize, "quantize_zero_points": bool(quantize_zero_points),
+             "quantize_embedding": bool(quantize_embedding)}
     return PassOptions(max_seq_len=max_seq_len, max_num_seqs=max_num_seqs, page_size=page_size,
                        kv_cache_dtype=kv_cache_dtype, memory_budget_bytes=kv_cache_budget,
                        activation_seq_len=activation_seq_len or min(max_seq_len, 128), extra=extra)
+
+
+def resolve_quantize(pass_options, source_info, progress: Progress = QUIET) -> str:
+    """Settle the quantize mode against the loaded source (None -> "gguf" for a quantized GGUF, else
+    "none") and hand the file's blocks to the pass for "gguf"; returns the mode."""
+    mode = pass_options.extra.get("quantize")
+    blocks = {}
+    if mode in (None, "gguf") and source_info.prequantized is not None:
+        with progress.stage("importing GGUF quantized blocks"):
+            blocks = source_info.prequantized()
+    if mode is None:
+        mode = "gguf" if blocks else "none"
+    if mode == "gguf" and not blocks:
+        raise ConfigError(f"quantize='gguf' keeps a GGUF file's Q4_0 / Q4_1 / Q8_0 blocks, but {source_info.name!r} "
+                          f"{'holds none' if source_info.kind == 'gguf' else 'is not a GGUF file'}; "
+                          "use none, int8, int4 or int4-g128")
+    pass_options.extra["quantize"] = mode
+    pass_options.extra["prequantized"] = blocks if mode == "gguf" else None
+    return mode
 
 
 def compile(source, backend: str = "tvm", target: str = "cpu", quantize=None, max_seq_len: int = 2048, *,
             output=None, progress: Progress | bool = False, **options) -> Artifact:
     """Compile ``source`` ("smollm2", a .gguf path, a Hugging Face checkpoint dir or a torch.nn.Module).
 
-    ``quantize``: None / "none" (fp32), "int8" (per output channel), "int4" (groups of 32) or
-    "int4-g128"; ``quantize_zero_points=True`` gives int4 zero points, ``quantize_output=True``
-    also quantizes the logits projection.
+    ``quantize``: "none" (fp32), "int8" (per output channel), "int4" (groups of 32), "int4-g128", or
+    "gguf" (a quantized GGUF file's Q4_0 / Q4_1 / Q8_0 blocks as they are). None (the default) is
+    "gguf" for a quantized GGUF source and "none" otherwise. int4 groups carry an offset (their
+    minimum) unless ``quantize_zero_points=False``; the embedding table and the logits projection
+    become int8 per row in the int8 / int4 modes unless ``quantize_embedding=False``.
     """
     from kiln.backends import check_backend
 
@@ -92,6 +110,7 @@ def compile(source, backend: str = "tvm", target: str = "cpu", quantize=None, ma
     pass_options = compile_options(max_seq_len=max_seq_len, quantize=quantize, **options)
     progress = Progress() if progress is True else (progress or QUIET)
     module, source_info = capture_source(source, max_seq=max_seq_len, progress=progress)
+    resolve_quantize(pass_options, source_info, progress)
     manager = optimize(module, pass_options, progress=progress)
     if output is None:
         holder = tempfile.mkdtemp(prefix="kiln-artifact-")

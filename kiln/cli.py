@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     inspect.add_argument("--print-after", metavar="PASS|all", help="print the IR after this pass (or all)")
     inspect.add_argument("--stop-after", metavar="PASS", help="stop the pipeline after this pass")
+    add_quantize_option(inspect)
     add_plan_options(inspect)
 
     for p in (compile_, run, chat, inspect):
@@ -75,13 +76,26 @@ def add_plan_options(parser) -> None:
     group.add_argument("--kv-cache-budget", metavar="BYTES", help="KV-cache memory budget, e.g. 512MiB")
 
 
+QUANTIZE_CHOICES = ("auto", "none", "int8", "int4", "int4-g128", "gguf")
+
+
+def add_quantize_option(group) -> None:
+    group.add_argument("--quantize", default="auto", choices=QUANTIZE_CHOICES,
+                       help="weight-only quantization: auto (default: gguf for a quantized GGUF file, else none), "
+                            "none (fp32), int8 (per output channel), int4 (groups of 32, with offsets), "
+                            "int4-g128 (groups of 128) or gguf (keep the GGUF file's Q4_0/Q4_1/Q8_0 blocks)")
+
+
+def quantize_arg(args):
+    """--quantize as kiln.compile's quantize= (auto -> None)."""
+    return None if args.quantize == "auto" else args.quantize
+
+
 def add_compile_options(parser) -> None:
     group = parser.add_argument_group("compilation (when MODEL is not an artifact)")
     group.add_argument("--backend", default="tvm", help="tvm (default) or reference (numpy, slow)")
     group.add_argument("--target", default="cpu", help="cpu (default) or cuda")
-    group.add_argument("--quantize", default="none", choices=["none", "int8", "int4", "int4-g128"],
-                       help="weight-only quantization of the linear layers: none (default), int8 (per output "
-                            "channel), int4 (groups of 32) or int4-g128 (groups of 128)")
+    add_quantize_option(group)
     group.add_argument("--threads", type=int, default=None, help="CPU threads for the TVM runtime")
     add_plan_options(parser)
 
@@ -129,8 +143,8 @@ def check_compile_args(args) -> None:
         raise UsageError(f"unknown backend {args.backend!r}; expected one of {', '.join(sorted(BACKENDS))}")
     if args.target not in ("cpu", "cuda"):
         raise UsageError(f"unknown target {args.target!r}; expected cpu or cuda")
-    if args.quantize not in ("none", "int8", "int4", "int4-g128"):
-        raise UsageError(f"unknown --quantize {args.quantize!r}; expected none, int8, int4 or int4-g128")
+    if args.quantize not in QUANTIZE_CHOICES:
+        raise UsageError(f"unknown --quantize {args.quantize!r}; expected one of {', '.join(QUANTIZE_CHOICES)}")
     if args.threads is not None and args.threads <= 0:
         raise UsageError(f"--threads must be positive, got {args.threads}")
     plan_kwargs(args)
@@ -179,10 +193,10 @@ def open_engine(args):
         digest = content_hash(args.model)
     key = json.dumps({"model": digest, "kiln": __version__, "backend": args.backend,
                       "backend_version": backend_version(args.backend), "target": args.target,
-                      "quantize": args.quantize, **plan_kwargs(args)}, sort_keys=True)
+                      "quantize": args.quantize, "cache_format": 2, **plan_kwargs(args)}, sort_keys=True)
     path = os.path.join(cache_dir(), hashlib.sha256(key.encode()).hexdigest()[:24], "model.kiln")
     if not is_artifact(path):
-        compile_model(args.model, backend=args.backend, target=args.target, quantize=args.quantize, output=path,
+        compile_model(args.model, backend=args.backend, target=args.target, quantize=quantize_arg(args), output=path,
                       progress=progress, **plan_kwargs(args))
     else:
         progress.stream.write(f"kiln: using the compiled model in {path}\n")
@@ -196,7 +210,7 @@ def cmd_compile(args) -> int:
     from .progress import Progress
 
     check_compile_args(args)
-    art = compile_model(args.model, backend=args.backend, target=args.target, quantize=args.quantize,
+    art = compile_model(args.model, backend=args.backend, target=args.target, quantize=quantize_arg(args),
                         output=args.output, progress=Progress(), **plan_kwargs(args))
     print(f"kiln: wrote {art.path}", file=sys.stderr)
     return 0
@@ -266,9 +280,12 @@ def cmd_inspect(args) -> int:
     else:
         from kiln.api import compile_options
 
-        options = compile_options(**plan_kwargs(args))
+        from kiln.api import resolve_quantize
+
+        options = compile_options(quantize=quantize_arg(args), **plan_kwargs(args))
         progress = Progress()
-        module, _ = capture_source(args.model, max_seq=args.max_seq_len, progress=progress)
+        module, source_info = capture_source(args.model, max_seq=args.max_seq_len, progress=progress)
+        resolve_quantize(options, source_info, progress)
         optimize(module, options, print_after=args.print_after, stop_after=args.stop_after, progress=progress)
         summary = summarize(module)
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))

@@ -1,7 +1,18 @@
-"""Quantize weights: ``linear(x, W)`` and ``gated_mlp(x, Wg, Wu, Wd)`` -> ``linear_q`` over int8 / int4 weights.
+"""Quantize weights: ``linear``, ``gated_mlp`` and ``embedding`` over fp32 weights -> ``linear_q`` / ``embedding_q``.
 
-Round-to-nearest, weight-only; the fp32 weights nothing reads any more leave the module. Options (PassOptions.extra):
-``quantize`` (None, "int8", "int4", "int4-g128"), ``quantize_zero_points``, ``quantize_output`` (the logits projection).
+Round-to-nearest, weight-only; the fp32 weights nothing reads any more leave the module.
+Options (PassOptions.extra):
+
+- ``quantize``: None / "none", "int8" (per output channel), "int4" (groups of 32), "int4-g128",
+  or "gguf": the blocks a GGUF file holds, as they are (``prequantized``, from the frontend).
+- ``quantize_zero_points`` (int4, default True): a per-group offset (the group's minimum) beside the
+  scale, as GGUF Q4_1 does; False gives symmetric groups, (nibble - 8) * scale, as Q4_0 does.
+- ``quantize_embedding`` (int8 / int4 modes, default True): the embedding table and the logits
+  projection as int8 per row (the format llama.cpp's Q4 files keep for token_embd); False keeps fp32.
+- ``prequantized``: {weight name: QuantizedWeight} for "gguf".
+
+int4 scales and offsets are stored in f16 (as GGUF blocks are), the nibbles computed against the
+rounded values, so the kernels reproduce exactly what the quantizer chose.
 """
 
 from __future__ import annotations
@@ -10,7 +21,7 @@ import numpy as np
 
 from kiln.ir.errors import ConfigError
 from kiln.ir.graph import Function, Module, Node, Value
-from kiln.ir.quant_ops import pack_int4
+from kiln.ir.quant_ops import QuantizedWeight, pack_int4
 from kiln.ir.types import is_float
 
 from .manager import PassOptions, register_pass
@@ -18,87 +29,123 @@ from .patterns import weight_name
 
 # mode -> (bits, group_size); group_size 0 is one scale per output channel.
 MODES = {"int8": (8, 0), "int4": (4, 32), "int4-g128": (4, 128)}
+GGUF = "gguf"
 # Ops a value may pass through on its way to being returned and still be "the logits".
 _PASS_THROUGH = ("reshape", "slice", "cast", "permute", "index")
 _ACTIVATION_OPS = {"silu": ("silu", {}), "gelu": ("gelu", {"approximate": "none"}),
                    "gelu_tanh": ("gelu", {"approximate": "tanh"})}
 
 
-def quantize_int8(weight: np.ndarray) -> tuple:
-    """w[N, K] -> (q i8[N, K], scale f32[N]) with w ~ q * scale, |q| <= 127."""
+def quantize_int8(weight: np.ndarray) -> QuantizedWeight:
+    """w[N, K] -> q i8[N, K], scale f32[N] with w ~ q * scale, |q| <= 127."""
     w = weight.astype(np.float32)
     scale = (np.max(np.abs(w), axis=1) / np.float32(127)).astype(np.float32)
     scale[scale == 0] = 1.0  # an all-zero row: any scale reproduces it
     q = np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8)
-    return q, scale
+    return QuantizedWeight(8, 0, q, scale)
 
 
-def quantize_int4(weight: np.ndarray, group_size: int, zero_points: bool = False) -> tuple:
-    """w[N, K] -> (q u32[N, K / 8], scale f32[N, G], zero f32[N, G] or None), G = K / group_size.
+def _compact(values: np.ndarray) -> np.ndarray:
+    """f16 when every value survives the conversion finite (and non-zero ones stay non-zero), else f32."""
+    half = values.astype(np.float16)
+    if np.all(np.isfinite(half)) and not np.any((half == 0) & (values != 0)):
+        return half
+    return values.astype(np.float32)
 
-    Symmetric: scale = max|w| / 7, nibble = clip(rint(w / scale), -8, 7) + 8.
-    Zero points: the group's [min, max] split into 15 steps, scale = (max - min) / 15,
-    nibble = rint((w - min) / scale), zero = -min / scale kept in float (not rounded), so
-    (nibble - zero) * scale reproduces min and max (to float rounding) and a weight on a 16-level
-    grid per group (a GGUF Q4_1 source) comes back unchanged.
+
+def quantize_int4(weight: np.ndarray, group_size: int, zero_points: bool = True) -> QuantizedWeight:
+    """w[N, K] -> q u32[N, K / 8], scale [N, G] (+ offset [N, G]), G = K / group_size; f16 scales.
+
+    With offsets: the group's [min, max] in 15 steps, offset = min, nibble = rint((w - offset) / scale)
+    in [0, 15], w ~ nibble * scale + offset. Symmetric: scale = max|w| / 7, nibble = rint(w / scale) + 8
+    in [0, 15], w ~ (nibble - 8) * scale. scale/offset are rounded to f16 first and the nibbles computed
+    from the rounded values.
     """
     rows, k = weight.shape
     w = weight.astype(np.float32).reshape(rows, k // group_size, group_size)
     if zero_points:
         low, high = w.min(axis=2), w.max(axis=2)
-        scale = ((high - low) / np.float32(15)).astype(np.float32)
-        scale[scale == 0] = 1.0
-        zero = (-low / scale).astype(np.float32)
-        nibbles = np.clip(np.rint((w - low[..., None]) / scale[..., None]), 0, 15)
+        offset = _compact(low)
+        scale = (high - offset.astype(np.float32)) / np.float32(15)
     else:
-        scale = (np.max(np.abs(w), axis=2) / np.float32(7)).astype(np.float32)
-        scale[scale == 0] = 1.0
-        zero = None
-        nibbles = np.clip(np.rint(w / scale[..., None]), -8, 7) + 8
-    return pack_int4(nibbles.reshape(rows, k).astype(np.uint8)), scale, zero
+        offset = None
+        scale = np.max(np.abs(w), axis=2) / np.float32(7)
+    scale[scale == 0] = 1.0  # a constant group: any scale reproduces it
+    scale = _compact(scale)
+    if offset is not None and scale.dtype != offset.dtype:  # one dtype for both
+        scale, offset = scale.astype(np.float32), offset.astype(np.float32)
+    s = scale.astype(np.float32)[..., None]
+    if offset is not None:
+        nibbles = np.clip(np.rint((w - offset.astype(np.float32)[..., None]) / s), 0, 15)
+    else:
+        nibbles = np.clip(np.rint(w / s), -8, 7) + 8
+    return QuantizedWeight(4, group_size, pack_int4(nibbles.reshape(rows, k).astype(np.uint8)), scale, offset)
 
 
 class _Quantizer:
-    """Quantizes each fp32 weight once and emits the weight nodes a linear_q reads."""
+    """Decides each weight's format once, quantizes it once and emits the weight nodes that read it."""
 
-    def __init__(self, module: Module, bits: int, group_size: int, zero_points: bool):
-        self.module, self.bits, self.group_size, self.zero_points = module, bits, group_size, zero_points
+    def __init__(self, module: Module, mode: str, zero_points: bool, quantize_embedding: bool,
+                 prequantized: dict | None):
+        self.module, self.mode = module, mode
+        self.zero_points, self.quantize_embedding = zero_points, quantize_embedding
+        self.prequantized = prequantized or {}
         self.layers = 0
-        self.kept = set()  # weights left in fp32 because they do not fit the format
+        self.kept = set()  # weights left in fp32
         self.replaced = set()
+        self.formats = {}  # name -> (bits, group_size, has_offset)
 
-    def fits(self, weight: Value) -> bool:
+    def _quantize(self, name: str, role: str) -> QuantizedWeight | None:
+        data = self.module.weight_data.get(name)
+        t = self.module.weights.get(name)
+        if data is None or t is None or t.rank != 2 or not is_float(t.dtype) or not t.is_static:
+            return None
+        if self.mode == GGUF:
+            return self.prequantized.get(name)
+        if role in ("embedding", "output"):
+            return quantize_int8(data) if self.quantize_embedding else None
+        bits, group_size = MODES[self.mode]
+        if bits == 8:
+            return quantize_int8(data)
+        if t.shape[1] % group_size:
+            return None
+        return quantize_int4(data, group_size, self.zero_points)
+
+    def tensors(self, weight: Value, role: str) -> tuple | None:
+        """(names of the q/scale[/offset] weights, attrs) for ``weight``, or None to keep it in fp32."""
         name = weight_name(weight)
-        t = weight.type
-        ok = (name is not None and name in self.module.weight_data and t.rank == 2 and is_float(t.dtype)
-              and t.is_static and (self.bits == 8 or t.shape[1] % max(self.group_size, 8) == 0))
-        if not ok and name is not None:
-            self.kept.add(name)
-        return ok
-
-    def _tensors(self, name: str) -> list:
-        suffixes = ["qweight", "scales"] + (["zeros"] if self.bits == 4 and self.zero_points else [])
-        names = [f"{name}.{s}" for s in suffixes]
-        if names[0] not in self.module.weights:
-            data = self.module.weight_data[name]
-            if self.bits == 8:
-                arrays = quantize_int8(data)
+        if name is None:
+            return None
+        names = [f"{name}.{s}" for s in ("qweight", "scales", "offsets")]
+        if name not in self.formats:
+            quantized = self._quantize(name, role)
+            if quantized is None:
+                self.formats[name] = None
+                self.kept.add(name)
             else:
-                arrays = quantize_int4(data, self.group_size, self.zero_points)[:len(names)]
-            for tensor_name, array in zip(names, arrays):
-                self.module.add_weight(tensor_name, np.ascontiguousarray(array))
-        return names
+                for tensor_name, array in zip(names, quantized.arrays()):
+                    self.module.add_weight(tensor_name, np.ascontiguousarray(array))
+                self.formats[name] = (quantized.bits, quantized.group_size, quantized.offset is not None)
+        fmt = self.formats[name]
+        if fmt is None:
+            return None
+        self.replaced.add(name)
+        bits, group_size, has_offset = fmt
+        return names[:3 if has_offset else 2], {"bits": bits, "group_size": group_size}
+
+    def emit(self, fn: Function, op: str, first: Value, weight: Value, role: str, before: Node, meta) -> Value | None:
+        found = self.tensors(weight, role)
+        if found is None:
+            return None
+        names, attrs = found
+        self.layers += 1
+        inputs = [first] + [fn.emit("weight", name=n, insert_before=before) for n in names]
+        return fn.add_node(op, inputs, attrs, before=before, name=op, meta=meta).output
 
     def dense(self, fn: Function, x: Value, weight: Value, before: Node, meta) -> Value:
-        """x @ weight.T as linear_q when the weight fits the format, else as the plain linear."""
-        if not self.fits(weight):
-            return fn.add_node("linear", [x, weight], {}, before=before, meta=meta).output
-        name = weight_name(weight)
-        self.replaced.add(name)
-        self.layers += 1
-        inputs = [x] + [fn.emit("weight", name=n, insert_before=before) for n in self._tensors(name)]
-        attrs = {"bits": self.bits, "group_size": self.group_size}
-        return fn.add_node("linear_q", inputs, attrs, before=before, name="linear_q", meta=meta).output
+        """x @ weight.T as linear_q when the weight has a quantized form, else as the plain linear."""
+        y = self.emit(fn, "linear_q", x, weight, "linear", before, meta)
+        return y if y is not None else fn.add_node("linear", [x, weight], {}, before=before, meta=meta).output
 
 
 def _is_output_projection(fn: Function, node: Node) -> bool:
@@ -117,9 +164,10 @@ def _is_output_projection(fn: Function, node: Node) -> bool:
 
 def _rewrite_linear(quantizer: _Quantizer, fn: Function, node: Node) -> bool:
     x, weight = node.inputs[0], node.inputs[1]
-    if not quantizer.fits(weight):
+    role = "output" if _is_output_projection(fn, node) else "linear"
+    y = quantizer.emit(fn, "linear_q", x, weight, role, node, node.meta)
+    if y is None:
         return False
-    y = quantizer.dense(fn, x, weight, node, node.meta)
     if len(node.inputs) == 3:
         y = fn.emit("add", y, node.inputs[2], insert_before=node)
     fn.replace_all_uses(node.output, y)
@@ -127,9 +175,21 @@ def _rewrite_linear(quantizer: _Quantizer, fn: Function, node: Node) -> bool:
     return True
 
 
+def _rewrite_embedding(quantizer: _Quantizer, fn: Function, node: Node) -> bool:
+    table, ids = node.inputs
+    y = quantizer.emit(fn, "embedding_q", ids, table, "embedding", node, node.meta)
+    if y is None:
+        return False
+    if node.output.type.dtype != "f32":
+        y = fn.emit("cast", y, dtype=node.output.type.dtype, insert_before=node)
+    fn.replace_all_uses(node.output, y)
+    fn.erase(node)
+    return True
+
+
 def _rewrite_gated_mlp(quantizer: _Quantizer, fn: Function, node: Node) -> bool:
     x, w_gate, w_up, w_down = node.inputs
-    if not any([quantizer.fits(w) for w in (w_gate, w_up, w_down)]):
+    if all(quantizer.tensors(w, "linear") is None for w in (w_gate, w_up, w_down)):
         return False
     gate = quantizer.dense(fn, x, w_gate, node, node.meta)
     up = quantizer.dense(fn, x, w_up, node, node.meta)
@@ -153,30 +213,39 @@ def _drop_unused_weights(module: Module, names: set) -> None:
 
 @register_pass("quantize_weights")
 def run(module: Module, options: PassOptions) -> bool:
-    """Rewrites linear and gated_mlp over fp32 weights into linear_q over int8 / int4 weights (when asked)."""
+    """Rewrites linear / gated_mlp / embedding over fp32 weights into linear_q / embedding_q (when asked)."""
     mode = options.extra.get("quantize")
     if mode in (None, "none"):
         return False
-    if mode not in MODES:
-        raise ConfigError(f"expected quantize to be one of none, {', '.join(MODES)}, found {mode!r}")
-    bits, group_size = MODES[mode]
-    zero_points = bool(options.extra.get("quantize_zero_points", False))
-    if zero_points and bits == 8:
-        raise ConfigError("expected quantize_zero_points only with int4 modes, found it with int8; "
-                          "int8 is symmetric per output channel")
-    quantize_output = bool(options.extra.get("quantize_output", False))
-    quantizer = _Quantizer(module, bits, group_size, zero_points)
+    if mode not in MODES and mode != GGUF:
+        raise ConfigError(f"expected quantize to be one of none, {', '.join(MODES)}, {GGUF}, found {mode!r}")
+    prequantized = options.extra.get("prequantized")
+    if mode == GGUF and not prequantized:
+        raise ConfigError("quantize='gguf' keeps a GGUF file's quantized blocks, but this model did not come "
+                          "from a quantized GGUF file; use none, int8, int4 or int4-g128")
+    zero_points = bool(options.extra.get("quantize_zero_points", True))
+    quantize_embedding = bool(options.extra.get("quantize_embedding", True))
+    quantizer = _Quantizer(module, mode, zero_points, quantize_embedding, prequantized)
+    before = module.parameter_bytes()
     changed = False
     for fn in module.functions.values():
         for node in list(fn.nodes):
-            if node.op == "linear" and (quantize_output or not _is_output_projection(fn, node)):
+            if node.op == "linear":
                 changed |= _rewrite_linear(quantizer, fn, node)
             elif node.op == "gated_mlp":
                 changed |= _rewrite_gated_mlp(quantizer, fn, node)
+            elif node.op == "embedding":
+                changed |= _rewrite_embedding(quantizer, fn, node)
     _drop_unused_weights(module, quantizer.replaced)
     if changed:
+        formats = {}
+        for name, fmt in quantizer.formats.items():
+            if fmt is not None:
+                key = f"int{fmt[0]}" + (f"-g{fmt[1]}" if fmt[1] else "-per-row") + ("+offset" if fmt[2] else "")
+                formats[key] = formats.get(key, 0) + 1
         module.metadata["quantization"] = {
-            "mode": mode, "bits": bits, "group_size": group_size, "zero_points": zero_points,
-            "quantize_output": quantize_output, "quantized_layers": quantizer.layers,
+            "mode": mode, "zero_points": zero_points, "quantize_embedding": quantize_embedding,
+            "quantized_ops": quantizer.layers, "weight_formats": formats,
+            "weight_bytes_before": before, "weight_bytes_after": module.parameter_bytes(),
             "fp32_weights_kept": sorted(quantizer.kept - quantizer.replaced)}
     return changed

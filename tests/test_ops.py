@@ -503,9 +503,9 @@ for (_b, _h, _hkv, _s, _d, _layers, _pages, _ps, _table, _pos, _layer, _window) 
         {"num_heads": _h, "num_kv_heads": _hkv, "scale": 1 / math.sqrt(_d), "window": _window, "layer": _layer},
         torch_fn=_paged_attention_torch)
 
-# ops exercised by dedicated tests below rather than by the table (linear_q: in tests/test_quantize.py,
-# reference vs a torch dequantize-then-matmul over int8 / int4 / group / zero-point cases)
-SPECIAL = {"weight", "linear_q"}
+# ops exercised by dedicated tests below rather than by the table (linear_q and embedding_q: in
+# tests/test_quantize.py, references vs a torch dequantize over int8 / int4 / group / offset / f16 cases)
+SPECIAL = {"weight", "linear_q", "embedding_q"}
 
 
 def test_table_covers_every_op():

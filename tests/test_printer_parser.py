@@ -44,6 +44,8 @@ def build_every_op_module() -> Module:
     module.add_weight("mlp.gate", type=T("f32", 12, 8))
     module.add_weight("mlp.up", type=T("f32", 12, 8))
     module.add_weight("mlp.down", type=T("f32", 8, 12))
+    module.add_weight("emb.qweight", type=T("i8", 32, 8))  # int8 in groups of 4, f16 scales
+    module.add_weight("emb.scales", type=T("f16", 32, 2))
     module.add_weight("fc2.qweight", type=T("u32", 4, 1))  # int4: 8 nibbles per word, one group of 8
     module.add_weight("fc2.scales", type=T("f32", 4, 1))
     module.add_weight("fc2.zeros", type=T("f32", 4, 1))
@@ -95,6 +97,8 @@ def build_every_op_module() -> Module:
     lin = fn.emit("linear", h, fn.emit("weight", name="fc1.weight"), fn.emit("weight", name="fc1.bias"))
     lin_q = fn.emit("linear_q", h, *(fn.emit("weight", name=f"fc2.{n}") for n in ("qweight", "scales", "zeros")),
                     bits=4, group_size=8)
+    emb_q = fn.emit("embedding_q", ids, fn.emit("weight", name="emb.qweight"), fn.emit("weight", name="emb.scales"),
+                    bits=8, group_size=4)
     norm_w = fn.emit("weight", name=ODD_NAME)
     ln = fn.emit("layer_norm", h, norm_w, fn.emit("weight", name="ln.bias"), eps=1e-05)
     q = fn.emit("permute", fn.emit("reshape", h, shape=(batch, seq, 2, 4)), perm=(0, 2, 1, 3), value_name="q")
@@ -110,7 +114,7 @@ def build_every_op_module() -> Module:
     paged = fn.add_node("paged_attention", [q, k, k, cache, table, pos],
                         {"num_heads": 2, "num_kv_heads": 1, "scale": 0.5, "layer": 1})
     fn.set_results([g, half, picked, filled, ar1, ar2, means, maxes, mins, sm, cs, flat_t, expanded, sliced, joined,
-                    indexed, scores, lin, lin_q, ln, att1, att2, rms, *resid.outputs, mlp, attn, *paged.outputs, *consts])
+                    indexed, scores, lin, lin_q, emb_q, ln, att1, att2, rms, *resid.outputs, mlp, attn, *paged.outputs, *consts])
 
     dec = module.add_function("decode.step")
     tok = dec.add_param("tok", T("i64", batch, 1))

@@ -104,12 +104,19 @@ def linear(x: te.Tensor, w: te.Tensor, row_tile: int | None = None) -> te.Tensor
     return _matmul(x, n, k, lambda j, c: w[j, c], "linear", row_tile)
 
 
-def linear_int8(x: te.Tensor, q: te.Tensor, scale: te.Tensor, row_tile: int | None = None,
-                dequant_stage: bool = False) -> te.Tensor:
-    """y = x @ (q * scale[:, None])^T with q[N, K] int8 and one fp32 scale per output row."""
-    n, k = (_int_dim(d, "int8 weight dim") for d in q.shape)
-    return _matmul(x, n, k, lambda j, c: q[j, c].astype("float32") * scale[j],
-                   "linear_int8", row_tile, dequant_stage)
+def _f32(value):
+    """A scale / offset element in f32 (they may be stored in f16, as GGUF blocks are)."""
+    return value if value.dtype == "float32" else value.astype("float32")
+
+
+def _group_value(table: te.Tensor, j, c, group_size: int):
+    """table[j] (one per row) or table[j, c // group_size], in f32."""
+    return _f32(table[j] if len(table.shape) == 1 else table[j, c // group_size])
+
+
+def int8_weight(q: te.Tensor, scale: te.Tensor, group_size: int = 0):
+    """(j, c) -> q[j, c] * scale, scale per row (group_size 0) or per group of the row."""
+    return lambda j, c: q[j, c].astype("float32") * _group_value(scale, j, c, group_size)
 
 
 def int4_nibble(q: te.Tensor, j, c):
@@ -118,15 +125,40 @@ def int4_nibble(q: te.Tensor, j, c):
     return ((q[j, c // INT4_PER_WORD] >> shift) & tirx.const(15, "uint32")).astype("float32")
 
 
+def int4_weight(q: te.Tensor, scale: te.Tensor, group_size: int, zero: te.Tensor | None = None,
+                offset: te.Tensor | None = None):
+    """(j, c) -> the dequantized int4 element: nibble * scale + offset, (nibble - zero) * scale,
+    or (nibble - 8) * scale."""
+    if zero is not None and offset is not None:
+        raise ConfigError("expected at most one of zero and offset for an int4 weight, found both")
+
+    def weight(j, c):
+        nibble, s = int4_nibble(q, j, c), _group_value(scale, j, c, group_size)
+        if offset is not None:
+            return nibble * s + _group_value(offset, j, c, group_size)
+        shift = _group_value(zero, j, c, group_size) if zero is not None else tirx.const(8.0, "float32")
+        return (nibble - shift) * s
+
+    return weight
+
+
+def linear_int8(x: te.Tensor, q: te.Tensor, scale: te.Tensor, row_tile: int | None = None,
+                dequant_stage: bool = False, group_size: int = 0) -> te.Tensor:
+    """y = x @ (q * scale)^T with q[N, K] int8 and scale[N] (one per output row) or
+    scale[N, K / group_size] (GGUF Q8_0: groups of 32), f32 or f16."""
+    n, k = (_int_dim(d, "int8 weight dim") for d in q.shape)
+    return _matmul(x, n, k, int8_weight(q, scale, group_size), "linear_int8", row_tile, dequant_stage)
+
+
 def linear_int4(x: te.Tensor, q: te.Tensor, scale: te.Tensor, zero: te.Tensor | None = None,
                 group_size: int = 32, row_tile: int | None = None, offset: te.Tensor | None = None,
                 dequant_stage: bool = False) -> te.Tensor:
     """Weight-only int4 linear with the dequantize in the same PrimFunc as the reduction.
 
     q[N, K / 8] uint32 holds 8 nibbles per word along K (element k in bits 4*(k % 8));
-    scale[N, K / group_size] fp32. The weight is (nibble - zero) * scale with
-    zero[N, K / group_size] fp32 when given, nibble * scale + offset with
-    offset[N, K / group_size] when given instead (GGUF Q4_1: scale d, offset m, exact),
+    scale[N, K / group_size] f32 or f16. The weight is nibble * scale + offset with
+    offset[N, K / group_size] when given (GGUF Q4_1: scale d, offset m, exact),
+    (nibble - zero) * scale with zero[N, K / group_size] when given instead,
     and (nibble - 8) * scale (symmetric, GGUF Q4_0) when neither is.
     """
     n, words = (_int_dim(d, "int4 weight dim") for d in q.shape)
@@ -135,17 +167,21 @@ def linear_int4(x: te.Tensor, q: te.Tensor, scale: te.Tensor, zero: te.Tensor | 
         raise ConfigError(f"expected int4 scales with K / group_size = {k / group_size:g} columns "
                           f"(K={k}, group_size={group_size}), found {scale.shape[1]}; "
                           "K must be a multiple of the group size")
-    if zero is not None and offset is not None:
-        raise ConfigError("expected at most one of zero and offset for an int4 linear, found both")
+    return _matmul(x, n, k, int4_weight(q, scale, group_size, zero, offset), "linear_int4", row_tile,
+                   dequant_stage)
 
-    def weight(j, c):
-        g = c // group_size
-        if offset is not None:
-            return int4_nibble(q, j, c) * scale[j, g] + offset[j, g]
-        shift = zero[j, g] if zero is not None else tirx.const(8.0, "float32")
-        return (int4_nibble(q, j, c) - shift) * scale[j, g]
 
-    return _matmul(x, n, k, weight, "linear_int4", row_tile, dequant_stage)
+def embedding_rows(ids: te.Tensor, q: te.Tensor, scale: te.Tensor, offset: te.Tensor | None, bits: int,
+                   group_size: int) -> te.Tensor:
+    """out[i, c] = W[clip(ids[i]), c] for a quantized W (linear_q's formats); ids[m] int64."""
+    rows = _int_dim(q.shape[0], "quantized table rows")
+    k = _int_dim(q.shape[1], "quantized table columns") * (INT4_PER_WORD if bits == 4 else 1)
+    weight = int8_weight(q, scale, group_size) if bits == 8 else int4_weight(q, scale, group_size, offset=offset)
+
+    def row(i):
+        return te.max(te.min(ids[i], tirx.const(rows - 1, ids.dtype)), tirx.const(0, ids.dtype)).astype("int32")
+
+    return te.compute((ids.shape[0], k), lambda i, c: weight(row(i), c), name="embedding_q")
 
 
 # ---------------------------------------------------------------------------------
