@@ -72,4 +72,8 @@ def prequantized_weights(gguf_file: GGUFFile, config, hf_name, unpermute_rope_ro
             order = unpermute_rope_rows(np.arange(info.shape[0]), heads)
             weight = permute_rows(weight, order)
         out[target] = weight
+    # No output tensor: the logits projection is the embedding table (tied); capture may name it either way.
+    if "model.embed_tokens.weight" in out and hf_name("output.weight") not in out \
+            and "output.weight" not in gguf_file.tensors:
+        out[hf_name("output.weight")] = out["model.embed_tokens.weight"]
     return out

@@ -92,11 +92,18 @@ SMOL_PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
+# "gguf" (the default for SmolLM2's Q4_1 file) computes from the file's own blocks; "none" from the
+# dequantized fp32 weights. Both compute the same numbers as transformers given the dequantized weights.
+@pytest.fixture(scope="module", params=["gguf", pytest.param("none", marks=pytest.mark.slow)])
+def smollm2(tmp_path_factory, request):
     source = smollm2_source()
     path = tmp_path_factory.mktemp("smol") / "smollm2.kiln"
-    kiln.compile("smollm2", backend="tvm", max_seq_len=128, max_num_seqs=1, output=path)
+    artifact = kiln.compile("smollm2", backend="tvm", max_seq_len=128, max_num_seqs=1, output=path,
+                            quantize=request.param)
+    assert artifact.manifest["options"]["quantize"] == request.param
+    if request.param == "gguf":  # no fp32 copy of an imported weight: every linear and the table are blocks
+        assert artifact.manifest["quantization"]["fp32_weights_kept"] == []
+        assert artifact.manifest["quantization"]["weight_formats"] == {"int4-g32+offset": 210, "int8-g32": 1}
     return path, kiln.load(path), source
 
 
