@@ -3,8 +3,8 @@
 Round-to-nearest, weight-only; the fp32 weights nothing reads any more leave the module.
 Options (PassOptions.extra):
 
-- ``quantize``: None / "none", "int8" (per output channel), "int4" (groups of 32), "int4-g128",
-  or "gguf": the blocks a GGUF file holds, as they are (``prequantized``, from the frontend).
+- ``quantize``: None / "none", "int8" (per output channel), "int4" (groups of 32), "int4-g128"
+  (groups of 128, or the largest of 64 / 32 that divides a row whose length 128 does not), or "gguf": the blocks a GGUF file holds, as they are (``prequantized``, from the frontend).
 - ``quantize_zero_points`` (int4, default True): a per-group offset (the group's minimum) beside the
   scale, as GGUF Q4_1 does; False gives symmetric groups, (nibble - 8) * scale, as Q4_0 does.
 - ``quantize_embedding`` (int8 / int4 modes, default True): the embedding table and the logits
@@ -82,6 +82,17 @@ def quantize_int4(weight: np.ndarray, group_size: int, zero_points: bool = True)
     return QuantizedWeight(4, group_size, pack_int4(nibbles.reshape(rows, k).astype(np.uint8)), scale, offset)
 
 
+def fitting_group(k: int, group_size: int) -> int | None:
+    """The group size for a row of K: ``group_size`` when it divides K, else the largest power-of-two
+    fraction of it (down to 32) that does (SmolLM2's K = 576 takes groups of 64 under int4-g128);
+    None when not even 32 divides K."""
+    while group_size >= 32:
+        if k % group_size == 0:
+            return group_size
+        group_size //= 2
+    return None
+
+
 class _Quantizer:
     """Decides each weight's format once, quantizes it once and emits the weight nodes that read it."""
 
@@ -107,7 +118,8 @@ class _Quantizer:
         bits, group_size = MODES[self.mode]
         if bits == 8:
             return quantize_int8(data)
-        if t.shape[1] % group_size:
+        group_size = fitting_group(t.shape[1], group_size)
+        if group_size is None:
             return None
         return quantize_int4(data, group_size, self.zero_points)
 
