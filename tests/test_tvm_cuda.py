@@ -227,26 +227,34 @@ def test_kernels_compile_with_nvcc(arch):
 
 
 @functools.lru_cache(maxsize=None)
-def _optimized_tiny_llama():
+def _optimized_tiny_llama(quantize=None):
     from kiln.passes.manager import PassManager, PassOptions
     from kiln.passes.pipeline import PIPELINE
 
     module = copy_module(captured("llama"))
-    PassManager(PIPELINE).run(module, PassOptions(max_seq_len=32, max_num_seqs=2, page_size=8))
+    PassManager(PIPELINE).run(module, PassOptions(max_seq_len=32, max_num_seqs=2, page_size=8,
+                                                  extra={"quantize": quantize}))
     return module
 
 
 @pytest.mark.nvcc
 @needs_nvcc
 # About 25 s per arch (lowering, TVM's CUDA build, nvcc on 2 MB of source): sm_90 runs with -m slow.
-@pytest.mark.parametrize("arch", ["sm_80", pytest.param("sm_90", marks=pytest.mark.slow)])
-def test_whole_tiny_llama_compiles_with_nvcc(arch):
-    from kiln.backends.tvm import llm_lower  # noqa: F401  (registers the paged_attention lowering)
+@pytest.mark.parametrize("arch,quantize", [("sm_80", None), ("sm_80", "int4"),
+                                           pytest.param("sm_90", None, marks=pytest.mark.slow),
+                                           pytest.param("sm_90", "int8", marks=pytest.mark.slow)])
+def test_whole_tiny_llama_compiles_with_nvcc(arch, quantize):
+    from kiln.backends.tvm import llm_lower, quant_lower  # noqa: F401  (register the fused-op lowerings)
     from kiln.backends.tvm.lower import lower_functions
 
-    irmodule = lower_functions(_optimized_tiny_llama(), ["prefill", "decode"], f"cuda:{arch}")
+    module = _optimized_tiny_llama(quantize)
+    irmodule = lower_functions(module, ["prefill", "decode"], f"cuda:{arch}")
     source = cuda_source(irmodule, arch)
     assert "paged_attention_decode" in source and "paged_attention_prefill" in source
+    if quantize:  # the dequantize is fused: a quantized kernel and no fp32 weight parameter
+        ops = {n.op for n in module.functions["decode"].nodes}
+        assert {"linear_q", "embedding_q"} <= ops and "linear" not in ops
+        assert "linear_int" in source and "embedding_q" in source
     assert len(compile_cuda_source(source, arch)) > 0
 
 
