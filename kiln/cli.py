@@ -337,6 +337,13 @@ def format_summary(summary: dict) -> str:
         lines.append(f"  {kv['bytes_per_token']:,} bytes per token, {kv['max_tokens']:,} tokens "
                      f"({kv['total_bytes'] / 2**20:.1f} MiB), {kv['pages_per_seq']} pages per sequence of "
                      f"{kv['max_seq_len']}")
+    quant = summary.get("quantization")
+    if quant:
+        formats = ", ".join(f"{count} x {fmt}" for fmt, count in sorted(quant["weight_formats"].items()))
+        lines.append(f"quantization: {quant['mode']}: {formats}; weights {quant['weight_bytes_before'] / 2**20:.1f} "
+                     f"-> {quant['weight_bytes_after'] / 2**20:.1f} MiB")
+        if quant["fp32_weights_kept"]:
+            lines.append(f"  kept in fp32: {', '.join(quant['fp32_weights_kept'])}")
     acts = summary.get("activations")
     if acts:
         lines.append("activation memory:")

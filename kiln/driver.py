@@ -69,6 +69,7 @@ def summarize(module: Module) -> dict:
         "symbolic_dims": sorted(symbols),
         "unfused_attention": module.metadata.get("unfused_attention", []),
         "kv_cache": module.metadata.get("kv_cache"),
+        "quantization": module.metadata.get("quantization"),
         "activations": _activation_summary(module.metadata.get("activations")),
         "passes": module.metadata.get("passes", []),
     }

@@ -35,6 +35,7 @@ def test_version_and_help():
     (["inspect", "/no/such/model"], "not found"),
     (["inspect", "smollm2", "--kv-cache-budget", "lots"], "cannot read 'lots' as a size"),
     (["frobnicate"], "invalid choice"),
+    (["inspect", "smollm2", "--quantize", "int3"], "invalid choice: 'int3'"),
 ])
 def test_user_errors_are_one_line_status_2(args, message):
     out = kiln_cli(*args)
@@ -79,6 +80,17 @@ def test_inspect_json_on_a_checkpoint(checkpoint):
     assert "fuse_attention" in names and all(p["milliseconds"] >= 0 for p in summary["passes"])
     assert set(summary["functions"]) == {"prefill", "decode"}
     assert summary["symbolic_dims"] == ["batch", "seq"]
+
+
+def test_inspect_shows_quantization_and_refuses_gguf_for_a_checkpoint(checkpoint):
+    out = kiln_cli("inspect", str(checkpoint), "--json", "--max-seq-len", "64", "--quantize", "int4")
+    assert out.returncode == 0, out.stderr
+    quant = json.loads(out.stdout)["quantization"]
+    # tiny llama: hidden 64, 2 layers x 7 linears in groups of 32; the table and logits as int8 per row
+    assert quant["mode"] == "int4" and quant["weight_formats"] == {"int4-g32+offset": 14, "int8-per-row": 2}
+    out = kiln_cli("inspect", str(checkpoint), "--max-seq-len", "64", "--quantize", "gguf")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "is not a GGUF file" in out.stderr and "use none, int8, int4 or int4-g128" in out.stderr
 
 
 def test_inspect_print_after_and_stop_after(checkpoint):
