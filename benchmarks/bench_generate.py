@@ -3,10 +3,10 @@
 Same prompt (about 130 tokens), 128 new tokens, greedy, the same thread count.
 Peers run when installed: llama.cpp (llama-cpp-python, on the same Q4_1 GGUF)
 and transformers eager (LlamaForCausalLM with the same weights in fp32).
-Prints tokens/s and kiln's ratio to each peer.
+Prints tokens/s and every kiln row's ratio to each peer.
 
-    python benchmarks/bench_generate.py [--threads 2] [--new-tokens 128] [--backend tvm]
-        [--quantize none int8 int4]   (one kiln row per mode; ratios use the first)
+    python benchmarks/bench_generate.py [--threads 2] [--new-tokens 128]
+        [--backend tvm onnxruntime] [--quantize none int8 int4 gguf]   (one kiln row per pair)
 """
 
 from __future__ import annotations
@@ -27,14 +27,13 @@ PROMPT = (
 )
 
 
-def bench_kiln(args, prompt_ids, quantize="none"):
+def bench_kiln(args, prompt_ids, backend, quantize):
     import kiln
 
-    suffix = "" if quantize == "none" else f"-{quantize}"
-    cache = os.path.join(os.path.expanduser("~/.cache/kiln"), "bench",
-                         f"smollm2-{args.backend}-{args.max_seq_len}{suffix}.kiln")
+    cache = os.path.join(os.path.expanduser("~/.cache/kiln"), "bench", f"kiln-{kiln.__version__}-v2",
+                         f"smollm2-{backend}-{args.max_seq_len}-{quantize}.kiln")
     if not os.path.exists(os.path.join(cache, "manifest.json")):
-        kiln.compile("smollm2", backend=args.backend, quantize=quantize, max_seq_len=args.max_seq_len,
+        kiln.compile("smollm2", backend=backend, quantize=quantize, max_seq_len=args.max_seq_len,
                      max_num_seqs=1, output=cache, progress=True)
     engine = kiln.load(cache, num_threads=args.threads)
     engine.generate(prompt_ids[:16], max_new_tokens=4, ignore_eos=True)  # warm up
@@ -103,11 +102,12 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--backend", default="tvm")
+    parser.add_argument("--backend", nargs="+", default=["tvm", "onnxruntime"], help="kiln backends to measure")
     parser.add_argument("--max-seq-len", type=int, default=512)
     parser.add_argument("--skip", nargs="*", default=[], help="peers to skip: llama.cpp transformers")
-    parser.add_argument("--quantize", nargs="+", default=["none"], choices=["none", "int8", "int4", "int4-g128"],
-                        help="kiln weight quantization modes to measure (one row each)")
+    parser.add_argument("--quantize", nargs="+", default=["none", "int8", "int4", "gguf"],
+                        choices=["none", "int8", "int4", "int4-g128", "gguf"],
+                        help="kiln weight quantization modes to measure (one row per backend and mode)")
     args = parser.parse_args()
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
 
@@ -118,8 +118,15 @@ def main():
     prompt_ids = tokenizer.encode(PROMPT).ids
     print(f"SmolLM2-135M-Instruct, prompt {len(prompt_ids)} tokens, {args.new_tokens} new tokens, "
           f"{args.threads} threads, greedy")
-    rows = [(f"kiln {args.backend} ({'fp32' if mode == 'none' else mode})",) + bench_kiln(args, prompt_ids, mode)[:2]
-            for mode in args.quantize]
+    rows = []
+    for backend in args.backend:
+        for mode in args.quantize:
+            name = f"kiln {backend} {'fp32' if mode == 'none' else mode}"
+            try:
+                rows.append((name,) + bench_kiln(args, prompt_ids, backend, mode)[:2])
+            except Exception as err:  # one failing row must not hide the others
+                print(f"{name}: failed: {type(err).__name__}: {err}")
+            sys.stdout.flush()
     peers = []
     if "llama.cpp" not in args.skip:
         try:
@@ -131,13 +138,13 @@ def main():
             peers.append(("transformers eager (fp32)",) + bench_transformers(args, prompt_ids, source))
         except ImportError:
             print("transformers: not installed")
-    rows += peers
     print(f"{'engine':<28} {'prefill tok/s':>14} {'decode tok/s':>13}")
-    for name, prefill, decode in rows:
+    for name, prefill, decode in rows + peers:
         print(f"{name:<28} {prefill:>14.1f} {decode:>13.1f}")
-    _, kiln_prefill, kiln_decode = rows[0]
-    for name, prefill, decode in peers:
-        print(f"kiln / {name}: prefill {kiln_prefill / prefill:.2f}x, decode {kiln_decode / decode:.2f}x")
+    for peer, peer_prefill, peer_decode in peers:
+        print(f"ratios to {peer} (prefill, decode):")
+        for name, prefill, decode in rows:
+            print(f"  {name:<26} {prefill / peer_prefill:5.2f}x {decode / peer_decode:5.2f}x")
     sys.stdout.flush()
 
 
