@@ -12,6 +12,7 @@ from kiln.ir.errors import ConfigError
 
 BACKENDS = {
     "tvm": "apache-tvm",
+    "onnxruntime": "onnxruntime",
     "reference": None,  # the numpy reference interpreter: slow, for checking and debugging
 }
 
