@@ -241,7 +241,7 @@ class TVMFunction:
     """
 
     def __init__(self, executable, entry: str, weight_names: Sequence[str],
-                 weights: Mapping[str, np.ndarray], device=None):
+                 weights: Mapping[str, np.ndarray], device=None, widen: Sequence[str] = ()):
         import tvm
         from tvm import relax
 
@@ -255,14 +255,16 @@ class TVMFunction:
         self._vm = relax.VirtualMachine(executable, self.device)
         self._func = self._vm[entry]
         self.num_inputs = int(self._vm._get_function_arity(entry)) - len(self.weight_names)
-        self._weights = [tvm.runtime.tensor(_contiguous(weights[n]), self.device)
+        widen = set(widen)  # f16 block scales the kernels take as f32
+        self._weights = [tvm.runtime.tensor(_contiguous(weights[n].astype(np.float32) if n in widen else weights[n]),
+                                            self.device)
                          for n in self.weight_names]
 
     @classmethod
     def from_module(cls, module, function_name: str, target="cpu", num_threads: int | None = None,
                     weights: Mapping[str, np.ndarray] | None = None) -> "TVMFunction":
         """Lower, build and bind one kiln function (weights default to the module's data)."""
-        from kiln.backends.tvm.lower import lower_function, weight_names
+        from kiln.backends.tvm.lower import lower_function, weight_names, widened_weight_names
 
         import tvm
 
@@ -271,7 +273,8 @@ class TVMFunction:
         executable = build(irmodule, target, num_threads=num_threads)
         device = tvm.cuda(0) if target.kind.name == "cuda" else tvm.cpu()
         return cls(executable, function_name, weight_names(irmodule, function_name),
-                   module.weight_data if weights is None else weights, device)
+                   module.weight_data if weights is None else weights, device,
+                   widen=widened_weight_names(irmodule, function_name))
 
     def __call__(self, *arrays) -> list:
         import tvm

@@ -12,7 +12,7 @@ LIBRARY = "model.so"
 def compile_module(module, target: str, out_dir: str, options) -> dict:
     from . import llm_lower, quant_lower  # noqa: F401  (registers the fused-op and quantized lowerings)
     from .build import build
-    from .lower import as_target, lower_functions, weight_names
+    from .lower import as_target, lower_functions, weight_names, widened_weight_names
 
     if target not in ("cpu", "cuda"):
         raise ConfigError(f"unknown target {target!r}; expected cpu or cuda")
@@ -24,4 +24,6 @@ def compile_module(module, target: str, out_dir: str, options) -> dict:
         "target_json": str(as_target(target)),
         "library": LIBRARY,
         "weights": {name: weight_names(irmodule, name) for name in ("prefill", "decode")},
+        # f16 block scales the CPU kernels read as f32; the executor widens them when it loads them
+        "widen_to_f32": sorted({w for name in ("prefill", "decode") for w in widened_weight_names(irmodule, name)}),
     }

@@ -59,10 +59,14 @@ class TVMExecutor:
         self.vm = relax.VirtualMachine(lib, self.device)
         self.functions = {name: self.vm[name] for name in backend["weights"]}
         needed = sorted({n for names in backend["weights"].values() for n in names})
+        widen = set(backend.get("widen_to_f32", ()))
         weights = {}
         with safe_open(info.file("weights.safetensors"), framework="numpy") as f:
             for name in needed:
-                weights[name] = tvm.runtime.tensor(np.asarray(f.get_tensor(name), order="C"), self.device)
+                array = np.asarray(f.get_tensor(name), order="C")
+                if name in widen:  # f16 block scales -> f32, exact
+                    array = array.astype(np.float32)
+                weights[name] = tvm.runtime.tensor(array, self.device)
         self.weights = {fn: [weights[n] for n in names] for fn, names in backend["weights"].items()}
         plan = info.manifest["kv_cache"]
         shape = (plan["num_layers"], 2, plan["num_pages"], plan["num_kv_heads"], plan["page_size"], plan["head_dim"])

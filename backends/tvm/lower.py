@@ -40,6 +40,9 @@ OPAQUE = {"op_pattern": 8}
 TE_PREFIX = "te_"
 # Function attribute holding the weight names in parameter order (after the inputs).
 WEIGHT_NAMES_ATTR = "kiln.weight_names"
+# f16 block scales / offsets the CPU kernels take as f32: the executor widens them on load (exact),
+# which keeps an f16 -> f32 conversion out of every element of the quantized GEMV's inner loop.
+WIDENED_ATTR = "kiln.widened_weights"
 
 
 def tvm_dtype(dtype: str) -> str:
@@ -545,6 +548,18 @@ def _weight_order(fn: Function) -> list:
     return order
 
 
+def widened_weights(fn: Function, target: tvm.target.Target) -> list:
+    """f16 weights read only as quantized ops' scales / offsets (inputs 2 and 3), widened to f32 on CPU."""
+    if target.kind.name != "llvm":
+        return []
+    widened = []
+    for n in fn.nodes:
+        if n.op == "weight" and n.output.type.dtype == "f16" and n.attrs["name"] not in widened and n.output.uses \
+                and all(user.op in ("linear_q", "embedding_q") and pos >= 2 for user, pos in n.output.uses):
+            widened.append(n.attrs["name"])
+    return widened
+
+
 def _relax_name(name: str) -> str:
     return name.replace(".", "_") or "v"
 
@@ -583,9 +598,12 @@ def _emit_function(bb: relax.BlockBuilder, module: Module, fn: Function, target:
     for p in fn.params:
         params.append(param(p.name, p.type))
         values[id(p)] = params[-1]
-    ctx.weights.update((name, param(name, module.weights[name])) for name in weight_names)
+    widened = widened_weights(fn, target)
+    for name in weight_names:
+        t = module.weights[name]
+        ctx.weights[name] = param(name, TensorType("f32", t.shape) if name in widened else t)
     weights = ctx.weights
-    attrs = {"num_input": len(params), WEIGHT_NAMES_ATTR: weight_names}
+    attrs = {"num_input": len(params), WEIGHT_NAMES_ATTR: weight_names, WIDENED_ATTR: widened}
     with bb.function(entry_name, params + [weights[n] for n in weight_names], attrs=attrs):
         with bb.dataflow():
             for node in fn.nodes:
@@ -595,6 +613,9 @@ def _emit_function(bb: relax.BlockBuilder, module: Module, fn: Function, target:
                 if len(outs) != len(node.outputs):
                     raise AssertionError(f"lowering of {node.op} gave {len(outs)} values for "
                                          f"{len(node.outputs)} outputs")
+                if node.op == "weight" and node.attrs["name"] in widened:  # f32 by design
+                    values[id(node.output)] = outs[0]
+                    continue
                 for value, expr in zip(node.outputs, outs):
                     values[id(value)] = _ensure_type(ctx, expr, value.type)
             results = [values[id(r)] for r in fn.results]
@@ -630,3 +651,8 @@ def weight_names(irmodule: tvm.IRModule, function_name: str) -> list:
     """The weight names of a lowered function, in parameter order."""
     func = irmodule[function_name]
     return [str(n) for n in func.attrs[WEIGHT_NAMES_ATTR]]
+
+
+def widened_weight_names(irmodule: tvm.IRModule, function_name: str) -> list:
+    """The f16 weights the lowered function takes as f32 (the loader widens them)."""
+    return [str(n) for n in irmodule[function_name].attrs[WIDENED_ATTR]]
