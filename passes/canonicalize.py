@@ -48,6 +48,17 @@ def permute_of_permute(node: Node):
     return emit_before(node, "permute", inner.producer.inputs[0], perm=composed)
 
 
+def permute_of_unit_axes(node: Node):
+    """A permute that moves only axes of extent 1 keeps every element where it is: a reshape.
+    (Decode's [b, 1, H, D] -> [b, H, 1, D] head split, for one.)"""
+    (x,) = node.inputs
+    perm = node.attrs["perm"]
+    moved = [p for p in perm if x.type.shape[p] != 1]
+    if moved != sorted(moved):
+        return None
+    return emit_before(node, "reshape", x, shape=tuple(node.output.type.shape))
+
+
 def full_slice(node: Node):
     (x,) = node.inputs
     axis = node.attrs["axis"] % x.type.rank
@@ -171,6 +182,7 @@ RULES = [
     ("reshape", reshape_of_reshape, "reshape(reshape(x)) -> reshape(x)"),
     ("permute", identity_permute, "permute with the identity perm -> x"),
     ("permute", permute_of_permute, "permute(permute(x, p), q) -> permute(x, p[q])"),
+    ("permute", permute_of_unit_axes, "permute moving only extent-1 axes -> reshape"),
     ("cast", same_type_noop, "cast to the same dtype -> x"),
     ("cast", cast_of_exact_cast, "cast(cast(x, B), C) -> cast(x, C) when every x fits B exactly"),
     ("expand", same_type_noop, "expand to the same shape -> x"),

@@ -17,7 +17,8 @@ PIPELINE = [
     # KV cache: plan the pages, then split forward into prefill and decode.
     "plan_kv_cache",
     "insert_kv_cache",
-    ("eliminate_common_subexpressions", "eliminate_dead_code"),
+    # decode's seq = 1 makes some permutes plain reshapes.
+    ("canonicalize", "eliminate_common_subexpressions", "eliminate_dead_code"),
     # Memory: plan activation buffers of each entry function.
     "plan_activation_memory",
 ]
