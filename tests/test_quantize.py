@@ -393,3 +393,65 @@ def test_smollm2_int4_artifact_weights_take_under_a_fifth_of_fp32(tmp_path):
         assert artifact.manifest["quantization"]["fp32_weights_kept"] == []
         assert artifact.manifest["quantization"]["weight_bytes_before"] == fp32_bytes
         assert os.path.getsize(os.path.join(artifact.path, "weights.safetensors")) < fp32_bytes / 5, mode
+
+
+# op by op through TVM: every format of linear_q / embedding_q vs the op's numpy reference -----------
+def _single_op_module(op, first_type, arrays, attrs):
+    module = Module()
+    for name, array in zip(("q", "scale", "offset"), arrays):
+        module.add_weight(name, array)
+    fn = module.add_function("forward")
+    first = fn.add_param("x", first_type)
+    weights = [fn.emit("weight", name=n) for n in ("q", "scale", "offset")[:len(arrays)]]
+    fn.set_results([fn.emit(op, first, *weights, **attrs)])
+    return module
+
+
+def _has_gpu() -> bool:
+    try:
+        from kiln.backends.tvm.executor import import_tvm
+
+        return bool(import_tvm().cuda(0).exist)
+    except Exception:  # noqa: BLE001 - no TVM or no driver: no GPU
+        return False
+
+
+TARGETS = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+    not _has_gpu(), reason="no CUDA GPU (tvm.cuda(0) does not exist)")])]
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("bits,group,offsets,dtype,x_shape,n", OP_CASES)
+def test_tvm_linear_q_matches_its_numpy_reference(bits, group, offsets, dtype, x_shape, n, target):
+    pytest.importorskip("tvm")
+    from kiln.backends.tvm import quant_lower  # noqa: F401  (registers the quantized lowerings)
+    from kiln.backends.tvm.build import TVMFunction
+    from kiln.ir.symbolic import sym
+
+    rng = np.random.default_rng(31 + bits + group)
+    k = x_shape[-1]
+    arrays = [a for a in _random_quantized(rng, bits, group, offsets, dtype, k, n) if a is not None]
+    attrs = {"bits": bits, "group_size": group}
+    # rows symbolic: the GEMV form for a few rows and the row-tiled GEMM form for many, one build
+    module = _single_op_module("linear_q", TensorType("f32", (sym("rows"), k)), arrays, attrs)
+    fn = TVMFunction.from_module(module, "forward", target=target)
+    for rows in (1, 3, 13):
+        x = rng.standard_normal((rows, k)).astype(np.float32)
+        expected = OPS["linear_q"].reference([x] + arrays, attrs)[0]
+        np.testing.assert_allclose(fn(x)[0], expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("bits,group,offsets,dtype,x_shape,n", OP_CASES[2:6])
+def test_tvm_embedding_q_matches_its_numpy_reference(bits, group, offsets, dtype, x_shape, n, target):
+    pytest.importorskip("tvm")
+    from kiln.backends.tvm import quant_lower  # noqa: F401
+    from kiln.backends.tvm.build import TVMFunction
+
+    rng = np.random.default_rng(41 + bits)
+    arrays = [a for a in _random_quantized(rng, bits, group, offsets, dtype, x_shape[-1], n) if a is not None]
+    attrs = {"bits": bits, "group_size": group}
+    ids = np.array([[0, n - 1, 3], [n + 5, 2, 2]], dtype=np.int64)
+    module = _single_op_module("embedding_q", TensorType("i64", ids.shape), arrays, attrs)
+    got = TVMFunction.from_module(module, "forward", target=target)(ids)[0]
+    np.testing.assert_array_equal(got, OPS["embedding_q"].reference([ids] + arrays, attrs)[0])
