@@ -1,4 +1,4 @@
-"""The `kiln` command line: compile, run, chat and inspect models."""
+"""The `kiln` command line: compile, run, chat, inspect and evaluate models."""
 
 from __future__ import annotations
 
@@ -62,7 +62,22 @@ def build_parser() -> argparse.ArgumentParser:
     add_quantize_option(inspect)
     add_plan_options(inspect)
 
-    for p in (compile_, run, chat, inspect):
+    eval_ = sub.add_parser("eval", help="measure a model's quality",
+                           description="Measure MODEL's quality; `kiln eval ppl MODEL --text FILE` is perplexity.")
+    eval_sub = eval_.add_subparsers(dest="eval_command", metavar="METRIC", parser_class=_Parser, required=True)
+    ppl = eval_sub.add_parser("ppl", help="perplexity on a text file over sliding windows",
+                              description="Perplexity of MODEL on FILE with the compiled prefill: windows of --window "
+                                          "tokens every --stride tokens, each token after the first scored once with "
+                                          "the tokens before it in its window as context.")
+    ppl.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    ppl.add_argument("--text", metavar="FILE", required=True, help="UTF-8 text file to score")
+    ppl.add_argument("--json", action="store_true", help='print {"perplexity": ..., "tokens": ...} on stdout')
+    ppl.add_argument("--window", type=int, default=512, help="tokens per window (context + scored), default 512")
+    ppl.add_argument("--stride", type=int, default=None, help="tokens between window starts (default: half the window)")
+    ppl.add_argument("--max-tokens", type=int, default=None, help="score only the text's first N tokens")
+    add_compile_options(ppl)
+
+    for p in (compile_, run, chat, inspect, eval_, ppl):
         p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     return parser
 
@@ -359,7 +374,71 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-COMMANDS = {"compile": cmd_compile, "run": cmd_run, "chat": cmd_chat, "inspect": cmd_inspect}
+def cmd_eval(args) -> int:
+    if args.eval_command == "ppl":
+        return cmd_eval_ppl(args)
+    raise UsageError(f"unknown metric {args.eval_command!r}; expected ppl")
+
+
+def cmd_eval_ppl(args) -> int:
+    from kiln.evaluate import check_window, encode_text, perplexity
+    from kiln.ir.errors import ConfigError
+    from kiln.runtime.artifact import is_artifact
+
+    check_compile_args(args)
+    if args.stride is None:
+        args.stride = max(args.window // 2, 1)
+    try:
+        check_window(args.window, args.stride)
+    except ConfigError as err:
+        raise UsageError(str(err).replace("the window", "--window").replace("the stride", "--stride")) from None
+    if args.max_tokens is not None and args.max_tokens < 2:
+        raise UsageError(f"--max-tokens must be at least 2 (one of context, one scored), got {args.max_tokens}")
+    if args.model != "smollm2" and not os.path.exists(args.model):
+        raise UsageError(f"model {args.model!r} not found: expected {MODEL_HELP}")
+    if not is_artifact(args.model) and args.window - 1 > args.max_seq_len:
+        raise UsageError(f"--window {args.window} feeds {args.window - 1} tokens at once, more than --max-seq-len "
+                         f"{args.max_seq_len}; raise --max-seq-len or lower --window")
+    try:
+        with open(args.text, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise UsageError(f"--text {args.text}: file not found") from None
+    except IsADirectoryError:
+        raise UsageError(f"--text {args.text}: expected a text file, found a directory") from None
+    except UnicodeDecodeError as err:
+        raise UsageError(f"--text {args.text}: expected UTF-8 text, found an undecodable byte at offset "
+                         f"{err.start}") from None
+    if not text:
+        raise UsageError(f"--text {args.text}: the file is empty; perplexity needs at least 2 tokens of text")
+    engine = open_engine(args)
+    ids = encode_text(engine, text)
+    if args.max_tokens is not None:
+        ids = ids[:args.max_tokens]
+    if len(ids) < 2:
+        raise UsageError(f"--text {args.text}: the text is {len(ids)} token{'s' if len(ids) != 1 else ''} long; "
+                         f"perplexity needs at least 2 (one of context, one scored)")
+    show = sys.stderr.isatty()
+
+    def on_window(done, total, stats):
+        if show:
+            sys.stderr.write(f"\rkiln: window {done}/{total}, {stats.tokens} tokens, perplexity so far "
+                             f"{stats.perplexity:.4f}")
+            sys.stderr.flush()
+
+    result = perplexity(engine, ids, window=args.window, stride=args.stride, on_window=on_window)
+    if show:
+        sys.stderr.write("\n")
+    if args.json:
+        print(json.dumps({"perplexity": result.perplexity, "tokens": result.tokens}))
+    else:
+        print(f"perplexity {result.perplexity:.4f} over {result.tokens} tokens ({result.windows} windows of "
+              f"{args.window}, stride {args.stride}; {result.seconds:.1f} s, "
+              f"{result.tokens / max(result.seconds, 1e-9):.1f} tokens/s)")
+    return 0
+
+
+COMMANDS = {"compile": cmd_compile, "run": cmd_run, "chat": cmd_chat, "inspect": cmd_inspect, "eval": cmd_eval}
 
 
 def main(argv=None) -> int:
