@@ -54,7 +54,8 @@ class SlotTable:
 
 
 class ORTExecutor:
-    def __init__(self, info, num_threads: int | None = None, provider: str | None = None):
+    def __init__(self, info, num_threads: int | None = None, provider: str | None = None,
+                 separate_decode: bool = False):
         import onnxruntime as ort
 
         self._ort = ort
@@ -72,9 +73,14 @@ class ORTExecutor:
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.log_severity_level = 3
-        self.sessions = {name: ort.InferenceSession(info.file(model["file"]), options, providers=[provider])
-                         for name, model in backend["models"].items()}
-        self.inputs = {name: model["inputs"] for name, model in backend["models"].items()}
+        models = backend["models"]
+        # ONNX Runtime prepacks every weight per session (MatMul's packed B, MatMulNBits' blocks) and Python
+        # cannot share a prepacked container, so two sessions hold the weights twice. The prefill model
+        # (symbolic seq) computes decode's seq = 1 too: by default it serves both with one copy.
+        self.models = {"prefill": "prefill", "decode": "decode" if separate_decode else "prefill"}
+        self.sessions = {name: ort.InferenceSession(info.file(models[name]["file"]), options, providers=[provider])
+                         for name in sorted(set(self.models.values()))}
+        self.inputs = {name: models[name]["inputs"] for name in self.sessions}
         self.bindings = {name: session.io_binding() for name, session in self.sessions.items()}
         self.logits_name = backend["logits"]
         plan = info.manifest["kv_cache"]
@@ -193,14 +199,17 @@ class ORTExecutor:
         return slots
 
     def _run_session(self, function: str, input_ids, positions, starts: list, first: int) -> np.ndarray:
-        session, io = self.sessions[function], self.bindings[function]
+        if function not in self.models:
+            raise ConfigError(f"expected function 'prefill' or 'decode', found {function!r}")
+        model = self.models[function]
+        session, io = self.sessions[model], self.bindings[model]
         batch, seq = input_ids.shape
         io.clear_binding_inputs()
         io.clear_binding_outputs()
         feeds = {"input_ids": np.ascontiguousarray(input_ids), "positions": np.ascontiguousarray(positions),
                  "seqlens_k": np.asarray([s + seq - 1 for s in starts], dtype=np.int32),
                  "total_sequence_length": np.asarray(max(starts) + seq, dtype=np.int32)}
-        for name in self.inputs[function]:
+        for name in self.inputs[model]:
             if name in feeds:
                 io.bind_cpu_input(name, feeds[name])
         for layer, pair in enumerate(self.buffers):

@@ -47,11 +47,17 @@ def present_names(layer: int) -> tuple:
 
 # values that are not (yet) one ONNX tensor -------------------------------------
 @dataclass(frozen=True)
-class Permuted:
-    """``Transpose(tensor, perm)``, not emitted until someone needs it (most cancel out)."""
+class View:
+    """``Transpose(Reshape(tensor, shape), perm)`` of a ``tensor`` of kiln shape ``source``, not emitted
+    until someone needs it: the head split / merge reshapes and transposes around attention cancel out."""
 
     tensor: str
-    perm: tuple
+    source: tuple
+    shape: tuple
+    perm: tuple | None = None
+
+    def permuted_shape(self) -> tuple:
+        return self.shape if self.perm is None else tuple(self.shape[p] for p in self.perm)
 
 
 @dataclass(frozen=True)
@@ -86,7 +92,7 @@ class LoweringContext:
         self.options = options
         self.nodes: list = []
         self.initializers: dict = {}  # name -> np.ndarray
-        self.values: dict = {}  # id(kiln Value) -> str | Permuted | WeightRef | CacheState
+        self.values: dict = {}  # id(kiln Value) -> str | View | WeightRef | CacheState
         self.node: Node | None = None
         self.layers: dict = {}  # layer -> (num_kv_heads, head_dim, dtype)
         self.kv_max_seq_len = function.module.metadata["kv_cache"]["max_seq_len"] if "kv_cache" in \
@@ -146,9 +152,12 @@ class LoweringContext:
     def materialize(self, entry, kiln_type: TensorType | None = None) -> str:
         if isinstance(entry, str):
             return entry
-        if isinstance(entry, Permuted):
-            return self.cached(("transpose", entry), lambda: self.add("Transpose", [entry.tensor],
-                                                                        perm=list(entry.perm)))
+        if isinstance(entry, View):
+            def build():
+                tensor = self.reshape(entry.tensor, entry.source, entry.shape)
+                return tensor if entry.perm is None else self.add("Transpose", [tensor], perm=list(entry.perm))
+
+            return self.cached(("view", entry), build)
         if isinstance(entry, WeightRef):
             return self.weight(entry.name)
         what = "KV cache" if entry is CACHE else "page table"
@@ -238,6 +247,33 @@ class LoweringContext:
             return self.add("Concat", parts, axis=0)
 
         return self.cached(("shape", tuple(str(d) for d in dims)), build)
+
+    def view_permute(self, entry, shape, perm) -> "str | View":
+        """``entry`` (of kiln shape ``shape``) permuted, lazily; a permutation that only moves size-1 axes
+        keeps the element order, so it is a reshape."""
+        perm = tuple(perm)
+        if isinstance(entry, View):
+            inner = entry.perm or tuple(range(len(entry.shape)))
+            view = View(entry.tensor, entry.source, entry.shape, tuple(inner[p] for p in perm))
+        else:
+            view = View(self.materialize(entry), tuple(shape), tuple(shape), perm)
+        return self._normalize(view)
+
+    def view_reshape(self, entry, shape, new_shape) -> "str | View":
+        new_shape = tuple(new_shape)
+        if isinstance(entry, View) and entry.perm is None:
+            return self._normalize(View(entry.tensor, entry.source, new_shape))
+        return self._normalize(View(self.materialize(entry), tuple(shape), new_shape))
+
+    @staticmethod
+    def _normalize(view: View) -> "str | View":
+        if view.perm is not None:
+            moved = [p for p in view.perm if view.shape[p] != 1]
+            if moved == sorted(moved):
+                view = View(view.tensor, view.source, view.permuted_shape())
+        if view.perm is None and view.shape == view.source:
+            return view.tensor
+        return view
 
     def reshape(self, name: str, from_shape, to_shape) -> str:
         """Reshape with a constant target when the symbolic dims can be spelled as 0 (copy) or -1."""
@@ -390,18 +426,12 @@ def _lower_cumsum(ctx, node):
 # shape ops -----------------------------------------------------------------------
 @lowering("reshape")
 def _lower_reshape(ctx, node):
-    return ctx.reshape(ctx.input(0), ctx.in_type(0).shape, node.attrs["shape"])
+    return ctx.view_reshape(ctx.raw(0), ctx.in_type(0).shape, node.attrs["shape"])
 
 
 @lowering("permute")
 def _lower_permute(ctx, node):
-    perm = tuple(node.attrs["perm"])
-    entry = ctx.raw(0)
-    if isinstance(entry, Permuted):  # compose: out[i] = inner[perm[i]] = base[inner.perm[perm[i]]]
-        tensor, perm = entry.tensor, tuple(entry.perm[p] for p in perm)
-    else:
-        tensor = ctx.input(0)
-    return tensor if perm == tuple(sorted(perm)) else Permuted(tensor, perm)
+    return ctx.view_permute(ctx.raw(0), ctx.in_type(0).shape, node.attrs["perm"])
 
 
 @lowering("expand")
@@ -568,32 +598,30 @@ def _lower_rope(ctx, node):
     batch, dim = x_type.shape[0], x_type.shape[3]
     heads = x_type.shape[1] if seq_axis == 2 else x_type.shape[2]
     positions = _positions(ctx, 1, batch)
-    entry = ctx.raw(0)
-    # Rotate in the layout the tensor already has: [b, s, H, D] (3-D view [b, s, H * D]) or [b, H, s, D].
-    perm = None
-    if isinstance(entry, Permuted) and entry.perm == (0, 2, 1, 3):
-        tensor, perm, seq_axis = entry.tensor, entry.perm, 3 - seq_axis
-    else:
-        tensor = ctx.input(0)
-    attrs = dict(domain=MS_DOMAIN, interleaved=0, num_heads=heads, rotary_embedding_dim=rotary_dim)
-    if seq_axis == 2:  # BNSH
-        out = ctx.add("RotaryEmbedding", [tensor, positions, cos, sin], **attrs)
-    else:  # BSNH: rotate the [b, s, H * D] view
-        flat = ctx.add("Reshape", [tensor, ctx.const([0, 0, heads * dim], "i64")])
-        out = ctx.add("RotaryEmbedding", [flat, positions, cos, sin], **attrs)
-        out = ctx.add("Reshape", [out, ctx.const([0, 0, heads, dim], "i64")])
-    return Permuted(out, perm) if perm else out
+    # ORT's RotaryEmbedding on the [b, s, H * D] token layout, which is usually what the q/k projection made
+    flat, tokens = _tokens_flat(ctx, 0, seq_axis)
+    out = ctx.add("RotaryEmbedding", [flat, positions, cos, sin], domain=MS_DOMAIN, interleaved=0, num_heads=heads,
+                  rotary_embedding_dim=rotary_dim)
+    return _from_tokens_flat(ctx, out, tokens, seq_axis)
 
 
 # attention ----------------------------------------------------------------------------
-def _bsnh_flat(ctx, index: int, heads: int, dim: int) -> str:
-    """An IR [b, heads, s, D] input as the [b, s, heads * D] that GroupQueryAttention reads."""
-    entry = ctx.raw(index)
-    if isinstance(entry, Permuted) and entry.perm == (0, 2, 1, 3):
-        tensor = entry.tensor
-    else:
-        tensor = ctx.add("Transpose", [ctx.input(index)], perm=[0, 2, 1, 3])
-    return ctx.add("Reshape", [tensor, ctx.const([0, 0, heads * dim], "i64")])
+def _tokens_flat(ctx, index: int, seq_axis: int = 2) -> tuple:
+    """Input ``index``, an IR [b, H, s, D] (seq_axis 2) or [b, s, H, D] (seq_axis 1), as [b, s, H * D]; usually
+    the very tensor a projection produced (the head split folds away). Returns (name, [b, s, H, D])."""
+    x_type = ctx.in_type(index)
+    entry, shape = ctx.raw(index), tuple(x_type.shape)
+    if seq_axis == 2:
+        entry = ctx.view_permute(entry, shape, (0, 2, 1, 3))
+        shape = (shape[0], shape[2], shape[1], shape[3])
+    flat = ctx.materialize(ctx.view_reshape(entry, shape, shape[:2] + (shape[2] * shape[3],)))
+    return flat, shape
+
+
+def _from_tokens_flat(ctx, flat: str, tokens: tuple, seq_axis: int = 2):
+    """The inverse of _tokens_flat, lazily: [b, s, H * D] back to the IR layout."""
+    entry = ctx.view_reshape(flat, tokens[:2] + (tokens[2] * tokens[3],), tokens)
+    return ctx.view_permute(entry, tokens, (0, 2, 1, 3)) if seq_axis == 2 else entry
 
 
 @lowering("paged_attention")
@@ -611,16 +639,16 @@ def _lower_paged_attention(ctx, node):
     if layer in ctx.layers:
         raise UnsupportedOpError(f"{ctx.where()}: layer {layer} of the KV cache is attended twice in one call")
     ctx.layers[layer] = (kv_heads, dim, cache_dtype)
-    q, k, v = (ctx.cast(_bsnh_flat(ctx, i, n, dim), q_type.dtype, cache_dtype)
-               for i, n in ((0, heads), (1, kv_heads), (2, kv_heads)))
+    (q, tokens), (k, _), (v, _) = (_tokens_flat(ctx, i) for i in range(3))
+    q, k, v = (ctx.cast(t, q_type.dtype, cache_dtype) for t in (q, k, v))
     window = node.attrs["window"]
     out = ctx.add("GroupQueryAttention",
                   [q, k, v, *past_names(layer), SEQLENS_K, TOTAL_SEQUENCE_LENGTH],
                   [None, *present_names(layer)], domain=MS_DOMAIN, num_heads=heads, kv_num_heads=kv_heads,
                   scale=float(node.attrs["scale"]), local_window_size=-1 if window is None else int(window))[0]
     out = ctx.cast(out, cache_dtype, q_type.dtype)
-    # [b, s, H * D] -> the IR's [b, H, s, D], left as a pending transpose (o_proj's permute cancels it)
-    return [Permuted(ctx.add("Reshape", [out, ctx.const([0, 0, heads, dim], "i64")]), (0, 2, 1, 3)), CACHE]
+    # [b, s, H * D] -> the IR's [b, H, s, D], lazily (the head merge before o_proj cancels it)
+    return [_from_tokens_flat(ctx, out, tokens), CACHE]
 
 
 def _attention_mask(ctx, sq, sk, window) -> str:

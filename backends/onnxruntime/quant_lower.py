@@ -119,8 +119,9 @@ def _lower_linear_q(ctx, node):
                               accuracy_level)
             if offset is not None:
                 groups = k // group_size
-                sums = ctx.add("ReduceSum", [ctx.reshape(x, x_type.shape, tuple(x_type.shape[:-1]) + (groups, group_size)),
-                                             ctx.const([-1], "i64")], keepdims=0)
+                grouped = tuple(x_type.shape[:-1]) + (groups, group_size)
+                sums = ctx.cached(("group_sums", x, group_size), lambda: ctx.add(
+                    "ReduceSum", [ctx.reshape(x, x_type.shape, grouped), ctx.const([-1], "i64")], keepdims=0))
                 y = ctx.add("Add", [y, ctx.add("MatMul", [sums, ctx.derived(
                     f"{name}.offset.T", lambda: offset.astype(np.float32).T)])])
             return y
