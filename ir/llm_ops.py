@@ -259,3 +259,29 @@ define_op("paged_attention", infer=_paged_attention_infer, reference=_paged_atte
 
 def default_scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim)
+
+
+def _last_token_infer(types, attrs, module):
+    x, positions = types
+    if x.rank < 2 or positions.rank != 2 or positions.dtype != "i64" or positions.shape != tuple(x.shape[:2]):
+        raise fail("last_token", f"expected x[batch, seq, ...] and positions i64[batch, seq], found {x} and {positions}")
+    return [TensorType(x.dtype, (x.shape[0], 1) + tuple(x.shape[2:]))]
+
+
+def last_token_index(positions: np.ndarray) -> np.ndarray:
+    """Per row, the index of the last entry with a position >= 0 (rows are right-padded with -1); 0 if none."""
+    seq = positions.shape[1]
+    valid = positions >= 0
+    last = seq - 1 - np.argmax(valid[:, ::-1], axis=1)
+    return np.where(valid.any(axis=1), last, 0)
+
+
+def _last_token_ref(xs, attrs):
+    x, positions = xs
+    index = last_token_index(positions)
+    return [x[np.arange(x.shape[0]), index][:, None]]
+
+
+define_op("last_token", infer=_last_token_infer, reference=_last_token_ref, inputs=2,
+          doc="x[b, s, ...] -> x[b, last, ...][:, None]: each row's last real token (positions >= 0; rows are "
+              "right-padded with -1), so prefill computes the logits generation needs and no others")

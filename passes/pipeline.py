@@ -17,6 +17,8 @@ PIPELINE = [
     # KV cache: plan the pages, then split forward into prefill and decode.
     "plan_kv_cache",
     "insert_kv_cache",
+    # Generation needs the logits of each prompt's last token only: @prefill_last computes just those.
+    "add_prefill_last",
     # decode's seq = 1 makes some permutes plain reshapes.
     ("canonicalize", "eliminate_common_subexpressions", "eliminate_dead_code"),
     # Memory: plan activation buffers of each entry function.

@@ -74,6 +74,9 @@ class Engine:
             with open(info.file(template), encoding="utf-8") as f:
                 self.chat_template = f.read()
         self.executor = load_executor(info, **backend_options)
+        # prefill computing only the last token's logits, when the backend compiled it
+        has = getattr(self.executor, "has_function", None)
+        self._prefill_for_generation = "prefill_last" if has is not None and has("prefill_last") else "prefill"
         self.pages = PageManager(self.kv_plan["num_pages"], self.kv_plan["page_size"], self.kv_plan["pages_per_seq"])
 
     @classmethod
@@ -168,7 +171,7 @@ class Engine:
         seq = self.pages.add_sequence()
         try:
             start = time.perf_counter()
-            logits = self._step("prefill", [seq], np.asarray([ids]))[0, -1]
+            logits = self._step(self._prefill_for_generation, [seq], np.asarray([ids]))[0, -1]
             prefill_time = time.perf_counter() - start
             decode_start = time.perf_counter()
             decode_calls = 0

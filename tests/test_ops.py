@@ -158,6 +158,8 @@ TORCH = {
     "slice": _slice_torch,
     "concat": lambda t, a: torch.cat(t, dim=a["axis"]),
     "index": _index_torch,
+    "last_token": lambda xs, a: xs[0][torch.arange(xs[0].shape[0]),
+                                      torch.where((xs[1] >= 0).any(1), (xs[1] >= 0).int().cumsum(1).argmax(1), 0)][:, None],
     "embedding": lambda t, a: F.embedding(t[1], t[0]),
     "matmul": lambda t, a: torch.matmul(t[0], t[1]),
     "linear": lambda t, a: F.linear(*t),
@@ -319,6 +321,9 @@ for _x, _idx, _axis in [((5, 4), [("i64", (3,))], 0), ((5, 4), [("i64", ())], 0)
                         ((5, 5), [("i64", (4,)), ("i64", (4,))], 0), ((b, 5, 4), [("i64", (s,))], 1)]:
     add("index", [("f32", _x)] + [(dt, shape, ints(-4, 4)) for dt, shape in _idx], {"axis": _axis})
 add("index", [("i64", (6,)), ("i64", (2, 2), ints(0, 6))])  # default axis=0
+# last_token: rows right-padded with -1 (row 1 has 2 real tokens, row 2 none: index 0)
+add("last_token", [("f32", (3, 4, 5)), ("i64", (3, 4), lambda rng, shape, dtype: np.array(
+    [[0, 1, 2, 3], [5, 6, -1, -1], [-1, -1, -1, -1]], dtype=np.int64))])
 
 for _table, _ids, _dtype in [((10, 4), (2, 3), "i64"), ((10, 4), (), "i64"), ((7, 3), (5,), "i32"),
                              ((10, 4), (b, s), "i64")]:

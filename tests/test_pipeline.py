@@ -37,7 +37,7 @@ def optimized(module, options=OPTIONS):
 @pytest.mark.parametrize("arch", sorted(TINY_ARCHS))
 def test_tiny_prefill_then_batched_decode_match_transformers(arch):
     module = optimized(captured(arch))
-    assert set(module.functions) == {"prefill", "decode"}
+    assert set(module.functions) == {"prefill", "decode", "prefill_last"}
     assert module.metadata["unfused_attention"] == []
     ops = collections.Counter(n.op for n in module.functions["prefill"].nodes)
     for op, count in EXPECTED[arch].items():
@@ -52,6 +52,35 @@ def test_tiny_prefill_then_batched_decode_match_transformers(arch):
         ref = reference_logits(arch, seq[None])[0]
         assert logits.shape == ref.shape
         assert np.abs(logits - ref).max() <= 1e-4 * np.abs(ref).max(), arch
+
+
+@pytest.mark.parametrize("arch", sorted(TINY_ARCHS))
+def test_prefill_last_gives_each_rows_last_real_token_like_transformers(arch):
+    """A right-padded batch of two prompts (lengths 7 and 4) through @prefill_last: one row of logits per
+    sequence, transformers' logits at its last real token; and the KV cache it leaves equals @prefill's."""
+    from kiln.ir.interpreter import run_function
+
+    from kv_harness import empty_cache, page_row
+
+    module = optimized(captured(arch))
+    fn = module.functions["prefill_last"]
+    assert sum(n.op == "last_token" for n in fn.nodes) >= 1
+    plan = module.metadata["kv_cache"]
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(0, VOCAB, size=7), rng.integers(0, VOCAB, size=4)]
+    ids = np.zeros((2, 7), dtype=np.int64)
+    positions = np.full((2, 7), -1, dtype=np.int64)
+    for row, prompt in enumerate(prompts):
+        ids[row, :len(prompt)] = prompt
+        positions[row, :len(prompt)] = np.arange(len(prompt))
+    table = np.stack([page_row(plan, 0), page_row(plan, 1)])
+    logits, cache = run_function(module, "prefill_last", [ids, positions, empty_cache(plan), table])
+    _, cache_full = run_function(module, "prefill", [ids, positions, empty_cache(plan), table])
+    assert logits.shape == (2, 1, VOCAB)
+    np.testing.assert_array_equal(cache, cache_full)
+    for row, prompt in enumerate(prompts):
+        ref = reference_logits(arch, np.asarray(prompt)[None])[0, -1]
+        assert np.abs(logits[row, 0] - ref).max() <= 1e-4 * np.abs(ref).max(), arch
 
 
 def test_decode_is_prefill_with_one_token():

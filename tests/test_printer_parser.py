@@ -113,7 +113,8 @@ def build_every_op_module() -> Module:
     attn = fn.emit("attention", roped, k, k, num_heads=2, num_kv_heads=1, scale=0.5, window=3)
     paged = fn.add_node("paged_attention", [q, k, k, cache, table, pos],
                         {"num_heads": 2, "num_kv_heads": 1, "scale": 0.5, "layer": 1})
-    fn.set_results([g, half, picked, filled, ar1, ar2, means, maxes, mins, sm, cs, flat_t, expanded, sliced, joined,
+    last = fn.emit("last_token", h, pos)
+    fn.set_results([last, g, half, picked, filled, ar1, ar2, means, maxes, mins, sm, cs, flat_t, expanded, sliced, joined,
                     indexed, scores, lin, lin_q, emb_q, ln, att1, att2, rms, *resid.outputs, mlp, attn, *paged.outputs, *consts])
 
     dec = module.add_function("decode.step")

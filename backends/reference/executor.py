@@ -16,6 +16,9 @@ class ReferenceExecutor:
         self.cache = np.zeros((plan["num_layers"], 2, plan["num_pages"], plan["num_kv_heads"], plan["page_size"],
                                plan["head_dim"]), dtype={"f32": np.float32, "f16": np.float16}[plan["dtype"]])
 
+    def has_function(self, name: str) -> bool:
+        return name in self.module.functions
+
     def run(self, function: str, input_ids: np.ndarray, positions: np.ndarray, page_table: np.ndarray) -> np.ndarray:
         logits, self.cache = run_function(self.module, function, [input_ids, positions, self.cache, page_table],
                                           weights=self.weights)

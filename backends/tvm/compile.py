@@ -7,6 +7,7 @@ import os
 from kiln.ir.errors import ConfigError
 
 LIBRARY = "model.so"
+ENTRY_FUNCTIONS = ("prefill", "decode", "prefill_last")  # prefill_last when the pipeline made one
 
 
 def compile_module(module, target: str, out_dir: str, options) -> dict:
@@ -16,14 +17,15 @@ def compile_module(module, target: str, out_dir: str, options) -> dict:
 
     if target not in ("cpu", "cuda"):
         raise ConfigError(f"unknown target {target!r}; expected cpu or cuda")
-    irmodule = lower_functions(module, ["prefill", "decode"], target)
+    functions = [name for name in ENTRY_FUNCTIONS if name in module.functions]
+    irmodule = lower_functions(module, functions, target)
     executable = build(irmodule, target)
     executable.export_library(os.path.join(out_dir, LIBRARY))
     return {
         "target": target,
         "target_json": str(as_target(target)),
         "library": LIBRARY,
-        "weights": {name: weight_names(irmodule, name) for name in ("prefill", "decode")},
+        "weights": {name: weight_names(irmodule, name) for name in functions},
         # f16 block scales the CPU kernels read as f32; the executor widens them when it loads them
-        "widen_to_f32": sorted({w for name in ("prefill", "decode") for w in widened_weight_names(irmodule, name)}),
+        "widen_to_f32": sorted({w for name in functions for w in widened_weight_names(irmodule, name)}),
     }

@@ -73,6 +73,9 @@ class TVMExecutor:
         self.cache = tvm.runtime.tensor(np.zeros(shape, dtype=np.float32), self.device)
         self._tvm = tvm
 
+    def has_function(self, name: str) -> bool:
+        return name in self.functions
+
     def run(self, function: str, input_ids: np.ndarray, positions: np.ndarray, page_table: np.ndarray) -> np.ndarray:
         tensor = self._tvm.runtime.tensor
         out = self.functions[function](tensor(np.ascontiguousarray(input_ids, dtype=np.int64), self.device),

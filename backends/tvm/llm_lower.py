@@ -172,3 +172,20 @@ def _lower_paged_attention(ctx, node, inputs):
 
 
 __all__ = ["kv_append_func", "tvm_dtype"]
+
+
+@lowering("last_token")
+def _lower_last_token(ctx, node, inputs):
+    x, positions = inputs
+    rank = ctx.in_type(0).rank
+
+    def gather(data, pos):
+        seq = pos.shape[1]
+        s = te.reduce_axis((0, seq), name="s")
+        last = te.compute((pos.shape[0],), lambda b: te.max(
+            te.if_then_else(pos[b, s] >= 0, s.var.astype("int64"), tirx.const(0, "int64")), axis=s), name="last")
+        return te.compute((data.shape[0], 1) + tuple(data.shape[2:]),
+                          lambda b, _, *rest: data[(b, last[b]) + tuple(rest)], name="last_token")
+
+    assert rank >= 2
+    return ctx.emit_te(gather, x, positions, name="last_token")
