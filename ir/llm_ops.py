@@ -264,7 +264,8 @@ def default_scale(head_dim: int) -> float:
 def _last_token_infer(types, attrs, module):
     x, positions = types
     if x.rank < 2 or positions.rank != 2 or positions.dtype != "i64" or positions.shape != tuple(x.shape[:2]):
-        raise fail("last_token", f"expected x[batch, seq, ...] and positions i64[batch, seq], found {x} and {positions}")
+        raise fail("last_token", f"expected x[batch, seq, ...] and positions i64[batch, seq], "
+                                 f"found {x} and {positions}")
     return [TensorType(x.dtype, (x.shape[0], 1) + tuple(x.shape[2:]))]
 
 

@@ -158,8 +158,8 @@ TORCH = {
     "slice": _slice_torch,
     "concat": lambda t, a: torch.cat(t, dim=a["axis"]),
     "index": _index_torch,
-    "last_token": lambda xs, a: xs[0][torch.arange(xs[0].shape[0]),
-                                      torch.where((xs[1] >= 0).any(1), (xs[1] >= 0).int().cumsum(1).argmax(1), 0)][:, None],
+    "last_token": lambda xs, a: xs[0][torch.arange(xs[0].shape[0]), torch.where(
+        (xs[1] >= 0).any(1), (xs[1] >= 0).int().cumsum(1).argmax(1), 0)][:, None],
     "embedding": lambda t, a: F.embedding(t[1], t[0]),
     "matmul": lambda t, a: torch.matmul(t[0], t[1]),
     "linear": lambda t, a: F.linear(*t),
