@@ -77,6 +77,25 @@ def test_decode_graph_matches_transformers(compiled):
     _check_against_transformers(engine, "llama")
 
 
+@pytest.mark.parametrize("quantize", ["int4", pytest.param("int8", marks=pytest.mark.slow)])
+def test_quantized_model_matches_the_numpy_reference(compiled, quantize):
+    """int4-g32 with offsets (group-sum correction) and int8 per row (two exact int4 MatMulNBits; int4 mode
+    makes the embedding and the logits projection int8 too): the same logits as kiln's numpy interpreter
+    running the quantized IR."""
+    ort_engine = kiln.load(compiled("llama", quantize=quantize))
+    reference = kiln.load(kiln.compile(tiny_model("llama"), backend="reference", max_seq_len=48, quantize=quantize))
+    ort_res = ort_engine.generate(PROMPT, max_new_tokens=6, ignore_eos=True, return_logits=True)
+    ref_res = reference.generate(PROMPT, max_new_tokens=6, ignore_eos=True, return_logits=True)
+    assert ort_res.token_ids == ref_res.token_ids
+    assert _relative_error(ort_res.logits, ref_res.logits) <= 1e-5
+
+
+def test_f16_kv_cache_matches_transformers(compiled):
+    engine = kiln.load(compiled("llama", kv_cache_dtype="f16"))
+    assert engine.executor.buffers[0][0].dtype == np.float16
+    _check_against_transformers(engine, "llama")
+
+
 def _reference_last_logits(arch, ids):
     with torch.no_grad():
         return tiny_model(arch)(torch.as_tensor([ids])).logits[0, -1].numpy()
