@@ -108,7 +108,7 @@ def quantize_arg(args):
 
 def add_compile_options(parser) -> None:
     group = parser.add_argument_group("compilation (when MODEL is not an artifact)")
-    group.add_argument("--backend", default="tvm", help="tvm (default) or reference (numpy, slow)")
+    group.add_argument("--backend", default="tvm", help="tvm (default), onnxruntime or reference (numpy, slow)")
     group.add_argument("--target", default="cpu", help="cpu (default) or cuda")
     add_quantize_option(group)
     group.add_argument("--threads", type=int, default=None, help="CPU threads for the TVM runtime")
