@@ -70,10 +70,11 @@ def test_tiny_architecture_matches_transformers_slow(compiled, arch):
 
 
 def test_decode_graph_matches_transformers(compiled):
-    """By default the prefill model also decodes (one copy of the prepacked weights); the lowered
-    decode function, loaded as its own session, computes the same."""
+    """By default the generation prefill (prefill_last) also decodes (one copy of the prepacked weights);
+    the lowered decode function, loaded as its own session, computes the same."""
+    assert kiln.load(compiled("llama")).executor.models["decode"] == "prefill_last"
     engine = kiln.load(compiled("llama"), separate_decode=True)
-    assert set(engine.executor.sessions) == {"prefill", "decode"}
+    assert engine.executor.models["decode"] == "decode"
     _check_against_transformers(engine, "llama")
 
 

@@ -172,6 +172,17 @@ def test_index_with_two_index_tensors_in_the_middle():
     assert np.array_equal(run_onnx(module, feeds), _reference(module, feeds))
 
 
+def test_last_token_with_padding_rows():
+    x = np.random.default_rng(8).standard_normal((3, 4, 5)).astype(np.float32)
+    positions = np.array([[0, 1, 2, 3], [7, 8, -1, -1], [-1, -1, -1, -1]], dtype=np.int64)
+    module = build("last_token", [("x", TensorType("f32", (BATCH, SEQ, 5))),
+                                  ("positions", TensorType("i64", (BATCH, SEQ)))], {}, {})
+    feeds = {"x": x, "positions": positions}
+    got = run_onnx(module, feeds)
+    assert np.array_equal(got, _reference(module, feeds))
+    assert np.array_equal(got[:, 0], x[[0, 1, 2], [3, 1, 0]])
+
+
 def test_every_ir_op_has_a_lowering():
     assert sorted(set(OPS) - set(LOWERINGS)) == []
 

@@ -1,5 +1,5 @@
-"""Lowering side of the ONNX Runtime backend: prefill and decode -> two ONNX models in the artifact
-that share one external data file (each weight written once, 4 KiB aligned so it can be mapped)."""
+"""Lowering side of the ONNX Runtime backend: prefill, decode (and prefill_last) -> ONNX models in the
+artifact that share one external data file (each weight written once, 4 KiB aligned so it can be mapped)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from onnx import TensorProto, numpy_helper
 from kiln.ir.errors import ConfigError
 
 DATA_FILE = "model.onnx.data"
-FUNCTIONS = ("prefill", "decode")
+FUNCTIONS = ("prefill", "decode", "prefill_last")  # prefill_last when the pipeline made one
 INLINE_BYTES = 1024  # smaller initializers stay inside the model file
 ALIGNMENT = 4096
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
@@ -28,7 +28,8 @@ def compile_module(module, target: str, out_dir: str, options) -> dict:
     accuracy_level = extra.get("onnx_accuracy_level", 0)
     if accuracy_level not in ACCURACY_LEVELS:
         raise ConfigError(f"onnx_accuracy_level must be one of {ACCURACY_LEVELS}, found {accuracy_level!r}")
-    lowered = {name: lower_function(module, name, {"accuracy_level": accuracy_level}) for name in FUNCTIONS}
+    lowered = {name: lower_function(module, name, {"accuracy_level": accuracy_level})
+               for name in FUNCTIONS if name in module.functions}
     offsets = _write_data(os.path.join(out_dir, DATA_FILE), lowered)
     models = {}
     for name, fn in lowered.items():
@@ -40,10 +41,10 @@ def compile_module(module, target: str, out_dir: str, options) -> dict:
         with open(path, "wb") as f:
             f.write(model.SerializeToString())
         onnx.checker.check_model(path, full_check=False)
-        models[name] = {"file": f"{name}.onnx", "inputs": fn.inputs}
+        models[name] = {"file": f"{name}.onnx", "inputs": fn.inputs, "logits_rows": fn.logits_rows}
     layers = lowered["prefill"].layers
-    if layers != lowered["decode"].layers:
-        raise AssertionError("prefill and decode attend over different KV layers")
+    if any(fn.layers != layers for fn in lowered.values()):
+        raise AssertionError(f"the functions {sorted(lowered)} attend over different KV layers")
     return {
         "target": target,
         "models": models,

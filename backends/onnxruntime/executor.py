@@ -73,15 +73,24 @@ class ORTExecutor:
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.log_severity_level = 3
-        models = backend["models"]
         # ONNX Runtime prepacks every weight per session (MatMul's packed B, MatMulNBits' blocks) and Python
-        # cannot share a prepacked container, so two sessions hold the weights twice. The prefill model
-        # (symbolic seq) computes decode's seq = 1 too: by default it serves both with one copy.
-        self.models = {"prefill": "prefill", "decode": "decode" if separate_decode else "prefill"}
-        self.sessions = {name: ort.InferenceSession(info.file(models[name]["file"]), options, providers=[provider])
-                         for name in sorted(set(self.models.values()))}
-        self.inputs = {name: models[name]["inputs"] for name in self.sessions}
-        self.bindings = {name: session.io_binding() for name, session in self.sessions.items()}
+        # cannot share a prepacked container: each session holds its own copy of the weights. So one model
+        # serves generation: prefill_last (or prefill) for the prompt and, with seq = 1, decode too; the
+        # all-positions prefill (Engine.logits, perplexity) loads on first use. separate_decode=True runs
+        # the lowered decode function as its own session.
+        models = backend["models"]
+        generation = "prefill_last" if "prefill_last" in models else "prefill"
+        self.models = {name: name for name in models}
+        self.models["decode"] = "decode" if separate_decode else generation
+        self._files = {name: info.file(model["file"]) for name, model in models.items()}
+        self.inputs = {name: model["inputs"] for name, model in models.items()}
+        self.logits_rows = {name: model.get("logits_rows") for name, model in models.items()}
+        self._options, self._provider = options, provider
+        self.sessions: dict = {}
+        self.bindings: dict = {}
+        for name in {generation, self.models["decode"]}:
+            self._session(name)
+        self._bound: dict = {}  # model -> (batch, first slot) its KV bindings are for
         self.logits_name = backend["logits"]
         plan = info.manifest["kv_cache"]
         self.max_seq_len = plan["max_seq_len"]
@@ -98,6 +107,16 @@ class ORTExecutor:
             else:
                 pair = tuple(ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, "cuda", 0) for _ in range(2))
             self.buffers.append(pair)
+
+    def _session(self, model: str):
+        if model not in self.sessions:
+            session = self._ort.InferenceSession(self._files[model], self._options, providers=[self._provider])
+            self.sessions[model] = session
+            self.bindings[model] = session.io_binding()
+        return self.sessions[model], self.bindings[model]
+
+    def has_function(self, name: str) -> bool:
+        return name in self.models
 
     # the buffers -------------------------------------------------------------------
     def _pointer(self, buffer, layer: int, slot: int) -> int:
@@ -161,12 +180,16 @@ class ORTExecutor:
             rows.append(row)
             starts.append(start)
             counts.append(count)
-        logits = np.zeros((batch, seq, self.vocab_size), dtype=np.float32)
+        model = self.models.get(function)
+        if model is None:
+            raise ConfigError(f"expected one of the functions {sorted(self.models)}, found {function!r}")
+        out_rows = self.logits_rows[model] or seq
+        logits = np.zeros((batch, out_rows, self.vocab_size), dtype=np.float32)
         if not rows:
             return logits
         slots = self._slots_for(rows, starts, page_table)
         first = slots[0] if slots == list(range(slots[0], slots[0] + len(slots))) else self._make_consecutive(slots)
-        out = self._run_session(function, input_ids[rows], positions[rows], starts, first)
+        out = self._run_session(model, input_ids[rows], positions[rows], starts, first)
         logits[rows] = out
         self.slots.clock += 1
         for i, row in enumerate(rows):
@@ -198,20 +221,33 @@ class ORTExecutor:
             slots.append(slot)
         return slots
 
-    def _run_session(self, function: str, input_ids, positions, starts: list, first: int) -> np.ndarray:
-        if function not in self.models:
-            raise ConfigError(f"expected function 'prefill' or 'decode', found {function!r}")
-        model = self.models[function]
-        session, io = self.sessions[model], self.bindings[model]
+    def _run_session(self, model: str, input_ids, positions, starts: list, first: int) -> np.ndarray:
+        session, io = self._session(model)
         batch, seq = input_ids.shape
-        io.clear_binding_inputs()
-        io.clear_binding_outputs()
         feeds = {"input_ids": np.ascontiguousarray(input_ids), "positions": np.ascontiguousarray(positions),
                  "seqlens_k": np.asarray([s + seq - 1 for s in starts], dtype=np.int32),
                  "total_sequence_length": np.asarray(max(starts) + seq, dtype=np.int32)}
+        key = (batch, first)
+        if self._bound.get(model) != key:  # the KV views change only with the batch's rows (~1 ms to bind)
+            io.clear_binding_inputs()
+            io.clear_binding_outputs()
+            self._bind_buffers(io, batch, first)
+            self._bound[model] = key
         for name in self.inputs[model]:
             if name in feeds:
-                io.bind_cpu_input(name, feeds[name])
+                io.bind_cpu_input(name, feeds[name])  # rebinding a name replaces it
+        logits = np.empty((batch, self.logits_rows[model] or seq, self.vocab_size), dtype=np.float32)
+        if self.device == "cpu":
+            io.bind_output(self.logits_name, "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
+        else:
+            io.bind_output(self.logits_name, "cpu")
+        session.run_with_iobinding(io)
+        if self.device != "cpu":
+            logits = io.get_outputs()[-1].numpy()
+        return logits
+
+    def _bind_buffers(self, io, batch: int, first: int) -> None:
+        """past_* and present_* of every layer: the same rows [first, first + batch) of its K/V buffers."""
         for layer, pair in enumerate(self.buffers):
             for kind, buffer in zip(("key", "value"), pair):
                 info = self.layers[layer]
@@ -220,15 +256,6 @@ class ORTExecutor:
                 dtype = _NUMPY[info["dtype"]]
                 io.bind_input(f"past_{kind}_{layer}", self.device, 0, dtype, shape, pointer)
                 io.bind_output(f"present_{kind}_{layer}", self.device, 0, dtype, shape, pointer)
-        logits = np.empty((batch, seq, self.vocab_size), dtype=np.float32)
-        if self.device == "cpu":
-            io.bind_output(self.logits_name, "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
-        else:
-            io.bind_output(self.logits_name, "cpu")
-        session.run_with_iobinding(io)
-        if self.device != "cpu":
-            logits = io.copy_outputs_to_cpu()[-1]
-        return logits
 
 
 def load_executor(info, num_threads: int | None = None, **options):

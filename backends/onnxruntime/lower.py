@@ -605,6 +605,19 @@ def _lower_rope(ctx, node):
     return _from_tokens_flat(ctx, out, tokens, seq_axis)
 
 
+@lowering("last_token")
+def _lower_last_token(ctx, node):
+    """x[b, last(b)][:, None], last(b) the last index with a position >= 0 (0 for a row of padding)."""
+    valid = ctx.add("Cast", [ctx.add("GreaterOrEqual", [ctx.cast(ctx.input(1), ctx.in_type(1).dtype, "i64"),
+                                                        ctx.const(0, "i64")])], to=ONNX_DTYPES["i32"])
+    last = ctx.add("ArgMax", [valid], axis=1, keepdims=1, select_last_index=1)  # [b, 1]
+    any_valid = ctx.add("Cast", [ctx.add("ReduceMax", [valid, ctx.const([1], "i64")], keepdims=1)],
+                        to=ONNX_DTYPES["bool"])
+    index = ctx.add("Where", [any_valid, last, ctx.const(0, "i64")])
+    rows = ctx.add("GatherND", [ctx.input(0), index], batch_dims=1)  # [b, ...]
+    return ctx.add("Unsqueeze", [rows, ctx.const([1], "i64")])
+
+
 # attention ----------------------------------------------------------------------------
 def _tokens_flat(ctx, index: int, seq_axis: int = 2) -> tuple:
     """Input ``index``, an IR [b, H, s, D] (seq_axis 2) or [b, s, H, D] (seq_axis 1), as [b, s, H * D]; usually
@@ -743,6 +756,7 @@ class LoweredFunction:
     initializers: dict
     inputs: list  # graph input names in order (the function's own, then lengths, then past K/V)
     layers: dict  # layer -> (num_kv_heads, head_dim, cache dtype)
+    logits_rows: int | None  # the logits' fixed seq dim (1 for prefill_last), None when it is the input's
 
 
 def lower_function(module: Module, name: str, options: dict | None = None) -> LoweredFunction:
@@ -805,7 +819,8 @@ def lower_function(module: Module, name: str, options: dict | None = None) -> Lo
                                  f"{sorted(ctx.layers)}")
     inputs = graph_inputs + (extra + past if ctx.layers else [])
     graph = helper.make_graph(ctx.nodes, name, inputs, graph_outputs + present)
-    return LoweredFunction(graph, ctx.initializers, [i.name for i in inputs], dict(ctx.layers))
+    rows = value.type.shape[1] if value.type.rank == 3 and isinstance(value.type.shape[1], int) else None
+    return LoweredFunction(graph, ctx.initializers, [i.name for i in inputs], dict(ctx.layers), rows)
 
 
 def _batch_dim(fn: Function):
