@@ -126,6 +126,24 @@ def test_batches_of_sequences_in_any_buffer_rows(compiled):
             engine.pages.remove_sequence(s)
 
 
+def test_decode_writes_the_kv_buffers_in_place(compiled):
+    """GroupQueryAttention's present K/V are the executor's own buffers (bound as past and present): each
+    step's key lands in the sequence's buffer row at its position, with no copy back."""
+    engine = kiln.load(compiled("llama"))
+    seq = engine.pages.add_sequence()
+    keys = engine.executor.buffers[0][0]  # layer 0's K: [slots, kv_heads, max_seq_len, head_dim]
+    before = keys.ctypes.data
+    try:
+        engine._step("prefill", [seq], np.array([[3, 1, 4, 1, 5]]))
+        slot = engine.executor.slots.find(int(engine.pages.page_table([seq])[0, 0]))
+        assert np.all(np.abs(keys[slot, :, :5]).sum(-1) > 0) and np.all(keys[slot, :, 5:] == 0)
+        engine._step("decode", [seq], np.array([[9]]))
+        assert np.all(np.abs(keys[slot, :, 5]).sum(-1) > 0) and np.all(keys[slot, :, 6:] == 0)
+    finally:
+        engine.pages.remove_sequence(seq)
+    assert engine.executor.buffers[0][0].ctypes.data == before
+
+
 def test_chunked_prefill_and_padding_rows(compiled):
     """A prefill that continues a sequence (positions from its cached length), and a batch row of padding
     (-1 positions) that computes nothing."""
