@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -134,19 +134,42 @@ class ScoreStats:
 LogitsFn = Callable[[Sequence[int]], np.ndarray]  # token ids [n] -> logits [n, vocab]
 
 
-def scored_logits(logits_fn: LogitsFn, token_ids: Sequence[int], windows: Sequence[Window]
-                  ) -> Iterator[tuple[Window, np.ndarray, np.ndarray]]:
-    """Per window: (window, logits rows that score its new tokens [n, vocab], those tokens [n]).
+def score_windows(logits_fns: dict[str, LogitsFn], token_ids: Sequence[int], window: int, stride: int,
+                  reference: str | None = None,
+                  on_window: Callable[[int, int, dict], None] | None = None) -> dict[str, ScoreStats]:
+    """Score ``token_ids`` with every model in ``logits_fns`` over the same windows, in lockstep.
 
-    One window's logits at a time, so memory stays at one window however long the text.
+    With ``reference`` (one of the names), every other model is also compared with it position by
+    position (top-1 agreement, KL). Only one window's logits per model are held at a time.
+    ``on_window(done, total, stats)`` is called after each window. Each ScoreStats' ``seconds``
+    is the time spent in that model's calls.
     """
+    if reference is not None and reference not in logits_fns:
+        raise ConfigError(f"the reference {reference!r} is not one of the models: {', '.join(logits_fns)}")
+    windows = sliding_windows(len(token_ids), window, stride)
     ids = np.asarray(token_ids, dtype=np.int64)
-    for w in windows:
-        logits = np.asarray(logits_fn(ids[w.input_slice].tolist()))
-        expected = w.end - 1 - w.begin
-        if logits.ndim != 2 or logits.shape[0] != expected:
-            raise ConfigError(f"expected logits [{expected}, vocab] for window {w}, found shape {logits.shape}")
-        yield w, logits[w.scored_rows], ids[w.score_from:w.end]
+    order = ([reference] if reference else []) + [name for name in logits_fns if name != reference]
+    stats = {name: ScoreStats() for name in order}
+    for done, w in enumerate(windows, 1):
+        feed = ids[w.input_slice].tolist()
+        targets = ids[w.score_from:w.end]
+        reference_rows = None
+        for name in order:
+            start = time.perf_counter()
+            logits = np.asarray(logits_fns[name](feed))
+            stats[name].seconds += time.perf_counter() - start
+            if logits.ndim != 2 or logits.shape[0] != len(feed):
+                raise ConfigError(f"{name}: expected logits [{len(feed)}, vocab] for window {w}, found shape "
+                                  f"{logits.shape}")
+            rows = logits[w.scored_rows]
+            if name == reference:
+                reference_rows = rows
+                stats[name].add(rows, targets)
+            else:
+                stats[name].add(rows, targets, reference_rows)
+        if on_window is not None:
+            on_window(done, len(windows), stats)
+    return stats
 
 
 @dataclass
@@ -155,7 +178,6 @@ class PerplexityResult:
     tokens: int  # scored tokens: all but the first
     windows: int
     seconds: float
-    stats: ScoreStats = field(repr=False, default_factory=ScoreStats)
 
 
 def encode_text(engine, text: str) -> list[int]:
@@ -184,12 +206,10 @@ def perplexity(engine, token_ids: Sequence[int], window: int = 512, stride: int 
         raise ConfigError(f"a window of {window} tokens feeds {longest} tokens at once, more than this artifact's "
                           f"compiled maximum of {engine.max_seq_len}; use a smaller --window or recompile with "
                           f"--max-seq-len {longest} or more")
-    stats = ScoreStats()
-    start = time.perf_counter()
-    for done, (_, logits, targets) in enumerate(scored_logits(engine.logits, token_ids, windows), 1):
-        stats.add(logits, targets)
+    def progress(done, total, all_stats):
         if on_window is not None:
-            on_window(done, len(windows), stats)
-    stats.seconds = time.perf_counter() - start
+            on_window(done, total, all_stats["model"])
+
+    stats = score_windows({"model": engine.logits}, token_ids, window, stride, on_window=progress)["model"]
     return PerplexityResult(perplexity=stats.perplexity, tokens=stats.tokens, windows=len(windows),
-                            seconds=stats.seconds, stats=stats)
+                            seconds=stats.seconds)

@@ -192,6 +192,45 @@ def test_perplexity_matches_transformers(checkpoint, artifact, window, stride):
     assert expected < 0.5 * VOCAB  # the model learned the text: context matters
 
 
+def test_models_compared_in_lockstep(checkpoint, artifact):
+    """kiln against transformers over the same windows: same perplexity each, top-1 agreement 1, KL ~ 0;
+    and against a perturbed copy of itself, KL equal to the one computed here with torch."""
+    import kiln
+    from kiln.evaluate import score_windows
+
+    _, model, ids = checkpoint
+    engine = kiln.load(artifact)
+
+    def eager(feed):
+        with torch.no_grad():
+            return model(input_ids=torch.tensor([feed])).logits[0].numpy()
+
+    noise = np.random.default_rng(0).normal(size=(MAX_SEQ_LEN, VOCAB)).astype(np.float32)
+    seen = []
+
+    def noisy(feed):
+        seen.append(feed)
+        return engine.logits(feed) + noise[:len(feed)]
+
+    stats = score_windows({"transformers": eager, "kiln": engine.logits, "noisy": noisy}, ids, 16, 5,
+                          reference="kiln")
+    expected, count = reference_perplexity(model, ids, 16, 5)
+    assert stats["kiln"].compared == 0 and stats["transformers"].compared == stats["noisy"].compared == count
+    assert stats["transformers"].perplexity == pytest.approx(expected, rel=1e-6)  # float32 logits of shorter feeds
+    assert stats["kiln"].perplexity == pytest.approx(expected, rel=1e-4)
+    assert stats["transformers"].top1_agreement == 1.0 and stats["transformers"].mean_kl < 1e-7
+    kl, agree = 0.0, 0
+    for k, feed in enumerate(seen):  # windows of 16 every 5: the first scores rows 0.., later ones the last 5
+        rows = slice(0, None) if k == 0 else slice(-5, None)
+        clean = torch.tensor(engine.logits(feed), dtype=torch.float64)
+        log_p = torch.log_softmax(clean[rows], -1)
+        log_q = torch.log_softmax((clean + torch.tensor(noise[:len(feed)], dtype=torch.float64))[rows], -1)
+        kl += torch.nn.functional.kl_div(log_q, log_p, log_target=True, reduction="sum").item()
+        agree += int((log_p.argmax(-1) == log_q.argmax(-1)).sum())
+    assert stats["noisy"].mean_kl == pytest.approx(kl / count, rel=1e-6) and stats["noisy"].mean_kl > 0.01
+    assert stats["noisy"].top1_agreement == agree / count < 1
+
+
 def test_window_longer_than_the_artifact_is_refused(checkpoint, artifact):
     import kiln
     from kiln.evaluate import perplexity
