@@ -92,6 +92,32 @@ def test_linear_q_matches_numpy(bits, group, offsets, scale_dtype, nk):
     assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
 
 
+@pytest.mark.parametrize("bits,group,offsets,scale_dtype,nk", [QUANT_CASES[1], QUANT_CASES[4], QUANT_CASES[6]])
+def test_sibling_linear_q_fused_into_one_matmul(bits, group, offsets, scale_dtype, nk):
+    """Projections of one activation (q/k/v) become one MatMulNBits over the stacked weights, then a Split."""
+    rng = np.random.default_rng(11)
+    n, k = nk
+    module = Module()
+    fn = module.add_function("f")
+    x = fn.add_param("x", TensorType("f32", (BATCH, k)))
+    outs, refs = [], []
+    for i, rows in enumerate((n, n // 2, n // 2)):
+        weights, w = _quant_weights(rng, bits, group, offsets, scale_dtype, rows, k)
+        operands = []
+        for key, array in weights.items():
+            module.add_weight(f"{key}{i}", array)
+            operands.append(fn.emit("weight", name=f"{key}{i}"))
+        outs.append(fn.emit("linear_q", x, *operands, bits=bits, group_size=group))
+        refs.append(w)
+    fn.set_results([fn.emit("concat", *outs, axis=-1)])
+    lowered = lower_function(module, "f")
+    assert sum(n.op_type == "MatMulNBits" for n in lowered.graph.node) == (2 if bits == 8 else 1)
+    xs = rng.standard_normal((3, k)).astype(np.float32)
+    ref = xs.astype(np.float64) @ np.concatenate(refs).T
+    got = run_onnx(module, {"x": xs})
+    assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
 def test_linear_q_int8_accuracy_level_4_is_close():
     """accuracy_level 4 quantizes the activations to int8: close, not exact (the default is 0)."""
     rng = np.random.default_rng(7)

@@ -28,8 +28,8 @@ def compile_module(module, target: str, out_dir: str, options) -> dict:
     accuracy_level = extra.get("onnx_accuracy_level", 0)
     if accuracy_level not in ACCURACY_LEVELS:
         raise ConfigError(f"onnx_accuracy_level must be one of {ACCURACY_LEVELS}, found {accuracy_level!r}")
-    lowered = {name: lower_function(module, name, {"accuracy_level": accuracy_level})
-               for name in FUNCTIONS if name in module.functions}
+    options = {"accuracy_level": accuracy_level, "derived": {}}
+    lowered = {name: lower_function(module, name, options) for name in FUNCTIONS if name in module.functions}
     offsets = _write_data(os.path.join(out_dir, DATA_FILE), lowered)
     models = {}
     for name, fn in lowered.items():
@@ -63,7 +63,6 @@ def _write_data(path: str, lowered: dict) -> dict:
     with open(path, "wb") as f:
         for fn in lowered.values():
             for name, array in fn.initializers.items():
-                array = np.ascontiguousarray(array)
                 if array.nbytes < INLINE_BYTES:
                     continue
                 if name in seen:
@@ -71,6 +70,7 @@ def _write_data(path: str, lowered: dict) -> dict:
                         raise AssertionError(f"initializer {name} differs between functions")
                     continue
                 seen[name] = array
+                array = np.ascontiguousarray(array)
                 pad = -f.tell() % ALIGNMENT
                 f.write(b"\0" * pad)
                 offsets[name] = (f.tell(), array.nbytes)

@@ -55,7 +55,7 @@ class SlotTable:
 
 class ORTExecutor:
     def __init__(self, info, num_threads: int | None = None, provider: str | None = None,
-                 separate_decode: bool = False):
+                 separate_decode: bool = False, spin: bool = False):
         import onnxruntime as ort
 
         self._ort = ort
@@ -73,6 +73,9 @@ class ORTExecutor:
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.log_severity_level = 3
+        # Idle pool threads spinning between kernels: a little faster on an idle machine, about half the
+        # speed when other processes want the cores (measured on a shared 2-core machine).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         # ONNX Runtime prepacks every weight per session (MatMul's packed B, MatMulNBits' blocks) and Python
         # cannot share a prepacked container: each session holds its own copy of the weights. So one model
         # serves generation: prefill_last (or prefill) for the prompt and, with seq = 1, decode too; the

@@ -27,15 +27,9 @@ import numpy as np
 from kiln.ir.errors import UnsupportedOpError
 from kiln.ir.quant_ops import INT4_PER_WORD
 
-from .lower import MS_DOMAIN, lowering
+from .lower import MS_DOMAIN, _weight_of, fused_output, lowering, sibling_group
 
 BLOCK_SIZES = (256, 128, 64, 32, 16)  # MatMulNBits: a power of two, at least 16
-
-
-def _arrays(ctx, node):
-    q, scale = ctx.weight_array(1), ctx.weight_array(2)
-    offset = ctx.weight_array(3) if len(node.inputs) == 4 else None
-    return q, scale, offset
 
 
 def _block(k: int, group_size: int) -> int:
@@ -90,54 +84,104 @@ def int8_weights(q: np.ndarray, scale: np.ndarray, group_size: int) -> tuple:
     return shifted.reshape(n, padded // block, block), _block_scales(scale, k, block, group_size), block
 
 
-def _matmul_nbits(ctx, x, blob, scales, zero_points, k, n, bits, block, accuracy_level):
-    inputs = [x, blob, scales] + ([zero_points] if zero_points is not None else [])
-    return ctx.add("MatMulNBits", inputs, domain=MS_DOMAIN, K=k, N=n, bits=bits, block_size=block,
-                   accuracy_level=accuracy_level)
+def prepare_linear_q(q, scale, offset, bits: int, group_size: int, accuracy_level: int) -> dict:
+    """MatMulNBits operands of one linear_q weight: ``parts`` (each (B, scales, zero points or None, bits),
+    summed), ``offset_t`` (the offsets transposed, for the group-sum correction) or None, ``block``, ``n``."""
+    n = q.shape[0]
+    if bits == 4:
+        blob, scales, block = int4_weights(q, scale, group_size)
+        if offset is None:
+            return {"parts": [(blob, scales, None, 4)], "offset_t": None, "block": block, "n": n}
+        zero = np.zeros((n, -(-blob.shape[1] // 2)), np.uint8)  # zero point 0: x @ (nibble * scale).T
+        return {"parts": [(blob, scales, zero, 4)], "offset_t": offset.astype(np.float32).T, "block": block, "n": n}
+    if accuracy_level == 4:
+        blob, scales, block = int8_weights(q, scale, group_size)
+        return {"parts": [(blob, scales, None, 8)], "offset_t": None, "block": block, "n": n}
+    (hi, hi_scales), (lo, lo_scales), block = int8_as_int4_pair(q, scale, group_size)
+    zero = np.zeros((n, -(-hi.shape[1] // 2)), np.uint8)
+    return {"parts": [(hi, hi_scales, None, 4), (lo, lo_scales, zero, 4)], "offset_t": None, "block": block, "n": n}
+
+
+def concat_prepared(prepared: list) -> dict:
+    """Several weights' operands as one weight with their output rows stacked (fused sibling projections)."""
+    first = prepared[0]
+    parts = []
+    for i, (_, _, zero, bits) in enumerate(first["parts"]):
+        stacked = [np.concatenate([p["parts"][i][j] for p in prepared], axis=0) for j in range(2)]
+        zeros = None if zero is None else np.concatenate([p["parts"][i][2] for p in prepared], axis=0)
+        parts.append((stacked[0], stacked[1], zeros, bits))
+    offset_t = None if first["offset_t"] is None else np.concatenate([p["offset_t"] for p in prepared], axis=1)
+    return {"parts": parts, "offset_t": offset_t, "block": first["block"], "n": sum(p["n"] for p in prepared)}
+
+
+def _emit(ctx, x: str, x_type, prepared: dict, prefix: str, group_size: int) -> str:
+    k, n = x_type.shape[-1], prepared["n"]
+    accuracy_level = int(ctx.options.get("accuracy_level", 0))
+    y = None
+    for i, (blob, scales, zero, bits) in enumerate(prepared["parts"]):
+        inputs = [x, ctx.derived(f"{prefix}.nbits{i}", lambda b=blob: b),
+                  ctx.derived(f"{prefix}.nbits{i}_scales", lambda sc=scales: sc)]
+        if zero is not None:
+            inputs.append(ctx.derived(f"{prefix}.nbits{i}_zero", lambda z=zero: z))
+        part = ctx.add("MatMulNBits", inputs, domain=MS_DOMAIN, K=k, N=n, bits=bits, block_size=prepared["block"],
+                       accuracy_level=accuracy_level if bits == 4 else 4)
+        y = part if y is None else ctx.add("Add", [y, part])
+    if prepared["offset_t"] is not None:  # + groupsum(x) @ offset.T
+        grouped = tuple(x_type.shape[:-1]) + (k // group_size, group_size)
+        sums = ctx.cached(("group_sums", x, group_size), lambda: ctx.add(
+            "ReduceSum", [ctx.reshape(x, x_type.shape, grouped), ctx.const([-1], "i64")], keepdims=0))
+        offset_t = ctx.derived(f"{prefix}.offset.T", lambda: prepared["offset_t"])
+        y = ctx.add("Add", [y, ctx.add("MatMul", [sums, offset_t])])
+    return y
+
+
+def _linear_q_signature(ctx, node):
+    if node.op != "linear_q" or any(_weight_of(ctx, node, i) is None for i in range(1, len(node.inputs))):
+        return None
+    return ("linear_q", node.attrs["bits"], node.attrs["group_size"], len(node.inputs), node.inputs[2].type.dtype)
+
+
+def _prepared(ctx, node) -> dict:
+    shared = ctx.options.get("derived")  # prefill, decode and prefill_last share one repack
+    key = ("prepared", _weight_of(ctx, node, 1))
+    if shared is not None and key in shared:
+        return shared[key]
+    data = ctx.module.weight_data
+    q, scale = data[_weight_of(ctx, node, 1)], data[_weight_of(ctx, node, 2)]
+    offset = data[_weight_of(ctx, node, 3)] if len(node.inputs) == 4 else None
+    prepared = prepare_linear_q(q, scale, offset, node.attrs["bits"], node.attrs["group_size"],
+                                int(ctx.options.get("accuracy_level", 0)))
+    if shared is not None:
+        shared[key] = prepared
+    return prepared
 
 
 @lowering("linear_q")
 def _lower_linear_q(ctx, node):
-    bits, group_size = node.attrs["bits"], node.attrs["group_size"]
     x_type = ctx.in_type(0)
     if x_type.dtype != "f32":
         raise UnsupportedOpError(f"{ctx.where()}: the ONNX Runtime quantized matmul takes f32 activations, "
                                  f"found {x_type}; compile the model in f32")
-    q, scale, offset = _arrays(ctx, node)
-    n, k = q.shape[0], x_type.shape[-1]
-    name = ctx.weight_name(1)
-    accuracy_level = int(ctx.options.get("accuracy_level", 0))
-    x = ctx.input(0)
+    if _linear_q_signature(ctx, node) is None:
+        ctx.weight_array(1)  # raises: the weights must be known when compiling
+        raise UnsupportedOpError(f"{ctx.where()}: scale and offset must be module weights")
+    group_size = node.attrs["group_size"]
     try:
-        if bits == 4:
-            blob, scales, block = int4_weights(q, scale, group_size)
-            zero_points = None
-            if offset is not None:  # zero point 0: MatMulNBits computes x @ (nibble * scale).T
-                zero_points = ctx.derived(f"{name}.nbits_zero", lambda: np.zeros((n, -(-(k // block) // 2)), np.uint8))
-            y = _matmul_nbits(ctx, x, ctx.derived(f"{name}.nbits", lambda: blob),
-                              ctx.derived(f"{name}.nbits_scales", lambda: scales), zero_points, k, n, 4, block,
-                              accuracy_level)
-            if offset is not None:
-                groups = k // group_size
-                grouped = tuple(x_type.shape[:-1]) + (groups, group_size)
-                sums = ctx.cached(("group_sums", x, group_size), lambda: ctx.add(
-                    "ReduceSum", [ctx.reshape(x, x_type.shape, grouped), ctx.const([-1], "i64")], keepdims=0))
-                y = ctx.add("Add", [y, ctx.add("MatMul", [sums, ctx.derived(
-                    f"{name}.offset.T", lambda: offset.astype(np.float32).T)])])
-            return y
-        if accuracy_level == 4:
-            blob, scales, block = int8_weights(q, scale, group_size)
-            return _matmul_nbits(ctx, x, ctx.derived(f"{name}.nbits8", lambda: blob),
-                                 ctx.derived(f"{name}.nbits8_scales", lambda: scales), None, k, n, 8, block, 4)
-        (hi, hi_scales), (lo, lo_scales), block = int8_as_int4_pair(q, scale, group_size)
-        zero = ctx.derived(f"{name}.nbits_zero", lambda: np.zeros((n, -(-hi.shape[1] // 2)), np.uint8))
-        y_hi = _matmul_nbits(ctx, x, ctx.derived(f"{name}.nbits_hi", lambda: hi),
-                             ctx.derived(f"{name}.nbits_hi_scales", lambda: hi_scales), None, k, n, 4, block,
-                             accuracy_level)
-        y_lo = _matmul_nbits(ctx, x, ctx.derived(f"{name}.nbits_lo", lambda: lo),
-                             ctx.derived(f"{name}.nbits_lo_scales", lambda: lo_scales), zero, k, n, 4, block,
-                             accuracy_level)
-        return ctx.add("Add", [y_hi, y_lo])
+        group = sibling_group(ctx, node, _linear_q_signature)
+        names = "|".join(_weight_of(ctx, n, 1) for n in group)
+        if len(group) > 1:
+            def emit(members):
+                prepared = [_prepared(ctx, m) for m in members]
+                shared = ctx.options.get("derived")
+                fused = shared.get(("prepared", names)) if shared is not None else None
+                if fused is None:
+                    fused = concat_prepared(prepared)
+                    if shared is not None:
+                        shared[("prepared", names)] = fused
+                return _emit(ctx, ctx.input(0), x_type, fused, names, group_size), [p["n"] for p in prepared]
+
+            return fused_output(ctx, node, group, emit)
+        return _emit(ctx, ctx.input(0), x_type, _prepared(ctx, node), names, group_size)
     except ValueError as err:
         raise UnsupportedOpError(f"{ctx.where()}: {err}; quantize with group size 32 or 128") from None
 
