@@ -18,6 +18,7 @@ import numpy as np
 from kiln.ir.errors import ArtifactError, ConfigError
 
 _NUMPY = {"f32": np.float32, "f16": np.float16}
+_FEEDS = ("input_ids", "positions", "seqlens_k", "total_sequence_length")
 
 
 class SlotTable:
@@ -88,6 +89,11 @@ class ORTExecutor:
         self._files = {name: info.file(model["file"]) for name, model in models.items()}
         self.inputs = {name: model["inputs"] for name, model in models.items()}
         self.logits_rows = {name: model.get("logits_rows") for name, model in models.items()}
+        for name, inputs in self.inputs.items():
+            unknown = [i for i in inputs if i not in _FEEDS and not i.startswith(("past_key_", "past_value_"))]
+            if unknown:
+                raise ArtifactError(f"{info.path}: the {name} model takes inputs {unknown} this executor does not "
+                                    f"feed (it feeds {', '.join(_FEEDS)} and the KV buffers); recompile it")
         self._options, self._provider = options, provider
         self.sessions: dict = {}
         self.bindings: dict = {}
@@ -186,19 +192,20 @@ class ORTExecutor:
         model = self.models.get(function)
         if model is None:
             raise ConfigError(f"expected one of the functions {sorted(self.models)}, found {function!r}")
-        out_rows = self.logits_rows[model] or seq
-        logits = np.zeros((batch, out_rows, self.vocab_size), dtype=np.float32)
+        logits = np.zeros((batch, self.logits_rows[model] or seq, self.vocab_size), dtype=np.float32) \
+            if len(rows) < batch else None
         if not rows:
             return logits
         slots = self._slots_for(rows, starts, page_table)
         first = slots[0] if slots == list(range(slots[0], slots[0] + len(slots))) else self._make_consecutive(slots)
         out = self._run_session(model, input_ids[rows], positions[rows], starts, first)
-        logits[rows] = out
         self.slots.clock += 1
-        for i, row in enumerate(rows):
-            slot = first + i
-            self.slots.length[slot] = starts[i] + counts[i]
-            self.slots.last_used[slot] = self.slots.clock
+        for i in range(len(rows)):
+            self.slots.length[first + i] = starts[i] + counts[i]
+            self.slots.last_used[first + i] = self.slots.clock
+        if len(rows) == batch:
+            return out
+        logits[rows] = out
         return logits
 
     def _slots_for(self, rows: list, starts: list, page_table: np.ndarray) -> list:

@@ -126,7 +126,7 @@ class LoweringContext:
         array = np.asarray(value, dtype=numpy_dtype(dtype) if dtype else None)
         key = (array.dtype.str, array.shape, array.tobytes())
         if key not in self._consts:
-            name = self.fresh("const")
+            name = self.fresh(f"{self.function.name}.const")  # functions share the data file: no name clash
             self.initializers[name] = array
             self._consts[key] = name
         return self._consts[key]
