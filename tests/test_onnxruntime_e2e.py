@@ -205,13 +205,15 @@ def test_runtime_never_imports_torch(compiled):
     assert_generates_without_torch(compiled("llama"))
 
 
-def test_cuda_provider_when_present(compiled, tmp_path):
+def test_cuda_target_runs_on_the_cuda_provider_or_is_refused(tmp_path):
     import onnxruntime as ort
 
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        pytest.skip(f"this onnxruntime has no CUDAExecutionProvider ({ort.get_available_providers()})")
     path = kiln.compile(tiny_model("llama"), backend="onnxruntime", target="cuda", max_seq_len=48,
                         output=tmp_path / "cuda.kiln").path
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(ArtifactError, match="compiled for cuda, but this onnxruntime has no CUDAExecutionProvider"):
+            kiln.load(path)
+        pytest.skip(f"this onnxruntime has no CUDAExecutionProvider ({ort.get_available_providers()})")
     _check_against_transformers(kiln.load(path), "llama")
 
 
