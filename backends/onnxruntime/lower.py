@@ -661,7 +661,7 @@ def _lower_rope(ctx, node):
     x_type = ctx.in_type(0)
     rotary_dim, seq_axis = node.attrs["rotary_dim"], node.attrs["seq_axis"]
     cos, sin = _rope_tables(ctx, 2, rotary_dim, node.attrs["scaling"])
-    batch, dim = x_type.shape[0], x_type.shape[3]
+    batch = x_type.shape[0]
     heads = x_type.shape[1] if seq_axis == 2 else x_type.shape[2]
     positions = _positions(ctx, 1, batch)
     # ORT's RotaryEmbedding on the [b, s, H * D] token layout, which is usually what the q/k projection made
