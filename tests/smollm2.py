@@ -31,3 +31,55 @@ def smollm2_captured(max_seq: int = 256):
 
     return capture(smollm2_source().model, max_seq=max_seq)
 
+
+
+SMOL_PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village,",
+    "The three primary colors are",
+    "Water boils at a temperature of",
+]
+
+
+@functools.lru_cache(maxsize=None)
+def transformers_smollm2():
+    """transformers' own LlamaForCausalLM holding the weights kiln's GGUF loader reads (the reference)."""
+    import transformers
+
+    source = smollm2_source()
+    cfg = source.config
+    config = transformers.LlamaConfig(
+        vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"],
+        num_hidden_layers=cfg["num_hidden_layers"], num_attention_heads=cfg["num_attention_heads"],
+        num_key_value_heads=cfg["num_key_value_heads"], rms_norm_eps=cfg["rms_norm_eps"],
+        rope_theta=cfg["rope_theta"], max_position_embeddings=cfg["max_position_embeddings"],
+        tie_word_embeddings=cfg["tie_word_embeddings"], head_dim=cfg["head_dim"])
+    model = transformers.LlamaForCausalLM(config).eval()
+    missing, unexpected = model.load_state_dict(source.model.state_dict(), strict=False)
+    assert not unexpected and all("rotary" in m for m in missing), (missing, unexpected)
+    return model
+
+
+def assert_greedy_matches_transformers(engine, prompts=SMOL_PROMPTS, new_tokens: int = 32):
+    """The engine's greedy tokens equal transformers' argmax at every step; a near-tie (transformers' top
+    two logits within 1e-4) may differ once, after which that prompt stops being compared."""
+    import numpy as np
+    import torch
+
+    model = transformers_smollm2()
+    ties = []
+    for prompt in prompts:
+        ids = engine.tokenizer.encode(prompt)
+        res = engine.generate(ids, max_new_tokens=new_tokens, ignore_eos=True)
+        with torch.no_grad():
+            ref = model(torch.as_tensor([ids + res.token_ids])).logits[0].numpy()
+        for step, token in enumerate(res.token_ids):
+            row = ref[len(ids) - 1 + step]
+            top2 = np.sort(row)[-2:]
+            if token != int(np.argmax(row)):
+                assert top2[1] - top2[0] <= 1e-4, (prompt, step, token, int(np.argmax(row)))
+                ties.append((prompt, step))
+                break
+    assert len(ties) <= 1, ties
+    return ties
