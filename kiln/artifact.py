@@ -28,10 +28,12 @@ def write_artifact(path: str, module, source, *, backend: str, target: str, opti
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
     try:
-        write_safetensors(os.path.join(tmp, WEIGHTS), module.weight_data)
+        lower = lowering(backend)
+        if getattr(lower, "READS_WEIGHTS_FILE", True):  # ONNX Runtime keeps its own external data
+            write_safetensors(os.path.join(tmp, WEIGHTS), module.weight_data)
         with open(os.path.join(tmp, IR), "w", encoding="utf-8") as f:
             f.write(print_module(module))
-        lowered = lowering(backend).compile_module(module, target, tmp, options)
+        lowered = lower.compile_module(module, target, tmp, options)
         tokenizer_entry, template_file = None, None
         bundle = source.tokenizer
         if bundle is not None:

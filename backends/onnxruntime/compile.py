@@ -12,6 +12,7 @@ from onnx import TensorProto, numpy_helper
 from kiln.ir.errors import ConfigError
 
 DATA_FILE = "model.onnx.data"
+READS_WEIGHTS_FILE = False  # the weights live in DATA_FILE; the artifact needs no weights.safetensors
 FUNCTIONS = ("prefill", "decode", "prefill_last")  # prefill_last when the pipeline made one
 INLINE_BYTES = 1024  # smaller initializers stay inside the model file
 ALIGNMENT = 4096
