@@ -22,7 +22,7 @@ def test_version_and_help():
     assert out.returncode == 0 and out.stdout.strip() == f"kiln {__version__}"
     out = kiln_cli("--help")
     assert out.returncode == 0
-    for command in ("compile", "run", "chat", "inspect"):
+    for command in ("compile", "run", "chat", "inspect", "eval"):
         assert command in out.stdout
 
 
@@ -78,7 +78,7 @@ def test_inspect_json_on_a_checkpoint(checkpoint):
     assert 0 < summary["activations"]["peak_bytes"] < summary["activations"]["naive_bytes"]
     names = [p["name"] for p in summary["passes"]]
     assert "fuse_attention" in names and all(p["milliseconds"] >= 0 for p in summary["passes"])
-    assert set(summary["functions"]) == {"prefill", "decode"}
+    assert set(summary["functions"]) == {"prefill", "decode", "prefill_last"}
     assert summary["symbolic_dims"] == ["batch", "seq"]
 
 
