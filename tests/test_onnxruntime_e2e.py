@@ -19,7 +19,7 @@ import kiln
 from kiln.ir.errors import ArtifactError, ConfigError
 
 from runtime_check import assert_generates_without_torch
-from tiny_models import TINY_ARCHS, tiny_model
+from tiny_models import TINY_ARCHS, assert_engine_matches_transformers, tiny_model
 
 pytest.importorskip("onnxruntime")
 
@@ -46,27 +46,15 @@ def compiled(tmp_path_factory):
     return get
 
 
-def _check_against_transformers(engine, arch):
-    model = tiny_model(arch)
-    res = engine.generate(PROMPT, max_new_tokens=12, ignore_eos=True, return_logits=True)
-    with torch.no_grad():
-        hf = model.generate(torch.as_tensor([PROMPT]), max_new_tokens=12, do_sample=False, eos_token_id=None,
-                            pad_token_id=0)[0, len(PROMPT):].tolist()
-        ref = model(torch.as_tensor([PROMPT + res.token_ids[:-1]])).logits[0].numpy()
-    assert res.token_ids == hf
-    assert _relative_error(res.logits, ref[len(PROMPT) - 1:]) <= 1e-3
-    assert _relative_error(engine.logits(PROMPT), ref[:len(PROMPT)]) <= 1e-3
-
-
 @pytest.mark.parametrize("arch", FAST_ARCHS)
 def test_tiny_architecture_matches_transformers(compiled, arch):
-    _check_against_transformers(kiln.load(compiled(arch)), arch)
+    assert_engine_matches_transformers(kiln.load(compiled(arch)), arch)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", sorted(set(TINY_ARCHS) - set(FAST_ARCHS)))
 def test_tiny_architecture_matches_transformers_slow(compiled, arch):
-    _check_against_transformers(kiln.load(compiled(arch)), arch)
+    assert_engine_matches_transformers(kiln.load(compiled(arch)), arch)
 
 
 def test_decode_graph_matches_transformers(compiled):
@@ -75,7 +63,7 @@ def test_decode_graph_matches_transformers(compiled):
     assert kiln.load(compiled("llama")).executor.models["decode"] == "prefill_last"
     engine = kiln.load(compiled("llama"), separate_decode=True)
     assert engine.executor.models["decode"] == "decode"
-    _check_against_transformers(engine, "llama")
+    assert_engine_matches_transformers(engine, "llama")
 
 
 @pytest.mark.parametrize("quantize", ["int4", pytest.param("int8", marks=pytest.mark.slow)])
@@ -94,7 +82,7 @@ def test_quantized_model_matches_the_numpy_reference(compiled, quantize):
 def test_f16_kv_cache_matches_transformers(compiled):
     engine = kiln.load(compiled("llama", kv_cache_dtype="f16"))
     assert engine.executor.buffers[0][0].dtype == np.float16
-    _check_against_transformers(engine, "llama")
+    assert_engine_matches_transformers(engine, "llama")
 
 
 def _reference_last_logits(arch, ids):
@@ -214,7 +202,7 @@ def test_cuda_target_runs_on_the_cuda_provider_or_is_refused(tmp_path):
         with pytest.raises(ArtifactError, match="compiled for cuda, but this onnxruntime has no CUDAExecutionProvider"):
             kiln.load(path)
         pytest.skip(f"this onnxruntime has no CUDAExecutionProvider ({ort.get_available_providers()})")
-    _check_against_transformers(kiln.load(path), "llama")
+    assert_engine_matches_transformers(kiln.load(path), "llama")
 
 
 # TVM and ONNX Runtime against each other ------------------------------------------------------

@@ -18,7 +18,7 @@ import kiln
 
 from smollm2 import assert_greedy_matches_transformers, smollm2_source
 from runtime_check import assert_generates_without_torch
-from tiny_models import TINY_ARCHS, tiny_model
+from tiny_models import TINY_ARCHS, assert_engine_matches_transformers, tiny_model
 
 FAST_ARCHS = ("llama", "gpt2", "falcon")  # GQA + RMSNorm + RoPE; learned positions + LayerNorm; MQA
 PROMPT = [5, 17, 99, 3, 42, 7, 64, 2]
@@ -37,29 +37,15 @@ def compiled(tmp_path_factory):
     return get
 
 
-def _check_against_transformers(engine, arch):
-    model = tiny_model(arch)
-    res = engine.generate(PROMPT, max_new_tokens=12, ignore_eos=True, return_logits=True)
-    with torch.no_grad():
-        hf = model.generate(torch.as_tensor([PROMPT]), max_new_tokens=12, do_sample=False, eos_token_id=None,
-                            pad_token_id=0)[0, len(PROMPT):].tolist()
-        ref = model(torch.as_tensor([PROMPT + res.token_ids[:-1]])).logits[0].numpy()
-    assert res.token_ids == hf
-    step_ref = ref[len(PROMPT) - 1:]
-    assert np.abs(res.logits - step_ref).max() <= 1e-3 * np.abs(step_ref).max()
-    prefill = engine.logits(PROMPT)
-    assert np.abs(prefill - ref[:len(PROMPT)]).max() <= 1e-3 * np.abs(ref[:len(PROMPT)]).max()
-
-
 @pytest.mark.parametrize("arch", FAST_ARCHS)
 def test_tiny_architecture_matches_transformers(compiled, arch):
-    _check_against_transformers(compiled(arch), arch)
+    assert_engine_matches_transformers(compiled(arch), arch)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", sorted(set(TINY_ARCHS) - set(FAST_ARCHS)))
 def test_tiny_architecture_matches_transformers_slow(compiled, arch):
-    _check_against_transformers(compiled(arch), arch)
+    assert_engine_matches_transformers(compiled(arch), arch)
 
 
 def test_two_sequences_decode_in_one_batch(compiled):

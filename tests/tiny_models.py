@@ -66,3 +66,28 @@ def assert_forward_matches(module, name: str, ids, tolerance: float = 1e-4) -> N
     assert out.shape == ref.shape
     err = float(np.abs(out - ref).max())
     assert err <= tolerance * float(np.abs(ref).max()), f"{name} {tuple(np.shape(ids))}: max error {err}"
+
+
+ENGINE_PROMPT = [5, 17, 99, 3, 42, 7, 64, 2]
+
+
+def assert_engine_matches_transformers(engine, name: str, prompt=ENGINE_PROMPT, new_tokens: int = 12,
+                                       tolerance: float = 1e-3) -> None:
+    """A compiled engine of tiny model ``name`` vs transformers: greedy tokens identical, every decode step's
+    logits and the prefill's logits within ``tolerance`` of the largest reference logit."""
+    import numpy as np
+    import torch
+
+    model = tiny_model(name)
+    res = engine.generate(prompt, max_new_tokens=new_tokens, ignore_eos=True, return_logits=True)
+    with torch.no_grad():
+        hf = model.generate(torch.as_tensor([prompt]), max_new_tokens=new_tokens, do_sample=False,
+                            eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+        ref = model(torch.as_tensor([list(prompt) + res.token_ids[:-1]])).logits[0].numpy()
+    assert res.token_ids == hf
+
+    def relative(got, want):
+        return float(np.abs(got - want).max() / np.abs(want).max())
+
+    assert relative(res.logits, ref[len(prompt) - 1:]) <= tolerance
+    assert relative(engine.logits(prompt), ref[:len(prompt)]) <= tolerance
