@@ -59,10 +59,17 @@ def hash_file(path: str, h=None) -> str:
     return h.hexdigest()
 
 
+def _not_found(source: str) -> ConfigError:
+    return ConfigError(f"model {source!r} not found: expected '{DEFAULT_MODEL}', a .gguf file, a Hugging Face "
+                       f"checkpoint directory or a compiled artifact directory")
+
+
 def content_hash(source) -> str:
     """sha256 over what defines the model: the file, the directory's files, or a module's tensors."""
     if isinstance(source, str):
         path = resolve_path(source)
+        if not os.path.exists(path):
+            raise _not_found(source)
         if os.path.isdir(path):
             h = hashlib.sha256()
             for name in sorted(os.listdir(path)):
@@ -95,8 +102,7 @@ def load_source(source) -> ModelSource:
     source = os.fspath(source)
     path = resolve_path(source)
     if not os.path.exists(path):
-        raise ConfigError(f"model {source!r} not found: expected '{DEFAULT_MODEL}', a .gguf file, a Hugging Face "
-                          f"checkpoint directory or a compiled artifact directory")
+        raise _not_found(source)
     name = DEFAULT_MODEL if source == DEFAULT_MODEL else os.path.basename(os.path.normpath(path))
     if os.path.isdir(path):
         from .hf_checkpoint import load_hf_checkpoint

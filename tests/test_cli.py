@@ -33,6 +33,7 @@ def test_version_and_help():
     (["run", "smollm2", "hi", "--backend", "nope"], "unknown backend 'nope'"),
     (["compile", "smollm2", "-o", "x", "--max-seq-len", "0"], "--max-seq-len must be positive"),
     (["inspect", "/no/such/model"], "not found"),
+    (["run", "/no/such/model.gguf", "hi"], "model '/no/such/model.gguf' not found"),
     (["inspect", "smollm2", "--kv-cache-budget", "lots"], "cannot read 'lots' as a size"),
     (["frobnicate"], "invalid choice"),
     (["inspect", "smollm2", "--quantize", "int3"], "invalid choice: 'int3'"),
