@@ -158,4 +158,4 @@ def prequantized_from_gguf(path: str | os.PathLike, config: LlamaConfig) -> dict
     """{transformers weight name: QuantizedWeight} of the file's Q4_0 / Q4_1 / Q8_0 tensors, as stored."""
     from .gguf_quant import prequantized_weights
 
-    return prequantized_weights(GGUFFile(path), config, hf_tensor_name, unpermute_rope_rows)
+    return prequantized_weights(GGUFFile(path), config)

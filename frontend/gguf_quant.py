@@ -20,6 +20,7 @@ from gguf import GGMLQuantizationType
 from kiln.ir.quant_ops import QuantizedWeight, pack_int4
 
 from .gguf_file import GGUFFile
+from .gguf_model import hf_tensor_name, unpermute_rope_rows
 
 BLOCK = 32
 # ggml type -> (bytes per block, bits, has an offset)
@@ -53,7 +54,7 @@ def permute_rows(weight: QuantizedWeight, order: np.ndarray) -> QuantizedWeight:
                            None if weight.offset is None else weight.offset[order])
 
 
-def prequantized_weights(gguf_file: GGUFFile, config, hf_name, unpermute_rope_rows) -> dict:
+def prequantized_weights(gguf_file: GGUFFile, config) -> dict:
     """{transformers weight name: QuantizedWeight} for every 2-D Q4_0 / Q4_1 / Q8_0 tensor of the file.
 
     q/k projections get the same row un-permutation the fp32 path applies (``unpermute_rope_rows``).
@@ -62,7 +63,7 @@ def prequantized_weights(gguf_file: GGUFFile, config, hf_name, unpermute_rope_ro
     for name, info in gguf_file.tensors.items():
         if info.ggml_type not in IMPORTABLE or len(info.shape) != 2 or info.shape[1] % BLOCK:
             continue
-        target = hf_name(name)
+        target = hf_tensor_name(name)
         if target is None:
             continue
         weight = import_blocks(gguf_file.raw(name), info.ggml_type)
@@ -73,7 +74,6 @@ def prequantized_weights(gguf_file: GGUFFile, config, hf_name, unpermute_rope_ro
             weight = permute_rows(weight, order)
         out[target] = weight
     # No output tensor: the logits projection is the embedding table (tied); capture may name it either way.
-    if "model.embed_tokens.weight" in out and hf_name("output.weight") not in out \
-            and "output.weight" not in gguf_file.tensors:
-        out[hf_name("output.weight")] = out["model.embed_tokens.weight"]
+    if "model.embed_tokens.weight" in out and "output.weight" not in gguf_file.tensors:
+        out[hf_tensor_name("output.weight")] = out["model.embed_tokens.weight"]
     return out

@@ -63,7 +63,6 @@ def add_prefill_last(module: Module) -> Function | None:
         del module.functions[TARGET]
         return None
     positions = fn.params[1]
-    in_tail = {id(n) for n in tail}
     gathered: dict = {}
     mapping: dict = {}
     for node in tail:
@@ -81,8 +80,8 @@ def add_prefill_last(module: Module) -> Function | None:
         for old, new in zip(node.outputs, copy.outputs):
             mapping[id(old)] = new
     fn.set_results([mapping.get(id(r), r) for r in fn.results])
-    for node in reversed(tail):
-        if id(node) in in_tail and not any(v.uses for v in node.outputs):
+    for node in reversed(tail):  # the per-position originals, now unread
+        if not any(v.uses for v in node.outputs):
             fn.erase(node)
     return fn
 

@@ -75,8 +75,7 @@ class Engine:
                 self.chat_template = f.read()
         self.executor = load_executor(info, **backend_options)
         # prefill computing only the last token's logits, when the backend compiled it
-        has = getattr(self.executor, "has_function", None)
-        self._prefill_for_generation = "prefill_last" if has is not None and has("prefill_last") else "prefill"
+        self._prefill_for_generation = "prefill_last" if self.executor.has_function("prefill_last") else "prefill"
         self.pages = PageManager(self.kv_plan["num_pages"], self.kv_plan["page_size"], self.kv_plan["pages_per_seq"])
 
     @classmethod
