@@ -1,12 +1,14 @@
 """A bounded reader for GGUF files (versions 2 and 3).
 
-The header is parsed here with struct over a read-only memory map, and every
-count, length, dimension and offset is checked against the file size before
+The header is parsed here with struct over a read-only memory map of one regular
+file (opened once, so what is hashed and read is the file that was checked), and
+every count, length, dimension and offset is checked against the file size before
 anything is allocated or looped over; tensor data stays in the map until asked for.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import struct
 from dataclasses import dataclass
@@ -17,6 +19,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 from gguf import quants as gguf_quants
 
 from kiln.ir.errors import ModelFormatError
+from kiln.ir.files import open_regular
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -195,16 +198,16 @@ class GGUFFile:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = os.fspath(path)
-        if not os.path.isfile(self.path):
-            raise ModelFormatError(f"{self.path}: expected a GGUF file, found no regular file there; check the path")
-        file_size = os.path.getsize(self.path)
-        self.file_size = file_size
-        if file_size < 24:
-            self._fail("header", "at least 24 bytes (magic, version, counts)", f"a file of {file_size} bytes")
-        try:
-            self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
-        except OSError as err:
-            raise ModelFormatError(f"{self.path}: cannot map the GGUF file ({err.strerror}); check its permissions") from None
+        with open_regular(self.path, "GGUF file") as handle:
+            file_size = os.fstat(handle.fileno()).st_size
+            self.file_size = file_size
+            if file_size < 24:
+                self._fail("header", "at least 24 bytes (magic, version, counts)", f"a file of {file_size} bytes")
+            try:
+                # The map holds its own reference to the file: closing the handle keeps it valid.
+                self._map = np.memmap(handle, dtype=np.uint8, mode="r", shape=(file_size,))
+            except (OSError, ValueError) as err:
+                raise ModelFormatError(f"{self.path}: cannot map the GGUF file ({err}); check its permissions") from None
         cursor = _Cursor(self, memoryview(self._map))
 
         magic = bytes(self._map[:4])
@@ -312,6 +315,10 @@ class GGUFFile:
     def _tensor_info(self, name: str, dims: list[int], ggml_type: GGMLQuantizationType, offset: int,
                      data_size: int) -> TensorInfo:
         block_size, type_size = GGML_QUANT_SIZES[ggml_type]
+        if 0 in dims:
+            # A tensor with no elements holds nothing, and its other dims are then bounded by nothing.
+            self._fail(f"tensor {name!r} dims", "dims of at least 1 (a tensor with elements)",
+                       f"{list(dims)} (no elements)")
         inner = dims[0] if dims else 1
         if inner % block_size:
             self._fail(f"tensor {name!r} dim 0", f"a multiple of the {ggml_type.name} block size {block_size}", str(inner))
@@ -334,6 +341,10 @@ class GGUFFile:
                 self._fail(f"tensor {after.name!r} offset",
                            f"no overlap with tensor {before.name!r} (ends at {before.offset + before.nbytes})",
                            str(after.offset))
+
+    def sha256(self) -> str:
+        """sha256 of the whole file, read through the same map the tensors come from."""
+        return hashlib.sha256(memoryview(self._map)).hexdigest()
 
     @property
     def architecture(self) -> str | None:

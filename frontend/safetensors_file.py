@@ -1,7 +1,8 @@
 """A bounded safetensors reader and an atomic writer.
 
-Every length, offset and shape in the header is checked against the file size
-before anything is mapped; tensors come back as zero-copy read-only memmap views.
+Only a regular file is read, opened once: every length, offset and shape in the
+header is checked against the file size before the data section of that same open
+file is mapped; tensors come back as zero-copy read-only memmap views.
 """
 
 from __future__ import annotations
@@ -19,10 +20,13 @@ import ml_dtypes
 import numpy as np
 
 from kiln.ir.errors import ModelFormatError
+from kiln.ir.files import open_regular
 
 # The reference implementation refuses headers above 100 MB; so do we, before reading one.
 MAX_HEADER_BYTES = 100_000_000
 MAX_DIMS = 8
+# numpy (and torch) refuse arrays whose size in bytes, ignoring zero dims, does not fit an int64.
+MAX_EXTENT_BYTES = 2**63 - 1
 
 DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype("<f8"),
@@ -81,7 +85,7 @@ def _is_int(value: object) -> bool:
 
 
 class SafetensorsFile:
-    """A validated safetensors file; nothing is mapped until ``array()`` is called.
+    """A validated safetensors file, its data section mapped read-only (nothing is read until used).
 
     ``metadata`` is the ``__metadata__`` map (str -> str), ``tensors`` maps each
     name to its ``TensorInfo`` in header order, ``data_offset`` is where the data
@@ -90,14 +94,7 @@ class SafetensorsFile:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self._raw: np.ndarray | None = None
-        try:
-            handle = open(self.path, "rb")
-        except OSError as err:
-            raise ModelFormatError(
-                f"{self.path}: expected a readable safetensors file, found {err.strerror or type(err).__name__}"
-            ) from None
-        with handle:
+        with open_regular(self.path, "safetensors file") as handle:
             file_size = os.fstat(handle.fileno()).st_size
             if file_size < 8:
                 self._fail(f"expected at least 8 bytes (the header length), found a {file_size}-byte file")
@@ -110,11 +107,21 @@ class SafetensorsFile:
             if header_len > MAX_HEADER_BYTES:
                 self._fail(f"header length {header_len} exceeds the {MAX_HEADER_BYTES}-byte limit")
             header_bytes = handle.read(header_len)
-        if len(header_bytes) != header_len:
-            self._fail(f"expected a {header_len}-byte header, read {len(header_bytes)} bytes (file changed?)")
-        self.data_offset = 8 + header_len
-        self.data_size = file_size - self.data_offset
-        self.metadata, self.tensors = self._parse_header(header_bytes)
+            if len(header_bytes) != header_len:
+                self._fail(f"expected a {header_len}-byte header, read {len(header_bytes)} bytes (file changed?)")
+            self.data_offset = 8 + header_len
+            self.data_size = file_size - self.data_offset
+            self.metadata, self.tensors = self._parse_header(header_bytes)
+            self._raw = self._map(handle)
+
+    def _map(self, handle) -> np.ndarray:
+        if self.data_size == 0:
+            return np.empty(0, dtype=np.uint8)
+        try:
+            # The map holds its own reference to the open file: what was checked is what is read.
+            return np.memmap(handle, dtype=np.uint8, mode="r", offset=self.data_offset, shape=(self.data_size,))
+        except (ValueError, OSError) as err:
+            self._fail(f"expected {self.data_size} data bytes to map, mapping failed ({err})")
 
     def _fail(self, message: str, tensor: str | None = None) -> NoReturn:
         where = f"{self.path}" if tensor is None else f"{self.path}: tensor {tensor!r}"
@@ -165,6 +172,8 @@ class SafetensorsFile:
             or not all(_is_int(dim) and dim >= 0 for dim in shape)
         ):
             self._fail(f"expected shape to be a list of at most {MAX_DIMS} non-negative integers, found {shape!r}", name)
+        if math.prod(max(dim, 1) for dim in shape) * DTYPES[dtype_name].itemsize > MAX_EXTENT_BYTES:
+            self._fail(f"expected a shape whose size in bytes (zero dims aside) fits in 64 bits, found {shape!r}", name)
         offsets = entry["data_offsets"]
         if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(v) for v in offsets):
             self._fail(f"expected data_offsets to be [begin, end] integers, found {offsets!r}", name)
@@ -205,24 +214,16 @@ class SafetensorsFile:
     def keys(self) -> list[str]:
         return list(self.tensors)
 
-    def _data(self) -> np.ndarray:
-        if self._raw is None:
-            try:
-                self._raw = np.memmap(self.path, dtype=np.uint8, mode="r", offset=self.data_offset, shape=(self.data_size,))
-            except (ValueError, OSError) as err:
-                self._fail(f"expected {self.data_size} data bytes to map, mapping failed ({err})")
-        return self._raw
-
     def array(self, name: str) -> np.ndarray:
         """The tensor as a read-only array viewing the file's bytes (no copy)."""
         info = self.tensors.get(name)
         if info is None:
-            raise KeyError(f"{self.path}: no tensor named {name!r}")
+            raise ModelFormatError(f"{self.path}: no tensor named {name!r}; the file holds {len(self.tensors)} tensors")
         if info.begin == info.end:
             empty = np.empty(info.shape, dtype=info.dtype)
             empty.flags.writeable = False
             return empty
-        return self._data()[info.begin : info.end].view(info.dtype).reshape(info.shape)
+        return self._raw[info.begin : info.end].view(info.dtype).reshape(info.shape)
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {name: self.array(name) for name in self.tensors}

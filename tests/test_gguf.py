@@ -185,8 +185,12 @@ def test_unsupported_version(valid, version):
 
 
 def test_not_a_file(tmp_path):
-    _refused(tmp_path, "no regular file")
-    _refused(tmp_path / "absent.gguf", "no regular file")
+    _refused(tmp_path, "expected a GGUF file", "found a directory")
+    _refused(tmp_path / "absent.gguf", "GGUF file not found")
+    os.mkfifo(tmp_path / "fifo.gguf")
+    _refused(tmp_path / "fifo.gguf", "found a FIFO")  # without blocking on the open
+    os.symlink("/dev/zero", tmp_path / "zero.gguf")
+    _refused(tmp_path / "zero.gguf", "found a device")
 
 
 def test_empty_and_tiny_files(tmp_path):

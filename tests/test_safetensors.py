@@ -136,7 +136,7 @@ def test_arrays_are_read_only_zero_copy_views(tmp_path):
     # Two reads of the same tensor view the same mapped bytes.
     assert np.shares_memory(array, file.array("w"))
     assert list(file.arrays()) == ["w"]
-    with pytest.raises(KeyError):
+    with pytest.raises(ModelFormatError, match="no tensor named 'missing'"):
         file.array("missing")
 
 
@@ -163,10 +163,13 @@ def test_header_padding_and_no_tensors(tmp_path):
 # --- planted defects -------------------------------------------------------------------
 
 
-def test_missing_file_and_directory(tmp_path):
-    expect_error(tmp_path / "absent.safetensors", "expected a readable safetensors file")
-    with pytest.raises(ModelFormatError, match="readable"):
-        SafetensorsFile(tmp_path)
+def test_missing_file_directory_fifo_and_device(tmp_path):
+    expect_error(tmp_path / "absent.safetensors", "safetensors file not found")
+    expect_error(tmp_path, "found a directory")
+    os.mkfifo(tmp_path / "fifo.safetensors")
+    expect_error(tmp_path / "fifo.safetensors", "found a FIFO")  # refused without blocking on the open
+    os.symlink("/dev/zero", tmp_path / "zero.safetensors")
+    expect_error(tmp_path / "zero.safetensors", "found a device")
 
 
 def test_null_metadata_means_none(tmp_path):
@@ -290,7 +293,18 @@ def test_huge_shape_does_not_wrap_around(tmp_path):
     # 2**62 * 2**2 * 4 bytes would wrap to 0 in 64-bit arithmetic; it must not match an empty range.
     path = tmp_path / "x.safetensors"
     write_raw(path, {"w": entry(dtype="F32", shape=(2**62, 4), offsets=(0, 0))})
-    expect_error(path, "tensor 'w'", "expected 73786976294838206464 bytes")
+    expect_error(path, "tensor 'w'", "fits in 64 bits", str([2**62, 4]))
+    # Just inside 64 bits, the byte count must still match the range exactly.
+    write_raw(path, {"w": entry(dtype="F32", shape=(2**58, 4), offsets=(0, 0))})
+    expect_error(path, "tensor 'w'", f"expected {2**62} bytes", "spanning 0")
+
+
+@pytest.mark.parametrize("shape", [(0, 2**62), (2**40, 0, 2**22)])
+def test_zero_dim_does_not_excuse_absurd_dims(tmp_path, shape):
+    # No bytes, so the offsets match; numpy could not even describe the empty array.
+    path = tmp_path / "x.safetensors"
+    write_raw(path, {"w": entry(dtype="F32", shape=shape, offsets=(0, 0))})
+    expect_error(path, "tensor 'w'", "fits in 64 bits")
 
 
 def test_overlapping_tensors(tmp_path):
