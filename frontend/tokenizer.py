@@ -2,10 +2,13 @@
 
 Built from a GGUF's tokenizer.ggml.* metadata (byte-level BPE, pre-tokenized as
 llama.cpp does for the file's tokenizer.ggml.pre) or read from a Hugging Face directory.
+Every call into `tokenizers` is wrapped so that its errors and Rust panics become one
+ModelFormatError line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -15,6 +18,31 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 
 from kiln.frontend.gguf_file import GGUFFile
 from kiln.ir.errors import ModelFormatError
+from kiln.ir.files import MAX_JSON_BYTES, MAX_TEMPLATE_BYTES, MAX_TOKENIZER_BYTES, read_text
+
+# Encoded once at load: a tokenizer that fails (or panics) on plain text is refused at compile time.
+_PROBE_TEXT = "Hello, world! 123 <|im_start|> ünïcödé 日本"
+
+
+@contextlib.contextmanager
+def tokenizers_errors(where: str, what: str):
+    """Turn what `tokenizers` raises inside the block into one ModelFormatError line: its exceptions, and
+    Rust panics, which pyo3 raises as PanicException, a BaseException (not an Exception)."""
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 - the block holds only calls into tokenizers
+        raise ModelFormatError(f"{where}: {what} ({_one_line(err)})") from None
+    except BaseException as err:
+        if type(err).__name__ != "PanicException":  # KeyboardInterrupt, SystemExit stay what they are
+            raise
+        raise ModelFormatError(f"{where}: {what}: the tokenizers library panicked ({_one_line(err)}); the "
+                               "tokenizer is malformed") from None
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return (text[:300] + "...") if len(text) > 300 else text or type(err).__name__
+
 
 # llama.cpp's token types (tokenizer.ggml.token_type).
 TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
@@ -81,7 +109,8 @@ class TokenizerBundle:
     eos_token: str | None = None
 
     def tokenizer(self) -> Tokenizer:
-        return Tokenizer.from_str(self.tokenizer_json)
+        with tokenizers_errors("tokenizer bundle", "expected a `tokenizers` tokenizer, found one it cannot load"):
+            return Tokenizer.from_str(self.tokenizer_json)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -164,30 +193,32 @@ def tokenizer_from_gguf(gguf_file) -> TokenizerBundle:
     if add_bos and bos_id is None:
         fail("tokenizer.ggml.bos_token_id", "a BOS id since add_bos_token is true", "none")
 
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(_BYTE_LEVEL_PRE_TOKENIZERS[pre]())
-    tokenizer.decoder = decoders.ByteLevel()
-    if add_bos:
-        bos = tokens[bos_id]
-        tokenizer.post_processor = processors.TemplateProcessing(
-            single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, bos_id)])
-    else:
-        tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
-    # Control tokens are matched whole and are special (skipped when decoding without specials);
-    # user-defined ones are matched whole too but are ordinary text.
-    alphabet = set(_byte_alphabet().values())
-    special, added = [], []
-    for token, token_type in zip(tokens, token_types):
-        if token_type == TOKEN_CONTROL and set(token) <= alphabet:
-            special.append(AddedToken(token, special=True, normalized=False))
-        elif token_type == TOKEN_USER_DEFINED:
-            added.append(AddedToken(token, special=False, normalized=False))
-    tokenizer.add_special_tokens(special)
-    tokenizer.add_tokens(added)
+    with tokenizers_errors(where, "GGUF tokenizer: tokenizers cannot build it"):
+        tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence(_BYTE_LEVEL_PRE_TOKENIZERS[pre]())
+        tokenizer.decoder = decoders.ByteLevel()
+        if add_bos:
+            bos = tokens[bos_id]
+            tokenizer.post_processor = processors.TemplateProcessing(
+                single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, bos_id)])
+        else:
+            tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+        # Control tokens are matched whole and are special (skipped when decoding without specials);
+        # user-defined ones are matched whole too but are ordinary text.
+        alphabet = set(_byte_alphabet().values())
+        special, added = [], []
+        for token, token_type in zip(tokens, token_types):
+            if token_type == TOKEN_CONTROL and set(token) <= alphabet:
+                special.append(AddedToken(token, special=True, normalized=False))
+            elif token_type == TOKEN_USER_DEFINED:
+                added.append(AddedToken(token, special=False, normalized=False))
+        tokenizer.add_special_tokens(special)
+        tokenizer.add_tokens(added)
+        tokenizer_json = tokenizer.to_str()
 
-    chat_template = meta.get("tokenizer.chat_template")
+    chat_template = _checked_template(meta.get("tokenizer.chat_template"), f"{where}: GGUF tokenizer.chat_template")
     return TokenizerBundle(
-        tokenizer_json=tokenizer.to_str(),
+        tokenizer_json=tokenizer_json,
         bos_token_id=bos_id,
         eos_token_ids=eos_ids,
         add_bos_token=add_bos,
@@ -197,15 +228,23 @@ def tokenizer_from_gguf(gguf_file) -> TokenizerBundle:
     )
 
 
+def _checked_template(template, where: str) -> str | None:
+    size = len(template.encode("utf-8", "surrogatepass")) if isinstance(template, str) else 0
+    if size > MAX_TEMPLATE_BYTES:
+        raise ModelFormatError(f"{where}: the chat template is {size:,} bytes, more than the {MAX_TEMPLATE_BYTES:,} "
+                               "a chat template may have; check that this is the right model")
+    return template if isinstance(template, str) else None
+
+
 def _read_json(path: str) -> dict | None:
-    """A JSON object from an optional file (None when absent)."""
-    if not os.path.exists(path):
+    """A JSON object from an optional regular file of bounded size (None when absent)."""
+    if not os.path.lexists(path):
         return None
+    text = read_text(path, os.path.basename(path), MAX_JSON_BYTES)
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError) as err:
-        raise ModelFormatError(f"{path}: expected valid JSON, found an unreadable file ({err})") from None
+        data = json.loads(text)
+    except (ValueError, RecursionError) as err:
+        raise ModelFormatError(f"{path}: expected valid JSON, found an unparsable file ({_one_line(err)})") from None
     if not isinstance(data, dict):
         raise ModelFormatError(f"{path}: expected a JSON object, found {type(data).__name__}")
     return data
@@ -219,25 +258,23 @@ def _token_text(value) -> str | None:
 
 
 def tokenizer_from_hf_dir(directory: str | os.PathLike) -> TokenizerBundle:
-    """Read tokenizer.json, tokenizer_config.json (and chat_template.jinja, generation_config.json if present)."""
+    """Read tokenizer.json, tokenizer_config.json (and chat_template.jinja, generation_config.json if present).
+
+    Only regular files of bounded size are read; a FIFO or a link to a device is refused in one line.
+    """
     directory = os.fspath(directory)
     tokenizer_path = os.path.join(directory, "tokenizer.json")
-    try:
-        with open(tokenizer_path, encoding="utf-8") as f:
-            tokenizer_json = f.read()
-    except FileNotFoundError:
-        raise ModelFormatError(f"{tokenizer_path}: file not found; a Hugging Face tokenizer directory needs tokenizer.json") from None
-    try:
+    tokenizer_json = read_text(tokenizer_path, "tokenizer.json", MAX_TOKENIZER_BYTES)
+    with tokenizers_errors(tokenizer_path, "expected a `tokenizers` tokenizer, found one it cannot load"):
         tokenizer = Tokenizer.from_str(tokenizer_json)
-    except Exception as err:  # tokenizers raises plain Exception subclasses from Rust
-        raise ModelFormatError(f"{tokenizer_path}: expected a `tokenizers` tokenizer, found one it cannot load ({err})") from None
     config = _read_json(os.path.join(directory, "tokenizer_config.json")) or {}
 
     def lookup(name: str) -> tuple[str | None, int | None]:
         text = _token_text(config.get(name))
         if text is None:
             return None, None
-        token_id = tokenizer.token_to_id(text)
+        with tokenizers_errors(tokenizer_path, f"cannot look up {name}"):
+            token_id = tokenizer.token_to_id(text)
         if token_id is None:
             raise ModelFormatError(f"{directory}: tokenizer_config.json {name} {text!r} is not in tokenizer.json's vocabulary")
         return text, token_id
@@ -248,7 +285,7 @@ def tokenizer_from_hf_dir(directory: str | os.PathLike) -> TokenizerBundle:
     generation = _read_json(os.path.join(directory, "generation_config.json")) or {}
     extra = generation.get("eos_token_id")
     for token_id in (extra if isinstance(extra, list) else [extra]):
-        if isinstance(token_id, int) and token_id not in eos_ids:
+        if isinstance(token_id, int) and not isinstance(token_id, bool) and token_id not in eos_ids:
             eos_ids.append(token_id)
 
     chat_template = config.get("chat_template")
@@ -256,12 +293,33 @@ def tokenizer_from_hf_dir(directory: str | os.PathLike) -> TokenizerBundle:
         named = {t.get("name"): t.get("template") for t in chat_template if isinstance(t, dict)}
         chat_template = named.get("default")
     jinja_path = os.path.join(directory, "chat_template.jinja")
-    if chat_template is None and os.path.exists(jinja_path):
-        with open(jinja_path, encoding="utf-8") as f:
-            chat_template = f.read()
+    if chat_template is None and os.path.lexists(jinja_path):
+        chat_template = read_text(jinja_path, "chat template", MAX_TEMPLATE_BYTES)
+    chat_template = _checked_template(chat_template, f"{directory}: tokenizer_config.json chat_template")
 
     # What the tokenizer does is what counts: the post-processor either adds BOS or it does not.
-    add_bos = bos_id is not None and tokenizer.encode("", add_special_tokens=True).ids[:1] == [bos_id]
+    with tokenizers_errors(tokenizer_path, "the tokenizer fails on an empty text"):
+        add_bos = bos_id is not None and tokenizer.encode("", add_special_tokens=True).ids[:1] == [bos_id]
     return TokenizerBundle(tokenizer_json=tokenizer_json, bos_token_id=bos_id, eos_token_ids=eos_ids,
-                           add_bos_token=add_bos, chat_template=chat_template if isinstance(chat_template, str) else None,
+                           add_bos_token=add_bos, chat_template=chat_template,
                            bos_token=bos_token, eos_token=eos_token)
+
+
+def check_tokenizer_fits(bundle: TokenizerBundle, vocab_size: int, where: str) -> None:
+    """Refuse a tokenizer that can give an id the model has no row for (a backend would clamp it or
+    fail at run time), or that fails on plain text; runs at load, so compile refuses it."""
+    tokenizer = bundle.tokenizer()
+    with tokenizers_errors(where, "the tokenizer fails on plain text"):
+        vocab = tokenizer.get_vocab(with_added_tokens=True)
+        tokenizer.encode(_PROBE_TEXT, add_special_tokens=True)
+    if vocab:
+        token, top = max(vocab.items(), key=lambda item: item[1])
+        if top >= vocab_size:
+            raise ModelFormatError(
+                f"{where}: the tokenizer has token {token!r} with id {top}, beyond the model's {vocab_size} "
+                "embedding rows; the tokenizer does not belong to these weights (or an added token was never given a row)")
+    for name, ids in (("bos_token_id", [bundle.bos_token_id]), ("eos_token_id", bundle.eos_token_ids)):
+        for token_id in ids:
+            if token_id is not None and not 0 <= token_id < vocab_size:
+                raise ModelFormatError(f"{where}: the tokenizer's {name} {token_id} is beyond the model's "
+                                       f"{vocab_size} embedding rows; fix the tokenizer or generation config")
