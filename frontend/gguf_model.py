@@ -12,9 +12,9 @@ import re
 import numpy as np
 import torch
 
-from kiln.frontend.gguf_file import GGUFFile
-from kiln.frontend.llama import LlamaConfig, LlamaForCausalLM, llama_from_state_dict
-from kiln.frontend.tokenizer import TokenizerBundle, tokenizer_from_gguf
+from kiln.frontend.gguf_file import DEQUANTIZABLE, GGUFFile
+from kiln.frontend.llama import LlamaConfig, LlamaForCausalLM, check_llama_tensors, llama_from_state_dict
+from kiln.frontend.tokenizer import TokenizerBundle, check_tokenizer_fits, tokenizer_from_gguf
 from kiln.ir.errors import ConfigError, ModelFormatError
 
 SUPPORTED_ARCHITECTURES = ("llama",)
@@ -66,6 +66,8 @@ def unpermute_rope_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
 
 
 def config_from_gguf(gguf_file: GGUFFile) -> LlamaConfig:
+    """The model config a llama GGUF's metadata gives, checked for type, range and consistency
+    (head counts against the width, head and rope sizes); the tensors are checked by check_gguf_tensors."""
     meta = gguf_file.metadata
     arch = gguf_file.architecture
     if arch not in SUPPORTED_ARCHITECTURES:
@@ -81,20 +83,11 @@ def config_from_gguf(gguf_file: GGUFFile) -> LlamaConfig:
             return default
         return meta[full]
 
-    hidden_size = get("embedding_length", required=True)
     num_heads = get("attention.head_count", required=True)
     num_kv_heads = get("attention.head_count_kv", num_heads)
-    if not isinstance(num_kv_heads, int):
+    if isinstance(num_kv_heads, bool) or not isinstance(num_kv_heads, int):
         raise ModelFormatError(f"{gguf_file.path}: GGUF {arch}.attention.head_count_kv: expected one integer for all "
                                f"layers, found {type(num_kv_heads).__name__}")
-    head_dim = get("attention.key_length") or (hidden_size // num_heads if num_heads else None)
-    if get("attention.value_length", head_dim) != head_dim:
-        raise ModelFormatError(f"{gguf_file.path}: GGUF {arch}.attention.value_length differs from key_length; "
-                               "kiln expects equal q/k/v head sizes")
-    rope_dims = get("rope.dimension_count", head_dim)
-    if rope_dims != head_dim:
-        raise ModelFormatError(f"{gguf_file.path}: GGUF {arch}.rope.dimension_count: expected the head size {head_dim} "
-                               f"(rope over whole heads), found {rope_dims}")
     scaling = get("rope.scaling.type", "none")
     if scaling not in ("none", None) or "rope_freqs.weight" in gguf_file.tensors:
         found = repr(scaling) if scaling not in ("none", None) else "a rope_freqs tensor (Llama 3.1 scaling)"
@@ -102,39 +95,68 @@ def config_from_gguf(gguf_file: GGUFFile) -> LlamaConfig:
                                "load scaled rope from GGUF yet (use the Hugging Face checkpoint)")
 
     tokens = meta.get("tokenizer.ggml.tokens")
-    vocab_size = get("vocab_size") or (len(tokens) if tokens else None)
+    vocab_size = get("vocab_size")
+    if vocab_size is None:
+        vocab_size = len(tokens) if tokens else None
     if vocab_size is None and "token_embd.weight" in gguf_file.tensors:
         vocab_size = gguf_file.tensors["token_embd.weight"].shape[0]
-    eos = meta.get("tokenizer.ggml.eos_token_id")
     try:
-        return LlamaConfig(
+        config = LlamaConfig(
             vocab_size=vocab_size,
-            hidden_size=hidden_size,
+            hidden_size=get("embedding_length", required=True),
             intermediate_size=get("feed_forward_length", required=True),
             num_hidden_layers=get("block_count", required=True),
             num_attention_heads=num_heads,
             num_key_value_heads=num_kv_heads,
-            head_dim=head_dim,
+            # Without key_length the head size is the width over the heads (which must divide it).
+            head_dim=get("attention.key_length"),
             rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
             rope_theta=float(get("rope.freq_base", 10000.0)),
             max_position_embeddings=get("context_length", 2048),
             tie_word_embeddings="output.weight" not in gguf_file.tensors,
             bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
-            eos_token_id=eos,
+            eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
             model_type="llama",
         )
     except ConfigError as err:
         raise ModelFormatError(f"{gguf_file.path}: GGUF metadata gives an unusable config: {err}") from None
+    if get("attention.value_length", config.head_dim) != config.head_dim:
+        raise ModelFormatError(f"{gguf_file.path}: GGUF {arch}.attention.value_length differs from the key head size "
+                               f"{config.head_dim}; kiln expects equal q/k/v head sizes")
+    rope_dims = get("rope.dimension_count", config.head_dim)
+    if rope_dims != config.head_dim:
+        raise ModelFormatError(f"{gguf_file.path}: GGUF {arch}.rope.dimension_count: expected the head size "
+                               f"{config.head_dim} (rope over whole heads), found {rope_dims}")
+    return config
 
 
-def state_dict_from_gguf(gguf_file: GGUFFile, config: LlamaConfig) -> dict[str, torch.Tensor]:
-    """fp32 tensors under transformers' names, q/k rows in Hugging Face order."""
-    tensors = {}
-    for name in gguf_file.tensors:
+def check_gguf_tensors(gguf_file: GGUFFile, config: LlamaConfig) -> None:
+    """Refuse the file unless its tensors are exactly the config's (names, count, shapes) in types kiln
+    reads; runs before any tensor is dequantized or the module built."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    sources: dict[str, str] = {}
+    for name, info in gguf_file.tensors.items():
         hf_name = hf_tensor_name(name)
         if hf_name is None:
             raise ModelFormatError(f"{gguf_file.path}: GGUF tensor {name!r}: expected a llama tensor "
                                    "(token_embd, blk.N.attn_*/ffn_*, output_norm, output), found an unknown name")
+        if hf_name in sources:
+            raise ModelFormatError(f"{gguf_file.path}: GGUF tensors {sources[hf_name]!r} and {name!r} are the same "
+                                   f"weight ({hf_name}); expected one of them")
+        if info.ggml_type not in DEQUANTIZABLE:
+            raise ModelFormatError(
+                f"{gguf_file.path}: tensor {name!r} has ggml type {info.ggml_type.name}; kiln reads only "
+                f"{', '.join(t.name for t in DEQUANTIZABLE)}; convert the model with one of those")
+        sources[hf_name] = name
+        shapes[hf_name] = info.shape
+    check_llama_tensors(config, shapes, where=f"{gguf_file.path}: GGUF")
+
+
+def state_dict_from_gguf(gguf_file: GGUFFile, config: LlamaConfig) -> dict[str, torch.Tensor]:
+    """fp32 tensors under transformers' names, q/k rows in Hugging Face order (after check_gguf_tensors)."""
+    tensors = {}
+    for name in gguf_file.tensors:
+        hf_name = hf_tensor_name(name)
         values = gguf_file.dequantize(name)
         if ".q_proj." in hf_name:
             values = unpermute_rope_rows(values, config.num_attention_heads)
@@ -146,16 +168,24 @@ def state_dict_from_gguf(gguf_file: GGUFFile, config: LlamaConfig) -> dict[str, 
     return tensors
 
 
-def load_gguf(path: str | os.PathLike) -> tuple[LlamaForCausalLM, LlamaConfig, TokenizerBundle]:
-    """Read a llama GGUF into kiln's fp32 torch module, its config and its tokenizer."""
-    gguf_file = GGUFFile(path)
+def _open(source: str | os.PathLike | GGUFFile) -> GGUFFile:
+    return source if isinstance(source, GGUFFile) else GGUFFile(source)
+
+
+def load_gguf(source: str | os.PathLike | GGUFFile) -> tuple[LlamaForCausalLM, LlamaConfig, TokenizerBundle]:
+    """Read a llama GGUF (a path or an open GGUFFile) into kiln's fp32 torch module, its config and its
+    tokenizer. Metadata, tensors and tokenizer are all checked before any tensor is dequantized."""
+    gguf_file = _open(source)
     config = config_from_gguf(gguf_file)
+    check_gguf_tensors(gguf_file, config)
+    tokenizer = tokenizer_from_gguf(gguf_file)
+    check_tokenizer_fits(tokenizer, config.vocab_size, gguf_file.path)
     model = llama_from_state_dict(config, state_dict_from_gguf(gguf_file, config), where=gguf_file.path)
-    return model, config, tokenizer_from_gguf(gguf_file)
+    return model, config, tokenizer
 
 
-def prequantized_from_gguf(path: str | os.PathLike, config: LlamaConfig) -> dict:
+def prequantized_from_gguf(source: str | os.PathLike | GGUFFile, config: LlamaConfig) -> dict:
     """{transformers weight name: QuantizedWeight} of the file's Q4_0 / Q4_1 / Q8_0 tensors, as stored."""
     from .gguf_quant import prequantized_weights
 
-    return prequantized_weights(GGUFFile(path), config)
+    return prequantized_weights(_open(source), config)

@@ -1,7 +1,10 @@
 """Load a Hugging Face checkpoint directory (config.json + safetensors) into an fp32 torch module.
 
 Weights go through kiln's bounded safetensors reader; nothing is unpickled and no
-code from the directory (auto_map, *.py) is ever imported.
+code from the directory (auto_map, *.py) is ever imported. The module is first built
+on the meta device and every tensor's name and shape checked against it (the layer
+count against the tensors first, so a huge config is never expanded); only then are
+real tensors read, and random initial weights are never materialised.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import numpy as np
 import torch
 
 from kiln.frontend.safetensors_file import SafetensorsFile, _DuplicateKey, _reject_duplicate_keys
+from kiln.ir import files
 from kiln.ir.errors import ConfigError, ModelFormatError
 
 if TYPE_CHECKING:
@@ -26,7 +30,10 @@ if TYPE_CHECKING:
 NATIVE_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 # config.json and the shard index are a few hundred KB even for the largest models.
-MAX_JSON_BYTES = 64 * 1024 * 1024
+MAX_JSON_BYTES = files.MAX_JSON_BYTES
+# Buffers a module computes from its config (rotary tables, masks) may take at most this much beyond
+# the size of the weights themselves before the config counts as absurd.
+BUFFER_ALLOWANCE_BYTES = 64 * files.MiB
 
 SINGLE_WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
@@ -34,6 +41,7 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 # Old Llama-family exports stored each layer's rotary table; it is recomputed from config.json now.
 _ALWAYS_IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+_LAYER_PREFIX = re.compile(r"model\.layers\.(\d+)\.")
 
 
 @dataclass
@@ -73,24 +81,23 @@ def load_hf_checkpoint(path: str | os.PathLike, *, attn_implementation: str = "e
     sources = _open_weights(directory)
 
     native = model_type in NATIVE_MODEL_TYPES
-    # Building a module draws random initial weights; keep the caller's RNG stream untouched.
+    # Nothing here should draw random numbers; keep the caller's RNG stream untouched regardless.
     with torch.random.fork_rng(devices=[]):
         if native:
-            module = _build_native(directory, config)
-            rename = None
+            module = _load_native(directory, config, sources)
         else:
-            module = _build_with_transformers(directory, config, attn_implementation)
-            rename = _transformers_key_renamer(module)
-    module = module.float()
-    _load_weights(module, sources, directory, rename)
+            module = _load_with_transformers(directory, config, sources, attn_implementation)
     module.eval()
     module.requires_grad_(False)
 
     tokenizer = None
-    if (directory / "tokenizer.json").is_file():
-        from kiln.frontend.tokenizer import tokenizer_from_hf_dir
+    if os.path.lexists(directory / "tokenizer.json"):
+        from kiln.frontend.tokenizer import check_tokenizer_fits, tokenizer_from_hf_dir
 
         tokenizer = tokenizer_from_hf_dir(directory)
+        vocab_size = _output_rows(module)
+        if vocab_size is not None:
+            check_tokenizer_fits(tokenizer, vocab_size, str(directory))
     return LoadedCheckpoint(module, config, tokenizer, model_type, native, directory)
 
 
@@ -101,14 +108,12 @@ def _describe_quantization(quantization: object) -> str:
 
 
 def _read_json_object(file: Path, what: str) -> dict[str, Any]:
-    size = file.stat().st_size
-    if size > MAX_JSON_BYTES:
-        raise ModelFormatError(f"{file}: expected a {what} under {MAX_JSON_BYTES} bytes, found {size} bytes")
+    text = files.read_text(file, what, MAX_JSON_BYTES)
     try:
-        value = json.loads(file.read_bytes().decode("utf-8"), object_pairs_hook=_reject_duplicate_keys)
+        value = json.loads(text, object_pairs_hook=_reject_duplicate_keys)
     except _DuplicateKey as err:
         raise ModelFormatError(f"{file}: expected unique keys in the {what}, found {err.key!r} twice") from None
-    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+    except (ValueError, RecursionError) as err:
         raise ModelFormatError(
             f"{file}: expected a JSON {what}, found unparsable text ({str(err).splitlines()[0]}); fix or re-download it"
         ) from None
@@ -119,7 +124,7 @@ def _read_json_object(file: Path, what: str) -> dict[str, Any]:
 
 def _read_config(directory: Path) -> dict[str, Any]:
     file = directory / "config.json"
-    if not file.is_file():
+    if not os.path.lexists(file):
         raise ModelFormatError(f"{directory}: expected a config.json in the checkpoint directory, found none")
     config = _read_json_object(file, "config.json")
     model_type = config.get("model_type")
@@ -132,10 +137,11 @@ def _open_weights(directory: Path) -> dict[str, tuple[SafetensorsFile, str]]:
     """Map every tensor name to (the file holding it, a label for messages)."""
     single = directory / SINGLE_WEIGHTS
     index = directory / WEIGHTS_INDEX
-    if single.is_file():
+    # lexists: a FIFO or a link to a device under these names is refused by the reader, not skipped.
+    if os.path.lexists(single):
         weights = SafetensorsFile(single)
         return {name: (weights, SINGLE_WEIGHTS) for name in weights.tensors}
-    if index.is_file():
+    if os.path.lexists(index):
         return _open_sharded(directory, index)
 
     names = sorted(entry.name for entry in directory.iterdir())
@@ -185,7 +191,7 @@ def _open_sharded(directory: Path, index: Path) -> dict[str, tuple[SafetensorsFi
                 f"found {shard!r}"
             )
         shard_path = directory / shard
-        if not shard_path.is_file():
+        if not os.path.lexists(shard_path):
             raise ModelFormatError(
                 f"{index}: tensor {tensor!r}: expected shard {shard!r} in {directory}, found no such file; "
                 "the download is incomplete"
@@ -201,17 +207,29 @@ def _open_sharded(directory: Path, index: Path) -> dict[str, tuple[SafetensorsFi
     return sources
 
 
-def _build_native(directory: Path, config: dict[str, Any]) -> torch.nn.Module:
-    from kiln.frontend.llama import LlamaConfig, LlamaForCausalLM
+def _load_native(directory: Path, config: dict[str, Any], sources: dict[str, tuple[SafetensorsFile, str]]) -> torch.nn.Module:
+    from kiln.frontend.llama import LlamaConfig, LlamaForCausalLM, llama_from_state_dict
 
     try:
         llama_config = LlamaConfig.from_hf_dict(config)
     except ConfigError as err:
         raise ConfigError(f"{directory}: {err}") from None
-    return LlamaForCausalLM(llama_config)
+    # More layers than the weights hold is refused before the module is expanded; extra tensors are
+    # named by the checks against the module.
+    layers = {int(match.group(1)) for name in sources if (match := _LAYER_PREFIX.match(name))}
+    if llama_config.num_hidden_layers > len(layers):
+        raise ModelFormatError(
+            f"{directory / 'config.json'}: num_hidden_layers is {llama_config.num_hidden_layers} but the weights hold "
+            f"tensors for {len(layers)} layers; the checkpoint does not match its config")
+    with torch.device("meta"):
+        meta = LlamaForCausalLM(llama_config)
+    tensors = _read_weights(meta, sources, directory)
+    return llama_from_state_dict(llama_config, {name: tensor for name, (_, tensor) in tensors.items()},
+                                 where=str(directory))
 
 
-def _build_with_transformers(directory: Path, config: dict[str, Any], attn_implementation: str) -> torch.nn.Module:
+def _load_with_transformers(directory: Path, config: dict[str, Any], sources: dict[str, tuple[SafetensorsFile, str]],
+                            attn_implementation: str) -> torch.nn.Module:
     model_type = config["model_type"]
     native_list = ", ".join(NATIVE_MODEL_TYPES)
     try:
@@ -238,20 +256,57 @@ def _build_with_transformers(directory: Path, config: dict[str, Any], attn_imple
     for cls in (config_class, model_class):
         assert cls.__module__.startswith("transformers.models."), f"{cls} is not a built-in transformers class"
 
+    def config_error(err: Exception) -> ConfigError:
+        # transformers validates configs with its own exception types; the user needs one line either way.
+        reason = " ".join(str(err).split())[:300] or type(err).__name__
+        return ConfigError(
+            f"{directory / 'config.json'}: transformers could not build {model_class_name} from it ({reason}); "
+            "check the config values"
+        )
+
     # auto_map points at code in the directory; dropping it keeps transformers from ever looking there.
     settings = {key: value for key, value in config.items() if key != "auto_map"}
     try:
         hf_config = config_class.from_dict(settings)
-        # Construct the class directly, not through AutoModel, so nothing can redirect to remote code.
-        module = model_class._from_config(hf_config, dtype=torch.float32, attn_implementation=attn_implementation)
     except Exception as err:
-        # transformers validates configs with its own exception types; the user needs one line either way.
-        reason = " ".join(str(err).split())[:300] or type(err).__name__
-        raise ConfigError(
-            f"{directory / 'config.json'}: transformers could not build {model_class_name} from it ({reason}); "
-            "check the config values"
-        ) from err
+        raise config_error(err) from err
+    # Each layer holds at least one tensor: a larger count is refused before the module is expanded.
+    layers = getattr(hf_config, "num_hidden_layers", None)
+    if isinstance(layers, int) and layers > len(sources):
+        raise ModelFormatError(
+            f"{directory / 'config.json'}: the config gives {layers} layers but the weights hold only {len(sources)} "
+            "tensors; the checkpoint does not match its config")
+    try:
+        # Construct the class directly, not through AutoModel, so nothing can redirect to remote code.
+        with torch.device("meta"):
+            meta = model_class._from_config(hf_config, dtype=torch.float32, attn_implementation=attn_implementation)
+    except Exception as err:
+        raise config_error(err) from err
+    rename = _transformers_key_renamer(meta)
+    _check_buffers(meta, sources, directory)
+    tensors = _read_weights(meta, sources, directory, rename)
+    # transformers loads the checked tensors itself, under their checkpoint names (it renames and ties
+    # them as its own loader does) and computes the buffers; the model is built on the meta device.
+    by_checkpoint_name = {checkpoint_name: tensor for checkpoint_name, tensor in tensors.values()}
+    try:
+        module = model_class.from_pretrained(None, config=hf_config, state_dict=by_checkpoint_name,
+                                             dtype=torch.float32, attn_implementation=attn_implementation)
+    except Exception as err:
+        raise config_error(err) from err
     return module
+
+
+def _check_buffers(meta: torch.nn.Module, sources: dict[str, tuple[SafetensorsFile, str]], directory: Path) -> None:
+    """Refuse a config whose computed buffers (not in the checkpoint) would dwarf the weights."""
+    weight_bytes = sum(weights.tensors[name].nbytes for name, (weights, _) in sources.items())
+    persistent = set(meta.state_dict())
+    computed = [(name, buffer) for name, buffer in meta.named_buffers() if name not in persistent]
+    total = sum(buffer.numel() * buffer.element_size() for _, buffer in computed)
+    if total > weight_bytes + BUFFER_ALLOWANCE_BYTES:
+        name, largest = max(computed, key=lambda item: item[1].numel() * item[1].element_size())
+        raise ConfigError(
+            f"{directory / 'config.json'}: the config asks for {total:,} bytes of computed buffers ({name} "
+            f"{tuple(largest.shape)}), far more than the {weight_bytes:,} bytes of weights; check the config values")
 
 
 def _tensor_groups(module: torch.nn.Module) -> list[tuple[list[str], torch.Tensor]]:
@@ -300,12 +355,24 @@ def _transformers_key_renamer(module: torch.nn.Module) -> Callable[[str], tuple[
     return rename
 
 
-def _load_weights(
+def _output_rows(module: torch.nn.Module) -> int | None:
+    """Rows of the logits projection (the model's vocabulary), where the module says."""
+    head = module.get_output_embeddings() if hasattr(module, "get_output_embeddings") else getattr(module, "lm_head", None)
+    weight = getattr(head, "weight", None)
+    return weight.shape[0] if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None
+
+
+def _read_weights(
     module: torch.nn.Module,
     sources: dict[str, tuple[SafetensorsFile, str]],
     directory: Path,
     rename: Callable[[str], tuple[str, bool]] | None = None,
-) -> None:
+) -> dict[str, tuple[str, torch.Tensor]]:
+    """Match the checkpoint's tensors to ``module`` (on the meta device): names, shapes, tied copies.
+
+    Everything is checked before any tensor data is read. Returns {module name: (checkpoint name, fp32
+    or integer tensor)} with one entry per tensor group (tied names share one entry, the first present).
+    """
     groups = _tensor_groups(module)
     expected_names = {name for names, _ in groups for name in names}
     ignored_buffers, ignored_patterns = _ignored_unexpected(module)
@@ -335,31 +402,44 @@ def _load_weights(
             "weight; the checkpoint does not match config.json (model_type or sizes)"
         )
 
-    with torch.no_grad():
-        for names, target in groups:
-            present = [checkpoint_names[name] for name in names if name in checkpoint_names]
-            if not present:
-                tied = f" (nor its tied aliases {names[1:]})" if len(names) > 1 else ""
+    matched: list[tuple[list[str], list[str], torch.Tensor]] = []
+    for names, target in groups:
+        present = [checkpoint_names[name] for name in names if name in checkpoint_names]
+        if not present:
+            tied = f" (nor its tied aliases {names[1:]})" if len(names) > 1 else ""
+            raise ModelFormatError(
+                f"{directory}: tensor {names[0]!r}{tied}: expected by {type(module).__name__} "
+                f"{tuple(target.shape)}, found in no weight file; the checkpoint is incomplete or mismatches config.json"
+            )
+        if target.numel() == 0:
+            raise ModelFormatError(
+                f"{directory / 'config.json'}: tensor {names[0]!r}: the config gives it shape {tuple(target.shape)}, "
+                "with no elements; check the config's sizes"
+            )
+        for name in present:
+            weights, label = sources[name]
+            info = weights.tensors[name]
+            if info.shape != tuple(target.shape):
                 raise ModelFormatError(
-                    f"{directory}: tensor {names[0]!r}{tied}: expected by {type(module).__name__} "
-                    f"{tuple(target.shape)}, found in no weight file; the checkpoint is incomplete or mismatches config.json"
+                    f"{directory / label}: tensor {name!r}: expected shape {tuple(target.shape)} from config.json, "
+                    f"found {info.shape} ({info.dtype_name}); the checkpoint does not match its config"
                 )
-            loaded: torch.Tensor | None = None
-            for name in present:
-                weights, label = sources[name]
-                info = weights.tensors[name]
-                if info.shape != tuple(target.shape):
-                    raise ModelFormatError(
-                        f"{directory / label}: tensor {name!r}: expected shape {tuple(target.shape)} from config.json, "
-                        f"found {info.shape} ({info.dtype_name}); the checkpoint does not match its config"
-                    )
-                value = _to_torch(weights.array(name), target)
-                if loaded is None:
-                    loaded = value
-                    target.copy_(value)
-                elif not torch.equal(loaded, value):
-                    # The config ties these weights but the file holds two different tensors: one would be lost.
-                    raise ModelFormatError(
-                        f"{directory / label}: tensor {name!r}: expected it to equal its tied alias {present[0]!r} "
-                        "(config ties them, e.g. tie_word_embeddings), found different values; fix config.json"
-                    )
+        matched.append((names, present, target))
+
+    tensors: dict[str, tuple[str, torch.Tensor]] = {}
+    for names, present, target in matched:
+        loaded: torch.Tensor | None = None
+        for name in present:
+            weights, label = sources[name]
+            value = _to_torch(weights.array(name), target)
+            if loaded is None:
+                loaded = value
+            elif not torch.equal(loaded, value):
+                # The config ties these weights but the file holds two different tensors: one would be lost.
+                raise ModelFormatError(
+                    f"{directory / label}: tensor {name!r}: expected it to equal its tied alias {present[0]!r} "
+                    "(config ties them, e.g. tie_word_embeddings), found different values; fix config.json"
+                )
+        module_name = next(name for name in names if checkpoint_names.get(name) == present[0])
+        tensors[module_name] = (present[0], loaded)
+    return tensors

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,15 @@ from kiln.ir.errors import ConfigError, ModelFormatError
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
 _LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+# Upper bounds far above any released model (largest today: vocab ~262k, width ~53k, ~130 layers,
+# head_dim 512, context ~10M). They refuse a hostile config before anything is sized from it; the
+# tensors a checkpoint actually holds are checked against the config afterwards (check_llama_tensors).
+_MAX_SIZES = {
+    "vocab_size": 2**24, "hidden_size": 2**20, "intermediate_size": 2**20, "num_hidden_layers": 4096,
+    "num_attention_heads": 4096, "num_key_value_heads": 4096, "max_position_embeddings": 2**30,
+}
+MAX_HEAD_DIM = 4096
 
 # transformers' class defaults for keys a config.json may leave out.
 _DEFAULTS = {
@@ -56,19 +66,21 @@ class LlamaConfig:
     model_type: str = "llama"
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
+        for name, limit in _MAX_SIZES.items():
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"model config: expected {name} to be a positive integer, found {value!r}; fix the config")
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= limit:
+                raise ConfigError(f"model config: expected {name} to be a positive integer of at most {limit:,}, "
+                                  f"found {value!r}; fix the config")
         if self.head_dim is None:
             if self.hidden_size % self.num_attention_heads:
                 raise ConfigError(
                     f"model config: hidden_size {self.hidden_size} is not divisible by num_attention_heads "
                     f"{self.num_attention_heads} and no head_dim is given; set head_dim")
             self.head_dim = self.hidden_size // self.num_attention_heads
-        if isinstance(self.head_dim, bool) or not isinstance(self.head_dim, int) or self.head_dim <= 0 or self.head_dim % 2:
-            raise ConfigError(f"model config: expected head_dim to be a positive even integer, found {self.head_dim!r}")
+        if (isinstance(self.head_dim, bool) or not isinstance(self.head_dim, int) or not 0 < self.head_dim <= MAX_HEAD_DIM
+                or self.head_dim % 2):
+            raise ConfigError(f"model config: expected head_dim to be a positive even integer of at most {MAX_HEAD_DIM}, "
+                              f"found {self.head_dim!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"model config: num_attention_heads {self.num_attention_heads} is not a multiple of "
@@ -76,11 +88,18 @@ class LlamaConfig:
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(
                 f"model config: expected model_type in {SUPPORTED_MODEL_TYPES}, found {self.model_type!r}")
-        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
+        if self.sliding_window is not None and (not _is_int(self.sliding_window) or self.sliding_window <= 0):
             raise ConfigError(f"model config: expected sliding_window to be a positive integer or None, found {self.sliding_window!r}")
-        if not (self.rms_norm_eps > 0 and self.rope_theta > 0):
+        if not (_finite(self.rms_norm_eps) and 0 < self.rms_norm_eps < 1 and _finite(self.rope_theta) and self.rope_theta > 0):
             raise ConfigError(
-                f"model config: expected positive rms_norm_eps and rope_theta, found {self.rms_norm_eps!r} and {self.rope_theta!r}")
+                f"model config: expected rms_norm_eps in (0, 1) and a positive finite rope_theta, found "
+                f"{self.rms_norm_eps!r} and {self.rope_theta!r}")
+        for name in ("bos_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            ids = value if isinstance(value, list) else [value]
+            if value is not None and not all(_is_int(i) and 0 <= i < self.vocab_size for i in ids):
+                raise ConfigError(f"model config: expected {name} to be a token id (or list of ids) below vocab_size "
+                                  f"{self.vocab_size}, found {value!r}")
         self.rope_scaling = _check_rope_scaling(self.rope_scaling)
 
     @property
@@ -136,7 +155,7 @@ class LlamaConfig:
             intermediate_size=required("intermediate_size"),
             num_hidden_layers=required("num_hidden_layers"),
             num_attention_heads=num_attention_heads,
-            num_key_value_heads=d.get("num_key_value_heads") or num_attention_heads,
+            num_key_value_heads=num_attention_heads if d.get("num_key_value_heads") is None else d["num_key_value_heads"],
             head_dim=d.get("head_dim"),
             rms_norm_eps=_number(d, "rms_norm_eps", defaults["rms_norm_eps"]),
             rope_theta=rope_theta,
@@ -163,6 +182,14 @@ class LlamaConfig:
         if unknown:
             raise ConfigError(f"kiln model config: unknown keys {unknown}; expected only {sorted(names)}")
         return cls(**d)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _number(d: dict, key: str, default: float) -> float:
@@ -212,8 +239,8 @@ def _check_rope_scaling(scaling: dict | None) -> dict | None:
     out = {"rope_type": "llama3"}
     for key in _LLAMA3_ROPE_KEYS:
         value = scaling[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise ConfigError(f"model config: llama3 rope scaling {key} must be a positive number, found {value!r}")
+        if not _finite(value) or value <= 0:
+            raise ConfigError(f"model config: llama3 rope scaling {key} must be a positive finite number, found {value!r}")
         out[key] = value
     if out["high_freq_factor"] <= out["low_freq_factor"]:
         raise ConfigError(
@@ -426,6 +453,44 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(hidden_states).float()
 
 
+_LAYER_PREFIX = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def llama_tensor_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor the config's module holds, by transformers' name (a tied lm_head included)."""
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+
+
+def check_llama_tensors(config: LlamaConfig, shapes: Mapping[str, tuple[int, ...]], where: str = "state dict") -> None:
+    """Refuse tensors (transformers' name -> shape) that are not exactly the ones the config asks for.
+
+    Runs before any tensor is read or the module built: a layer count above the layers the tensors
+    name is refused first, so a config with a huge num_hidden_layers is never expanded.
+    lm_head.weight may be left out when tied.
+    """
+    layers = {int(match.group(1)) for name in shapes if (match := _LAYER_PREFIX.match(name))}
+    if config.num_hidden_layers > len(layers):
+        raise ModelFormatError(
+            f"{where}: expected tensors for the {config.num_hidden_layers} layers of the config, found tensors for "
+            f"{len(layers)} layers; the config does not match the weights")
+    expected = llama_tensor_shapes(config)
+    present = dict(shapes)
+    if config.tie_word_embeddings and "model.embed_tokens.weight" in present:
+        present.setdefault("lm_head.weight", present["model.embed_tokens.weight"])
+    missing = sorted(set(expected) - set(present))
+    unexpected = sorted(set(present) - set(expected))
+    if missing or unexpected:
+        raise ModelFormatError(
+            f"{where}: expected the {config.model_type} tensors of the config, found missing {missing[:4]}"
+            f"{'...' if len(missing) > 4 else ''} and unexpected {unexpected[:4]}{'...' if len(unexpected) > 4 else ''}")
+    for name, shape in expected.items():
+        if tuple(present[name]) != shape:
+            raise ModelFormatError(
+                f"{where}: tensor {name!r}: expected shape {list(shape)} from the config, found {list(present[name])}")
+
+
 def llama_from_state_dict(config: LlamaConfig, state_dict: dict[str, torch.Tensor],
                           where: str = "state dict") -> LlamaForCausalLM:
     """Build kiln's module around tensors named as in transformers, without random initialisation.
@@ -433,22 +498,12 @@ def llama_from_state_dict(config: LlamaConfig, state_dict: dict[str, torch.Tenso
     Every parameter must be present with its exact shape (lm_head.weight may be left out when
     tied); `where` names the source in error messages.
     """
+    check_llama_tensors(config, {name: tuple(tensor.shape) for name, tensor in state_dict.items()}, where)
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     tensors = dict(state_dict)
     if config.tie_word_embeddings and "model.embed_tokens.weight" in tensors:
         tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise ModelFormatError(
-            f"{where}: expected the {config.model_type} tensors of the config, found missing {missing[:4]}"
-            f"{'...' if len(missing) > 4 else ''} and unexpected {unexpected[:4]}{'...' if len(unexpected) > 4 else ''}")
-    for name, shape in expected.items():
-        if tuple(tensors[name].shape) != shape:
-            raise ModelFormatError(
-                f"{where}: tensor {name!r}: expected shape {list(shape)} from the config, found {list(tensors[name].shape)}")
     model.load_state_dict(tensors, strict=True, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight

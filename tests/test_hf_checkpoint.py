@@ -454,7 +454,7 @@ def test_oversized_json_is_refused_before_reading(tmp_path, monkeypatch):
 
     save_reference("llama", tmp_path)
     monkeypatch.setattr(hf_checkpoint, "MAX_JSON_BYTES", 64)
-    load_error(tmp_path, ModelFormatError, "config.json", "under 64 bytes")
+    load_error(tmp_path, ModelFormatError, "config.json", "more than the 64")
 
 
 def test_native_config_errors_name_the_directory(tmp_path):
