@@ -9,9 +9,15 @@ the check and the read is impossible) and bounds the size before reading.
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import functools
 import hashlib
 import os
+import re
+import shutil
 import stat
+import tempfile
 
 from .errors import KilnError, ModelFormatError
 
@@ -91,3 +97,126 @@ def sha256_of(file, chunk: int = 4 * MiB, sink=None) -> str:
         digest.update(block)
         if sink is not None:
             sink(block)
+
+
+# Writing a directory in place of another ----------------------------------------------------------------
+# Outputs are staged in a temporary sibling named ``.<name>.kiln-tmp-<pid>-<random>`` and renamed into
+# place; a killed process leaves its staging directory behind, and the next write beside it removes it.
+STAGING_MARKER = ".kiln-tmp-"
+_STALE = re.compile(r"^\..*\.kiln-(?:tmp|old)-(\d+)-")
+_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
+
+
+def make_staging_directory(path: str) -> str:
+    """A new empty directory beside ``path`` (same filesystem, so it can be renamed onto it); stale ones
+    from processes that are gone are removed first."""
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    remove_stale(parent, _STALE)
+    return tempfile.mkdtemp(prefix=f".{os.path.basename(path)}{STAGING_MARKER}{os.getpid()}-", dir=parent)
+
+
+def check_replaceable(path: str, is_ours, what: str, error: type[KilnError]) -> None:
+    """Refuse ``path`` unless it is free or an existing ``what`` (``is_ours(path)``): a user's own file or
+    directory is never replaced."""
+    if not path:
+        raise error(f"the output path is empty; give a directory name for the {what}")
+    if not os.path.lexists(path):
+        return
+    if os.path.islink(path):
+        raise error(f"{path} is a symbolic link; give a new path, or the path of an existing {what} itself")
+    if not os.path.isdir(path):
+        raise error(f"{path} exists and is a file, not a {what}; choose another output path (kiln replaces only "
+                    f"an existing {what})")
+    if not is_ours(path):
+        raise error(f"{path} exists and is not a {what}; choose another output path, kiln replaces only an "
+                    f"existing {what} and leaves everything else untouched")
+
+
+def install_directory(staged: str, path: str, is_ours, what: str, error: type[KilnError]) -> None:
+    """Move the complete directory ``staged`` to ``path``: onto a free path, or atomically in place of an
+    existing ``what`` (refused for anything else, checked again at the moment of the swap)."""
+    check_replaceable(path, is_ours, what, error)
+    if not os.path.lexists(path):
+        if _renameat2(staged, path, _RENAME_NOREPLACE) is None:
+            if os.path.lexists(path):  # no renameat2 here: refuse rather than let rename replace something
+                raise error(f"{path} appeared while the {what} was being written; run again")
+            os.rename(staged, path)
+        return
+    if _renameat2(staged, path, _RENAME_EXCHANGE) is not None:
+        if not is_ours(staged):  # something else took its place since the check: put it back untouched
+            _renameat2(staged, path, _RENAME_EXCHANGE)
+            raise error(f"{path} changed while the {what} was being written and is no longer a {what}; left "
+                        f"it untouched")
+        shutil.rmtree(staged, ignore_errors=True)
+        return
+    old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.kiln-old-{os.getpid()}-", dir=os.path.dirname(path))
+    os.rmdir(old)
+    os.rename(path, old)
+    try:
+        os.rename(staged, path)
+    except BaseException:
+        os.rename(old, path)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _renameat2(source: str, target: str, flags: int):
+    """Linux renameat2; None where the C library, kernel or filesystem lacks it (the caller falls back)."""
+    func = _libc_renameat2()
+    if func is None:
+        return None
+    if func(-100, os.fsencode(source), -100, os.fsencode(target), flags) == 0:  # -100: AT_FDCWD
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return None
+    raise OSError(err, os.strerror(err), target)
+
+
+@functools.lru_cache(maxsize=1)
+def _libc_renameat2():
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        func = libc.renameat2
+    except (OSError, AttributeError):
+        return None
+    func.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    func.restype = ctypes.c_int
+    return func
+
+
+def remove_stale(directory: str, pattern: "re.Pattern") -> list:
+    """Remove entries of ``directory`` whose names match ``pattern`` (group 1: the pid that made them) when
+    that process is gone: kiln's own temporary files left by a killed process. Returns what was removed."""
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        match = pattern.match(name)
+        if not match or _alive(int(match.group(1))):
+            continue
+        full = os.path.join(directory, name)
+        try:
+            if stat.S_ISDIR(os.lstat(full).st_mode):
+                shutil.rmtree(full, ignore_errors=True)
+            else:
+                os.unlink(full)
+            removed.append(full)
+        except OSError:
+            pass
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True
+    return True

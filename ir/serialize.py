@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 
 import numpy as np
 
 from .errors import ArtifactError, KilnError, ParseError
+from .files import check_replaceable, install_directory, make_staging_directory
 from .graph import Module
 from .parser import parse_module
 from .printer import print_module
@@ -23,40 +23,33 @@ IR_FILE = "module.kir"
 WEIGHTS_FILE = "weights.safetensors"
 
 
-def replace_directory(staged: str, path: str) -> None:
-    """Move the complete directory ``staged`` to ``path``; an existing ``path`` is swapped out only
-    after, and restored if the rename fails (callers stage next to ``path``, on one filesystem)."""
-    if not os.path.exists(path):
-        os.rename(staged, path)
-        return
-    old = path + ".old-" + os.path.basename(staged)
-    os.rename(path, old)
-    try:
-        os.rename(staged, path)
-    except BaseException:
-        os.rename(old, path)  # put the previous directory back
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def save_module(module: Module, path: str) -> None:
     from safetensors.numpy import save_file
 
     verify_module(module)  # never write a directory that load_module would refuse
-    path = os.path.abspath(path)
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".kiln-tmp-", dir=parent)
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+        raise KilnError(f"the output path {path!r} is empty; give a directory name for the module")
+    path = os.path.abspath(os.fspath(path))
+    check_replaceable(path, _is_module_dir, "saved kiln module", KilnError)
+    tmp = make_staging_directory(path)
     try:
         with open(os.path.join(tmp, IR_FILE), "w", encoding="utf-8") as f:
             f.write(print_module(module))
         # np.ascontiguousarray turns a 0-d array into shape (1,); reshape back (a view, no copy)
         arrays = {k: np.ascontiguousarray(v).reshape(np.shape(v)) for k, v in module.weight_data.items()}
         save_file(arrays, os.path.join(tmp, WEIGHTS_FILE))
-        replace_directory(tmp, path)
+        install_directory(tmp, path, _is_module_dir, "saved kiln module", KilnError)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _is_module_dir(path: str) -> bool:
+    """A directory :func:`save_module` wrote: its two files and nothing else."""
+    try:
+        return sorted(os.listdir(path)) == sorted([IR_FILE, WEIGHTS_FILE])
+    except OSError:
+        return False
 
 
 def load_module(path: str) -> Module:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 
@@ -25,17 +26,20 @@ class Artifact:
         return read_manifest(self.path)
 
     def save(self, path) -> str:
-        """Copy the artifact to ``path`` atomically (a temporary sibling, then rename)."""
-        from kiln.ir.serialize import replace_directory
+        """Copy the artifact to ``path`` atomically (a temporary sibling, then rename). ``path`` must be free or
+        an existing kiln artifact, which is replaced; anything else is refused and left untouched."""
+        from kiln.ir.files import make_staging_directory
 
-        path = os.path.abspath(os.fspath(path))
-        parent = os.path.dirname(path)
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+        from .artifact import install_artifact, output_path
+
+        path = output_path(path)
+        if os.path.realpath(path) == os.path.realpath(self.path):
+            return path
+        tmp = make_staging_directory(path)
         try:
             staged = os.path.join(tmp, "artifact")
-            shutil.copytree(self.path, staged)
-            replace_directory(staged, path)
+            shutil.copytree(self.path, staged, symlinks=True)
+            install_artifact(staged, path)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return path
@@ -48,6 +52,7 @@ class Artifact:
         return f"<kiln.Artifact {self.path}>"
 
 
+TEMPORARY_PREFIX = "kiln-artifact-"  # kiln-artifact-<pid>-<random>: a compile with no output path
 QUANTIZE_MODES = ("none", "int8", "int4", "int4-g128", "gguf")  # int4: groups of 32; gguf: the file's blocks
 
 
@@ -109,23 +114,64 @@ def compile(source, backend: str = "tvm", target: str = "cpu", quantize=None, ma
     from .artifact import write_artifact
     from .driver import capture_source, optimize
 
+    from .artifact import output_path
+
     check_backend(backend)
     if target not in ("cpu", "cuda"):
         raise ConfigError(f"unknown target {target!r}; expected 'cpu' or 'cuda'")
     pass_options = compile_options(max_seq_len=max_seq_len, quantize=quantize, **options)
+    if output is not None:
+        output = output_path(output)  # refused before any work when it is not free or an artifact
     progress = Progress() if progress is True else (progress or QUIET)
     module, source_info = capture_source(source, max_seq=max_seq_len, progress=progress)
     resolve_quantize(pass_options, source_info, progress)
     manager = optimize(module, pass_options, progress=progress)
+    check_fits_in_memory(module, pass_options, target)
     if output is None:
-        holder = tempfile.mkdtemp(prefix="kiln-artifact-")
+        from kiln.ir.files import remove_stale
+
+        remove_stale(tempfile.gettempdir(), re.compile(rf"^{TEMPORARY_PREFIX}(\d+)-"))
+        holder = tempfile.mkdtemp(prefix=f"{TEMPORARY_PREFIX}{os.getpid()}-")
         path, temporary = os.path.join(holder, "model.kiln"), True
     else:
-        path, temporary = os.fspath(output), False
+        path, temporary = output, False
     with progress.stage(f"building for {backend}/{target}"):
         write_artifact(path, module, source_info, backend=backend, target=target, options=pass_options,
                        pipeline=manager.pipeline)
     return Artifact(path, temporary)
+
+
+def check_fits_in_memory(module, options, target: str) -> None:
+    """Refuse, at compile time and with the bytes needed, options whose KV cache with the weights and the
+    planned activations cannot fit in this machine's memory (the cache is allocated on the host first even
+    for a GPU)."""
+    kv = module.metadata["kv_cache"]
+    weights = module.parameter_bytes()
+    plans = module.metadata.get("activations") or {}
+    activations = max((plan.get("peak_bytes", 0) for plan in plans.values()), default=0)
+    need = kv["total_bytes"] + weights + activations
+    available = memory_bytes()
+    if need > available:
+        sizing = (f"a budget of {kv['budget_bytes']:,} bytes" if kv.get("budget_bytes") is not None else
+                  f"{kv['max_num_seqs']} sequences (--max-num-seqs) of {kv['max_seq_len']:,} tokens (--max-seq-len)")
+        raise ConfigError(f"the KV cache for {sizing} takes {kv['total_bytes']:,} bytes ({kv['bytes_per_token']:,} "
+                          f"per token); with {weights:,} bytes of weights and {activations:,} of activations that is "
+                          f"{need:,} bytes, more than this machine's {available:,}; lower --max-seq-len or "
+                          f"--max-num-seqs, or set a smaller --kv-cache-budget")
+
+
+def memory_bytes() -> int:
+    """Physical memory, or the control group's limit when that is lower."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(limit_file) as f:
+                text = f.read(64).strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            total = min(total, int(text))
+    return total
 
 
 def load(artifact, **backend_options):

@@ -1,16 +1,21 @@
-"""Write a compiled artifact directory atomically (temporary sibling, then rename)."""
+"""Write a compiled artifact directory atomically (a temporary sibling, then renamed into place).
+
+An existing path is replaced only when it is a kiln artifact (recognised by its manifest), and then in one
+atomic swap; anything else of the user's is refused and left untouched.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
-import tempfile
 
 from kiln import __version__
+from kiln.ir.errors import ArtifactError, ConfigError
+from kiln.ir.files import check_replaceable, install_directory, make_staging_directory
 from kiln.ir.printer import print_module
-from kiln.ir.serialize import replace_directory
-from kiln.runtime.artifact import FORMAT_NAME, FORMAT_VERSION, MANIFEST, sha256_file
+from kiln.runtime.artifact import FORMAT_NAME, FORMAT_VERSION, MANIFEST, read_manifest
 
 WEIGHTS = "weights.safetensors"
 IR = "module.kir"
@@ -23,10 +28,8 @@ def write_artifact(path: str, module, source, *, backend: str, target: str, opti
     from kiln.backends import backend_version, lowering
     from kiln.frontend.safetensors_file import write_safetensors
 
-    path = os.path.abspath(os.fspath(path))
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    path = output_path(path)
+    tmp = make_staging_directory(path)
     try:
         lower = lowering(backend)
         if getattr(lower, "READS_WEIGHTS_FILE", True):  # ONNX Runtime keeps its own external data
@@ -46,7 +49,12 @@ def write_artifact(path: str, module, source, *, backend: str, target: str, opti
                 template_file = "chat_template.jinja"
                 with open(os.path.join(tmp, template_file), "w", encoding="utf-8") as f:
                     f.write(bundle.chat_template)
-        files = sorted(name for name in os.listdir(tmp) if os.path.isfile(os.path.join(tmp, name)))
+        files = sorted(os.listdir(tmp))
+        assert all(os.path.isfile(os.path.join(tmp, name)) and not os.path.islink(os.path.join(tmp, name))
+                   for name in files), f"an artifact holds only regular files, found {files}"
+        backend_files = dict(lowered.get("files", {}))
+        if WEIGHTS in files:
+            backend_files["weights"] = WEIGHTS
         model = dict(module.metadata.get("model", {}))
         config = model.get("config", {})
         manifest = {
@@ -56,7 +64,9 @@ def write_artifact(path: str, module, source, *, backend: str, target: str, opti
             "backend": backend,
             "backend_version": backend_version(backend),
             "target": lowered.get("target", target),
-            "backend_info": {k: v for k, v in lowered.items() if k not in ("target", "files")},
+            "backend_info": {**{k: v for k, v in lowered.items() if k not in ("target", "files")},
+                             "files": backend_files},
+            "module": IR,
             "model": {"name": model.get("name"), "kind": model.get("kind"), "content_hash": model.get("content_hash"),
                       "vocab_size": _vocab_size(module, config), "config": config},
             "pipeline": [list(p) if isinstance(p, tuple) else p for p in pipeline],
@@ -69,15 +79,48 @@ def write_artifact(path: str, module, source, *, backend: str, target: str, opti
             "quantization": module.metadata.get("quantization"),
             "tokenizer": tokenizer_entry,
             "chat_template": template_file,
-            "files": {name: sha256_file(os.path.join(tmp, name)) for name in files},
+            "files": {name: _file_entry(os.path.join(tmp, name)) for name in files},
         }
         with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=2, sort_keys=True)
-        replace_directory(tmp, path)
+        install_artifact(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def output_path(path) -> str:
+    """The absolute output path, refused in one line when it is empty or names something that is not a kiln
+    artifact (a user's file or directory is never replaced)."""
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path).strip():
+        raise ConfigError(f"the output path {path!r} is empty; give a directory name for the artifact")
+    path = os.path.abspath(os.fspath(path))
+    check_replaceable(path, _is_artifact_dir, "kiln artifact", ConfigError)
+    return path
+
+
+def install_artifact(staged: str, path: str) -> None:
+    """Put the complete artifact ``staged`` at ``path`` (free, or an artifact replaced atomically)."""
+    install_directory(staged, path, _is_artifact_dir, "kiln artifact", ConfigError)
+
+
+def _is_artifact_dir(path: str) -> bool:
+    try:
+        read_manifest(path)
+    except ArtifactError:
+        return False
+    return True
+
+
+def _file_entry(path: str) -> dict:
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+            size += len(block)
+    return {"sha256": digest.hexdigest(), "bytes": size}
 
 
 def _vocab_size(module, config) -> int | None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import signal
 import sys
 
 from kiln import __version__
@@ -129,16 +131,19 @@ def add_sampling_options(parser) -> None:
 
 
 def parse_bytes(text: str) -> int:
-    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20,
+             "gib": 2**30, "tib": 2**40}
     raw = text.strip().lower().replace(" ", "")
-    number = raw.rstrip("kmgib")
+    number = raw.rstrip("kmgtib")
     unit = raw[len(number):]
     try:
         value = float(number) * units[unit]
     except (ValueError, KeyError):
         raise UsageError(f"cannot read {text!r} as a size; write e.g. 1073741824, 512MiB or 2GB") from None
-    if value <= 0:
-        raise UsageError(f"a memory budget must be positive, got {text!r}")
+    if not math.isfinite(value) or value < 1:
+        raise UsageError(f"a memory budget must be a positive, finite number of bytes, got {text!r}")
+    if value > 2**62:
+        raise UsageError(f"a memory budget of {text!r} is more bytes than any machine has; write e.g. 512MiB")
     return int(value)
 
 
@@ -202,29 +207,52 @@ def open_engine(args):
     from kiln.api import load
     from kiln.backends import backend_version
     from kiln.frontend.sources import content_hash
+    from kiln.ir.errors import ArtifactError
 
     progress = Progress()
     with progress.stage("hashing model"):
         digest = content_hash(args.model)
     key = json.dumps({"model": digest, "kiln": __version__, "backend": args.backend,
                       "backend_version": backend_version(args.backend), "target": args.target,
-                      "quantize": args.quantize, "cache_format": 2, **plan_kwargs(args)}, sort_keys=True)
+                      "quantize": args.quantize, "cache_format": 3, **plan_kwargs(args)}, sort_keys=True)
     path = os.path.join(cache_dir(), hashlib.sha256(key.encode()).hexdigest()[:24], "model.kiln")
-    if not is_artifact(path):
-        compile_model(args.model, backend=args.backend, target=args.target, quantize=quantize_arg(args), output=path,
-                      progress=progress, **plan_kwargs(args))
-    else:
-        progress.stream.write(f"kiln: using the compiled model in {path}\n")
+    if os.path.lexists(path):
+        try:
+            engine = load(path, **backend_options)
+        except ArtifactError as err:
+            # the cache is kiln's own: a damaged or incomplete entry is rebuilt, never fatal
+            progress.stream.write(f"kiln: the cached compile in {path} is unusable ({err}); rebuilding it\n")
+            _remove_cache_entry(path)
+        else:
+            progress.stream.write(f"kiln: using the compiled model in {path}\n")
+            return engine
+    compile_model(args.model, backend=args.backend, target=args.target, quantize=quantize_arg(args), output=path,
+                  progress=progress, **plan_kwargs(args))
     return load(path, **backend_options)
+
+
+def _remove_cache_entry(path: str) -> None:
+    """Remove a damaged entry of kiln's compile cache (and nothing outside the cache)."""
+    import shutil
+
+    root = os.path.realpath(cache_dir())
+    real = os.path.realpath(path)
+    assert os.path.commonpath([root, real]) == root and real != root, f"{path} is outside the cache {root}"
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    else:
+        os.unlink(path)
 
 
 # commands ------------------------------------------------------------------------
 def cmd_compile(args) -> int:
     from kiln.api import compile as compile_model
 
+    from .artifact import output_path
     from .progress import Progress
 
     check_compile_args(args)
+    output_path(args.output)  # refuse a path that is not free or an artifact before any work
     art = compile_model(args.model, backend=args.backend, target=args.target, quantize=quantize_arg(args),
                         output=args.output, progress=Progress(), **plan_kwargs(args))
     print(f"kiln: wrote {art.path}", file=sys.stderr)
@@ -234,11 +262,8 @@ def cmd_compile(args) -> int:
 def cmd_run(args) -> int:
     check_compile_args(args)
     kwargs = sampling_kwargs(args)
-    prompt = args.prompt
-    if prompt is None:
-        if sys.stdin.isatty():
-            raise UsageError("give a PROMPT or pipe one on standard input")
-        prompt = sys.stdin.read()
+    prompt = args.prompt if args.prompt is not None else read_stdin_prompt()
+    check_prompt_text(prompt, "PROMPT" if args.prompt is not None else "the prompt on standard input")
     engine = open_engine(args)
     stream = not args.no_stream and sys.stdout.isatty()
     if args.chat:
@@ -259,6 +284,33 @@ def cmd_run(args) -> int:
                   f"{s['new_tokens']} tokens at {s['decode_tokens_per_s']:.1f} tok/s ({result.finish_reason})",
                   file=sys.stderr)
     return 0
+
+
+MAX_STDIN_BYTES = 64 * 2**20
+
+
+def read_stdin_prompt() -> str:
+    if sys.stdin is None or sys.stdin.isatty():
+        raise UsageError("give a PROMPT or pipe one on standard input")
+    data = sys.stdin.buffer.read(MAX_STDIN_BYTES + 1)
+    if len(data) > MAX_STDIN_BYTES:
+        raise UsageError(f"standard input holds more than {MAX_STDIN_BYTES // 2**20} MiB, far more than a prompt; "
+                         f"pipe a shorter text")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UsageError(f"standard input is not UTF-8 text (an undecodable byte at offset {err.start}); convert "
+                         f"it to UTF-8") from None
+
+
+def check_prompt_text(prompt: str, what: str) -> None:
+    if not prompt:
+        raise UsageError(f"{what} is empty; give some text to continue")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"{what} is not valid UTF-8 (the argument holds bytes that do not decode); pass UTF-8 "
+                         f"text") from None
 
 
 def cmd_chat(args) -> int:
@@ -290,6 +342,18 @@ def cmd_inspect(args) -> int:
     from .driver import capture_source, optimize, summarize
     from .progress import Progress
 
+    if args.print_after or args.stop_after:
+        from kiln.passes import PassManager
+        from kiln.passes.pipeline import PIPELINE
+
+        names = PassManager(PIPELINE).names()
+        for flag, name in (("--print-after", args.print_after), ("--stop-after", args.stop_after)):
+            if name is not None and name not in names and not (flag == "--print-after" and name == "all"):
+                raise UsageError(f"{flag} {name!r} is not a pass of the pipeline; expected one of "
+                                 f"{', '.join(names)}" + (" or all" if flag == "--print-after" else ""))
+        if is_artifact(args.model):
+            raise UsageError(f"{args.model} is a compiled artifact; --print-after and --stop-after need a model "
+                             f"to compile")
     if is_artifact(args.model):
         summary, module = _artifact_summary(args.model)
     else:
@@ -318,8 +382,7 @@ def _artifact_summary(path: str):
     from .driver import summarize
 
     info = open_artifact(path)
-    with open(info.file("module.kir"), encoding="utf-8") as f:
-        module = parse_module(f.read())
+    module = parse_module(info.read_text(info.manifest["module"], "module"))
     module.metadata["passes"] = info.manifest.get("passes", [])
     summary = summarize(module)
     summary["artifact"] = {k: info.manifest[k] for k in ("backend", "backend_version", "target", "kiln_version",
@@ -441,32 +504,99 @@ def cmd_eval_ppl(args) -> int:
 COMMANDS = {"compile": cmd_compile, "run": cmd_run, "chat": cmd_chat, "inspect": cmd_inspect, "eval": cmd_eval}
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that temporary files are removed on the way out."""
+
+
 def main(argv=None) -> int:
+    """Run one kiln command. Every failure ends in one line on stderr and a non-zero status: 2 for what the user
+    can fix, 1 for kiln's own errors, 130 for Ctrl-C, 143 for SIGTERM, 141 for a closed standard output;
+    ``--debug`` shows the traceback instead."""
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
+    if sys.stderr is None:  # started with stderr closed: nowhere to say anything, the status must tell
+        sys.stderr = open(os.devnull, "w")
+    if sys.stdout is None:  # started with stdout closed: fail when (and only if) there is output to write
+        sys.stdout = _ClosedStream()
+    for stream in (sys.stdout, sys.stderr):  # arguments that are not UTF-8 must not break the error line
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+    previous = _on_sigterm()
     try:
         args = build_parser().parse_args(argv)
         if args.command is None:
             build_parser().print_help()
             return 2
-        return COMMANDS[args.command](args)
+        status = COMMANDS[args.command](args)
+        sys.stdout.flush()
+        return status
     except UsageError as err:
-        print(f"kiln: error: {err}", file=sys.stderr)
-        return 2
+        return _fail(f"kiln: error: {err}", 2)
     except KeyboardInterrupt:
-        print("kiln: interrupted", file=sys.stderr)
-        return 130
-    except Exception as err:  # noqa: BLE001 - user errors print one line; --debug shows the traceback
+        return _fail("kiln: interrupted", 130)
+    except Terminated:
+        return _fail("kiln: terminated", 143)
+    except BrokenPipeError:
+        _silence_stdout()
+        return _fail("kiln: error: standard output was closed before all the output was written", 141)
+    except SystemExit:
+        raise
+    except BaseException as err:  # noqa: BLE001 - user errors print one line; --debug shows the traceback
         from kiln.ir.errors import KilnError
 
         if debug:
             raise
         if isinstance(err, (KilnError, OSError)):
-            print(f"kiln: error: {err}", file=sys.stderr)
-            return 2
-        print(f"kiln: internal error: {type(err).__name__}: {err} (rerun with --debug for the traceback)",
-              file=sys.stderr)
-        return 1
+            return _fail(f"kiln: error: {err}", 2)
+        if isinstance(err, MemoryError):
+            return _fail("kiln: error: out of memory; use a smaller model or smaller --max-seq-len / --max-num-seqs "
+                         "(rerun with --debug for the traceback)", 1)
+        return _fail(f"kiln: internal error: {type(err).__name__}: {err} (rerun with --debug for the traceback)", 1)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class _ClosedStream:
+    def write(self, text):
+        raise BrokenPipeError("standard output is closed")
+
+    def flush(self):
+        pass
+
+    def isatty(self):
+        return False
+
+
+def _fail(message: str, status: int) -> int:
+    try:
+        print(" ".join(message.split()), file=sys.stderr, flush=True)
+    except (OSError, ValueError):  # stderr is closed too: the status has to say it
+        pass
+    return status
+
+
+def _on_sigterm():
+    """Turn SIGTERM into an exception (cleanup runs); returns the handler to restore, None off the main thread."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def terminate(signum, frame):
+        raise Terminated()
+
+    return signal.signal(signal.SIGTERM, terminate)
+
+
+def _silence_stdout() -> None:
+    """After a broken pipe, send what is still buffered for stdout nowhere, so exiting does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 if __name__ == "__main__":

@@ -150,6 +150,10 @@ def test_failed_weight_write_leaves_directory_untouched(tmp_path, monkeypatch):
 
 
 def test_failed_rename_puts_old_directory_back(tmp_path, monkeypatch):
+    """Where renameat2 is missing, the replacement is two renames; a failed second one restores the first."""
+    import kiln.ir.files
+
+    monkeypatch.setattr(kiln.ir.files, "_renameat2", lambda source, target, flags: None)
     path = tmp_path / "saved"
     save_module(build(), str(path))
     before = _snapshot(path)
@@ -266,3 +270,19 @@ def test_load_weight_of_wrong_dtype(saved):
     arrays["positions"] = arrays["positions"].astype(np.int32)
     safetensors.numpy.save_file(arrays, str(saved / WEIGHTS_FILE))
     _expect_kiln_error(saved, "positions", "declared i64[4]", "i32[4]")
+
+
+@pytest.mark.parametrize("existing", ["file", "directory", "empty directory"])
+def test_save_refuses_what_is_not_a_saved_module(tmp_path, existing):
+    path = tmp_path / "mine"
+    if existing == "file":
+        path.write_text("precious")
+    else:
+        path.mkdir()
+        if existing == "directory":
+            (path / "notes.txt").write_text("precious")
+    before = _snapshot(path) if path.is_dir() else path.read_text()
+    with pytest.raises(KilnError, match="not a saved kiln module|is a file"):
+        save_module(build(), str(path))
+    assert (_snapshot(path) if path.is_dir() else path.read_text()) == before
+    assert sorted(os.listdir(tmp_path)) == ["mine"]

@@ -50,6 +50,7 @@ def compile_module(module, target: str, out_dir: str, options) -> dict:
         "target": target,
         "models": models,
         "data": DATA_FILE,
+        "files": {**{name: model["file"] for name, model in models.items()}, "data": DATA_FILE},
         "logits": LOGITS,
         "lengths": [SEQLENS_K, TOTAL_SEQUENCE_LENGTH],
         "kv_layers": [{"num_kv_heads": h, "head_dim": d, "dtype": t} for _, (h, d, t) in sorted(layers.items())],

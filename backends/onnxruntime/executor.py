@@ -61,6 +61,7 @@ class ORTExecutor:
 
         self._ort = ort
         backend = info.manifest["backend_info"]
+        _check_backend_info(info)
         target = info.manifest["target"]
         if provider is None:
             provider = "CUDAExecutionProvider" if target == "cuda" else "CPUExecutionProvider"
@@ -86,7 +87,11 @@ class ORTExecutor:
         generation = "prefill_last" if "prefill_last" in models else "prefill"
         self.models = {name: name for name in models}
         self.models["decode"] = "decode" if separate_decode else generation
-        self._files = {name: info.file(model["file"]) for name, model in models.items()}
+        # ONNX Runtime opens the models and their external data by path: it reads a private copy whose bytes
+        # were hashed as they were written, kept while the executor lives (a session may load later).
+        self._copy = info.private_copy([model["file"] for model in models.values()] + [backend["data"]],
+                                       "backend_info.models")
+        self._files = {name: self._copy.file(model["file"]) for name, model in models.items()}
         self.inputs = {name: model["inputs"] for name, model in models.items()}
         self.logits_rows = {name: model.get("logits_rows") for name, model in models.items()}
         for name, inputs in self.inputs.items():
@@ -126,6 +131,18 @@ class ORTExecutor:
 
     def has_function(self, name: str) -> bool:
         return name in self.models
+
+    def end_sequence(self, first_page: int) -> None:
+        """The sequence whose first page this is has ended: its buffer row is free for the next one."""
+        slot = self.slots.find(first_page)
+        if slot is not None:
+            self.slots.page_of[slot] = -1
+            self.slots.length[slot] = 0
+
+    def close(self) -> None:
+        self.sessions.clear()
+        self.bindings.clear()
+        self._copy.close()
 
     # the buffers -------------------------------------------------------------------
     def _pointer(self, buffer, layer: int, slot: int) -> int:
@@ -266,6 +283,36 @@ class ORTExecutor:
                 dtype = _NUMPY[info["dtype"]]
                 io.bind_input(f"past_{kind}_{layer}", self.device, 0, dtype, shape, pointer)
                 io.bind_output(f"present_{kind}_{layer}", self.device, 0, dtype, shape, pointer)
+
+
+def _check_backend_info(info) -> None:
+    """backend_info's fields this executor reads, against the KV plan."""
+    backend, plan = info.manifest["backend_info"], info.manifest["kv_cache"]
+
+    def fail(field: str, expected: str):
+        return ArtifactError(f"{info.path}: manifest field backend_info.{field} must be {expected}; the artifact is "
+                             f"damaged, recompile it")
+
+    models = backend.get("models")
+    if not isinstance(models, dict) or "prefill" not in models:
+        raise fail("models", "an object naming the prefill model (and prefill_last, decode)")
+    for name, model in models.items():
+        if not (isinstance(model, dict) and isinstance(model.get("inputs"), list)
+                and all(isinstance(i, str) for i in model["inputs"])
+                and (model.get("logits_rows") is None or (isinstance(model["logits_rows"], int)
+                                                          and model["logits_rows"] > 0))):
+            raise fail(f"models.{name}", "{file, inputs: [names], logits_rows: null or a positive count}")
+        info.entry(model.get("file"), f"backend_info.models.{name}.file")
+    info.entry(backend.get("data"), "backend_info.data")
+    if not isinstance(backend.get("logits"), str):
+        raise fail("logits", "the name of the logits output")
+    layers = backend.get("kv_layers")
+    if not (isinstance(layers, list) and len(layers) == plan["num_layers"] and all(
+            isinstance(layer, dict) and layer.get("dtype") in _NUMPY
+            and all(isinstance(layer.get(k), int) and not isinstance(layer.get(k), bool) and layer[k] > 0
+                    for k in ("num_kv_heads", "head_dim")) for layer in layers)):
+        raise fail("kv_layers", f"a list of {plan['num_layers']} {{num_kv_heads, head_dim, dtype}} (one per layer of "
+                                f"the KV plan)")
 
 
 def load_executor(info, num_threads: int | None = None, **options):

@@ -8,4 +8,4 @@ def compile_module(module, target: str, out_dir: str, options) -> dict:
         from kiln.ir.errors import ConfigError
 
         raise ConfigError(f"the reference backend runs on the CPU only, not {target!r}")
-    return {"target": "cpu", "files": []}
+    return {"target": "cpu", "files": {}}

@@ -26,8 +26,6 @@ class ReferenceExecutor:
 
 
 def load_executor(info, **options):
-    from safetensors.numpy import load_file
-
-    with open(info.file("module.kir"), encoding="utf-8") as f:
-        module = parse_module(f.read())
-    return ReferenceExecutor(module, load_file(info.file("weights.safetensors")))
+    module = parse_module(info.read_text(info.manifest["module"], "module"))
+    weights = info.manifest["backend_info"]["files"].get("weights")
+    return ReferenceExecutor(module, info.load_safetensors(weights, field="backend_info.files.weights"))

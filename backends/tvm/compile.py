@@ -24,7 +24,7 @@ def compile_module(module, target: str, out_dir: str, options) -> dict:
     return {
         "target": target,
         "target_json": str(as_target(target)),
-        "library": LIBRARY,
+        "files": {"library": LIBRARY},
         "weights": {name: weight_names(irmodule, name) for name in functions},
         # f16 block scales the CPU kernels read as f32; the executor widens them when it loads them
         "widen_to_f32": sorted({w for name in functions for w in widened_weight_names(irmodule, name)}),

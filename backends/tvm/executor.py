@@ -1,7 +1,8 @@
 """Execution side of the TVM backend: the compiled prefill/decode with weights and the KV cache on the device.
 
-Imports only numpy, safetensors and the TVM runtime. The library is loaded after
-the runtime checked the artifact's hashes (kiln.runtime.artifact.open_artifact).
+Imports only numpy and the TVM runtime. Every file comes through the artifact's verified accessors: the
+library is loaded from a private copy whose bytes were hashed as they were written, the weights are
+streamed once and their hash checked before the executor exists.
 """
 
 from __future__ import annotations
@@ -41,10 +42,10 @@ class TVMExecutor:
 
         configure_threads(num_threads or os.cpu_count() or 1)
         tvm = import_tvm()
-        from safetensors import safe_open
         from tvm import relax
 
         backend = info.manifest["backend_info"]
+        functions = _check_backend_info(info)
         target = info.manifest["target"]
         if target == "cpu":
             self.device = tvm.cpu()
@@ -55,22 +56,40 @@ class TVMExecutor:
                                     f"recompile with --target cpu")
         else:
             raise ArtifactError(f"{info.path}: unknown target {target!r}; recompile the artifact")
-        lib = tvm.runtime.load_module(info.file(backend["library"]))
+        library = backend["files"]["library"]
+        copy = info.private_copy([library], "backend_info.files.library")
+        try:
+            lib = tvm.runtime.load_module(copy.file(library))
+        except Exception as err:  # noqa: BLE001 - TVM raises its own error types
+            raise ArtifactError(f"{info.path}: cannot load {library} ({str(err).splitlines()[0][:200]}); "
+                                f"recompile the artifact") from None
+        finally:
+            copy.close()  # the library is mapped; its file is no longer needed
         self.vm = relax.VirtualMachine(lib, self.device)
-        self.functions = {name: self.vm[name] for name in backend["weights"]}
-        needed = sorted({n for names in backend["weights"].values() for n in names})
+        missing = [name for name in functions if not _has_function(self.vm, name)]
+        if missing:
+            raise ArtifactError(f"{info.path}: {library} has no function {', '.join(missing)} that the manifest "
+                                f"lists; recompile the artifact")
+        self.functions = {name: self.vm[name] for name in functions}
         widen = set(backend.get("widen_to_f32", ()))
-        weights = {}
-        with safe_open(info.file("weights.safetensors"), framework="numpy") as f:
-            for name in needed:
-                array = np.asarray(f.get_tensor(name), order="C")
-                if name in widen:  # f16 block scales -> f32, exact
-                    array = array.astype(np.float32)
-                weights[name] = tvm.runtime.tensor(array, self.device)
-        self.weights = {fn: [weights[n] for n in names] for fn, names in backend["weights"].items()}
+
+        def to_device(name, array):
+            if name in widen:  # f16 block scales -> f32, exact
+                array = array.astype(np.float32)
+            return tvm.runtime.tensor(array, self.device)
+
+        needed = {n for names in functions.values() for n in names}
+        weights = info.load_safetensors(backend["files"]["weights"], to_device, wanted=needed,
+                                        field="backend_info.files.weights")
+        self.weights = {fn: [weights[n] for n in names] for fn, names in functions.items()}
         plan = info.manifest["kv_cache"]
         shape = (plan["num_layers"], 2, plan["num_pages"], plan["num_kv_heads"], plan["page_size"], plan["head_dim"])
-        self.cache = tvm.runtime.tensor(np.zeros(shape, dtype=np.float32), self.device)
+        try:
+            self.cache = tvm.runtime.tensor(np.zeros(shape, dtype=np.float32), self.device)
+        except MemoryError:
+            raise ArtifactError(f"{info.path}: cannot allocate the KV cache of {plan['total_bytes']:,} bytes; "
+                                f"recompile with a smaller --max-num-seqs, --max-seq-len or --kv-cache-budget") \
+                from None
         self._tvm = tvm
 
     def has_function(self, name: str) -> bool:
@@ -85,6 +104,32 @@ class TVMExecutor:
                                        *self.weights[function])
         self.cache = out[1]
         return out[0].numpy()
+
+
+def _check_backend_info(info) -> dict:
+    """backend_info's fields this executor reads: {function: [weight names]} with prefill and decode, the
+    library and weights files, and the names of the f16 scales to widen."""
+    backend = info.manifest["backend_info"]
+    functions = backend.get("weights")
+    if not (isinstance(functions, dict) and {"prefill", "decode"} <= set(functions)
+            and all(isinstance(names, list) and all(isinstance(n, str) for n in names) for names in functions.values())):
+        raise ArtifactError(f"{info.path}: manifest field backend_info.weights must map prefill, decode (and "
+                            f"prefill_last) to lists of weight names; recompile the artifact")
+    widen = backend.get("widen_to_f32", [])
+    if not (isinstance(widen, list) and all(isinstance(n, str) for n in widen)):
+        raise ArtifactError(f"{info.path}: manifest field backend_info.widen_to_f32 must be a list of weight names; "
+                            f"recompile the artifact")
+    for role in ("library", "weights"):
+        info.entry(backend["files"].get(role), f"backend_info.files.{role}")
+    return functions
+
+
+def _has_function(vm, name: str) -> bool:
+    try:
+        vm[name]
+    except Exception:  # noqa: BLE001 - TVM raises its own error for an unknown function
+        return False
+    return True
 
 
 def load_executor(info, num_threads: int | None = None, **options):
