@@ -137,6 +137,7 @@ def install_directory(staged: str, path: str, is_ours, what: str, error: type[Ki
     """Move the complete directory ``staged`` to ``path``: onto a free path, or atomically in place of an
     existing ``what`` (refused for anything else, checked again at the moment of the swap)."""
     check_replaceable(path, is_ours, what, error)
+    os.chmod(staged, 0o777 & ~_umask())  # mkdtemp made it private; the result gets the user's usual mode
     if not os.path.lexists(path):
         if _renameat2(staged, path, _RENAME_NOREPLACE) is None:
             if os.path.lexists(path):  # no renameat2 here: refuse rather than let rename replace something
@@ -159,6 +160,17 @@ def install_directory(staged: str, path: str, is_ours, what: str, error: type[Ki
         os.rename(old, path)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _umask() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
 
 
 def _renameat2(source: str, target: str, flags: int):
@@ -220,3 +232,18 @@ def _alive(pid: int) -> bool:
     except (PermissionError, OverflowError, ValueError):
         return True
     return True
+
+
+def memory_bytes() -> int:
+    """This machine's physical memory, or its control group's limit when that is lower: what a compile may
+    plan to allocate."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(limit_file, "rb") as f:
+                text = f.read(64).strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            total = min(total, int(text))
+    return total

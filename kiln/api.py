@@ -145,6 +145,8 @@ def check_fits_in_memory(module, options, target: str) -> None:
     """Refuse, at compile time and with the bytes needed, options whose KV cache with the weights and the
     planned activations cannot fit in this machine's memory (the cache is allocated on the host first even
     for a GPU)."""
+    from kiln.ir.files import memory_bytes
+
     kv = module.metadata["kv_cache"]
     weights = module.parameter_bytes()
     plans = module.metadata.get("activations") or {}
@@ -158,20 +160,6 @@ def check_fits_in_memory(module, options, target: str) -> None:
                           f"per token); with {weights:,} bytes of weights and {activations:,} of activations that is "
                           f"{need:,} bytes, more than this machine's {available:,}; lower --max-seq-len or "
                           f"--max-num-seqs, or set a smaller --kv-cache-budget")
-
-
-def memory_bytes() -> int:
-    """Physical memory, or the control group's limit when that is lower."""
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            with open(limit_file) as f:
-                text = f.read(64).strip()
-        except OSError:
-            continue
-        if text.isdigit():
-            total = min(total, int(text))
-    return total
 
 
 def load(artifact, **backend_options):

@@ -346,7 +346,7 @@ def cmd_inspect(args) -> int:
         from kiln.passes import PassManager
         from kiln.passes.pipeline import PIPELINE
 
-        names = PassManager(PIPELINE).names()
+        names = list(dict.fromkeys(PassManager(PIPELINE).names()))
         for flag, name in (("--print-after", args.print_after), ("--stop-after", args.stop_after)):
             if name is not None and name not in names and not (flag == "--print-after" and name == "all"):
                 raise UsageError(f"{flag} {name!r} is not a pass of the pipeline; expected one of "

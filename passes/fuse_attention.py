@@ -8,7 +8,9 @@ it is evaluated and compared with the expected mask for every length from 1 to
 256 and at sampled lengths up to the captured maximum (powers of two and their
 neighbours, and the maximum itself), for batch 1 and 2. An attention that
 cannot be proven stays unfused and the reason is recorded in
-``module.metadata["unfused_attention"]``.
+``module.metadata["unfused_attention"]``. Evaluating a mask at n tokens takes
+memory in n^2; a maximum length whose evaluation would not fit in half of
+this machine's memory is refused with the bytes it would take.
 """
 
 from __future__ import annotations
@@ -17,9 +19,12 @@ import math
 
 import numpy as np
 
+from kiln.ir.errors import ConfigError
+from kiln.ir.files import memory_bytes
 from kiln.ir.graph import Function, Module, Node, Value
 from kiln.ir.ops import OPS, concrete_attrs
 from kiln.ir.printer import format_node
+from kiln.ir.symbolic import evaluate
 
 from .manager import PassOptions, register_pass
 from .patterns import operands, producer, scalar_value
@@ -90,6 +95,18 @@ def _evaluate(nodes, value: Value, env: dict, module: Module) -> np.ndarray:
     return values[id(value)]
 
 
+def _check_evaluation_fits(nodes, max_seq: int) -> None:
+    """Refuse a maximum length at which the mask's subgraph (every intermediate is kept) would take more than
+    half of this machine's memory, before evaluating anything."""
+    env = {"batch": 1, "seq": max_seq}
+    need = sum(evaluate(v.type.nbytes(), env) for node in nodes for v in node.outputs)
+    limit = memory_bytes() // 2
+    if need > limit:
+        raise ConfigError(f"kiln proves the attention mask by evaluating it, which at --max-seq-len {max_seq:,} "
+                          f"takes {need:,} bytes, more than half of this machine's memory ({limit * 2:,} bytes); "
+                          f"lower --max-seq-len")
+
+
 def _keep_matrix(mask: np.ndarray):
     """Boolean keep-matrix of a bool or additive float mask; None if it has other values."""
     if mask.dtype == np.bool_:
@@ -128,6 +145,7 @@ def prove_mask(mask: Value, module: Module, max_seq: int):
     symbols = mask.type.symbols
     if not symbols <= {"batch", "seq"}:
         return "fail", f"the mask depends on unknown sizes {sorted(symbols - {'batch', 'seq'})}"
+    _check_evaluation_fits(nodes, max_seq)
     window = "unknown"
     for batch in (1, 2):
         for n in check_lengths(max_seq) if batch == 1 else [1, 2, 7, min(max_seq, 64)]:

@@ -199,15 +199,14 @@ class Engine:
             raise ConfigError(f"{what} is {len(ids)} tokens, more than the compiled maximum of {self.max_seq_len}; "
                               f"shorten it or recompile with a larger --max-seq-len")
         bad = next((i for i in ids if not 0 <= i < self.vocab_size), None)
-        if bad is not None:
-            token = ""
-            if self.tokenizer is not None:
-                piece = self.tokenizer.backend.id_to_token(bad)
-                token = f" ({piece!r})" if piece is not None else ""
-            raise ConfigError(f"{what} holds token id {bad}{token}, outside the model's vocabulary of "
-                              f"{self.vocab_size}" + ("; the artifact's tokenizer does not match its model"
-                                                      if what.endswith("text") else ""))
-        return ids
+        if bad is None:
+            return ids
+        if not what.endswith("text"):
+            raise ConfigError(f"{what} holds token id {bad}, outside the model's vocabulary of {self.vocab_size}")
+        piece = self.tokenizer.backend.id_to_token(bad)  # ids the tokenizer made are its own, so they fit
+        raise ConfigError(f"{what} holds token id {bad}{f' ({piece!r})' if piece is not None else ''}, outside the "
+                          f"model's vocabulary of {self.vocab_size}; the artifact's tokenizer does not match its "
+                          f"model")
 
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
         """Next-token logits at every position of ``token_ids``: numpy [len, vocab], via prefill."""
