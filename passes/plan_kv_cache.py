@@ -5,7 +5,8 @@ Without a memory budget the cache holds ``max_num_seqs`` sequences of
 ``max_seq_len`` tokens; with one, as many pages as fit. A configuration that
 cannot hold one sequence of ``max_seq_len`` tokens is refused with the numbers.
 The plan goes into ``module.metadata["kv_cache"]`` and is checked by
-:func:`check_kv_plan`, which recomputes everything independently.
+:func:`check_kv_plan`, which derives what the cache must hold from the module's attention
+ops and the options, not from the plan.
 """
 
 from __future__ import annotations
@@ -57,26 +58,98 @@ def make_plan(num_layers: int, num_kv_heads: int, head_dim: int, options: PassOp
     }
 
 
-def check_kv_plan(plan: dict) -> None:
-    """Independent check: sizes add up, one max-length sequence fits, and the per-(layer, K/V) regions
-    of the cache tensor are disjoint and inside it."""
-    elem = {"f32": 4, "f16": 2, "bf16": 2, "f64": 8}[plan["dtype"]]
-    layers, heads, dim, page, pages = (plan[k] for k in ("num_layers", "num_kv_heads", "head_dim", "page_size",
-                                                          "num_pages"))
-    assert plan["bytes_per_token"] == layers * 2 * heads * dim * elem, "bytes per token"
-    assert plan["max_tokens"] == pages * page, "capacity"
+class KVPlanError(AssertionError):
+    """A KV-cache plan that does not fit its module or options (a bug in the planner, never the user's fault)."""
+
+
+# written out here rather than taken from kiln.ir.types, so the checker shares no arithmetic with the planner
+_ELEMENT_BYTES = {"f32": 4, "f16": 2, "bf16": 2}
+
+
+def check_kv_plan(plan: dict, module: Module, options: PassOptions | None = None) -> None:
+    """Prove ``plan`` right for ``module`` (and the ``options`` it was made for); raise :class:`KVPlanError`.
+
+    What the cache must hold comes from the module's attention ops, not from the plan: one layer per
+    attention, each attention's K/V heads and head size (K's and V's alike). Once the cache is inserted,
+    every ``paged_attention`` reads a cache of the plan's dtype and shape, and the (K, V) byte regions its
+    ``layer`` selects in that row-major tensor are disjoint between the attentions of a function, inside
+    the cache, and cover every layer. From ``options``: page size, lengths, sequences, dtype and budget as
+    asked. Then the arithmetic: bytes per token, pages per sequence (ceil(max_seq_len / page_size)),
+    pages (max_num_seqs sequences, or as many whole pages as the budget holds, never fewer than one
+    sequence needs), capacity and total bytes.
+    """
+    def expect(field: str, expected, found, why: str) -> None:
+        if expected != found:
+            raise KVPlanError(f"KV plan {field}: expected {expected} ({why}), found {found}")
+
+    expect("layout", LAYOUT, plan.get("layout"), "the only layout the backends implement")
+    if plan.get("dtype") not in _ELEMENT_BYTES:
+        raise KVPlanError(f"KV plan dtype: expected one of {', '.join(_ELEMENT_BYTES)}, found {plan.get('dtype')!r}")
+    elem = _ELEMENT_BYTES[plan["dtype"]]
+
+    attentions = {name: [n for n in fn.nodes if n.op in ("attention", "paged_attention")]
+                  for name, fn in module.functions.items()}
+    attentions = {name: nodes for name, nodes in attentions.items() if nodes}
+    if not attentions:
+        raise KVPlanError("KV plan: the module has no attention to hold a cache for")
+    for name, nodes in attentions.items():
+        expect("num_layers", len(nodes), plan["num_layers"], f"one per attention in @{name}")
+        for node in nodes:
+            key, value = node.inputs[1].type.shape, node.inputs[2].type.shape
+            where = f"{node.op} %{node.outputs[0].name} in @{name}"
+            expect("num_kv_heads", key[1], plan["num_kv_heads"], f"K heads of {where}")
+            expect("head_dim", key[3], plan["head_dim"], f"K head size of {where}")
+            expect("head_dim", value[3], plan["head_dim"], f"V head size of {where}")
+
+    layers, heads, dim = plan["num_layers"], plan["num_kv_heads"], plan["head_dim"]
+    page, pages = plan["page_size"], plan["num_pages"]
+    if options is not None:
+        for field, asked in (("page_size", options.page_size), ("max_seq_len", options.max_seq_len),
+                             ("max_num_seqs", options.max_num_seqs), ("dtype", options.kv_cache_dtype),
+                             ("budget_bytes", options.memory_budget_bytes)):
+            expect(field, asked, plan[field], "as asked")
+    per_token = layers * 2 * heads * dim * elem
+    expect("bytes_per_token", per_token, plan["bytes_per_token"], "layers x 2 x kv heads x head_dim x itemsize")
+    pages_per_seq = -(-plan["max_seq_len"] // page)
+    expect("pages_per_seq", pages_per_seq, plan["pages_per_seq"], "ceil(max_seq_len / page_size)")
+    page_bytes = page * per_token
+    budget = plan["budget_bytes"]
+    if budget is None:
+        expect("num_pages", plan["max_num_seqs"] * pages_per_seq, pages, "max_num_seqs x pages_per_seq")
+    else:
+        expect("num_pages", budget // page_bytes, pages, f"whole pages of {page_bytes} bytes in the budget")
+    if pages < pages_per_seq:
+        raise KVPlanError(f"KV plan num_pages: {pages} pages cannot hold one sequence of {plan['max_seq_len']} "
+                          f"tokens ({pages_per_seq} pages)")
+    expect("max_tokens", pages * page, plan["max_tokens"], "num_pages x page_size")
     total = layers * 2 * pages * heads * page * dim * elem
-    assert total == plan["total_bytes"] == plan["max_tokens"] * plan["bytes_per_token"], "total bytes"
-    assert plan["pages_per_seq"] * page >= plan["max_seq_len"], "pages per sequence"
-    assert plan["pages_per_seq"] <= pages, "one maximum-length sequence must fit"
-    if plan["budget_bytes"] is not None:
-        assert total <= plan["budget_bytes"], "over budget"
-    region = pages * heads * page * dim * elem
-    spans = sorted(((layer * 2 + kv) * region, (layer * 2 + kv + 1) * region)
-                   for layer in range(layers) for kv in range(2))
-    for (a0, a1), (b0, b1) in zip(spans, spans[1:]):
-        assert a1 <= b0, f"regions [{a0}, {a1}) and [{b0}, {b1}) overlap"
-    assert spans[0][0] >= 0 and spans[-1][1] <= total, "region outside the cache"
+    expect("total_bytes", total, plan["total_bytes"], f"the {LAYOUT} tensor's size")
+
+    region = pages * heads * page * dim * elem  # one (layer, K or V) slice of the row-major cache
+    for name, nodes in attentions.items():
+        spans = []
+        for node in nodes:
+            if node.op != "paged_attention":
+                continue
+            cache, table = node.inputs[3].type, node.inputs[4].type
+            where = f"paged_attention %{node.outputs[0].name} in @{name}"
+            expect("dtype", cache.dtype, plan["dtype"], f"the cache {where} reads")
+            expect("cache shape", (layers, 2, pages, heads, page, dim), tuple(cache.shape), f"the cache {where} reads")
+            expect("pages_per_seq", table.shape[1], plan["pages_per_seq"], f"the page table {where} reads")
+            layer = node.attrs["layer"]
+            spans += [((layer * 2 + kv) * region, (layer * 2 + kv + 1) * region, where) for kv in range(2)]
+        if not spans:
+            continue
+        spans.sort()
+        for (start_a, end_a, a), (start_b, end_b, b) in zip(spans, spans[1:]):
+            if end_a > start_b:
+                raise KVPlanError(f"KV plan: {a} and {b} write overlapping cache bytes [{start_a}, {end_a}) and "
+                                  f"[{start_b}, {end_b})")
+        if spans[0][0] < 0 or spans[-1][1] > total:
+            raise KVPlanError(f"KV plan: a cache region [{spans[-1][0]}, {spans[-1][1]}) of {spans[-1][2]} lies "
+                              f"outside the {total}-byte cache")
+        if len(spans) != 2 * layers:
+            raise KVPlanError(f"KV plan: @{name} uses {len(spans) // 2} of the cache's {layers} layers")
 
 
 @register_pass("plan_kv_cache")
@@ -92,6 +165,6 @@ def run(module: Module, options: PassOptions) -> bool:
         raise ConfigError(f"layers differ in KV heads/head size {sorted(kv)}; kiln's cache needs one shape")
     (num_kv_heads, head_dim), = kv
     plan = make_plan(len(shapes), num_kv_heads, head_dim, options)
-    check_kv_plan(plan)
+    check_kv_plan(plan, module, options)
     module.metadata["kv_cache"] = plan
     return False

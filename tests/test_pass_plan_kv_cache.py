@@ -10,8 +10,9 @@ import pytest
 
 from kiln.ir.errors import ConfigError
 from kiln.ir.parser import parse_module
+from kiln.ir.printer import print_module
 from kiln.passes import PassOptions, run_pass
-from kiln.passes.plan_kv_cache import LAYOUT, check_kv_plan
+from kiln.passes.plan_kv_cache import LAYOUT, KVPlanError, check_kv_plan
 
 from golden import check_golden
 
@@ -139,37 +140,121 @@ def test_non_positive_sizes_are_refused(options):
 
 
 # the independent checker ----------------------------------------------------------------------------------
-def good_plan() -> dict:
-    return plan_for(PassOptions(max_seq_len=32, max_num_seqs=1, page_size=4, memory_budget_bytes=100_000))
+GOOD_OPTIONS = PassOptions(max_seq_len=32, max_num_seqs=1, page_size=4, memory_budget_bytes=100_000)
 
 
-def corrupt(**changes) -> dict:
-    plan = copy.deepcopy(good_plan())
-    plan.update(changes)
+def planned(options: PassOptions = GOOD_OPTIONS):
+    """(module, plan) after plan_kv_cache on the two-layer module (2 KV heads of 16)."""
+    module = parse_module(attention_module())
+    run_pass(PASS, module, options)
+    return module, module.metadata["kv_cache"]
+
+
+def consistent(plan: dict, **changes) -> dict:
+    """``plan`` with ``changes`` and every derived size recomputed from them, so that the plan agrees with
+    itself and only a check against the module or the options can find it wrong."""
+    plan = {**copy.deepcopy(plan), **changes}
+    elem = {"f32": 4, "f16": 2}[plan["dtype"]]
+    plan["bytes_per_token"] = plan["num_layers"] * 2 * plan["num_kv_heads"] * plan["head_dim"] * elem
+    if plan["budget_bytes"] is not None and "num_pages" not in changes:
+        plan["num_pages"] = plan["budget_bytes"] // (plan["page_size"] * plan["bytes_per_token"])
+    plan["max_tokens"] = plan["num_pages"] * plan["page_size"]
+    plan["total_bytes"] = plan["max_tokens"] * plan["bytes_per_token"]
     return plan
 
 
-@pytest.mark.parametrize("plan,failed", [
-    (corrupt(bytes_per_token=511), "bytes per token"),
-    (corrupt(head_dim=8), "bytes per token"),
-    (corrupt(dtype="f16"), "bytes per token"),
-    (corrupt(max_tokens=191), "capacity"),
-    (corrupt(num_pages=49), "capacity"),
-    (corrupt(total_bytes=98_304 + 2048), "total bytes"),
-    (corrupt(pages_per_seq=7), "pages per sequence"),
-    (corrupt(max_seq_len=33), "pages per sequence"),
-    # consistent sizes, but fewer pages than one sequence needs
-    (corrupt(num_pages=4, max_tokens=16, total_bytes=16 * 512), "one maximum-length sequence must fit"),
-    (corrupt(budget_bytes=98_303), "over budget"),
+@pytest.mark.parametrize("changes,failed", [
+    # self-consistent plans for a cache of the wrong shape: the module's attentions say otherwise
+    (dict(head_dim=8), "head_dim: expected 16 (K head size of attention"),
+    (dict(num_kv_heads=1), "num_kv_heads: expected 2 (K heads of attention"),
+    (dict(num_layers=1), "num_layers: expected 2 (one per attention in @forward), found 1"),
+    # not what the options asked for
+    (dict(dtype="f16"), "dtype: expected f32 (as asked), found f16"),
+    (dict(page_size=8, pages_per_seq=4), "page_size: expected 4 (as asked), found 8"),
+    # too few pages: fewer than one sequence needs, and fewer than the budget holds
+    (dict(budget_bytes=None, num_pages=4), "num_pages: expected 8 (max_num_seqs x pages_per_seq), found 4"),
+    (dict(num_pages=40), "num_pages: expected 48 (whole pages of 2048 bytes in the budget), found 40"),
 ])
-def test_checker_catches_planted_corruptions(plan, failed):
-    with pytest.raises(AssertionError, match=failed):
-        check_kv_plan(plan)
+def test_checker_refuses_a_plan_wrong_for_its_module_or_options(changes, failed):
+    module, plan = planned()
+    options = GOOD_OPTIONS
+    if "budget_bytes" in changes:
+        options = PassOptions(max_seq_len=32, max_num_seqs=1, page_size=4)
+    with pytest.raises(KVPlanError, match=re.escape(failed)):
+        check_kv_plan(consistent(plan, **changes), module, options)
 
 
-def test_checker_accepts_the_plans_above():
-    check_kv_plan(good_plan())
+@pytest.mark.parametrize("changes,failed", [
+    (dict(bytes_per_token=511), "bytes_per_token: expected 512"),
+    (dict(bytes_per_token=1024), "bytes_per_token: expected 512"),
+    (dict(max_tokens=191), "max_tokens: expected 192"),
+    (dict(total_bytes=98_304 + 2048), "total_bytes: expected 98304"),
+    (dict(pages_per_seq=7), "pages_per_seq: expected 8 (ceil(max_seq_len / page_size)), found 7"),
+    (dict(pages_per_seq=9), "pages_per_seq: expected 8 (ceil(max_seq_len / page_size)), found 9"),
+    (dict(budget_bytes=98_303), "budget_bytes: expected 100000 (as asked), found 98303"),
+    (dict(layout="[num_layers, num_pages, 2, num_kv_heads, page_size, head_dim]"), "layout: expected"),
+])
+def test_checker_refuses_a_plan_whose_sizes_disagree(changes, failed):
+    module, plan = planned()
+    with pytest.raises(KVPlanError, match=re.escape(failed)):
+        check_kv_plan({**plan, **changes}, module, GOOD_OPTIONS)
+
+
+def test_checker_refuses_fewer_pages_than_one_sequence_needs():
+    # a budget that holds 4 pages while a sequence needs 8: the planner refuses it, and so must the checker
+    module, plan = planned()
+    bad = consistent(plan, budget_bytes=4 * 2048, num_pages=4)
+    with pytest.raises(KVPlanError, match="4 pages cannot hold one sequence of 32 tokens"):
+        check_kv_plan(bad, module)
+
+
+def inserted(plan_options: PassOptions = GOOD_OPTIONS):
+    """The two-layer module after plan_kv_cache and insert_kv_cache: prefill and decode over the cache."""
+    module, plan = planned(plan_options)
+    assert run_pass("insert_kv_cache", module, plan_options) is True
+    return module, plan
+
+
+def test_checker_refuses_two_attentions_writing_one_layer():
+    module, plan = inserted()
+    check_kv_plan(plan, module)
+    text = print_module(module)
+    assert text.count("layer=1") == 2  # prefill and decode each have layers 0 and 1
+    overlapping = parse_module(text.replace("layer=1", "layer=0"))
+    # layer 0's K region: 48 pages x 2 heads x 4 tokens x 16 dims x 4 bytes = 24,576 bytes from the start
+    with pytest.raises(KVPlanError, match=r"paged_attention %\S+ in @prefill and paged_attention %\S+ in @prefill "
+                                          r"write overlapping cache bytes \[0, 24576\) and \[0, 24576\)"):
+        check_kv_plan(plan, overlapping)
+
+
+def test_checker_refuses_a_cache_of_another_dtype_or_shape():
+    module, plan = inserted()
+    with pytest.raises(KVPlanError, match=re.escape("dtype: expected f32 (the cache paged_attention")):
+        check_kv_plan(consistent(plan, dtype="f16"), module)
+    with pytest.raises(KVPlanError, match=re.escape("cache shape: expected (2, 2, 40, 2, 4, 16)")):
+        check_kv_plan(consistent(plan, budget_bytes=None, max_num_seqs=5, num_pages=40), module)
+
+
+def test_checker_accepts_the_planners_plans():
+    module, plan = planned()
+    check_kv_plan(plan, module, GOOD_OPTIONS)
     for dtype in ("f32", "f16"):
         for budget in (None, 50_000, 1 << 20):
-            check_kv_plan(plan_for(PassOptions(max_seq_len=40, max_num_seqs=2, page_size=8, kv_cache_dtype=dtype,
-                                               memory_budget_bytes=budget)))
+            options = PassOptions(max_seq_len=40, max_num_seqs=2, page_size=8, kv_cache_dtype=dtype,
+                                  memory_budget_bytes=budget)
+            module, plan = inserted(options)
+            check_kv_plan(plan, module, options)
+
+
+def test_checker_accepts_a_whole_pipeline():
+    from kiln.passes import PassManager
+    from kiln.passes.pipeline import PIPELINE
+
+    from golden import copy_module
+    from tiny_models import captured
+
+    module = copy_module(captured("llama"))
+    options = PassOptions(max_seq_len=32, max_num_seqs=2, page_size=4, activation_seq_len=16)
+    PassManager(PIPELINE).run(module, options)
+    assert {"prefill", "decode", "prefill_last"} <= set(module.functions)
+    check_kv_plan(module.metadata["kv_cache"], module, options)
