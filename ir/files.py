@@ -46,7 +46,7 @@ def open_regular(path, what: str = "file", max_bytes: int | None = None, error: 
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
-        raise error(f"{path}: {what} not found; check the path") from None
+        raise error(f"{path}: file not found (expected a {what}); check the path") from None
     except IsADirectoryError:
         raise error(f"{path}: expected a {what}, found a directory") from None
     except OSError as err:

@@ -287,6 +287,7 @@ def cmd_run(args) -> int:
 
 
 MAX_STDIN_BYTES = 64 * 2**20
+MAX_TEXT_BYTES = 1 * 2**30  # kiln eval's --text: far beyond any evaluation corpus that fits in memory
 
 
 def read_stdin_prompt() -> str:
@@ -462,16 +463,13 @@ def cmd_eval_ppl(args) -> int:
     if not is_artifact(args.model) and args.window - 1 > args.max_seq_len:
         raise UsageError(f"--window {args.window} feeds {args.window - 1} tokens at once, more than --max-seq-len "
                          f"{args.max_seq_len}; raise --max-seq-len or lower --window")
+    from kiln.ir.errors import KilnError
+    from kiln.ir.files import read_text
+
     try:
-        with open(args.text, encoding="utf-8") as f:
-            text = f.read()
-    except FileNotFoundError:
-        raise UsageError(f"--text {args.text}: file not found") from None
-    except IsADirectoryError:
-        raise UsageError(f"--text {args.text}: expected a text file, found a directory") from None
-    except UnicodeDecodeError as err:
-        raise UsageError(f"--text {args.text}: expected UTF-8 text, found an undecodable byte at offset "
-                         f"{err.start}") from None
+        text = read_text(args.text, "text file", MAX_TEXT_BYTES)
+    except KilnError as err:
+        raise UsageError(f"--text {err}") from None
     if not text:
         raise UsageError(f"--text {args.text}: the file is empty; perplexity needs at least 2 tokens of text")
     engine = open_engine(args)

@@ -257,7 +257,7 @@ def is_artifact(path) -> bool:
     if not isinstance(path, (str, os.PathLike)):
         return False
     try:
-        return os.path.isdir(path) and not os.path.islink(path) and os.path.isfile(os.path.join(path, MANIFEST))
+        return os.path.isdir(path) and os.path.isfile(os.path.join(path, MANIFEST))
     except (OSError, ValueError):
         return False
 
@@ -284,7 +284,7 @@ def open_artifact(path) -> ArtifactInfo:
 
     if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
         raise ArtifactError(f"expected an artifact directory path, got {path!r}")
-    path = os.path.abspath(os.fspath(path))
+    path = os.path.realpath(os.fspath(path))  # the directory may be reached through a link; its files may not
     if not os.path.isdir(path):
         raise ArtifactError(f"{path}: not a directory; expected an artifact written by `kiln compile`")
     manifest = read_manifest(path)
