@@ -15,7 +15,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from .symbolic import SymExpr
-from .types import TensorType, dtype_of_numpy
+from .types import TensorType, dtype_of_numpy, itemsize
 
 _NAME_OK = re.compile(r"[A-Za-z0-9_.]+")
 
@@ -242,11 +242,26 @@ class Module:
                     uses.setdefault(n.attrs["name"], []).append(n)
         return uses
 
-    def parameter_count(self) -> int:
-        total = 0
-        for t in self.weights.values():
-            total += int(np.prod(t.shape)) if t.shape else 1
-        return total
+    def parameter_count(self, exclude: Iterable[str] = ()) -> int:
+        """Elements of the weights at their logical shapes, as the source model counts them: a quantized
+        weight (the q, scale and offset a ``linear_q`` / ``embedding_q`` reads) counts as its [N, K], its
+        packing, scales and offsets as nothing; each weight once, however many ops read it. ``exclude``:
+        names that are no parameter of the source (buffers such as RoPE frequencies)."""
+        counts = {name: int(np.prod(t.shape)) if t.shape else 1 for name, t in self.weights.items()}
+        for fn in self.functions.values():
+            for node in fn.nodes:
+                if node.op not in ("linear_q", "embedding_q"):
+                    continue
+                producers = [v.producer for v in node.inputs[1:]]
+                if not all(p is not None and p.op == "weight" for p in producers):
+                    continue
+                names = [p.attrs["name"] for p in producers]
+                q = self.weights[names[0]]
+                # an i8 element holds one int8 value, a u32 eight int4 values
+                counts[names[0]] = q.shape[0] * q.shape[1] * itemsize(q.dtype) * 8 // node.attrs["bits"]
+                counts.update(dict.fromkeys(names[1:], 0))
+        excluded = set(exclude)
+        return sum(count for name, count in counts.items() if name not in excluded)
 
     def parameter_bytes(self) -> int:
         return sum(int(t.nbytes()) for t in self.weights.values())

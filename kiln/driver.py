@@ -22,6 +22,8 @@ def capture_source(source: Any, *, max_seq: int = 2048, max_batch: int = 64, pro
         module = capture(loaded.model, max_batch=max_batch, max_seq=max_seq)
     module.metadata["model"] = {"name": loaded.name, "kind": loaded.kind, "content_hash": loaded.content_hash,
                                 "config": loaded.config}
+    # torch.export lifts buffers (RoPE frequencies) into weights like parameters; the count leaves them out
+    module.metadata["buffers"] = sorted(name for name, _ in loaded.model.named_buffers() if name in module.weights)
     return module, loaded
 
 
@@ -64,7 +66,7 @@ def summarize(module: Module) -> dict:
         "functions": functions,
         "ops": op_histogram(module, entry),
         "ops_function": entry,
-        "parameters": module.parameter_count(),
+        "parameters": module.parameter_count(exclude=module.metadata.get("buffers", ())),
         "parameter_bytes": module.parameter_bytes(),
         "symbolic_dims": sorted(symbols),
         "unfused_attention": module.metadata.get("unfused_attention", []),
