@@ -32,7 +32,6 @@ def smollm2_captured(max_seq: int = 256):
     return capture(smollm2_source().model, max_seq=max_seq)
 
 
-
 SMOL_PROMPTS = [
     "The capital of France is",
     "def fibonacci(n):",
@@ -59,6 +58,25 @@ def transformers_smollm2():
     missing, unexpected = model.load_state_dict(source.model.state_dict(), strict=False)
     assert not unexpected and all("rotary" in m for m in missing), (missing, unexpected)
     return model
+
+
+def assert_prefill_logits_match_transformers(engine, tolerance: float, prompts=SMOL_PROMPTS) -> list:
+    """The engine's prefill logits at every position of each prompt within ``tolerance`` of the largest of
+    transformers' logits (same weights); returns the relative errors."""
+    import numpy as np
+    import torch
+
+    model = transformers_smollm2()
+    errors = []
+    for prompt in prompts:
+        ids = engine.tokenizer.encode(prompt)
+        with torch.no_grad():
+            ref = model(torch.as_tensor([ids])).logits[0].numpy().astype(np.float64)
+        got = engine.logits(ids).astype(np.float64)
+        assert got.shape == ref.shape, (got.shape, ref.shape)
+        errors.append(float(np.abs(got - ref).max() / np.abs(ref).max()))
+        assert errors[-1] <= tolerance, (prompt, errors[-1])
+    return errors
 
 
 def assert_greedy_matches_transformers(engine, prompts=SMOL_PROMPTS, new_tokens: int = 32):

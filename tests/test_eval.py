@@ -4,7 +4,7 @@ A tiny Llama, trained for a few steps on a short text so that its predictions
 depend on context, with a small BPE tokenizer that adds BOS. The reference is
 Hugging Face's "perplexity of fixed-length models" loop over transformers'
 eager logits, written out here; kiln's compiled prefill (TVM) must give the
-same perplexity to 1e-4 relative.
+same perplexity to 1e-6 relative.
 """
 
 import copy
@@ -23,6 +23,9 @@ from tiny_models import VOCAB, tiny_model
 TEXT = ("the quick brown fox jumps over the lazy dog. a kiln fires clay into pots, "
         "and the potter sells the pots at the market by the river. ") * 4
 MAX_SEQ_LEN = 64
+# kiln's fp32 logits are within 1e-6 of transformers' (tests/tiny_models.py); the perplexities, summed in
+# float64, agree to 6e-8 (measured), so 1e-6 is room for rounding and nothing more
+PPL_TOLERANCE = 1e-6
 
 
 def kiln_cli(*args, env=None):
@@ -187,7 +190,7 @@ def test_perplexity_matches_transformers(checkpoint, artifact, window, stride):
     result = perplexity(kiln.load(artifact), ids, window=window, stride=stride,
                         on_window=lambda done, total, stats: calls.append((done, total)))
     assert result.tokens == count == len(ids) - 1
-    assert result.perplexity == pytest.approx(expected, rel=1e-4)
+    assert result.perplexity == pytest.approx(expected, rel=PPL_TOLERANCE)
     assert calls == [(k, result.windows) for k in range(1, result.windows + 1)]
     assert expected < 0.5 * VOCAB  # the model learned the text: context matters
 
@@ -205,7 +208,8 @@ def test_models_compared_in_lockstep(checkpoint, artifact):
         with torch.no_grad():
             return model(input_ids=torch.tensor([feed])).logits[0].numpy()
 
-    noise = np.random.default_rng(0).normal(size=(MAX_SEQ_LEN, VOCAB)).astype(np.float32)
+    # std 4: enough to flip some of the trained model's top-1 choices
+    noise = 4 * np.random.default_rng(0).normal(size=(MAX_SEQ_LEN, VOCAB)).astype(np.float32)
     seen = []
 
     def noisy(feed):
@@ -217,7 +221,7 @@ def test_models_compared_in_lockstep(checkpoint, artifact):
     expected, count = reference_perplexity(model, ids, 16, 5)
     assert stats["kiln"].compared == 0 and stats["transformers"].compared == stats["noisy"].compared == count
     assert stats["transformers"].perplexity == pytest.approx(expected, rel=1e-6)  # float32 logits of shorter feeds
-    assert stats["kiln"].perplexity == pytest.approx(expected, rel=1e-4)
+    assert stats["kiln"].perplexity == pytest.approx(expected, rel=PPL_TOLERANCE)
     assert stats["transformers"].top1_agreement == 1.0 and stats["transformers"].mean_kl < 1e-7
     kl, agree = 0.0, 0
     for k, feed in enumerate(seen):  # windows of 16 every 5: the first scores rows 0.., later ones the last 5
@@ -250,7 +254,7 @@ def test_cli_json_compiles_a_checkpoint_and_prints_one_object(checkpoint, compil
     assert out.stdout.count("\n") == 1
     result = json.loads(out.stdout)
     assert list(result) == ["perplexity", "tokens"]
-    assert result["tokens"] == count and result["perplexity"] == pytest.approx(expected, rel=1e-4)
+    assert result["tokens"] == count and result["perplexity"] == pytest.approx(expected, rel=PPL_TOLERANCE)
 
 
 def test_cli_readable_line_and_max_tokens(checkpoint, artifact, text_file):

@@ -1,10 +1,13 @@
 """The TVM backend end to end: compiled artifacts generate what transformers generates.
 
-Tiny architectures: prefill logits and every decode step's logits within 1e-3 of
-transformers (relative to the largest logit) and identical greedy tokens.
-SmolLM2: greedy output token-identical to transformers' LlamaForCausalLM with the
-same weights for 32 new tokens on five prompts, ties (transformers' own top two
-logits within 1e-4) reported and the comparison of that prompt stopped there.
+Tiny architectures: prefill logits and every decode step's logits within 1e-5 of
+transformers (relative to the largest logit) and identical greedy tokens; the same
+check refuses a model whose RoPE base or norm epsilon differs; int4 / int8 models
+against transformers running the weights quantized and dequantized in torch.
+SmolLM2: prefill logits within 1e-5 of transformers' LlamaForCausalLM with the same
+weights, and greedy output token-identical for 32 new tokens on five prompts, ties
+(transformers' own top two logits within 1e-4) reported and the comparison of that
+prompt stopped there; `kiln inspect` counts its parameters as the config does.
 """
 
 import subprocess
@@ -16,12 +19,13 @@ import torch
 
 import kiln
 
-from smollm2 import assert_greedy_matches_transformers, smollm2_source
+from smollm2 import assert_greedy_matches_transformers, assert_prefill_logits_match_transformers, smollm2_source
 from runtime_check import assert_generates_without_torch
-from tiny_models import TINY_ARCHS, assert_engine_matches_transformers, tiny_model
+from tiny_models import (ENGINE_PROMPT, FP32_TOLERANCE, TINY_ARCHS, assert_engine_matches_transformers,
+                         build_tiny_model, dequantized_tiny_llama, llama_parameter_count, relative_error,
+                         tiny_model)
 
 FAST_ARCHS = ("llama", "gpt2", "falcon")  # GQA + RMSNorm + RoPE; learned positions + LayerNorm; MQA
-PROMPT = [5, 17, 99, 3, 42, 7, 64, 2]
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +52,15 @@ def test_tiny_architecture_matches_transformers_slow(compiled, arch):
     assert_engine_matches_transformers(compiled(arch), arch)
 
 
+@pytest.mark.parametrize("quantize", ["int4", pytest.param("int8", marks=pytest.mark.slow)])
+def test_quantized_model_matches_transformers_with_dequantized_weights(tmp_path, quantize):
+    """The fused dequantize-matmul kernels compute what transformers computes with the same weights quantized
+    and dequantized in torch (tests/tiny_models.py): the same codes, so the fp32 tolerance (measured: 4.9e-7)."""
+    engine = kiln.load(kiln.compile(tiny_model("llama"), backend="tvm", max_seq_len=48, quantize=quantize,
+                                    output=tmp_path / "quantized.kiln"))
+    assert_engine_matches_transformers(engine, "llama", model=dequantized_tiny_llama(quantize))
+
+
 def test_two_sequences_decode_in_one_batch(compiled):
     """The compiled decode serves sequences of different lengths in one call."""
     engine = compiled("llama")
@@ -64,8 +77,25 @@ def test_two_sequences_decode_in_one_batch(compiled):
     with torch.no_grad():
         ref_a = model(torch.as_tensor([a + [11]])).logits[0, -1].numpy()
         ref_b = model(torch.as_tensor([b + [12]])).logits[0, -1].numpy()
-    assert np.abs(logits[0, 0] - ref_a).max() <= 1e-3 * np.abs(ref_a).max()
-    assert np.abs(logits[1, 0] - ref_b).max() <= 1e-3 * np.abs(ref_b).max()
+    assert relative_error(logits[0, 0], ref_a) <= FP32_TOLERANCE
+    assert relative_error(logits[1, 0], ref_b) <= FP32_TOLERANCE
+
+
+@pytest.mark.parametrize("change", [{"rope_theta": 20000.0}, {"rms_norm_eps": 1.1e-6}])
+def test_the_comparison_refuses_a_perturbed_model(compiled, change):
+    """The engine compiled from the tiny Llama, checked against transformers running the same weights with
+    the RoPE base doubled (logits move by 6e-2) or the RMSNorm epsilon 10% larger (2e-4, which the old
+    tolerance of 1e-3 let through): both are refused, though transformers' argmax does not move."""
+    import torch
+
+    perturbed = build_tiny_model("llama", **change)
+    with torch.no_grad():
+        true = tiny_model("llama")(torch.as_tensor([ENGINE_PROMPT])).logits[0].numpy()
+        moved = perturbed(torch.as_tensor([ENGINE_PROMPT])).logits[0].numpy()
+    assert (true.argmax(-1) == moved.argmax(-1)).all()
+    assert relative_error(moved, true) > 10 * FP32_TOLERANCE
+    with pytest.raises(AssertionError, match="llama: prefill logits differ by"):
+        assert_engine_matches_transformers(compiled("llama"), "llama", model=perturbed)
 
 
 # SmolLM2 -------------------------------------------------------------------------
@@ -84,8 +114,30 @@ def smollm2(tmp_path_factory, request):
     return path, kiln.load(path), source
 
 
+def test_smollm2_prefill_logits_match_transformers(smollm2):
+    """fp32 through 30 layers: kiln's logits are within 3.2e-6 of the largest (measured, "gguf" and "none")."""
+    assert_prefill_logits_match_transformers(smollm2[1], FP32_TOLERANCE)
+
+
 def test_smollm2_greedy_matches_transformers(smollm2):
     assert_greedy_matches_transformers(smollm2[1])
+
+
+def test_smollm2_inspect_counts_the_parameters_of_the_config(smollm2):
+    """The quantized artifact's parameters are SmolLM2's 134,515,008 (the config's count, tied embeddings once),
+    not the elements of its packed blocks."""
+    import json
+
+    path, _, source = smollm2
+    config = source.config
+    expected = llama_parameter_count(config["vocab_size"], config["hidden_size"], config["num_hidden_layers"],
+                                     config["num_attention_heads"], config["num_key_value_heads"],
+                                     config["head_dim"], config["intermediate_size"], config["tie_word_embeddings"])
+    assert expected == 134_515_008
+    out = subprocess.run([sys.executable, "-m", "kiln.cli", "inspect", str(path), "--json"], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["parameters"] == expected
 
 
 def test_smollm2_chat_answers_paris(smollm2):
