@@ -1,13 +1,16 @@
-"""The command line: version, help, one-line errors with status 2, inspect on a checkpoint and an artifact."""
+"""The command line: version, help, one-line errors with status 2, inspect on a checkpoint and an artifact,
+and `kiln run` on a compiled artifact against transformers."""
 
 import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
+import torch
 
-from tiny_models import tiny_model
+from tiny_models import llama_parameter_count, save_tiny_checkpoint, tiny_model, transformers_tokenizer
 
 
 def kiln_cli(*args, env=None, input=None):
@@ -62,14 +65,24 @@ def test_bad_gguf_is_refused_in_one_line(tmp_path):
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "tiny-llama"
-    tiny_model("llama").save_pretrained(path, safe_serialization=True)
+    save_tiny_checkpoint(path)
     return path
 
 
+def tiny_llama_parameters() -> int:
+    config = tiny_model("llama").config
+    return llama_parameter_count(config.vocab_size, config.hidden_size, config.num_hidden_layers,
+                                 config.num_attention_heads, config.num_key_value_heads, config.head_dim,
+                                 config.intermediate_size, config.tie_word_embeddings)
+
+
 def test_inspect_json_on_a_checkpoint(checkpoint):
+    start = time.perf_counter()
     out = kiln_cli("inspect", str(checkpoint), "--json", "--max-seq-len", "64", "--page-size", "8")
+    elapsed_ms = (time.perf_counter() - start) * 1000
     assert out.returncode == 0, out.stderr
     summary = json.loads(out.stdout)
+    assert summary["parameters"] == tiny_llama_parameters() == 90_432
     assert summary["ops"]["paged_attention"] == 2 and summary["ops"]["gated_mlp"] == 2
     assert summary["unfused_attention"] == []
     kv = summary["kv_cache"]
@@ -78,7 +91,9 @@ def test_inspect_json_on_a_checkpoint(checkpoint):
     assert kv["max_tokens"] == kv["num_pages"] * 8
     assert 0 < summary["activations"]["peak_bytes"] < summary["activations"]["naive_bytes"]
     names = [p["name"] for p in summary["passes"]]
-    assert "fuse_attention" in names and all(p["milliseconds"] >= 0 for p in summary["passes"])
+    assert "fuse_attention" in names
+    # the passes ran inside the command, so their times add up to less than its run, and to something
+    assert 0 < sum(p["milliseconds"] for p in summary["passes"]) < elapsed_ms
     assert set(summary["functions"]) == {"prefill", "decode", "prefill_last"}
     assert summary["symbolic_dims"] == ["batch", "seq"]
 
@@ -86,9 +101,11 @@ def test_inspect_json_on_a_checkpoint(checkpoint):
 def test_inspect_shows_quantization_and_refuses_gguf_for_a_checkpoint(checkpoint):
     out = kiln_cli("inspect", str(checkpoint), "--json", "--max-seq-len", "64", "--quantize", "int4")
     assert out.returncode == 0, out.stderr
-    quant = json.loads(out.stdout)["quantization"]
+    summary = json.loads(out.stdout)
+    quant = summary["quantization"]
     # tiny llama: hidden 64, 2 layers x 7 linears in groups of 32; the table and logits as int8 per row
     assert quant["mode"] == "int4" and quant["weight_formats"] == {"int4-g32+offset": 14, "int8-per-row": 2}
+    assert summary["parameters"] == tiny_llama_parameters()  # the model's, not the packed blocks' elements
     out = kiln_cli("inspect", str(checkpoint), "--max-seq-len", "64", "--quantize", "gguf")
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "is not a GGUF file" in out.stderr and "use none, int8, int4 or int4-g128" in out.stderr
@@ -109,11 +126,28 @@ def test_inspect_refuses_a_budget_below_one_sequence(checkpoint):
 
 
 def test_compile_then_run_and_inspect_an_artifact(checkpoint, tmp_path):
+    """`kiln run` on the compiled artifact prints transformers' greedy continuation, from an argument or from
+    standard input; `kiln inspect` reads the artifact."""
     art = tmp_path / "tiny.kiln"
     out = kiln_cli("compile", str(checkpoint), "-o", str(art), "--backend", "reference", "--max-seq-len", "32")
     assert out.returncode == 0, out.stderr
     assert (art / "manifest.json").exists()
+    prompt = "w7 w8 w9 w10"
+    hf_tokenizer = transformers_tokenizer(checkpoint)
+    ids = hf_tokenizer(prompt)["input_ids"]
+    with torch.no_grad():
+        new = tiny_model("llama").generate(torch.as_tensor([ids]), max_new_tokens=8, do_sample=False,
+                                           eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
+    expected = hf_tokenizer.decode(new, skip_special_tokens=True)
+    assert len(expected.split()) == 8
+    out = kiln_cli("run", str(art), prompt, "-n", "8", "--ignore-eos")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == expected + "\n"
+    out = kiln_cli("run", str(art), "-n", "8", "--ignore-eos", input=prompt)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == expected + "\n"
     out = kiln_cli("inspect", str(art), "--json")
     assert out.returncode == 0, out.stderr
     summary = json.loads(out.stdout)
     assert summary["artifact"]["backend"] == "reference" and summary["ops"]["paged_attention"] == 2
+    assert summary["parameters"] == tiny_llama_parameters()
