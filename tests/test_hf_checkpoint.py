@@ -203,6 +203,21 @@ def test_loading_leaves_the_global_rng_alone(tmp_path):
     assert torch.equal(torch.rand(4), expected)
 
 
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_no_random_weights_are_materialised(tmp_path, monkeypatch, model_type):
+    # Every initialiser draws through these in-place ops; on the meta device they cost nothing.
+    reference = save_reference(model_type, tmp_path)
+    for op in ("uniform_", "normal_"):
+        original = getattr(torch.Tensor, op)
+
+        def guarded(tensor, *args, _original=original, _op=op, **kwargs):
+            assert tensor.device.type == "meta", f"{_op} drew {tuple(tensor.shape)} random values on {tensor.device}"
+            return _original(tensor, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, op, guarded)
+    assert_same_logits(reference, load_hf_checkpoint(tmp_path))
+
+
 def test_tokenizer_json_is_loaded(tmp_path):
     save_reference("llama", tmp_path)
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))

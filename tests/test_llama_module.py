@@ -8,7 +8,7 @@ import pytest
 import torch
 import transformers
 
-from kiln.frontend.llama import LlamaConfig, LlamaForCausalLM, llama_from_state_dict
+from kiln.frontend.llama import LlamaConfig, LlamaForCausalLM, check_llama_tensors, llama_from_state_dict
 from kiln.ir.errors import ConfigError, ModelFormatError
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -100,6 +100,18 @@ def test_config_round_trip_and_old_rope_spelling():
     ({"vocab_size": None}, "vocab_size"),
     ({"rms_norm_eps": "1e-5"}, "rms_norm_eps"),
     ({"rope_theta": None}, "rope_theta"),
+    ({"hidden_size": 2**40}, "hidden_size"),
+    ({"vocab_size": 0}, "vocab_size"),
+    ({"num_hidden_layers": 10**9}, "num_hidden_layers"),
+    ({"num_key_value_heads": 0}, "num_key_value_heads"),
+    ({"num_attention_heads": 5, "num_key_value_heads": 5}, "not divisible"),
+    ({"head_dim": 2**20}, "head_dim"),
+    ({"rope_theta": float("inf")}, "rope_theta"),
+    ({"rms_norm_eps": float("nan")}, "rms_norm_eps"),
+    ({"eos_token_id": 128}, "eos_token_id"),
+    ({"bos_token_id": True}, "bos_token_id"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": float("inf"), "low_freq_factor": 1.0,
+                       "high_freq_factor": 4.0, "original_max_position_embeddings": 16}}, "factor"),
 ])
 def test_config_refusals(change, fragment):
     d = dict(CONFIGS["llama"], **change)
@@ -148,3 +160,11 @@ def test_llama_from_state_dict_refusals():
     state = dict(reference.state_dict(), **{"model.norm.weight": torch.zeros(3)})
     with pytest.raises(ModelFormatError, match="model.norm.weight"):
         llama_from_state_dict(config, state)
+
+
+def test_check_llama_tensors_refuses_more_layers_than_the_tensors_name():
+    # 4000 layers would take seconds to build even on the meta device; refused from the names alone.
+    config = LlamaConfig.from_hf_dict(dict(CONFIGS["llama"], num_hidden_layers=4000))
+    shapes = {name: tuple(t.shape) for name, t in _reference(CONFIGS["llama"]).state_dict().items()}
+    with pytest.raises(ModelFormatError, match="4000 layers of the config, found tensors for 2 layers"):
+        check_llama_tensors(config, shapes, where="ckpt")

