@@ -74,16 +74,34 @@ class Terminal:
 
     def finish(self, timeout: float = 60) -> tuple:
         """(exit status, stderr) once the chat ends."""
-        try:
-            status = self.process.wait(timeout)
-        finally:
-            os.close(self.fd)
+        status = self.process.wait(timeout)
         return status, self.process.stderr.read().decode()
 
+    def close(self) -> None:
+        if self.process.poll() is None:  # a failed test left the chat waiting for input
+            self.process.kill()
+            self.process.wait()
+        self.process.stderr.close()
+        os.close(self.fd)
 
-def test_multi_turn_replies_match_transformers_and_an_empty_line_ends(chat_model):
+
+@pytest.fixture
+def chat():
+    """Starts `kiln chat ARGS` on a terminal; every one is ended after the test, whatever happened."""
+    terminals = []
+
+    def start(*args):
+        terminals.append(Terminal(*args))
+        return terminals[-1]
+
+    yield start
+    for terminal in terminals:
+        terminal.close()
+
+
+def test_multi_turn_replies_match_transformers_and_an_empty_line_ends(chat_model, chat):
     path, engine, hf_tokenizer = chat_model
-    terminal = Terminal(str(path), "-n", str(NEW_TOKENS))
+    terminal = chat(str(path), "-n", str(NEW_TOKENS))
     assert terminal.read_until(b"> ") == ""
     messages = []
     for line in ("w7 w8 w9", "w30 w31 w32 w33", "w100"):
@@ -100,9 +118,9 @@ def test_multi_turn_replies_match_transformers_and_an_empty_line_ends(chat_model
 
 
 @pytest.mark.parametrize("ending", [b"\x04", b"/exit\n"], ids=["ctrl-d", "exit"])
-def test_ctrl_d_or_exit_ends_the_chat(chat_model, ending):
+def test_ctrl_d_or_exit_ends_the_chat(chat_model, chat, ending):
     path, _, hf_tokenizer = chat_model
-    terminal = Terminal(str(path), "-n", str(NEW_TOKENS), "--system", "w40 w41")
+    terminal = chat(str(path), "-n", str(NEW_TOKENS), "--system", "w40 w41")
     terminal.read_until(b"> ")
     reply = terminal.say("w7 w8 w9")
     assert reply.strip() and reply == hf_reply(hf_tokenizer, [{"role": "system", "content": "w40 w41"},

@@ -177,7 +177,7 @@ def test_failed_rename_puts_old_directory_back(tmp_path, monkeypatch):
 def test_failed_first_save_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(safetensors.numpy, "save_file",
                         lambda arrays, filename, metadata=None: (_ for _ in ()).throw(OSError("no space")))
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="no space"):
         save_module(build(), str(tmp_path / "new"))
     assert os.listdir(tmp_path) == []
 
