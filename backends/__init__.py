@@ -6,6 +6,7 @@ the execution side imports only its own runtime library, never torch, frontend o
 from __future__ import annotations
 
 import importlib
+import inspect
 from importlib import metadata
 
 from kiln.ir.errors import ConfigError
@@ -37,8 +38,17 @@ def backend_version(name: str) -> str:
 
 
 def load_executor(info, **options):
-    """The execution side of the artifact's backend, ready to run prefill/decode."""
+    """The execution side of the artifact's backend, ready to run prefill/decode; ``options`` are the
+    backend's own (every backend takes ``num_threads``), each checked here."""
     module = importlib.import_module(f"kiln.backends.{check_backend(info.backend)}.executor")
+    accepted = [name for name in inspect.signature(module.load_executor).parameters if name != "info"]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ConfigError(f"the {info.backend} backend takes the options {', '.join(accepted)}, not "
+                          f"{', '.join(unknown)}")
+    threads = options.get("num_threads")
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+        raise ConfigError(f"num_threads must be None or an integer >= 1, got {threads!r}")
     return module.load_executor(info, **options)
 
 

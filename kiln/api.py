@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+import math
 import os
 import re
 import shutil
@@ -61,9 +63,13 @@ def compile_options(*, max_seq_len=2048, max_num_seqs=4, page_size=16, kv_cache_
                     quantize_embedding=True, onnx_accuracy_level=0):
     from kiln.passes import PassOptions
 
-    for name, value in (("max_seq_len", max_seq_len), ("max_num_seqs", max_num_seqs), ("page_size", page_size)):
+    for name, value in (("max_seq_len", max_seq_len), ("max_num_seqs", max_num_seqs), ("page_size", page_size),
+                        ("activation_seq_len", activation_seq_len or 1)):
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    if kv_cache_budget is not None and (not isinstance(kv_cache_budget, (int, float)) or isinstance(kv_cache_budget, bool)
+                                        or not math.isfinite(kv_cache_budget) or kv_cache_budget < 1):
+        raise ConfigError(f"kv_cache_budget must be None or a positive, finite number of bytes, got {kv_cache_budget!r}")
     if kv_cache_dtype not in ("f32", "f16"):
         raise ConfigError(f"kv_cache_dtype must be 'f32' or 'f16', got {kv_cache_dtype!r}")
     if quantize not in (None,) + QUANTIZE_MODES:
@@ -74,7 +80,8 @@ def compile_options(*, max_seq_len=2048, max_num_seqs=4, page_size=16, kv_cache_
     extra = {"quantize": quantize, "quantize_zero_points": bool(quantize_zero_points),
              "quantize_embedding": bool(quantize_embedding), "onnx_accuracy_level": onnx_accuracy_level}
     return PassOptions(max_seq_len=max_seq_len, max_num_seqs=max_num_seqs, page_size=page_size,
-                       kv_cache_dtype=kv_cache_dtype, memory_budget_bytes=kv_cache_budget,
+                       kv_cache_dtype=kv_cache_dtype,
+                       memory_budget_bytes=None if kv_cache_budget is None else int(kv_cache_budget),
                        activation_seq_len=activation_seq_len or min(max_seq_len, 128), extra=extra)
 
 
@@ -119,6 +126,10 @@ def compile(source, backend: str = "tvm", target: str = "cpu", quantize=None, ma
     check_backend(backend)
     if target not in ("cpu", "cuda"):
         raise ConfigError(f"unknown target {target!r}; expected 'cpu' or 'cuda'")
+    known = [name for name in inspect.signature(compile_options).parameters if name not in ("max_seq_len", "quantize")]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown compile option {', '.join(unknown)}; expected one of {', '.join(known)}")
     pass_options = compile_options(max_seq_len=max_seq_len, quantize=quantize, **options)
     if output is not None:
         output = output_path(output)  # refused before any work when it is not free or an artifact
@@ -166,6 +177,8 @@ def load(artifact, **backend_options):
     """Load a compiled artifact (a directory or an :class:`Artifact`) into an Engine."""
     from kiln.runtime.engine import Engine
 
+    if not isinstance(artifact, (Artifact, str, os.PathLike)):
+        raise ConfigError(f"kiln.load takes an artifact directory or a kiln.Artifact, got {type(artifact).__name__}")
     path = artifact.path if isinstance(artifact, Artifact) else os.fspath(artifact)
     engine = Engine.from_path(path, **backend_options)
     if isinstance(artifact, Artifact):

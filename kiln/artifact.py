@@ -93,7 +93,9 @@ def write_artifact(path: str, module, source, *, backend: str, target: str, opti
 def output_path(path) -> str:
     """The absolute output path, refused in one line when it is empty or names something that is not a kiln
     artifact (a user's file or directory is never replaced)."""
-    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path).strip():
+    if not isinstance(path, (str, os.PathLike)):
+        raise ConfigError(f"the output path must be a path (str or os.PathLike), got {type(path).__name__}")
+    if not os.fspath(path).strip():
         raise ConfigError(f"the output path {path!r} is empty; give a directory name for the artifact")
     path = os.path.abspath(os.fspath(path))
     check_replaceable(path, _is_artifact_dir, "kiln artifact", ConfigError)

@@ -315,5 +315,6 @@ def _check_backend_info(info) -> None:
                                 f"the KV plan)")
 
 
-def load_executor(info, num_threads: int | None = None, **options):
-    return ORTExecutor(info, num_threads=num_threads, **options)
+def load_executor(info, num_threads: int | None = None, provider: str | None = None, separate_decode: bool = False,
+                  spin: bool = False):
+    return ORTExecutor(info, num_threads=num_threads, provider=provider, separate_decode=separate_decode, spin=spin)

@@ -25,7 +25,8 @@ class ReferenceExecutor:
         return logits
 
 
-def load_executor(info, **options):
+def load_executor(info, num_threads: int | None = None):
+    """``num_threads`` is accepted for a uniform interface; numpy picks its own."""
     module = parse_module(info.read_text(info.manifest["module"], "module"))
     weights = info.manifest["backend_info"]["files"].get("weights")
     return ReferenceExecutor(module, info.load_safetensors(weights, field="backend_info.files.weights"))

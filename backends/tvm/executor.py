@@ -132,5 +132,5 @@ def _has_function(vm, name: str) -> bool:
     return True
 
 
-def load_executor(info, num_threads: int | None = None, **options):
+def load_executor(info, num_threads: int | None = None):
     return TVMExecutor(info, num_threads=num_threads)
