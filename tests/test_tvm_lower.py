@@ -380,7 +380,7 @@ SLOW_ARCHS = ("mistral", "qwen2", "phi3", "gemma", "falcon", "gpt_neox")
 
 
 def _check_tiny_model(name, target="cpu"):
-    from tiny_models import VOCAB, captured, reference_logits
+    from tiny_models import FP32_TOLERANCE, VOCAB, captured, reference_logits
 
     run = TVMFunction.from_module(captured(name), "forward", target=target)
     rng = np.random.default_rng(3)
@@ -390,7 +390,7 @@ def _check_tiny_model(name, target="cpu"):
         (got,) = run(ids)
         assert got.shape == want.shape
         err = np.abs(got - want).max()
-        assert err <= 1e-4 * np.abs(want).max(), f"{name} {shape}: max error {err}"
+        assert err <= FP32_TOLERANCE * np.abs(want).max(), f"{name} {shape}: max error {err}"
 
 
 @pytest.mark.parametrize("name", FAST_ARCHS)

@@ -66,6 +66,13 @@ def captured(name: str):
     return capture(tiny_model(name), max_seq=128)
 
 
+# fp32 end to end: kiln's engines and its interpreter differ from transformers by at most 1.2e-6 of the
+# largest logit on these models (measured over every architecture, both backends; float32's epsilon is
+# 1.2e-7, and the two sum in different orders). 1e-5 leaves room for that and nothing more: doubling the RoPE base moves the logits
+# by 6e-2 with the same argmax (tests/test_tvm_e2e.py shows the check refusing it).
+FP32_TOLERANCE = 1e-5
+
+
 def reference_logits(name: str, ids):
     import torch
 
@@ -73,9 +80,9 @@ def reference_logits(name: str, ids):
         return tiny_model(name)(input_ids=torch.as_tensor(ids), use_cache=False).logits.numpy()
 
 
-def assert_forward_matches(module, name: str, ids, tolerance: float = 1e-4) -> None:
+def assert_forward_matches(module, name: str, ids) -> None:
     """The interpreter on ``module``'s forward gives transformers' logits for ``ids`` within
-    ``tolerance`` times the largest logit."""
+    :data:`FP32_TOLERANCE` times the largest logit."""
     import numpy as np
 
     from kiln.ir.interpreter import run_function
@@ -84,16 +91,10 @@ def assert_forward_matches(module, name: str, ids, tolerance: float = 1e-4) -> N
     (out,) = run_function(module, "forward", [ids])
     assert out.shape == ref.shape
     err = float(np.abs(out - ref).max())
-    assert err <= tolerance * float(np.abs(ref).max()), f"{name} {tuple(np.shape(ids))}: max error {err}"
+    assert err <= FP32_TOLERANCE * float(np.abs(ref).max()), f"{name} {tuple(np.shape(ids))}: max error {err}"
 
 
 ENGINE_PROMPT = [5, 17, 99, 3, 42, 7, 64, 2]
-
-# fp32 end to end: kiln's engines differ from transformers by at most 1.2e-6 of the largest logit on these
-# models (measured over every architecture, both backends; float32's epsilon is 1.2e-7, and the two sum in
-# different orders). 1e-5 leaves room for that and nothing more: doubling the RoPE base moves the logits
-# by 6e-2 with the same argmax (tests/test_tvm_e2e.py shows the check refusing it).
-FP32_TOLERANCE = 1e-5
 
 
 def relative_error(got, want) -> float:
