@@ -240,8 +240,8 @@ class _Budget:
                               f"of {self.chars:,}")
 
     def measure(self, value) -> int:
-        """``value``'s size in characters: a string's length, one per container item plus the items'
-        sizes (every reference counted), one for anything else. Refused past the budget."""
+        """``value``'s size in characters: a string's length, a number's digits, one per container item
+        plus the items' sizes (every reference counted), one for anything else. Refused past the budget."""
         if type(value) is str:  # most values, measured without a walk
             if len(value) > self.chars:
                 raise _OverBudget(f"a string would be more than the size budget of {self.chars:,} characters")
@@ -276,7 +276,9 @@ def _walk(value, room: int, depth: int, seen: dict) -> tuple[int, int]:
         if value.bit_length() > _MAX_INT_BITS:
             raise _OverBudget(f"an integer of {value.bit_length():,} bits is larger than the {_MAX_INT_BITS:,} "
                               "allowed")
-        return 1, 0
+        size, height = value.bit_length() // 3 + 1, 0  # its decimal digits, at least
+    elif isinstance(value, float):
+        size, height = 24, 0  # the longest repr of a float
     elif isinstance(value, range):
         size, height = len(value), 1
     elif isinstance(value, (list, tuple, dict, set, frozenset, jinja2.utils.Namespace)) or type(value) in _DICT_VIEWS:

@@ -434,6 +434,8 @@ HOSTILE = {
                      f"the prompt passed the size budget of {SIZE_BUDGET:,} characters"),
     # Integers: arithmetic on huge ones is one long C call.
     "power": ("{{ 2 ** 100000000 }}", "an integer of about 200,000,000 bits"),
+    # 10**6 references to one 4,215-digit integer would print as 4.2 GB.
+    "printed-integers": ("{{ [2**14000] * 10**6 }}", "'*' would make"),
     "integer-squaring": ("{% set ns = namespace(x=3) %}{% for i in range(100) %}{% set ns.x = ns.x * ns.x %}"
                          "{% endfor %}", "allowed"),
     # Refused outright.
