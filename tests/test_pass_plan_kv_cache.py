@@ -1,6 +1,7 @@
 """plan_kv_cache: plan numbers worked out by hand (f32 / f16, with and without a budget), the golden metadata it
-records, the refusal when a budget cannot hold one maximum-length sequence, and check_kv_plan catching planted
-corruptions.
+records, the refusal when a budget cannot hold one maximum-length sequence, and check_kv_plan refusing planted
+plans: sizes that disagree, self-consistent plans wrong for the module's attentions or the options, too few
+pages, and (after insert_kv_cache) two attentions writing one layer's cache region.
 """
 
 import copy
