@@ -387,8 +387,10 @@ HOSTILE = {
                           "{{ f(40) }}", "ran past its time budget of 1 s"),
     "exponential-loop": ("{% for x in [1, 1] recursive %}{% if loop.depth < 40 %}{{ loop([1, 1]) }}{% endif %}"
                          "{% endfor %}", "ran past its time budget of 1 s"),
+    # Compiling a megabyte of expressions takes Jinja seconds: the watchdog stops it.
+    "compile-a-megabyte": ("{{ a }}" * 140000, "ran past its time budget of 1 s"),
     # One call into markupsafe's own loop, quadratic in the text: only the watchdog stops it.
-    "striptags-quadratic": ("{{ ('<a>' * 80000) | striptags }}", "ran past its time budget of 1 s"),
+    "striptags-quadratic": ("{{ ('<a>' * 300000) | striptags }}", "ran past its time budget of 1 s"),
     # Deep recursion ends in Python's recursion limit.
     "recursive-macro": ("{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}", "line 1 recursed too deeply"),
     "recursive-loop": ("{% for x in [1] recursive %}{{ loop([1]) }}{% endfor %}", "line 1 recursed too deeply"),
