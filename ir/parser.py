@@ -187,3 +187,20 @@ def _lookup(scope: dict, text: str, error, lineno: int):
         raise error(f"%{vm.group(1)} used before definition", lineno)
     return scope[vm.group(1)]
 
+
+
+def parse_metadata(text: str) -> dict:
+    """Only the module's metadata (the JSON line after ``module {``), without parsing its functions."""
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("metadata "):
+            try:
+                metadata = json.loads(line[len("metadata "):])
+            except (ValueError, RecursionError) as err:
+                raise ParseError(f"module metadata is not valid JSON ({err})") from None
+            if not isinstance(metadata, dict):
+                raise ParseError("module metadata is not a JSON object")
+            return metadata
+        if line.startswith(("weight ", "func ")):
+            break
+    return {}

@@ -82,6 +82,7 @@ class Engine:
         self.kv_plan = manifest["kv_cache"]
         self.max_seq_len = self.kv_plan["max_seq_len"]
         self.vocab_size = manifest["model"]["vocab_size"]
+        _check_against_module(info)
         tok = manifest.get("tokenizer")
         self.tokenizer = Tokenizer(info.read_text(tok["file"], "tokenizer.file"), tok) if tok else None
         template = manifest.get("chat_template")
@@ -321,6 +322,28 @@ class Engine:
                                        stats=stats, logits=np.stack(kept_logits) if return_logits and kept_logits
                                        else (np.zeros((0, 0), np.float32) if return_logits else None),
                                        prompt_token_ids=ids))
+
+
+def _check_against_module(info: ArtifactInfo) -> None:
+    """The manifest's KV plan is the one the library was compiled for (the hashed IR records it), and its cache
+    fits in this machine's memory: both before anything is allocated."""
+    from kiln.ir.errors import ParseError
+    from kiln.ir.files import memory_bytes
+    from kiln.ir.parser import parse_metadata
+
+    try:
+        compiled = parse_metadata(info.read_text(info.manifest["module"], "module")).get("kv_cache")
+    except ParseError as err:
+        raise ArtifactError(f"{info.path}: {info.manifest['module']}: {err}; recompile the artifact") from None
+    plan = info.manifest["kv_cache"]
+    if compiled != plan:
+        differ = sorted(k for k in set(plan) | set(compiled or {}) if (compiled or {}).get(k) != plan.get(k))
+        raise ArtifactError(f"{info.path}: manifest field kv_cache differs from the plan the model was compiled "
+                            f"with (in {', '.join(differ)}); the manifest was edited, recompile the artifact")
+    if plan["total_bytes"] > memory_bytes():
+        raise ArtifactError(f"{info.path}: the KV cache takes {plan['total_bytes']:,} bytes, more than this "
+                            f"machine's {memory_bytes():,}; recompile with a smaller --max-num-seqs, --max-seq-len "
+                            f"or --kv-cache-budget")
 
 
 def _tokenizer_call(call, doing: str, error: type[KilnError] = ConfigError):
