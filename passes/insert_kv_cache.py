@@ -20,6 +20,7 @@ from kiln.ir.symbolic import sym
 from kiln.ir.types import TensorType
 
 from .manager import PassOptions, register_pass
+from .plan_kv_cache import check_kv_plan
 
 
 def _is_sequence_positions(value: Value) -> bool:
@@ -99,4 +100,5 @@ def run(module: Module, options: PassOptions) -> bool:
     prefill = _build_prefill(module, plan)
     clone_function(module, prefill, "decode", {"seq": 1})
     del module.functions["forward"]
+    check_kv_plan(plan, module)  # the cache as inserted: every attention's region, on every compile
     return True

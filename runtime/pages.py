@@ -30,15 +30,16 @@ class PageManager:
         return seq_id
 
     def reserve(self, seq_id: int, total_tokens: int) -> None:
-        """Make sure the sequence owns pages for ``total_tokens`` tokens."""
+        """Make sure the sequence owns pages for ``total_tokens`` tokens; all of them or, refused, none."""
         pages = self.sequences[seq_id]
         need = -(-total_tokens // self.page_size)
         if need > self.pages_per_seq:
             raise ConfigError(f"{total_tokens} tokens need {need} pages, a sequence may hold {self.pages_per_seq}")
+        if need - len(pages) > len(self.free):
+            raise ConfigError(f"the KV cache is full ({len(self.refcount) - len(self.free)} of {len(self.refcount)} "
+                              f"pages in use); finish or free sequences, or compile with a larger --max-num-seqs / "
+                              f"--kv-cache-budget")
         while len(pages) < need:
-            if not self.free:
-                raise ConfigError(f"the KV cache is full ({len(self.refcount)} pages in use); finish or free "
-                                  f"sequences, or compile with a larger --max-num-seqs / --kv-cache-budget")
             page = self.free.pop()
             self.refcount[page] += 1
             pages.append(page)
