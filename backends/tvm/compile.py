@@ -17,6 +17,10 @@ def compile_module(module, target: str, out_dir: str, options) -> dict:
 
     if target not in ("cpu", "cuda"):
         raise ConfigError(f"unknown target {target!r}; expected cpu or cuda")
+    kv_dtype = module.metadata["kv_cache"]["dtype"]
+    if kv_dtype != "f32":  # refused before lowering starts, so no half-built TVM module is left behind
+        raise ConfigError(f"the TVM backend's attention kernels take an f32 KV cache, not {kv_dtype}; use "
+                          f"--kv-cache-dtype f32 or --backend onnxruntime")
     functions = [name for name in ENTRY_FUNCTIONS if name in module.functions]
     irmodule = lower_functions(module, functions, target)
     executable = build(irmodule, target)
