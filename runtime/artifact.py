@@ -301,7 +301,7 @@ def open_artifact(path) -> ArtifactInfo:
     from kiln.backends import BACKENDS, backend_version
 
     backend = manifest.get("backend")
-    if backend not in BACKENDS:
+    if not isinstance(backend, str) or backend not in BACKENDS:
         raise ArtifactError(f"{path}: manifest backend {backend!r} is not one of {', '.join(sorted(BACKENDS))}; "
                             f"recompile the artifact")
     installed = backend_version(backend)
@@ -418,7 +418,7 @@ def check_kv_plan_fields(plan, fail) -> None:
                   "max_seq_len", "max_num_seqs", "bytes_per_token", "total_bytes"):
         if not _count(plan.get(field), minimum=1):
             raise fail(field, "a positive integer", plan.get(field))
-    if plan.get("dtype") not in _KV_DTYPES:
+    if not isinstance(plan.get("dtype"), str) or plan["dtype"] not in _KV_DTYPES:
         raise fail("dtype", f"one of {', '.join(_KV_DTYPES)}", plan.get("dtype"))
     per_token = plan["num_layers"] * 2 * plan["num_kv_heads"] * plan["head_dim"] * _KV_DTYPES[plan["dtype"]]
     if plan["bytes_per_token"] != per_token:

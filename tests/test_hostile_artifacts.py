@@ -128,6 +128,7 @@ CASES = [
     ("other tvm", "tvm", edit(backend_version="0.1"), "compiled with tvm 0.1, installed is"),
     ("unknown backend", "tvm", edit(backend="pytorch"), "manifest backend 'pytorch'"),
     ("unknown target", "tvm", edit(target="tpu"), "manifest field target must be"),
+    ("backend an object", "tvm", edit(backend={"f16": {}}), "manifest backend {'f16': {}} is not one of"),  # fuzzer
     ("cuda without a GPU", "tvm", edit(target="cuda"), "compiled for cuda, but this machine has no CUDA GPU"),
     ("ort cuda without a GPU", "onnxruntime", edit(target="cuda"), "has no CUDAExecutionProvider"),
     # the file list
@@ -170,6 +171,9 @@ CASES = [
     ("bytes per token wrong", "tvm", edit(**{"kv_cache/bytes_per_token": 12}), "kv_cache.bytes_per_token must be"),
     ("pages per sequence short", "tvm", edit(**{"kv_cache/pages_per_seq": 1}), "kv_cache.pages_per_seq must be"),
     ("unknown KV dtype", "tvm", edit(**{"kv_cache/dtype": "f8"}), "kv_cache.dtype must be one of"),
+    ("KV dtype an object", "tvm", edit(**{"kv_cache/dtype": {"f32": 1}}), "kv_cache.dtype must be one of"),
+    ("ort layer dtype an object", "onnxruntime", edit(**{"backend_info/kv_layers": lambda layers: [
+        {**layer, "dtype": {}} for layer in layers]}), "backend_info.kv_layers must be"),
     ("vocab negative", "tvm", edit(**{"model/vocab_size": -1}), "model.vocab_size must be a positive integer"),
     ("eos out of range", "tvm", edit(**{"tokenizer/eos_token_ids": [10**6]}), "tokenizer.eos_token_ids must be"),
     ("bos a string", "tvm", edit(**{"tokenizer/bos_token_id": "1"}), "tokenizer.bos_token_id must be"),

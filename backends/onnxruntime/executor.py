@@ -308,7 +308,7 @@ def _check_backend_info(info) -> None:
         raise fail("logits", "the name of the logits output")
     layers = backend.get("kv_layers")
     if not (isinstance(layers, list) and len(layers) == plan["num_layers"] and all(
-            isinstance(layer, dict) and layer.get("dtype") in _NUMPY
+            isinstance(layer, dict) and isinstance(layer.get("dtype"), str) and layer["dtype"] in _NUMPY
             and all(isinstance(layer.get(k), int) and not isinstance(layer.get(k), bool) and layer[k] > 0
                     for k in ("num_kv_heads", "head_dim")) for layer in layers)):
         raise fail("kv_layers", f"a list of {plan['num_layers']} {{num_kv_heads, head_dim, dtype}} (one per layer of "
