@@ -128,7 +128,7 @@ class Engine:
                 with self._step_lock:
                     first_page = self.pages.sequences[seq][:1]
                     self.pages.remove_sequence(seq)
-                    if first_page and hasattr(self.executor, "end_sequence"):
+                    if first_page:
                         self.executor.end_sequence(first_page[0])
         finally:
             self._held.count -= 1

@@ -19,6 +19,9 @@ class ReferenceExecutor:
     def has_function(self, name: str) -> bool:
         return name in self.module.functions
 
+    def end_sequence(self, first_page: int) -> None:
+        """Nothing to do: the paged cache needs no per-sequence state beyond the engine's page table."""
+
     def run(self, function: str, input_ids: np.ndarray, positions: np.ndarray, page_table: np.ndarray) -> np.ndarray:
         logits, self.cache = run_function(self.module, function, [input_ids, positions, self.cache, page_table],
                                           weights=self.weights)
