@@ -246,10 +246,10 @@ class _Budget:
             if len(value) > self.chars:
                 raise _OverBudget(f"a string would be more than the size budget of {self.chars:,} characters")
             return len(value)
-        return self.size_and_height(value)[0]
+        return self.shape(value)[0]
 
-    def size_and_height(self, value) -> tuple[int, int]:
-        """measure(value), and how deep its containers nest."""
+    def shape(self, value) -> tuple[int, int, int]:
+        """measure(value), how many items its containers hold in all, and how deep they nest."""
         try:
             return _walk(value, self.chars, 0, {})
         except _TooLarge:
@@ -267,44 +267,47 @@ class _TooLarge(Exception):
 _DICT_VIEWS = (type({}.keys()), type({}.values()), type({}.items()))
 
 
-def _walk(value, room: int, depth: int, seen: dict) -> tuple[int, int]:
-    """(size, height) of ``value`` found ``depth`` containers deep, or _TooLarge past ``room``. ``seen``
-    holds the containers walked already, so that a value built by doubling costs one step per level."""
+def _walk(value, room: int, depth: int, seen: dict) -> tuple[int, int, int]:
+    """(size, items, height) of ``value`` found ``depth`` containers deep, or _TooLarge past ``room``.
+    ``seen`` holds the containers walked already, so that a value built by doubling costs one step per
+    level."""
+    items = height = 0
     if isinstance(value, (str, bytes)):
-        size, height = len(value), 0
+        size = len(value)
     elif isinstance(value, int):
         if value.bit_length() > _MAX_INT_BITS:
             raise _OverBudget(f"an integer of {value.bit_length():,} bits is larger than the {_MAX_INT_BITS:,} "
                               "allowed")
-        size, height = value.bit_length() // 3 + 1, 0  # its decimal digits, at least
+        size = value.bit_length() // 3 + 1  # its decimal digits, at least
     elif isinstance(value, float):
-        size, height = 24, 0  # the longest repr of a float
+        size = 24  # the longest repr of a float
     elif isinstance(value, range):
-        size, height = len(value), 1
+        size, items, height = len(value), len(value), 1
     elif isinstance(value, (list, tuple, dict, set, frozenset, jinja2.utils.Namespace)) or type(value) in _DICT_VIEWS:
         if id(value) in seen:
-            size, height = seen[id(value)]
+            size, items, height = seen[id(value)]
         else:
             if depth >= _MAX_DEPTH:  # also ends the walk of a namespace that holds itself
                 raise _OverBudget(f"values nest more than {_MAX_DEPTH} deep")
             container = value
             if isinstance(value, jinja2.utils.Namespace):
                 container = object.__getattribute__(value, "_Namespace__attrs")
-            size, height = len(container), 1
-            items = itertools.chain.from_iterable(container.items()) if isinstance(container, dict) else container
-            for item in items:
+            size = items = len(container)
+            height = 1
+            members = itertools.chain.from_iterable(container.items()) if isinstance(container, dict) else container
+            for member in members:
                 if size > room:
                     raise _TooLarge()
-                item_size, item_height = _walk(item, room - size, depth + 1, seen)
-                size, height = size + item_size, max(height, item_height + 1)
-            seen[id(value)] = (size, height)
+                member_size, member_items, member_height = _walk(member, room - size, depth + 1, seen)
+                size, items, height = size + member_size, items + member_items, max(height, member_height + 1)
+            seen[id(value)] = (size, items, height)
         if depth + height > _MAX_DEPTH:
             raise _OverBudget(f"values nest more than {_MAX_DEPTH} deep")
     else:
-        return 1, 0
+        size = 1
     if size > room:
         raise _TooLarge()
-    return size, height
+    return size, items, height
 
 
 def _count(size: int) -> str:
@@ -471,17 +474,19 @@ def _check_sum_filter(budget, arguments):
 
 
 def _check_pprint_filter(budget, arguments):
-    size, height = budget.size_and_height(arguments["value"])
-    budget.check(size * (height + 2), "the pprint filter")
+    size, items, height = budget.shape(arguments["value"])
+    # Each item on a line of its own, indented to its depth.
+    budget.check(size + items * (height + 3), "the pprint filter")
 
 
 def _check_tojson_filter(budget, arguments):
-    value, indent, separators = arguments["value"], arguments["indent"], arguments["separators"]
+    indent, separators = arguments["indent"], arguments["separators"]
     width = len(indent) if isinstance(indent, str) else _as_count(indent)
-    separator = sum(len(s) for s in separators if isinstance(s, str)) if isinstance(separators, (list, tuple)) else 2
-    per_char = 6 if arguments["ensure_ascii"] else 1  # ensure_ascii writes \uXXXX
-    size, height = budget.size_and_height(value)
-    budget.check(size * (per_char + 2 + separator + width * (height + 1)), "the tojson filter")
+    separator = sum(len(s) for s in separators if isinstance(s, str)) if isinstance(separators, (list, tuple)) else 4
+    size, items, height = budget.shape(arguments["value"])
+    # Each item gets its separators and, with an indent, a line of its own indented to its depth. (Escaping
+    # at most sextuples a character, so it is bounded by the input and checked after.)
+    budget.check(size + items * (separator + 1 + width * height), "the tojson filter")
 
 
 _FILTER_CHECKS = {

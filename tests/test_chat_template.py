@@ -363,6 +363,13 @@ def test_real_template_fits_a_budget_of_its_own_length():
         render_chat(QWEN2, messages, size_budget_chars=len(expected) - 1)
 
 
+def test_long_messages_through_tojson_fit_the_budget():
+    # Indentation is charged per item, not per character: half a million characters pass with room to spare.
+    messages = [{"role": "user", "content": "x" * 500_000}, {"role": "assistant", "content": "ok"}]
+    rendered = render_chat("{{ messages | tojson(indent=2) }}", messages, size_budget_chars=600_000)
+    assert rendered == json.dumps(messages, indent=2, ensure_ascii=False)
+
+
 def test_real_templates_render_fast():
     # A render costs a fraction of a millisecond; what this catches is a per-render cost such as a thread.
     messages = CONVERSATIONS["system_three_turns"] * 4
