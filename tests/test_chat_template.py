@@ -193,7 +193,7 @@ def test_strftime_now_uses_the_clock():
 
 def test_raise_exception_becomes_config_error():
     bad_order = [{"role": "assistant", "content": "I speak first"}]
-    with pytest.raises(Exception, match="Conversation roles must alternate"):
+    with pytest.raises(jinja2.exceptions.TemplateError, match="Conversation roles must alternate"):
         hf_tokenizer(LLAMA3_STYLE, "<s>", "</s>").apply_chat_template(bad_order, tokenize=False, date_string="x")
     with pytest.raises(ConfigError) as info:
         render_chat(LLAMA3_STYLE, bad_order, bos_token="<s>", date_string="x")

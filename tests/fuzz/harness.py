@@ -6,11 +6,12 @@ else is a bug. Run a target for a bounded time with
 
     python tests/fuzz/fuzz_<name>.py -max_total_time=600 -rss_limit_mb=2048 -timeout=10
 
-(any libFuzzer flag works; new crashes land in ``crash-*`` files in the current directory; run it from a
-scratch directory). Before fuzzing, the target runs once so that every module it reaches is imported and
-then instrumented (kiln imports lazily). Inputs that
-once failed live in ``tests/fuzz/corpus/<name>/`` and run as ordinary tests in the default suite
-(``tests/test_fuzz_corpus.py``), each under a time limit, in one process per target under a memory limit.
+(any libFuzzer flag works). Run it from a scratch directory: new inputs go to ``./corpus-<name>/`` and
+crashes to ``./crash-*``, while ``tests/fuzz/corpus/<name>/`` is only read, as seeds. Before fuzzing, the
+target runs once so that every module it reaches is imported and then instrumented (kiln imports
+lazily). Inputs that once failed live in ``tests/fuzz/corpus/<name>/`` and run as ordinary tests in the
+default suite (``tests/test_fuzz_corpus.py``): one process per target under a memory limit, each input
+under a time limit.
 """
 
 from __future__ import annotations
@@ -44,7 +45,13 @@ def main(check, name: str) -> None:
     atheris.instrument_all()
     corpus = os.path.join(CORPUS, name)
     args = list(sys.argv)
-    if os.path.isdir(corpus) and not any(not a.startswith("-") for a in args[1:]):
-        args.append(corpus)
+    if not any(not a.startswith("-") for a in args[1:]):
+        # libFuzzer writes new inputs into the first directory: a scratch one here, the repository's
+        # corpus (inputs that once failed) only read as seeds
+        work = os.path.abspath(f"corpus-{name}")
+        os.makedirs(work, exist_ok=True)
+        args.append(work)
+        if os.path.isdir(corpus):
+            args.append(corpus)
     atheris.Setup(args, lambda data: expect_kiln_errors_only(check, data))
     atheris.Fuzz()
