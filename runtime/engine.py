@@ -23,7 +23,7 @@ import numpy as np
 from kiln.ir.errors import ArtifactError, ConfigError, KilnError
 
 from .artifact import ArtifactInfo, open_artifact
-from .chat_template import render_chat
+from .chat_template import DEFAULT_SIZE_BUDGET_CHARS, render_chat
 from .detokenize import IncrementalDetokenizer
 from .pages import PageManager
 from .sampling import Sampler, SamplingParams
@@ -244,8 +244,10 @@ class Engine:
         if not isinstance(add_generation_prompt, bool):
             raise ConfigError(f"add_generation_prompt must be True or False, got {add_generation_prompt!r}")
         tok = self.tokenizer
+        # a render longer than max_seq_len tokens' worth of text could never be run: stop it there
+        budget = min(DEFAULT_SIZE_BUDGET_CHARS, self.max_seq_len * tok.longest_token_chars)
         return render_chat(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
-                           bos_token=tok.bos_token, eos_token=tok.eos_token)
+                           bos_token=tok.bos_token, eos_token=tok.eos_token, size_budget_chars=budget)
 
     def _generate(self, prompt, holder: list, *, max_new_tokens: int = 64, temperature: float = 0.0,
                   top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
