@@ -11,6 +11,7 @@ from text and from a chat, or refuse in one KilnError.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -101,6 +102,7 @@ def _setup():
         manifest["kiln_version"] = kiln.__version__  # the seed outlives version bumps
         manifest["backend_version"] = backend_version("reference")
         work = tempfile.mkdtemp(prefix="kiln-fuzz-artifact-")
+        atexit.register(shutil.rmtree, work, True)
         _state.update(manifest=manifest, work=work, kiln=kiln)
     return _state
 
