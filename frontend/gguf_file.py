@@ -78,6 +78,8 @@ _KNOWN_KEYS = {
     "tokenizer.ggml.pre": _KIND_STR,
     "tokenizer.ggml.bos_token_id": _KIND_INT,
     "tokenizer.ggml.eos_token_id": _KIND_INT,
+    "tokenizer.ggml.eot_token_id": _KIND_INT,
+    "tokenizer.ggml.eom_token_id": _KIND_INT,
     "tokenizer.ggml.padding_token_id": _KIND_INT,
     "tokenizer.ggml.unknown_token_id": _KIND_INT,
     "tokenizer.ggml.add_bos_token": _KIND_BOOL,

@@ -178,7 +178,7 @@ def tokenizer_from_gguf(gguf_file) -> TokenizerBundle:
 
     def token_id(key: str) -> int | None:
         value = meta.get(key)
-        if value is not None and not 0 <= value < len(tokens):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < len(tokens)):
             fail(key, f"a token id below {len(tokens)}", value)
         return value
 

@@ -271,6 +271,7 @@ GGUF_METADATA_CASES = {
     "kv-heads-a-string": ({"llama.attention.head_count_kv": (V.STRING, "1")}, ["head_count_kv", "one integer"]),
     "architecture-an-integer": ({"general.architecture": (V.UINT32, 7)}, ["general.architecture", "a string"]),
     "missing-width": ({"llama.embedding_length": None}, ["'llama.embedding_length' is missing"]),
+    "eot-id-a-string": ({"tokenizer.ggml.eot_token_id": (V.STRING, "2")}, ["'tokenizer.ggml.eot_token_id'", "an integer"]),
     "eos-beyond-tokens": ({"tokenizer.ggml.eos_token_id": (V.UINT32, 4000)}, ["eos_token_id", "4000"]),
     "tokens-beyond-vocab": ({"tokenizer.ggml.tokens": (V.ARRAY, (V.STRING, TOKENS + ["f", "g"])),
                              "tokenizer.ggml.token_type": (V.ARRAY, (V.INT32, [3, 3] + [1] * VOCAB)),
