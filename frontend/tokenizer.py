@@ -193,6 +193,11 @@ def tokenizer_from_gguf(gguf_file) -> TokenizerBundle:
     if add_bos and bos_id is None:
         fail("tokenizer.ggml.bos_token_id", "a BOS id since add_bos_token is true", "none")
 
+    # Control tokens are matched whole and are special (skipped when decoding without specials);
+    # user-defined ones are matched whole too but are ordinary text.
+    alphabet = set(_byte_alphabet().values())
+    special = [token for token, kind in zip(tokens, token_types) if kind == TOKEN_CONTROL and set(token) <= alphabet]
+    added = [token for token, kind in zip(tokens, token_types) if kind == TOKEN_USER_DEFINED]
     with tokenizers_errors(where, "GGUF tokenizer: tokenizers cannot build it"):
         tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))
         tokenizer.pre_tokenizer = pre_tokenizers.Sequence(_BYTE_LEVEL_PRE_TOKENIZERS[pre]())
@@ -203,17 +208,8 @@ def tokenizer_from_gguf(gguf_file) -> TokenizerBundle:
                 single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, bos_id)])
         else:
             tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
-        # Control tokens are matched whole and are special (skipped when decoding without specials);
-        # user-defined ones are matched whole too but are ordinary text.
-        alphabet = set(_byte_alphabet().values())
-        special, added = [], []
-        for token, token_type in zip(tokens, token_types):
-            if token_type == TOKEN_CONTROL and set(token) <= alphabet:
-                special.append(AddedToken(token, special=True, normalized=False))
-            elif token_type == TOKEN_USER_DEFINED:
-                added.append(AddedToken(token, special=False, normalized=False))
-        tokenizer.add_special_tokens(special)
-        tokenizer.add_tokens(added)
+        tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in special])
+        tokenizer.add_tokens([AddedToken(token, special=False, normalized=False) for token in added])
         tokenizer_json = tokenizer.to_str()
 
     chat_template = _checked_template(meta.get("tokenizer.chat_template"), f"{where}: GGUF tokenizer.chat_template")
