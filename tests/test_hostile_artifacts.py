@@ -118,6 +118,35 @@ def huge_cache(art, in_the_module_too=False):
         rehash(art, ["module.kir"])
 
 
+def safetensors_header(edit_header):
+    """Rewrite the weights file's JSON header (the data after it unchanged): parsed before its hash is known."""
+    def transform(data):
+        length = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8:8 + length])
+        new = json.dumps(edit_header(header)).encode()
+        return len(new).to_bytes(8, "little") + new + data[8 + length:]
+
+    def apply(art):  # the size recorded anew, the hash left stale: the parser meets the file first
+        write_bytes("weights.safetensors", transform)(art)
+        edit(**{"files/weights.safetensors/bytes": os.path.getsize(os.path.join(art, "weights.safetensors"))})(art)
+    return apply
+
+
+def _first_tensor(header):
+    return next(k for k in header if k != "__metadata__")
+
+
+def huge_shape(header):
+    header[_first_tensor(header)]["shape"] = [2**40, 2**40]
+    return header
+
+
+def overlapping(header):
+    names = [k for k in header if k != "__metadata__"]
+    header[names[1]]["data_offsets"] = header[names[0]]["data_offsets"]
+    return header
+
+
 # (case id, backend, damage, what the one line must say)
 CASES = [
     # versions and identity
@@ -154,6 +183,14 @@ CASES = [
     ("library changed", "tvm", write_bytes("model.so", flip_last_byte), "model.so does not match its sha256"),
     ("tokenizer changed", "tvm", write_bytes("tokenizer.json", lambda d: d.replace(b'"<s>"', b'"<S>"')),
      "tokenizer.json does not match its sha256"),
+    ("weights header length huge", "tvm", write_bytes("weights.safetensors", lambda d: (2**62).to_bytes(8, "little")
+                                                      + d[8:]), "header length 4,611,686,018,427,387,904 runs past"),
+    ("weights header not JSON", "tvm", write_bytes("weights.safetensors", lambda d: d[:8] + b"[" + d[9:]),
+     "the header is not valid JSON"),
+    ("weights shape huge", "tvm", safetensors_header(huge_shape), "bytes for shape [1099511627776, 1099511627776]"),
+    ("weights overlap", "tvm", safetensors_header(overlapping), "where ["),
+    ("weights dtype unknown", "tvm", safetensors_header(lambda h: {**h, _first_tensor(h): {
+        **h[_first_tensor(h)], "dtype": {"F32": 1}}}), "has a malformed entry"),
     ("onnx data changed", "onnxruntime", write_bytes("model.onnx.data", flip_last_byte), "does not match its sha256"),
     ("library a symlink", "tvm", replace_with_link("model.so"), "model.so is a symbolic link"),
     ("manifest a symlink", "tvm", replace_with_link("manifest.json"), "the manifest is a symbolic link"),
