@@ -315,6 +315,8 @@ def check_prompt_text(prompt: str, what: str) -> None:
 
 
 def cmd_chat(args) -> int:
+    from kiln.ir.errors import KilnError
+
     check_compile_args(args)
     kwargs = sampling_kwargs(args)
     engine = open_engine(args)
@@ -324,17 +326,37 @@ def cmd_chat(args) -> int:
         if interactive:
             sys.stdout.write("> ")
             sys.stdout.flush()
-        line = sys.stdin.readline()
-        if not line or line.strip() in ("", "/exit", "/quit"):
-            return 0
-        messages.append({"role": "user", "content": line.rstrip("\n")})
-        pieces = []
-        for piece in engine.chat(messages, stream=True, **kwargs):
-            pieces.append(piece)
-            sys.stdout.write(piece)
-            sys.stdout.flush()
+        pieces: list = []
+        try:
+            line = _read_chat_line()
+            if line is None or line.strip() in ("", "/exit", "/quit"):
+                return 0
+            for piece in engine.chat(messages + [{"role": "user", "content": line}], stream=True, **kwargs):
+                pieces.append(piece)
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except (UsageError, KilnError) as err:
+            if not interactive:  # a script's input: fail with the status that says so
+                raise
+            # at a terminal the conversation goes on without the turn that failed
+            sys.stdout.write("\n" if pieces else "")
+            print(f"kiln: error: {err}", file=sys.stderr)
+            continue
         sys.stdout.write("\n")
-        messages.append({"role": "assistant", "content": "".join(pieces)})
+        messages += [{"role": "user", "content": line}, {"role": "assistant", "content": "".join(pieces)}]
+
+
+def _read_chat_line() -> str | None:
+    """One line of the user's (None at the end of input), bounded and UTF-8."""
+    raw = sys.stdin.buffer.readline(MAX_STDIN_BYTES + 1)
+    if not raw:
+        return None
+    if len(raw) > MAX_STDIN_BYTES:
+        raise UsageError(f"a line of more than {MAX_STDIN_BYTES // 2**20} MiB is far more than a chat message")
+    try:
+        return raw.decode("utf-8").rstrip("\n")
+    except UnicodeDecodeError as err:
+        raise UsageError(f"that line is not UTF-8 text (an undecodable byte at offset {err.start})") from None
 
 
 def cmd_inspect(args) -> int:

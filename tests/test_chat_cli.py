@@ -129,3 +129,31 @@ def test_ctrl_d_or_exit_ends_the_chat(chat_model, chat, ending):
     status, stderr = terminal.finish()
     assert status == 0, stderr
     assert "Traceback" not in stderr
+
+
+def test_a_turn_that_cannot_run_is_refused_and_the_chat_goes_on(chat_model, chat):
+    """At a terminal a turn too long for the compiled maximum is refused in one line and left out of the
+    conversation: the next reply is transformers' reply to a conversation without it."""
+    path, _, hf_tokenizer = chat_model
+    terminal = chat(str(path), "-n", str(NEW_TOKENS))
+    terminal.read_until(b"> ")
+    os.write(terminal.fd, " ".join(f"w{i}" for i in range(120)).encode() + b"\n")
+    terminal.read_until(b"\r\n> ")
+    reply = terminal.say("w7 w8 w9")
+    assert reply == hf_reply(hf_tokenizer, [{"role": "user", "content": "w7 w8 w9"}])
+    os.write(terminal.fd, b"\n")
+    status, stderr = terminal.finish()
+    errors = stderr.splitlines()
+    assert status == 0 and len(errors) == 1 and "more than the compiled maximum of 96" in errors[0], stderr
+
+
+@pytest.mark.parametrize("line, message", [
+    (" ".join(f"w{i}" for i in range(120)).encode(), "more than the compiled maximum of 96"),
+    (b"caf\xe9", "that line is not UTF-8 text"),
+], ids=["too long", "not UTF-8"])
+def test_a_script_feeding_a_bad_turn_gets_status_2(chat_model, line, message):
+    path, _, _ = chat_model
+    out = subprocess.run([sys.executable, "-m", "kiln.cli", "chat", str(path), "-n", "2"], input=line + b"\n",
+                         capture_output=True, timeout=120)
+    lines = out.stderr.decode().splitlines()
+    assert out.returncode == 2 and len(lines) == 1 and message in lines[0], out.stderr
