@@ -41,7 +41,6 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 # Old Llama-family exports stored each layer's rotary table; it is recomputed from config.json now.
 _ALWAYS_IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
-_LAYER_PREFIX = re.compile(r"model\.layers\.(\d+)\.")
 
 
 @dataclass
@@ -208,19 +207,13 @@ def _open_sharded(directory: Path, index: Path) -> dict[str, tuple[SafetensorsFi
 
 
 def _load_native(directory: Path, config: dict[str, Any], sources: dict[str, tuple[SafetensorsFile, str]]) -> torch.nn.Module:
-    from kiln.frontend.llama import LlamaConfig, LlamaForCausalLM, llama_from_state_dict
+    from kiln.frontend.llama import LlamaConfig, LlamaForCausalLM, check_layer_count, llama_from_state_dict
 
     try:
         llama_config = LlamaConfig.from_hf_dict(config)
     except ConfigError as err:
         raise ConfigError(f"{directory}: {err}") from None
-    # More layers than the weights hold is refused before the module is expanded; extra tensors are
-    # named by the checks against the module.
-    layers = {int(match.group(1)) for name in sources if (match := _LAYER_PREFIX.match(name))}
-    if llama_config.num_hidden_layers > len(layers):
-        raise ModelFormatError(
-            f"{directory / 'config.json'}: num_hidden_layers is {llama_config.num_hidden_layers} but the weights hold "
-            f"tensors for {len(layers)} layers; the checkpoint does not match its config")
+    check_layer_count(llama_config, sources, str(directory / "config.json"))
     with torch.device("meta"):
         meta = LlamaForCausalLM(llama_config)
     tensors = _read_weights(meta, sources, directory)

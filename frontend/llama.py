@@ -11,7 +11,7 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -463,6 +463,16 @@ def llama_tensor_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
     return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
 
 
+def check_layer_count(config: LlamaConfig, names: Iterable[str], where: str) -> None:
+    """Refuse a config with more layers than the tensor names (transformers' model.layers.N.*) hold, before
+    anything is expanded from it; extra layers in the tensors are named by the checks that follow."""
+    layers = {int(match.group(1)) for name in names if (match := _LAYER_PREFIX.match(name))}
+    if config.num_hidden_layers > len(layers):
+        raise ModelFormatError(
+            f"{where}: expected tensors for the {config.num_hidden_layers} layers of the config, found tensors for "
+            f"{len(layers)} layers; the config does not match the weights")
+
+
 def check_llama_tensors(config: LlamaConfig, shapes: Mapping[str, tuple[int, ...]], where: str = "state dict") -> None:
     """Refuse tensors (transformers' name -> shape) that are not exactly the ones the config asks for.
 
@@ -470,11 +480,7 @@ def check_llama_tensors(config: LlamaConfig, shapes: Mapping[str, tuple[int, ...
     name is refused first, so a config with a huge num_hidden_layers is never expanded.
     lm_head.weight may be left out when tied.
     """
-    layers = {int(match.group(1)) for name in shapes if (match := _LAYER_PREFIX.match(name))}
-    if config.num_hidden_layers > len(layers):
-        raise ModelFormatError(
-            f"{where}: expected tensors for the {config.num_hidden_layers} layers of the config, found tensors for "
-            f"{len(layers)} layers; the config does not match the weights")
+    check_layer_count(config, shapes, where)
     expected = llama_tensor_shapes(config)
     present = dict(shapes)
     if config.tie_word_embeddings and "model.embed_tokens.weight" in present:
