@@ -39,7 +39,8 @@ _BLOCK_NAMES = {
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
-_BLOCK_PATTERN = re.compile(r"blk\.(\d+)\.(.+)")
+# A layer index of more than 9 digits names no real layer (and int() refuses 4300+ digits outright).
+_BLOCK_PATTERN = re.compile(r"blk\.(\d{1,9})\.(.+)")
 
 
 def hf_tensor_name(gguf_name: str) -> str | None:

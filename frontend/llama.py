@@ -453,7 +453,8 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(hidden_states).float()
 
 
-_LAYER_PREFIX = re.compile(r"model\.layers\.(\d+)\.")
+# A layer index of more than 9 digits names no real layer (and int() refuses 4300+ digits outright).
+_LAYER_PREFIX = re.compile(r"model\.layers\.(\d{1,9})\.")
 
 
 def llama_tensor_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:

@@ -295,6 +295,8 @@ GGUF_TENSOR_CASES = {
     "unknown-tensor": ({"blk.0.mystery.weight": f32((4,))}, [], ["'blk.0.mystery.weight'", "unknown name"]),
     "same-weight-twice": ({"blk.00.ffn_up.weight": f32((FFN, WIDTH))}, [], ["'blk.0.ffn_up.weight' and 'blk.00.ffn_up.weight'"]),
     "extra-layer": ({"blk.1.ffn_up.weight": f32((FFN, WIDTH))}, [], ["unexpected", "model.layers.1.mlp.up_proj.weight"]),
+    # int() refuses more than 4300 digits with a ValueError; no real layer index has more than a few.
+    "layer-index-of-5000-digits": ({f"blk.{'9' * 5000}.ffn_up.weight": f32((FFN, WIDTH))}, [], ["unknown name"]),
     "shape-vs-heads": ({"blk.0.attn_k.weight": f32((2 * HEAD_DIM, WIDTH))}, [], ["k_proj", "[4, 8]", "[8, 8]"]),
     "type-kiln-cannot-read": ({"blk.0.ffn_up.weight": ((FFN, 256), Q.Q6_K, b"\0" * (FFN * 210))}, [], ["Q6_K"]),
 }
@@ -362,6 +364,12 @@ def test_safetensors_tensor_with_no_elements(tmp_path):
     tensors = llama_tensors()
     tensors["model.norm.weight"] = np.zeros((0,), np.float32)
     refused(write_checkpoint(tmp_path, tensors=tensors), ModelFormatError, "'model.norm.weight'", "(16,)", "(0,)")
+
+
+def test_safetensors_layer_index_of_5000_digits(tmp_path):
+    tensors = llama_tensors()
+    tensors[f"model.layers.{'9' * 5000}.mlp.up_proj.weight"] = np.zeros(2, np.float32)
+    refused(write_checkpoint(tmp_path, tensors=tensors), ModelFormatError, "99999", "no such weight")
 
 
 def test_safetensors_missing_tensor(tmp_path):
