@@ -32,6 +32,7 @@ def on_alarm(signum, frame):
     raise InputTimeout()
 
 signal.signal(signal.SIGALRM, on_alarm)
+sys.path.insert(0, os.path.dirname(sys.argv[1]))  # as when the target runs as a script: harness importable
 spec = importlib.util.spec_from_file_location("target", sys.argv[1])
 target = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(target)

@@ -18,6 +18,8 @@ import shutil
 import sys
 import tempfile
 
+from harness import Choices
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 SEED = os.path.join(HERE, "artifact_seed")
 _state: dict = {}
@@ -29,20 +31,7 @@ INTERESTING_STRINGS = ["", ".", "..", "/", "/etc/passwd", "../manifest.json", "m
                        "cpu", "cuda", "tvm", "reference", "onnxruntime", "0" * 64, "\x00", "\ud800", "a" * 300]
 
 
-class Bytes:
-    """Reads choices from the fuzzer's bytes (zeros once they run out)."""
-
-    def __init__(self, data: bytes):
-        self.data, self.pos = data, 0
-
-    def byte(self) -> int:
-        value = self.data[self.pos] if self.pos < len(self.data) else 0
-        self.pos += 1
-        return value
-
-    def pick(self, items):
-        return items[self.byte() % len(items)] if items else None
-
+class ManifestChoices(Choices):
     def value(self, depth: int = 0):
         kind = self.byte() % 8
         if kind == 0:
@@ -75,7 +64,7 @@ def _containers(node, out):
     return out
 
 
-def mutate(manifest: dict, source: Bytes) -> dict:
+def mutate(manifest: dict, source: ManifestChoices) -> dict:
     for _ in range(1 + source.byte() % 4):
         holder = source.pick(_containers(manifest, []))
         keys = list(holder) if isinstance(holder, dict) else list(range(len(holder)))
@@ -109,7 +98,7 @@ def _setup():
 
 def check(data: bytes) -> None:
     state = _setup()
-    source = Bytes(data[1:])
+    source = ManifestChoices(data[1:])
     manifest = mutate(json.loads(json.dumps(state["manifest"])), source)
     text = json.dumps(manifest).encode("utf-8", "surrogatepass")
     if data[:1] and data[0] & 1:  # raw edits of the JSON text as well

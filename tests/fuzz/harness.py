@@ -23,6 +23,22 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CORPUS = os.path.join(HERE, "corpus")
 
 
+class Choices:
+    """Structured choices read from the fuzzer's bytes, one byte at a time (zeros once they run out), so that
+    libFuzzer's byte mutations become edits of a valid input. Targets add a ``value()`` of their own."""
+
+    def __init__(self, data: bytes):
+        self.data, self.pos = data, 0
+
+    def byte(self) -> int:
+        value = self.data[self.pos] if self.pos < len(self.data) else 0
+        self.pos += 1
+        return value
+
+    def pick(self, items):
+        return items[self.byte() % len(items)] if items else None
+
+
 def expect_kiln_errors_only(check, data: bytes) -> None:
     """Run ``check(data)``; swallow kiln's typed errors, let everything else through."""
     from kiln.ir.errors import KilnError
