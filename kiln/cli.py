@@ -534,6 +534,9 @@ def main(argv=None) -> int:
     ``--debug`` shows the traceback instead."""
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
+    if not debug:  # a panic in a Rust extension prints no backtrace; transformers keeps its info lines to itself
+        os.environ["RUST_BACKTRACE"] = "0"
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     if sys.stderr is None:  # started with stderr closed: nowhere to say anything, the status must tell
         sys.stderr = open(os.devnull, "w")
     if sys.stdout is None:  # started with stdout closed: fail when (and only if) there is output to write
@@ -588,9 +591,15 @@ class _ClosedStream:
         return False
 
 
+MAX_ERROR_CHARS = 2000  # a hostile file can put megabytes of text into a name an error quotes
+
+
 def _fail(message: str, status: int) -> int:
+    line = " ".join(message.split())
+    if len(line) > MAX_ERROR_CHARS:
+        line = line[:MAX_ERROR_CHARS - 1] + "…"
     try:
-        print(" ".join(message.split()), file=sys.stderr, flush=True)
+        print(line, file=sys.stderr, flush=True)
     except (OSError, ValueError):  # stderr is closed too: the status has to say it
         pass
     return status

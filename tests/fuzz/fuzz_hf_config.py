@@ -20,6 +20,7 @@ import tempfile
 
 import numpy as np
 
+from harness import Choices
 from kiln.frontend.hf_checkpoint import load_hf_checkpoint
 from kiln.frontend.safetensors_file import write_safetensors
 
@@ -38,20 +39,7 @@ INTERESTING_STRINGS = ["", "llama", "silu", "gelu", "default", "llama3", "yarn",
 _state: dict = {}
 
 
-class Bytes:
-    """Reads choices from the fuzzer's bytes (zeros once they run out)."""
-
-    def __init__(self, data: bytes):
-        self.data, self.pos = data, 0
-
-    def byte(self) -> int:
-        value = self.data[self.pos] if self.pos < len(self.data) else 0
-        self.pos += 1
-        return value
-
-    def pick(self, items):
-        return items[self.byte() % len(items)]
-
+class ConfigChoices(Choices):
     def value(self, depth: int = 0):
         kind = self.byte() % 8
         if kind <= 1:
@@ -72,7 +60,7 @@ class Bytes:
 def config_text(data: bytes) -> bytes:
     if data[:1] == b"{":
         return data
-    source = Bytes(data)
+    source = ConfigChoices(data)
     config = dict(VALID)
     for _ in range(source.byte() % 6):
         key, action = source.pick(KEYS), source.byte() % 4
