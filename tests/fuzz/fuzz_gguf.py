@@ -24,6 +24,7 @@ import tempfile
 import gguf
 import numpy as np
 
+from harness import Choices
 from kiln.frontend.gguf_file import DEQUANTIZABLE, GGUFFile
 from kiln.frontend.gguf_model import load_gguf, prequantized_from_gguf
 from kiln.frontend.tokenizer import tokenizer_from_gguf
@@ -56,21 +57,8 @@ TENSOR_NAMES = ["blk.1.ffn_up.weight", "blk.00.ffn_up.weight", "output.weight", 
 MAX_DATA_BYTES = 1 << 16
 
 
-class Bytes:
-    """Reads choices from the fuzzer's bytes (zeros once they run out)."""
-
-    def __init__(self, data: bytes):
-        self.data, self.pos = data, 0
-
-    def byte(self) -> int:
-        value = self.data[self.pos] if self.pos < len(self.data) else 0
-        self.pos += 1
-        return value
-
-    def pick(self, items):
-        return items[self.byte() % len(items)]
-
-    def integer(self, value_type: GGUFValueType) -> int:
+class GGUFChoices(Choices):
+    def integer(self, value_type: gguf.GGUFValueType) -> int:
         low, high = _RANGES[value_type]
         value = self.pick(INTERESTING_INTS) * (-1 if self.byte() & 1 else 1)
         return low + (value - low) % (high - low)
@@ -149,7 +137,7 @@ def write_gguf(path: str, arch: str, metadata: dict, tensors: dict, seed: int = 
 
 def edited_file(data: bytes, path: str) -> None:
     """Apply the edit script ``data`` to the valid model and write it to ``path``."""
-    source = Bytes(data)
+    source = GGUFChoices(data)
     arch, metadata, tensors = llama_model(source.pick([Q.F32, Q.Q8_0, Q.Q4_0, Q.Q4_1]), 32, 4, 2, 32,
                                           tied=bool(source.byte() & 1), add_bos=bool(source.byte() & 1))
     for _ in range(source.byte() % 6):
