@@ -104,10 +104,24 @@ class Engine:
         # The executor and the page manager run one step at a time. Reentrant: a stream abandoned in a
         # reference cycle may be finalized by the garbage collector inside a step of the same thread.
         self._step_lock = threading.RLock()
+        self._closed = False
 
     @classmethod
     def from_path(cls, path: str, **backend_options) -> "Engine":
         return cls(open_artifact(path), **backend_options)
+
+    def close(self) -> None:
+        """Release what the backend holds outside memory (ONNX Runtime's private copy of its models) now
+        rather than when the engine is garbage-collected."""
+        with self._step_lock:
+            self._closed = True
+            self.executor.close()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # low level ----------------------------------------------------------------
     @contextlib.contextmanager
@@ -143,6 +157,8 @@ class Engine:
             raise ConfigError(f"token ids must be in [0, {self.vocab_size}), got {tokens.min()}..{tokens.max()}")
         n = tokens.shape[1]
         with self._step_lock:
+            if self._closed:
+                raise ConfigError("this engine was closed; load the artifact again")
             for seq_id in seq_ids:
                 if self.pages.lengths[seq_id] + n > self.max_seq_len:
                     raise ConfigError(f"{self.pages.lengths[seq_id] + n} tokens exceed the compiled maximum of "

@@ -14,7 +14,7 @@ import pytest
 
 import kiln
 from kiln.cli import main
-from kiln.ir.errors import ArtifactError
+from kiln.ir.errors import ArtifactError, ConfigError
 from kiln.runtime.artifact import open_artifact
 
 from tiny_checkpoint import copy_artifact, read_manifest, rehash, snapshot, write_checkpoint, write_manifest
@@ -276,8 +276,10 @@ def test_the_onnx_models_load_from_a_private_copy_removed_with_the_engine(artifa
     (copy,) = _private_copies()
     assert oct(os.stat(os.path.join(tempfile.gettempdir(), copy)).st_mode & 0o777) == "0o700"
     assert engine.logits([72, 105]).shape == (2, 128)
-    engine.executor.close()
+    engine.close()
     assert _private_copies() == []
+    with pytest.raises(ConfigError, match="this engine was closed"):
+        engine.logits([72, 105])
 
 
 def test_a_rehashed_manifest_edit_is_still_validated(artifacts, tmp_path):

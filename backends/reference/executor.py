@@ -22,6 +22,9 @@ class ReferenceExecutor:
     def end_sequence(self, first_page: int) -> None:
         """Nothing to do: the paged cache needs no per-sequence state beyond the engine's page table."""
 
+    def close(self) -> None:
+        """Nothing to release early: the library's file was removed once it was loaded."""
+
     def run(self, function: str, input_ids: np.ndarray, positions: np.ndarray, page_table: np.ndarray) -> np.ndarray:
         logits, self.cache = run_function(self.module, function, [input_ids, positions, self.cache, page_table],
                                           weights=self.weights)

@@ -98,6 +98,9 @@ class TVMExecutor:
     def end_sequence(self, first_page: int) -> None:
         """Nothing to do: the paged cache needs no per-sequence state beyond the engine's page table."""
 
+    def close(self) -> None:
+        """Nothing to release early: the library's file was removed once it was loaded."""
+
     def run(self, function: str, input_ids: np.ndarray, positions: np.ndarray, page_table: np.ndarray) -> np.ndarray:
         tensor = self._tvm.runtime.tensor
         out = self.functions[function](tensor(np.ascontiguousarray(input_ids, dtype=np.int64), self.device),
