@@ -587,9 +587,16 @@ def test_watchdog_never_raises_after_the_render_returns(monkeypatch):
 
     monkeypatch.setattr(chat_template, "_GRACE_S", 0.0)
     monkeypatch.setattr(chat_template, "_set_async_exc", counting)
-    template = "{% for i in range(20000) %}{% endfor %}done"
+    # Every third render has no deadline checks, so that the watchdog alone stops it and surely fires (on a
+    # quiet machine the checks could otherwise win every race); the others race as described.
+    real_tick, only_watchdog = chat_template._Budget.tick, [False]
+    monkeypatch.setattr(chat_template._Budget, "tick", lambda budget: None if only_watchdog[0] else real_tick(budget))
+    racing = "{% for i in range(20000) %}{% endfor %}done"
+    long = "{% for i in range(100000) %}{% for j in range(10) %}{% endfor %}{% endfor %}done"  # ~1 s unchecked
     outcomes = set()
     for attempt in range(300):
+        only_watchdog[0] = attempt % 3 == 0
+        template = long if only_watchdog[0] else racing
         try:
             outcomes.add(render_chat(template, ONE_TURN, time_budget_s=0.0005 + 0.00005 * (attempt % 200)))
         except ConfigError as error:
