@@ -370,14 +370,15 @@ def test_long_messages_through_tojson_fit_the_budget():
     assert rendered == json.dumps(messages, indent=2, ensure_ascii=False)
 
 
-def test_real_templates_render_fast():
-    # A render costs a fraction of a millisecond; what this catches is a per-render cost such as a thread.
+def test_renders_share_one_watchdog_thread():
+    # What a per-render cost would look like is a thread per render; the watchdog is one thread for all
+    # (speed itself is a benchmark's to show, not a test's).
     messages = CONVERSATIONS["system_three_turns"] * 4
     render_chat(QWEN2, messages)
-    start = time.perf_counter()
+    threads = threading.active_count()
     for _ in range(200):
         render_chat(QWEN2, messages)
-    assert (time.perf_counter() - start) / 200 < 0.01
+    assert threading.active_count() == threads
 
 
 # --- hostile templates: refused within their budgets ----------------------------------------------------
