@@ -1,7 +1,7 @@
 """Fuzz target: open, load and run an artifact whose manifest is mutated.
 
 The other files are those of a small, valid reference-backend artifact (``artifact_seed/``: a 1-layer
-Llama with a 128-token character tokenizer and a chat template; remake it with ``--make-seed``). The input
+Llama with a 128-token character tokenizer and a chat template; remake it with ``--make-seeds``). The input
 drives structured edits of the seed's manifest (replace, delete or add a value anywhere in its JSON tree,
 with integers at the edges of their ranges, strings naming other files, lists, objects) and, when its
 first byte is odd, raw byte edits of the JSON text. Each mutated manifest is written into a private copy
@@ -18,7 +18,7 @@ import shutil
 import sys
 import tempfile
 
-from harness import Choices
+from harness import Choices, run, write_seeds
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SEED = os.path.join(HERE, "artifact_seed")
@@ -119,8 +119,9 @@ def check(data: bytes) -> None:
     engine.logits([72, 105])
 
 
-def make_seed() -> None:
-    """Write artifact_seed/: a 1-layer Llama (hidden 16) with the tests' character tokenizer, reference backend."""
+def make_seeds(corpus: str) -> None:
+    """Write artifact_seed/ (a 1-layer Llama, hidden 16, with the tests' character tokenizer, reference backend)
+    and two seed inputs: the manifest as it is, and one edit."""
     import transformers
 
     sys.path.insert(0, os.path.dirname(HERE))
@@ -138,12 +139,8 @@ def make_seed() -> None:
     shutil.rmtree(SEED, ignore_errors=True)
     kiln.compile(work, backend="reference", max_seq_len=48, page_size=8, max_num_seqs=2, output=SEED)
     shutil.rmtree(work)
+    write_seeds(corpus, {"seed-unchanged-manifest": b"\x00", "seed-one-edit": b"\x00\x03\x05\x02\x00"})
 
 
 if __name__ == "__main__":
-    if "--make-seed" in sys.argv:
-        make_seed()
-    else:
-        from harness import main
-
-        main(check, "artifact")
+    run(check, "artifact", make_seeds)

@@ -18,13 +18,12 @@ import atexit
 import math
 import os
 import shutil
-import sys
 import tempfile
 
 import gguf
 import numpy as np
 
-from harness import Choices
+from harness import Choices, run, write_seeds
 from kiln.frontend.gguf_file import DEQUANTIZABLE, GGUFFile
 from kiln.frontend.gguf_model import load_gguf, prequantized_from_gguf
 from kiln.frontend.tokenizer import tokenizer_from_gguf
@@ -200,10 +199,8 @@ def check(data: bytes) -> None:
     prequantized_from_gguf(gguf_file, config)
 
 
-def make_seeds() -> None:
+def make_seeds(corpus: str) -> None:
     """Write the seed inputs into the corpus folder (tens of KB in all)."""
-    corpus = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus", "gguf")
-    os.makedirs(corpus, exist_ok=True)
     for name, args in {"seed-llama-f32-tied.gguf": (Q.F32, 8, 2, 1, 16, True, False),
                        "seed-llama-q8_0-untied.gguf": (Q.Q8_0, 32, 4, 2, 32, False, True),
                        "seed-llama-q4_0-tied.gguf": (Q.Q4_0, 32, 2, 1, 32, True, False),
@@ -215,16 +212,10 @@ def make_seeds() -> None:
     write_gguf(os.path.join(corpus, "seed-every-value-kind.gguf"), "test", metadata,
                {"t.f16": ((2, 8), Q.F16), "t.bf16": ((8,), Q.BF16), "t.q8": ((1, 32), Q.Q8_0)})
     # Edit scripts: the valid model as it is, and with a few edits.
-    for name, script in {"seed-edits-none.bin": b"\x00\x00\x00\x00", "seed-edits-dims.bin": b"\x01\x01\x00\x02\x02\x03\x00\x05",
-                         "seed-edits-keys.bin": b"\x02\x00\x01\x02\x00\x04\x00\x03\x05\x01\x00\x07"}.items():
-        with open(os.path.join(corpus, name), "wb") as f:
-            f.write(script)
+    write_seeds(corpus, {"seed-edits-none.bin": b"\x00\x00\x00\x00",
+                         "seed-edits-dims.bin": b"\x01\x01\x00\x02\x02\x03\x00\x05",
+                         "seed-edits-keys.bin": b"\x02\x00\x01\x02\x00\x04\x00\x03\x05\x01\x00\x07"})
 
 
 if __name__ == "__main__":
-    if "--make-seeds" in sys.argv:
-        make_seeds()
-    else:
-        from harness import main
-
-        main(check, "gguf")
+    run(check, "gguf", make_seeds)

@@ -15,12 +15,11 @@ import json
 import math
 import os
 import shutil
-import sys
 import tempfile
 
 import numpy as np
 
-from harness import Choices
+from harness import Choices, run, write_seeds
 from kiln.frontend.hf_checkpoint import load_hf_checkpoint
 from kiln.frontend.safetensors_file import write_safetensors
 
@@ -112,10 +111,8 @@ def check(data: bytes) -> None:
     assert all(p.device.type == "cpu" for p in loaded.module.parameters())
 
 
-def make_seeds() -> None:
+def make_seeds(corpus: str) -> None:
     """Write the seed inputs into the corpus folder: valid configs as JSON text, and edit scripts."""
-    corpus = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus", "hf_config")
-    os.makedirs(corpus, exist_ok=True)
     seeds = {
         "seed-llama.json": json.dumps(VALID),
         "seed-mistral-window.json": json.dumps({**VALID, "model_type": "mistral", "sliding_window": 8}),
@@ -126,20 +123,10 @@ def make_seeds() -> None:
         "seed-gpt2.json": json.dumps({"model_type": "gpt2", "vocab_size": 32, "n_embd": 16, "n_layer": 2, "n_head": 4,
                                       "n_positions": 64}),
     }
-    for name, text in seeds.items():
-        with open(os.path.join(corpus, name), "w") as f:
-            f.write(text)
     # Edit scripts (not starting with "{"): no edit, and a few single-key edits.
-    for name, script in {"seed-edits-none.bin": b"\x00", "seed-edits-one.bin": b"\x01\x05\x02\x00\x07",
-                         "seed-edits-three.bin": b"\x03\x0a\x02\x01\x02\x03\x00\x00\x01\x00"}.items():
-        with open(os.path.join(corpus, name), "wb") as f:
-            f.write(script)
+    write_seeds(corpus, {**seeds, "seed-edits-none.bin": b"\x00", "seed-edits-one.bin": b"\x01\x05\x02\x00\x07",
+                         "seed-edits-three.bin": b"\x03\x0a\x02\x01\x02\x03\x00\x00\x01\x00"})
 
 
 if __name__ == "__main__":
-    if "--make-seeds" in sys.argv:
-        make_seeds()
-    else:
-        from harness import main
-
-        main(check, "hf_config")
+    run(check, "hf_config", make_seeds)

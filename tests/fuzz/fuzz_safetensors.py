@@ -12,7 +12,6 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
-import sys
 import tempfile
 
 import numpy as np
@@ -44,15 +43,13 @@ def check(data: bytes) -> None:
         assert again.array(name).tobytes() == array.tobytes() and again.array(name).shape == array.shape, name
 
 
-def make_seeds() -> None:
+def make_seeds(corpus: str) -> None:
     """Write the seed inputs into the corpus folder (a few KB in all)."""
     import ml_dtypes
     import safetensors.numpy
     import safetensors.torch
     import torch
 
-    corpus = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus", "safetensors")
-    os.makedirs(corpus, exist_ok=True)
     rng = np.random.default_rng(0)
     safetensors.numpy.save_file({
         "f64": rng.standard_normal((2, 2)), "f32": rng.standard_normal((3, 2)).astype(np.float32),
@@ -69,9 +66,6 @@ def make_seeds() -> None:
 
 
 if __name__ == "__main__":
-    if "--make-seeds" in sys.argv:
-        make_seeds()
-    else:
-        from harness import main
+    from harness import run
 
-        main(check, "safetensors")
+    run(check, "safetensors", make_seeds)

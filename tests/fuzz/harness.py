@@ -71,3 +71,21 @@ def main(check, name: str) -> None:
             args.append(corpus)
     atheris.Setup(args, lambda data: expect_kiln_errors_only(check, data))
     atheris.Fuzz()
+
+
+def run(check, name: str, make_seeds=None) -> None:
+    """A target's command line: ``--make-seeds`` writes its seed inputs into ``tests/fuzz/corpus/<name>/``
+    (``make_seeds(folder)``), anything else fuzzes it (:func:`main`)."""
+    if "--make-seeds" in sys.argv and make_seeds is not None:
+        folder = os.path.join(CORPUS, name)
+        os.makedirs(folder, exist_ok=True)
+        make_seeds(folder)
+    else:
+        main(check, name)
+
+
+def write_seeds(folder: str, seeds: dict) -> None:
+    """Seed inputs: file name -> bytes (or text, written as UTF-8)."""
+    for file_name, content in seeds.items():
+        with open(os.path.join(folder, file_name), "wb") as f:
+            f.write(content.encode("utf-8") if isinstance(content, str) else content)
