@@ -21,7 +21,7 @@ import tempfile
 
 from .errors import KilnError, ModelFormatError
 
-KiB, MiB, GiB = 2**10, 2**20, 2**30
+MiB = 2**20
 MAX_JSON_BYTES = 64 * MiB  # config.json, tokenizer_config.json, generation_config.json, manifests
 MAX_TOKENIZER_BYTES = 512 * MiB  # tokenizer.json (large vocabularies run to tens of MB)
 MAX_TEMPLATE_BYTES = 1 * MiB  # a chat template (real ones are a few KB)

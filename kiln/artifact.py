@@ -6,14 +6,13 @@ atomic swap; anything else of the user's is refused and left untouched.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 
 from kiln import __version__
 from kiln.ir.errors import ArtifactError, ConfigError
-from kiln.ir.files import check_replaceable, install_directory, make_staging_directory
+from kiln.ir.files import check_replaceable, install_directory, make_staging_directory, sha256_of
 from kiln.ir.printer import print_module
 from kiln.runtime.artifact import FORMAT_NAME, FORMAT_VERSION, MANIFEST, read_manifest
 
@@ -116,13 +115,8 @@ def _is_artifact_dir(path: str) -> bool:
 
 
 def _file_entry(path: str) -> dict:
-    digest = hashlib.sha256()
-    size = 0
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-            size += len(block)
-    return {"sha256": digest.hexdigest(), "bytes": size}
+        return {"sha256": sha256_of(f), "bytes": os.fstat(f.fileno()).st_size}
 
 
 def _vocab_size(module, config) -> int | None:
