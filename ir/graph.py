@@ -185,6 +185,13 @@ class Function:
         for v in node.outputs:
             self._names.discard(v.name)
 
+    def remove_param(self, param: Value) -> None:
+        """Drop a parameter nothing reads any more."""
+        if param.uses or self.is_result(param):
+            raise AssertionError(f"removing parameter %{param.name} that is still used")
+        self.params = [p for p in self.params if p is not param]
+        self._names.discard(param.name)
+
     def is_result(self, value: Value) -> bool:
         return any(r is value for r in self.results)
 

@@ -3,12 +3,10 @@
 The fusion passes produce these; each has its shape rule and a numpy reference
 that mirrors the float32 arithmetic of the unfused graph it replaces.
 
-Paged KV cache layout (one tensor for all layers):
-``kv_cache[num_layers, 2, num_pages, num_kv_heads, page_size, head_dim]``
-(index 0 of axis 1 is K, 1 is V). Token at absolute position ``p`` of
-sequence ``b`` lives in page ``page_table[b, p // page_size]`` at offset
-``p % page_size``. A position of -1 marks padding: it is not written and its
-output row is zero.
+The paged KV cache's pools are declared by ``kv_cache.KVCacheSpec``: a layer's
+K and V live at ``[index, page, kv_head, offset, :]`` of its group's pools, and
+token ``p`` of sequence ``s`` lives in page ``page_table[s, p // page_size]`` at
+offset ``p % page_size``.
 """
 
 from __future__ import annotations
@@ -204,85 +202,77 @@ define_op("attention", infer=_attention_infer, reference=_attention_ref, attrs=d
 
 
 def _paged_attention_infer(types, attrs, module):
-    q, k, v, cache, page_table, positions = types
+    q, k, v, k_pool, v_pool, page_table, positions, token_seq = types
     _check_heads("paged_attention", q, k, v, attrs)
-    if cache.rank != 6 or cache.shape[1] != 2 or cache.shape[3] != k.shape[1] or cache.shape[5] != k.shape[3]:
-        raise fail("paged_attention", f"kv_cache must be [layers, 2, pages, {k.shape[1]}, page_size, "
-                                      f"{k.shape[3]}], found {cache}")
-    if not (isinstance(attrs["layer"], int) and 0 <= attrs["layer"] < cache.shape[0]):
-        raise fail("paged_attention", f"layer {attrs['layer']} outside the cache's {cache.shape[0]} layers")
-    if not is_float(cache.dtype):
-        raise fail("paged_attention", f"cache dtype must be a float type, found {cache.dtype}")
-    if page_table.rank != 2 or page_table.dtype != "i32" or page_table.shape[0] != q.shape[0]:
-        raise fail("paged_attention", f"page_table must be i32[batch, pages_per_seq], found {page_table}")
-    if positions.rank != 2 or positions.dtype != "i64" or positions.shape != (q.shape[0], q.shape[2]):
-        raise fail("paged_attention", f"positions must be i64[{q.shape[0]}, {q.shape[2]}], found {positions}")
+    if q.shape[0] != 1:
+        raise fail("paged_attention", f"the step's tokens are one flat row: expected q [1, heads, tokens, head_dim], "
+                                      f"found {q}")
     if k.shape[2] != q.shape[2] or v.shape[2] != q.shape[2]:
-        raise fail("paged_attention", f"q, k, v must share seq: {q}, {k}, {v}")
-    return [TensorType(q.dtype, (q.shape[0], q.shape[1], q.shape[2], v.shape[3])), cache]
+        raise fail("paged_attention", f"q, k, v must share tokens: {q}, {k}, {v}")
+    for name, pool, x in (("k_pool", k_pool, k), ("v_pool", v_pool, v)):
+        if pool.rank != 5 or pool.shape[2] != x.shape[1] or pool.shape[4] != x.shape[3]:
+            raise fail("paged_attention", f"{name} must be [layers, pages, {x.shape[1]}, page_size, {x.shape[3]}], "
+                                          f"found {pool}")
+        if not is_float(pool.dtype):
+            raise fail("paged_attention", f"{name} dtype must be a float type, found {pool.dtype}")
+    if k_pool.shape[:2] != v_pool.shape[:2] or k_pool.shape[3] != v_pool.shape[3] or k_pool.dtype != v_pool.dtype:
+        raise fail("paged_attention", f"k_pool and v_pool differ in layers, pages, page size or dtype: {k_pool}, "
+                                      f"{v_pool}")
+    if not (isinstance(attrs["index"], int) and 0 <= attrs["index"] < k_pool.shape[0]):
+        raise fail("paged_attention", f"index {attrs['index']} outside the pools' {k_pool.shape[0]} layers")
+    if not (isinstance(attrs["layer"], int) and attrs["layer"] >= 0):
+        raise fail("paged_attention", f"layer must be a non-negative integer, found {attrs['layer']}")
+    if page_table.rank != 2 or page_table.dtype != "i32":
+        raise fail("paged_attention", f"page_table must be i32[seqs, pages_per_seq], found {page_table}")
+    if positions.rank != 2 or positions.dtype != "i64" or positions.shape != (1, q.shape[2]):
+        raise fail("paged_attention", f"positions must be i64[1, {q.shape[2]}], found {positions}")
+    if token_seq.rank != 1 or token_seq.dtype != "i32" or token_seq.shape[0] != q.shape[2]:
+        raise fail("paged_attention", f"token_seq must be i32[{q.shape[2]}], found {token_seq}")
+    return [TensorType(q.dtype, (1, q.shape[1], q.shape[2], v.shape[3])), k_pool, v_pool]
 
 
 def _paged_attention_ref(xs, attrs):
-    q, k, v, cache, page_table, positions = xs
-    layer = attrs["layer"]
-    page_size = cache.shape[4]
-    cache = cache.copy()
-    batch, _, seq, _ = q.shape
-    for b in range(batch):
-        for t in range(seq):
-            pos = int(positions[b, t])
-            if pos < 0:
-                continue
-            page = int(page_table[b, pos // page_size])
-            cache[layer, 0, page, :, pos % page_size, :] = k[b, :, t, :]
-            cache[layer, 1, page, :, pos % page_size, :] = v[b, :, t, :]
-    out = np.zeros(q.shape[:3] + (v.shape[3],), dtype=q.dtype)
-    for b in range(batch):
-        valid = positions[b] >= 0
-        if not valid.any():
-            continue
-        length = int(positions[b][valid].max()) + 1
-        pages = [int(page_table[b, i]) for i in range((length + page_size - 1) // page_size)]
-        keys = np.concatenate([cache[layer, 0, p] for p in pages], axis=1)[:, :length]
-        values = np.concatenate([cache[layer, 1, p] for p in pages], axis=1)[:, :length]
-        rows = attention_reference(q[b], keys, values, np.arange(length), positions[b], attrs["scale"],
-                                   attrs["window"])
-        out[b] = np.where(valid[None, :, None], rows, 0)
-    return [out, cache]
+    q, k, v, k_pool, v_pool, page_table, positions, token_seq = xs
+    index = attrs["index"]
+    page_size = k_pool.shape[3]
+    k_pool, v_pool = k_pool.copy(), v_pool.copy()
+    positions = positions[0]
+    for t in range(q.shape[2]):
+        pos, seq = int(positions[t]), int(token_seq[t])
+        page = int(page_table[seq, pos // page_size])
+        k_pool[index, page, :, pos % page_size, :] = k[0, :, t, :]
+        v_pool[index, page, :, pos % page_size, :] = v[0, :, t, :]
+    out = np.zeros((1, q.shape[1], q.shape[2], v.shape[3]), dtype=q.dtype)
+    for seq in sorted(set(int(s) for s in token_seq)):
+        rows = np.flatnonzero(token_seq == seq)
+        length = int(positions[rows].max()) + 1
+        pages = [int(page_table[seq, i]) for i in range((length + page_size - 1) // page_size)]
+        keys = np.concatenate([k_pool[index, p] for p in pages], axis=1)[:, :length]
+        values = np.concatenate([v_pool[index, p] for p in pages], axis=1)[:, :length]
+        out[0][:, rows] = attention_reference(q[0][:, rows], keys, values, np.arange(length), positions[rows],
+                                              attrs["scale"], attrs["window"])
+    return [out, k_pool, v_pool]
 
 
 define_op("paged_attention", infer=_paged_attention_infer, reference=_paged_attention_ref,
-          attrs={**_ATTN_ATTRS, "layer": REQUIRED}, inputs=6,
-          doc="write k/v of each token at its position into the paged cache, then attend causally over "
-              "the sequence's cached history; returns (output, updated cache)")
+          attrs={**_ATTN_ATTRS, "layer": REQUIRED, "index": REQUIRED}, inputs=8,
+          doc="the ragged step's attention: token t of the flat batch belongs to sequence token_seq[t] at "
+              "positions[0, t]; its K/V are written into the pools at [index, page_table[seq, pos // page_size], "
+              ":, pos % page_size], then it attends causally over that sequence's cached tokens 0..pos (within "
+              "the window); returns (output, updated k_pool, updated v_pool)")
 
 
 def default_scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim)
 
 
-def _last_token_infer(types, attrs, module):
-    x, positions = types
-    if x.rank < 2 or positions.rank != 2 or positions.dtype != "i64" or positions.shape != tuple(x.shape[:2]):
-        raise fail("last_token", f"expected x[batch, seq, ...] and positions i64[batch, seq], "
-                                 f"found {x} and {positions}")
-    return [TensorType(x.dtype, (x.shape[0], 1) + tuple(x.shape[2:]))]
+def _select_rows_infer(types, attrs, module):
+    x, rows = types
+    if x.rank < 2 or x.shape[0] != 1 or rows.rank != 1 or rows.dtype != "i64":
+        raise fail("select_rows", f"expected x[1, tokens, ...] and rows i64[n], found {x} and {rows}")
+    return [TensorType(x.dtype, (1, rows.shape[0]) + tuple(x.shape[2:]))]
 
 
-def last_token_index(positions: np.ndarray) -> np.ndarray:
-    """Per row, the index of the last entry with a position >= 0 (rows are right-padded with -1); 0 if none."""
-    seq = positions.shape[1]
-    valid = positions >= 0
-    last = seq - 1 - np.argmax(valid[:, ::-1], axis=1)
-    return np.where(valid.any(axis=1), last, 0)
-
-
-def _last_token_ref(xs, attrs):
-    x, positions = xs
-    index = last_token_index(positions)
-    return [x[np.arange(x.shape[0]), index][:, None]]
-
-
-define_op("last_token", infer=_last_token_infer, reference=_last_token_ref, inputs=2,
-          doc="x[b, s, ...] -> x[b, last, ...][:, None]: each row's last real token (positions >= 0; rows are "
-              "right-padded with -1), so prefill computes the logits generation needs and no others")
+define_op("select_rows", infer=_select_rows_infer, reference=lambda xs, a: [np.take(xs[0], xs[1], axis=1)],
+          inputs=2, doc="x[:, rows]: the step's positions that need logits (one per sequence when generating, "
+                        "all of them for perplexity), so the per-position tail runs on those rows only")

@@ -14,12 +14,12 @@ PIPELINE = [
     "eliminate_dead_code",
     # Quantization (only when PassOptions.extra["quantize"] asks): weight-only int8 / int4 linears.
     "quantize_weights",
-    # KV cache: plan the pages, then split forward into prefill and decode.
+    # KV cache: declare the cache (its spec), then turn forward into @step, one ragged batch over it.
     "plan_kv_cache",
     "insert_kv_cache",
-    # Generation needs the logits of each prompt's last token only: @prefill_last computes just those.
-    "add_prefill_last",
-    # decode's seq = 1 makes some permutes plain reshapes.
+    # A step returns the logits of the rows asked for: select them before the output projection.
+    "select_logit_rows",
+    # batch = 1 makes some permutes plain reshapes.
     ("canonicalize", "eliminate_common_subexpressions", "eliminate_dead_code"),
     # Memory: plan activation buffers of each entry function.
     "plan_activation_memory",
