@@ -1,6 +1,17 @@
 """kiln's backends. Each has a lowering side (optimized IR -> files in an artifact) and an
-execution side (``executor.load_executor``) that the runtime uses to run prefill and decode;
-the execution side imports only its own runtime library, never torch, frontend or passes.
+execution side (``executor.load_executor``) that the runtime uses to run the step; the execution
+side imports only its own runtime library, never torch, frontend or passes.
+
+The execution side's contract (every executor):
+
+- ``step(function, inputs) -> logits``: run ``@step`` (or ``@step_decode``) on ``inputs``, a dict of the
+  step's inputs by name (``ir.kv_cache.STEP_INPUTS``: token_ids i64[T], positions i64[T], token_seq
+  i32[T], page_table i32[S, P], logit_rows i64[R]); returns float32 logits [R, vocab]. The cache pools
+  (``KVCacheSpec.pools()``) live inside the executor, allocated from the spec and bound by name.
+- ``shares_pages``: whether two sequences' page tables may name the same page (prefix caching);
+  where it is False the runtime never shares a page.
+- ``has_function(name)``, ``end_sequence(first_page)`` (the sequence whose page table starts with
+  ``first_page`` has released its pages), ``close()``.
 """
 
 from __future__ import annotations
@@ -38,7 +49,7 @@ def backend_version(name: str) -> str:
 
 
 def load_executor(info, **options):
-    """The execution side of the artifact's backend, ready to run prefill/decode; ``options`` are the
+    """The execution side of the artifact's backend, ready to run the step; ``options`` are the
     backend's own (every backend takes ``num_threads``), each checked here."""
     module = importlib.import_module(f"kiln.backends.{check_backend(info.backend)}.executor")
     accepted = [name for name in inspect.signature(module.load_executor).parameters if name != "info"]

@@ -13,6 +13,7 @@ import shutil
 from kiln import __version__
 from kiln.ir.errors import ArtifactError, ConfigError
 from kiln.ir.files import check_replaceable, install_directory, make_staging_directory, sha256_of
+from kiln.ir.kv_cache import DECODE_STEP, LOGITS, STEP, STEP_INPUTS
 from kiln.ir.printer import print_module
 from kiln.runtime.artifact import FORMAT_NAME, FORMAT_VERSION, MANIFEST, read_manifest
 
@@ -71,6 +72,7 @@ def write_artifact(path: str, module, source, *, backend: str, target: str, opti
             "pipeline": [list(p) if isinstance(p, tuple) else p for p in pipeline],
             "passes": module.metadata.get("passes", []),
             "kv_cache": module.metadata["kv_cache"],
+            "step": step_signature(module),
             "activations": module.metadata.get("activations"),
             "options": {"max_seq_len": options.max_seq_len, "max_num_seqs": options.max_num_seqs,
                         "page_size": options.page_size, "kv_cache_dtype": options.kv_cache_dtype,
@@ -87,6 +89,15 @@ def write_artifact(path: str, module, source, *, backend: str, target: str, opti
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def step_signature(module) -> dict:
+    """The generation entry's inputs and outputs, in order, as the executors bind them by name."""
+    fn = module.functions[STEP]
+    outputs = [LOGITS] + [p.name for p in fn.params[len(STEP_INPUTS):]]
+    return {"function": STEP, "inputs": [{"name": p.name, "type": str(p.type)} for p in fn.params],
+            "outputs": [{"name": name, "type": str(r.type)} for name, r in zip(outputs, fn.results)],
+            "functions": sorted(name for name in (STEP, DECODE_STEP) if name in module.functions)}
 
 
 def output_path(path) -> str:
@@ -120,9 +131,9 @@ def _file_entry(path: str) -> dict:
 
 
 def _vocab_size(module, config) -> int | None:
-    prefill = module.functions.get("prefill")
-    if prefill is not None:
-        last = prefill.results[0].type.shape[-1]
+    step = module.functions.get(STEP)
+    if step is not None:
+        last = step.results[0].type.shape[-1]
         if isinstance(last, int):
             return last
     return config.get("vocab_size")

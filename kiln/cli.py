@@ -10,6 +10,7 @@ import signal
 import sys
 
 from kiln import __version__
+from kiln.ir.kv_cache import KVCacheSpec
 
 MODEL_HELP = "'smollm2' (the embedded default), a .gguf file, a Hugging Face checkpoint dir, or an artifact dir"
 
@@ -433,11 +434,7 @@ def format_summary(summary: dict) -> str:
     lines.extend(f"  - {reason}" for reason in unfused)
     kv = summary.get("kv_cache")
     if kv:
-        lines.append(f"KV cache: {kv['layout']} = [{kv['num_layers']}, 2, {kv['num_pages']}, {kv['num_kv_heads']}, "
-                     f"{kv['page_size']}, {kv['head_dim']}] {kv['dtype']}")
-        lines.append(f"  {kv['bytes_per_token']:,} bytes per token, {kv['max_tokens']:,} tokens "
-                     f"({kv['total_bytes'] / 2**20:.1f} MiB), {kv['pages_per_seq']} pages per sequence of "
-                     f"{kv['max_seq_len']}")
+        lines.extend(KVCacheSpec.from_json(kv).describe())
     quant = summary.get("quantization")
     if quant:
         formats = ", ".join(f"{count} x {fmt}" for fmt, count in sorted(quant["weight_formats"].items()))

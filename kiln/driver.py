@@ -60,7 +60,7 @@ def summarize(module: Module) -> dict:
             "results": [str(r.type) for r in fn.results],
             "nodes": len(fn.nodes),
         }
-    entry = "prefill" if "prefill" in module.functions else next(iter(module.functions))
+    entry = "step" if "step" in module.functions else next(iter(module.functions))
     return {
         "model": module.metadata.get("model", {}).get("name"),
         "functions": functions,
@@ -81,5 +81,5 @@ def _activation_summary(plans):
     """Top level peak/naive bytes of the prefill plan, with every function's plan beside them."""
     if not plans:
         return None
-    main = plans.get("prefill") or next(iter(plans.values()))
+    main = plans.get("step") or next(iter(plans.values()))
     return {"peak_bytes": main.get("peak_bytes"), "naive_bytes": main.get("naive_bytes"), "functions": plans}

@@ -283,11 +283,13 @@ def check_activation_plan(function: Function, plan: ActivationPlan, env: dict, a
 
 
 def planning_env(function: Function, options: PassOptions) -> tuple:
-    """(env, defaulted symbols): decode plans one token for max_num_seqs sequences, others one long prompt."""
-    if function.name == "decode":
-        known = {"seq": 1, "batch": options.max_num_seqs}
+    """(env, defaulted symbols): @step_decode plans one token for each of max_num_seqs sequences, others (@step,
+    an uncompiled forward) one prompt of activation_seq_len tokens with the logits of its last."""
+    if function.name == "step_decode":
+        known = {"decode_tokens": options.max_num_seqs, "seqs": options.max_num_seqs}
     else:
-        known = {"seq": options.activation_seq_len or options.max_seq_len, "batch": 1}
+        length = options.activation_seq_len or options.max_seq_len
+        known = {"seq": length, "batch": 1, "tokens": length, "seqs": 1, "rows": 1}
     symbols = sorted({s for v in function.values() for s in v.type.symbols})
     defaulted = [s for s in symbols if s not in known]
     env = {s: known.get(s, 1) for s in symbols}

@@ -30,15 +30,16 @@ from dataclasses import dataclass
 
 from kiln.ir.errors import ArtifactError
 from kiln.ir.files import open_regular, read_bytes, remove_stale
+from kiln.ir.kv_cache import DECODE_STEP, STEP, STEP_INPUTS, KVCacheSpec
 
 FORMAT_NAME = "kiln-artifact"
-FORMAT_VERSION = 2  # 2: files carry {sha256, bytes}; every path in the manifest is one of them
+FORMAT_VERSION = 3  # 2: files carry {sha256, bytes}; every path in the manifest is one of them. 3: the KV-cache
+# spec and one ragged step
 MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 16 * 2**20
 PRIVATE_PREFIX = "kiln-load-"  # private copies: kiln-load-<pid>-<random> in the temporary directory
 _STALE_COPY = re.compile(r"^kiln-load-(\d+)-")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-_KV_DTYPES = {"f32": 4, "f16": 2}
 
 
 @dataclass(frozen=True)
@@ -382,8 +383,19 @@ def _check_manifest(path: str, manifest: dict) -> None:
         raise fail("model.vocab_size", "a positive integer", vocab)
     if not isinstance(manifest.get("module"), str):
         raise fail("module", "a file name", manifest.get("module"))
-    check_kv_plan_fields(manifest.get("kv_cache"), lambda field, expected, found: fail(f"kv_cache.{field}",
-                                                                                        expected, found))
+    try:
+        spec = KVCacheSpec.from_json(manifest.get("kv_cache"))
+    except ValueError as err:
+        raise ArtifactError(f"{path}: manifest field {_one_line(err)}; the artifact is damaged, recompile it") \
+            from None
+    step = manifest.get("step")
+    expected = list(STEP_INPUTS) + [pool.name for pool in spec.pools()]
+    if not (isinstance(step, dict) and step.get("function") == STEP and isinstance(step.get("inputs"), list)
+            and [i.get("name") if isinstance(i, dict) else None for i in step["inputs"]] == expected
+            and isinstance(step.get("functions"), list) and STEP in step["functions"]
+            and set(step["functions"]) <= {STEP, DECODE_STEP}):
+        raise fail("step", f"the step signature (function {STEP}, inputs {', '.join(expected)}, functions "
+                           f"{STEP} and optionally {DECODE_STEP})", step)
     tokenizer = manifest.get("tokenizer")
     if tokenizer is not None:
         if not isinstance(tokenizer, dict):
@@ -407,32 +419,6 @@ def _check_manifest(path: str, manifest: dict) -> None:
         raise fail("chat_template", "a file name or null", template)
     if template is not None and tokenizer is None:
         raise fail("chat_template", "null when there is no tokenizer", template)
-
-
-def check_kv_plan_fields(plan, fail) -> None:
-    """The KV plan's fields the runtime reads: positive integers whose arithmetic agrees. ``fail(field,
-    expected, found)`` makes the error to raise."""
-    if not isinstance(plan, dict):
-        raise fail("", "an object", plan)
-    for field in ("num_layers", "num_kv_heads", "head_dim", "page_size", "num_pages", "pages_per_seq",
-                  "max_seq_len", "max_num_seqs", "bytes_per_token", "total_bytes"):
-        if not _count(plan.get(field), minimum=1):
-            raise fail(field, "a positive integer", plan.get(field))
-    if not isinstance(plan.get("dtype"), str) or plan["dtype"] not in _KV_DTYPES:
-        raise fail("dtype", f"one of {', '.join(_KV_DTYPES)}", plan.get("dtype"))
-    per_token = plan["num_layers"] * 2 * plan["num_kv_heads"] * plan["head_dim"] * _KV_DTYPES[plan["dtype"]]
-    if plan["bytes_per_token"] != per_token:
-        raise fail("bytes_per_token", f"num_layers x 2 x num_kv_heads x head_dim x itemsize = {per_token}",
-                   plan["bytes_per_token"])
-    if plan["pages_per_seq"] * plan["page_size"] < plan["max_seq_len"]:
-        raise fail("pages_per_seq", f"at least max_seq_len / page_size = {-(-plan['max_seq_len'] // plan['page_size'])}",
-                   plan["pages_per_seq"])
-    if plan["num_pages"] < plan["pages_per_seq"]:
-        raise fail("num_pages", f"at least pages_per_seq ({plan['pages_per_seq']}) so that one sequence fits",
-                   plan["num_pages"])
-    total = plan["num_pages"] * plan["page_size"] * per_token
-    if plan["total_bytes"] != total:
-        raise fail("total_bytes", f"num_pages x page_size x bytes_per_token = {total}", plan["total_bytes"])
 
 
 def _count(value, minimum: int = 0) -> bool:

@@ -1,20 +1,23 @@
-"""Execution side of the reference backend: prefill/decode through the numpy interpreter."""
+"""Execution side of the reference backend: the step through the numpy interpreter, pools as numpy arrays."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from kiln.ir.interpreter import run_function
+from kiln.ir.kv_cache import STEP_INPUTS, KVCacheSpec
 from kiln.ir.parser import parse_module
+from kiln.ir.types import numpy_dtype
 
 
 class ReferenceExecutor:
+    shares_pages = True
+
     def __init__(self, module, weights: dict):
         self.module = module
         self.weights = weights
-        plan = module.metadata["kv_cache"]
-        self.cache = np.zeros((plan["num_layers"], 2, plan["num_pages"], plan["num_kv_heads"], plan["page_size"],
-                               plan["head_dim"]), dtype={"f32": np.float32, "f16": np.float16}[plan["dtype"]])
+        spec = KVCacheSpec.from_json(module.metadata["kv_cache"])
+        self.pools = {pool.name: np.zeros(pool.shape, numpy_dtype(pool.dtype)) for pool in spec.pools()}
 
     def has_function(self, name: str) -> bool:
         return name in self.module.functions
@@ -23,12 +26,15 @@ class ReferenceExecutor:
         """Nothing to do: the paged cache needs no per-sequence state beyond the engine's page table."""
 
     def close(self) -> None:
-        """Nothing to release early: the library's file was removed once it was loaded."""
+        """Nothing to release early."""
 
-    def run(self, function: str, input_ids: np.ndarray, positions: np.ndarray, page_table: np.ndarray) -> np.ndarray:
-        logits, self.cache = run_function(self.module, function, [input_ids, positions, self.cache, page_table],
-                                          weights=self.weights)
-        return logits
+    def step(self, function: str, inputs: dict) -> np.ndarray:
+        fn = self.module.functions[function]
+        names = [p.name for p in fn.params]
+        arrays = [inputs[name] if name in STEP_INPUTS else self.pools[name] for name in names]
+        out = run_function(self.module, function, arrays, weights=self.weights)
+        self.pools.update(zip(names[len(STEP_INPUTS):], out[1:]))
+        return out[0]
 
 
 def load_executor(info, num_threads: int | None = None):
