@@ -139,21 +139,21 @@ def prefill_case(cfg, seed=1):
 
 
 def append_case(cfg, seed=2):
-    """K/V rows of two sequences (one row skipped with row_pos -1) written into layer `layer`."""
+    """K/V rows of two sequences written into layer `layer` of separate K and V pools."""
     rng = np.random.default_rng(seed)
     cache, table, k_base, v_base = _paged_cache(rng, cfg, [3 * cfg["page"] + 5, 12])
     cache = np.nan_to_num(cache, nan=7.0)
     row_seq = np.array([0, 0, 1, 1, 0, 1], dtype="int32")
-    row_pos = np.array([0, 3 * cfg["page"] + 4, 7, -1, cfg["page"], 11], dtype="int32")
+    row_pos = np.array([0, 3 * cfg["page"] + 4, 7, 8, cfg["page"], 11], dtype="int32")
     k = rng.standard_normal((len(row_seq), cfg["kv_heads"], cfg["dim"])).astype("float32")
     v = rng.standard_normal(k.shape).astype("float32")
-    expected = cache.copy()
+    k_pages, v_pages = cache.copy(), cache[::-1].copy()
+    expected_k, expected_v = k_pages.copy(), v_pages.copy()
     for r, (seq, pos) in enumerate(zip(row_seq, row_pos)):
-        if pos >= 0:
-            page = table[seq, pos // cfg["page"]]
-            expected[k_base + page, :, pos % cfg["page"]] = k[r]
-            expected[v_base + page, :, pos % cfg["page"]] = v[r]
-    return (k_base, v_base), [k, v, table, row_seq, row_pos, cache], expected
+        page = table[seq, pos // cfg["page"]]
+        expected_k[k_base + page, :, pos % cfg["page"]] = k[r]
+        expected_v[v_base + page, :, pos % cfg["page"]] = v[r]
+    return (k_base, v_base), [k, v, table, row_seq, row_pos, k_pages, v_pages], (expected_k, expected_v)
 
 
 # ----------------------------------------------------------------------------- running
@@ -178,8 +178,9 @@ def _run_and_check(kind, cfg, target, device, bind_threads):
     run = build(tvm.IRModule({"main": func}), target)["main"]
     tensors = [tvm.runtime.tensor(a, device) for a in arrays]
     if kind == "append":
-        run(*tensors)  # in place: the cache is the last argument
-        np.testing.assert_array_equal(tensors[-1].numpy(), expected)
+        run(*tensors)  # in place: the K and V pools are the last two arguments
+        np.testing.assert_array_equal(tensors[-2].numpy(), expected[0])
+        np.testing.assert_array_equal(tensors[-1].numpy(), expected[1])
         return
     out = tvm.runtime.tensor(np.full(expected.shape, np.nan, dtype="float32"), device)
     run(*tensors, out)

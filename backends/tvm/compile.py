@@ -1,13 +1,14 @@
-"""Lowering side of the TVM backend: prefill and decode -> one Relax module -> model.so in the artifact."""
+"""Lowering side of the TVM backend: @step and @step_decode -> one Relax module -> model.so in the artifact."""
 
 from __future__ import annotations
 
 import os
 
 from kiln.ir.errors import ConfigError
+from kiln.ir.kv_cache import DECODE_STEP, STEP, KVCacheSpec
 
 LIBRARY = "model.so"
-ENTRY_FUNCTIONS = ("prefill", "decode", "prefill_last")  # prefill_last when the pipeline made one
+ENTRY_FUNCTIONS = (STEP, DECODE_STEP)  # step_decode when the pipeline made one
 
 
 def compile_module(module, target: str, out_dir: str, options) -> dict:
@@ -17,7 +18,7 @@ def compile_module(module, target: str, out_dir: str, options) -> dict:
 
     if target not in ("cpu", "cuda"):
         raise ConfigError(f"unknown target {target!r}; expected cpu or cuda")
-    kv_dtype = module.metadata["kv_cache"]["dtype"]
+    kv_dtype = KVCacheSpec.from_json(module.metadata["kv_cache"]).dtype
     if kv_dtype != "f32":  # refused before lowering starts, so no half-built TVM module is left behind
         raise ConfigError(f"the TVM backend's attention kernels take an f32 KV cache, not {kv_dtype}; use "
                           f"--kv-cache-dtype f32 or --backend onnxruntime")

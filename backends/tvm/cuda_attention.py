@@ -227,11 +227,11 @@ def attention_prefill_cuda_func(num_heads: int, num_kv_heads: int, head_dim: int
 
 def kv_append_cuda_func(num_kv_heads: int, head_dim: int, page_size: int, k_base: int, v_base: int, *,
                         bind_threads: bool = True) -> tirx.PrimFunc:
-    """PrimFunc(k[r, Hkv, D], v[r, Hkv, D], page_table[b, P], row_seq[r], row_pos[r], cache[n, Hkv, P, D]).
+    """PrimFunc(k[r, Hkv, D], v[r, Hkv, D], page_table[b, P], row_seq[r], row_pos[r], k_pages[n, Hkv, P, D],
+    v_pages[n, Hkv, P, D]).
 
-    As llm_lower.kv_append_func: row i's K goes to page k_base + page_table[row_seq[i], pos // P] at
-    slot pos % P (V at v_base + ...), in place; rows with row_pos < 0 are skipped. One thread per
-    written element.
+    As kernels.kv_append_func: row i's K goes to page k_base + page_table[row_seq[i], pos // P] of k_pages at
+    slot pos % P (V at v_base + ... of v_pages), in place. One thread per written element.
     """
     if num_kv_heads < 1 or head_dim < 1 or page_size < 1:
         raise ConfigError(f"expected num_kv_heads, head_dim and page_size >= 1, found {num_kv_heads}, "
@@ -243,7 +243,7 @@ def kv_append_cuda_func(num_kv_heads: int, head_dim: int, page_size: int, k_base
 
     @T.prim_func(s_tir=True)
     def paged_kv_append_cuda(k_h: T.handle, v_h: T.handle, table_h: T.handle, seq_h: T.handle,
-                             pos_h: T.handle, cache_h: T.handle):
+                             pos_h: T.handle, kp_h: T.handle, vp_h: T.handle):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         rows = T.int64()
         batch = T.int64()
@@ -254,12 +254,14 @@ def kv_append_cuda_func(num_kv_heads: int, head_dim: int, page_size: int, k_base
         page_table = T.match_buffer(table_h, (batch, max_pages), "int32")
         row_seq = T.match_buffer(seq_h, (rows,), "int32")
         row_pos = T.match_buffer(pos_h, (rows,), "int32")
-        cache = T.match_buffer(cache_h, (num_pages, kv_heads, page, dim), "float32")
+        k_pages = T.match_buffer(kp_h, (num_pages, kv_heads, page, dim), "float32")
+        v_pages = T.match_buffer(vp_h, (num_pages, kv_heads, page, dim), "float32")
         for bx in block_loop((rows * per_row + threads - 1) // threads):
             with T.sblock("paged_kv_append_cuda"):
                 T.reads(k[0:rows, 0:kv_heads, 0:dim], v[0:rows, 0:kv_heads, 0:dim],
                         page_table[0:batch, 0:max_pages], row_seq[0:rows], row_pos[0:rows])
-                T.writes(cache[0:num_pages, 0:kv_heads, 0:page, 0:dim])
+                T.writes(k_pages[0:num_pages, 0:kv_heads, 0:page, 0:dim],
+                         v_pages[0:num_pages, 0:kv_heads, 0:page, 0:dim])
                 for tx in thread_loop(threads):
                     index: T.let[T.int64] = bx * threads + tx
                     if index < rows * per_row:
@@ -267,9 +269,8 @@ def kv_append_cuda_func(num_kv_heads: int, head_dim: int, page_size: int, k_base
                         h: T.let[T.int64] = index // dim % kv_heads
                         d: T.let[T.int64] = index % dim
                         pos: T.let[T.int32] = row_pos[r]
-                        if pos >= 0:
-                            pid: T.let[T.int64] = T.Cast("int64", page_table[row_seq[r], pos // page])
-                            cache[pid + k_base, h, pos % page, d] = k[r, h, d]
-                            cache[pid + v_base, h, pos % page, d] = v[r, h, d]
+                        pid: T.let[T.int64] = T.Cast("int64", page_table[row_seq[r], pos // page])
+                        k_pages[pid + k_base, h, pos % page, d] = k[r, h, d]
+                        v_pages[pid + v_base, h, pos % page, d] = v[r, h, d]
 
     return paged_kv_append_cuda

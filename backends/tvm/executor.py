@@ -1,4 +1,4 @@
-"""Execution side of the TVM backend: the compiled prefill/decode with weights and the KV cache on the device.
+"""Execution side of the TVM backend: the compiled step with weights and the KV-cache pools on the device.
 
 Imports only numpy and the TVM runtime. Every file comes through the artifact's verified accessors: the
 library is loaded from a private copy whose bytes were hashed as they were written, the weights are
@@ -13,6 +13,7 @@ import sys
 import numpy as np
 
 from kiln.ir.errors import ArtifactError
+from kiln.ir.kv_cache import DECODE_STEP, STEP, STEP_INPUTS, KVCacheSpec
 
 
 class _NoTorch:
@@ -37,6 +38,7 @@ def import_tvm():
 
 
 class TVMExecutor:
+    shares_pages = True
     def __init__(self, info, num_threads: int | None = None):
         from kiln.backends.tvm.build import configure_threads
 
@@ -71,6 +73,19 @@ class TVMExecutor:
             raise ArtifactError(f"{info.path}: {library} has no function {', '.join(missing)} that the manifest "
                                 f"lists; recompile the artifact")
         self.functions = {name: self.vm[name] for name in functions}
+        spec = KVCacheSpec.from_json(info.manifest["kv_cache"])
+        self.pool_names = [pool.name for pool in spec.pools()]
+        self.inputs = list(STEP_INPUTS) + self.pool_names
+        for name, weight_names in functions.items():  # bind by name: the library's parameters, checked once
+            params = _param_names(self.vm, name)
+            expected = self.inputs + [_relax_name(w) for w in weight_names]
+            if params != expected:
+                differ = next(i for i in range(max(len(params), len(expected)))
+                              if i >= len(params) or i >= len(expected) or params[i] != expected[i])
+                raise ArtifactError(f"{info.path}: {library}'s @{name} takes "
+                                    f"{params[differ] if differ < len(params) else 'nothing'} as parameter {differ}, "
+                                    f"the manifest names {expected[differ] if differ < len(expected) else 'nothing'}; "
+                                    f"recompile the artifact")
         widen = set(backend.get("widen_to_f32", ()))
 
         def to_device(name, array):
@@ -82,12 +97,12 @@ class TVMExecutor:
         weights = info.load_safetensors(backend["files"]["weights"], to_device, wanted=needed,
                                         field="backend_info.files.weights")
         self.weights = {fn: [weights[n] for n in names] for fn, names in functions.items()}
-        plan = info.manifest["kv_cache"]
-        shape = (plan["num_layers"], 2, plan["num_pages"], plan["num_kv_heads"], plan["page_size"], plan["head_dim"])
+        self.pools = {}
         try:
-            self.cache = tvm.runtime.tensor(np.zeros(shape, dtype=np.float32), self.device)
+            for pool in spec.pools():
+                self.pools[pool.name] = tvm.runtime.tensor(np.zeros(pool.shape, dtype=np.float32), self.device)
         except MemoryError:
-            raise ArtifactError(f"{info.path}: cannot allocate the KV cache of {plan['total_bytes']:,} bytes; "
+            raise ArtifactError(f"{info.path}: cannot allocate the KV cache of {spec.total_bytes:,} bytes; "
                                 f"recompile with a smaller --max-num-seqs, --max-seq-len or --kv-cache-budget") \
                 from None
         self._tvm = tvm
@@ -101,26 +116,30 @@ class TVMExecutor:
     def close(self) -> None:
         """Nothing to release early: the library's file was removed once it was loaded."""
 
-    def run(self, function: str, input_ids: np.ndarray, positions: np.ndarray, page_table: np.ndarray) -> np.ndarray:
+    def step(self, function: str, inputs: dict) -> np.ndarray:
         tensor = self._tvm.runtime.tensor
-        out = self.functions[function](tensor(np.ascontiguousarray(input_ids, dtype=np.int64), self.device),
-                                       tensor(np.ascontiguousarray(positions, dtype=np.int64), self.device),
-                                       self.cache,
-                                       tensor(np.ascontiguousarray(page_table, dtype=np.int32), self.device),
+        args = [tensor(np.ascontiguousarray(inputs[name], dtype=_INPUT_DTYPES[name]), self.device)
+                for name in STEP_INPUTS]
+        out = self.functions[function](*args, *(self.pools[name] for name in self.pool_names),
                                        *self.weights[function])
-        self.cache = out[1]
+        for index, name in enumerate(self.pool_names):
+            self.pools[name] = out[1 + index]
         return out[0].numpy()
 
 
+_INPUT_DTYPES = {"token_ids": np.int64, "positions": np.int64, "token_seq": np.int32, "page_table": np.int32,
+                 "logit_rows": np.int64}
+
+
 def _check_backend_info(info) -> dict:
-    """backend_info's fields this executor reads: {function: [weight names]} with prefill and decode, the
-    library and weights files, and the names of the f16 scales to widen."""
+    """backend_info's fields this executor reads: {function: [weight names]} with step, the library and
+    weights files, and the names of the f16 scales to widen."""
     backend = info.manifest["backend_info"]
     functions = backend.get("weights")
-    if not (isinstance(functions, dict) and {"prefill", "decode"} <= set(functions)
+    if not (isinstance(functions, dict) and STEP in functions and set(functions) <= {STEP, DECODE_STEP}
             and all(isinstance(names, list) and all(isinstance(n, str) for n in names) for names in functions.values())):
-        raise ArtifactError(f"{info.path}: manifest field backend_info.weights must map prefill, decode (and "
-                            f"prefill_last) to lists of weight names; recompile the artifact")
+        raise ArtifactError(f"{info.path}: manifest field backend_info.weights must map {STEP} (and {DECODE_STEP}) "
+                            f"to lists of weight names; recompile the artifact")
     widen = backend.get("widen_to_f32", [])
     if not (isinstance(widen, list) and all(isinstance(n, str) for n in widen)):
         raise ArtifactError(f"{info.path}: manifest field backend_info.widen_to_f32 must be a list of weight names; "
@@ -128,6 +147,14 @@ def _check_backend_info(info) -> dict:
     for role in ("library", "weights"):
         info.entry(backend["files"].get(role), f"backend_info.files.{role}")
     return functions
+
+
+def _param_names(vm, name: str) -> list:
+    return [vm._get_function_param_name(name, i) for i in range(vm._get_function_arity(name))]
+
+
+def _relax_name(name: str) -> str:
+    return name.replace(".", "_") or "v"  # as backends/tvm/lower.py names a weight's parameter
 
 
 def _has_function(vm, name: str) -> bool:

@@ -385,7 +385,7 @@ def nt_matmul(ctx, a, b, name: str = "NT_matmul") -> relax.Var:
 
 # GEMV (one row per sequence) vs row-tiled GEMM (prefill): rows counted by these
 # symbols alone are few; anything with `seq` in it is a prefill.
-SMALL_ROW_SYMBOLS = frozenset({"batch"})
+SMALL_ROW_SYMBOLS = frozenset({"batch", "decode_tokens"})  # @step_decode: one token per sequence
 SMALL_ROW_LIMIT = 8
 
 
