@@ -1,43 +1,38 @@
-"""The generation engine: loads an artifact and generates text with prefill, decode and the KV cache.
+"""The generation engine: loads an artifact and serves requests with continuous batching over the paged KV cache.
 
-Imports numpy, tokenizers, jinja2 and the backend's runtime only; never torch,
-kiln.frontend or kiln.passes, so an artifact runs on a machine without them.
+Imports numpy, tokenizers, jinja2 and the backend's runtime only; never torch, kiln.frontend or kiln.passes,
+so an artifact runs on a machine without them.
 
-An Engine may be used from several threads: each generation holds one of the
-sequences the KV cache has room for (a caller waits for one), and the steps of
-all generations run one at a time on the executor, interleaved. Every batch is
-checked (token ids inside the vocabulary, at least one token, positions inside
-the compiled maximum) before any backend sees it.
+``submit`` may be called from any thread; it returns a :class:`Request` at once. One loop thread of the
+engine's own runs the model: each iteration the scheduler plans a step (decodes of running requests, prompt
+chunks under a token budget, new requests served from the prefix cache where their prompt starts with
+cached pages), the engine checks the batch, runs the backend's step once over all of it, and hands each
+request the logits it needs. ``generate``, ``stream``, ``chat`` and ``logits`` are built on ``submit``.
 """
 
 from __future__ import annotations
 
-import contextlib
+import itertools
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import numpy as np
 
 from kiln.ir.errors import ArtifactError, ConfigError, KilnError
+from kiln.ir.kv_cache import DECODE_STEP, DECODE_STEP_MAX_TOKENS, STEP, KVCacheSpec
 
 from .artifact import ArtifactInfo, open_artifact
 from .chat_template import DEFAULT_SIZE_BUDGET_CHARS, render_chat
-from .detokenize import IncrementalDetokenizer
-from .pages import PageManager
-from .sampling import Sampler, SamplingParams
-from .stopping import StopStringMatcher
+from .pages import PagePool
+from .request import GenerationResult, Request
+from .sampling import SamplingParams
+from .scheduler import Scheduler, Sequence as ScheduledSequence
 
+__all__ = ["Engine", "GenerationResult", "Request", "Tokenizer"]
 
-@dataclass
-class GenerationResult:
-    text: str
-    token_ids: list
-    finish_reason: str  # "stop" (EOS or a stop string) | "length"
-    stats: dict = field(default_factory=dict)
-    logits: np.ndarray | None = None
-    prompt_token_ids: list = field(default_factory=list)
+DEFAULT_MAX_RUNNING = 16  # requests decoding together in one step
+DEFAULT_TOKEN_BUDGET = 512  # tokens per step: decodes first, then prompt chunks
 
 
 class Tokenizer:
@@ -71,18 +66,28 @@ class Tokenizer:
 
 
 class Engine:
-    """Runs one compiled artifact. Build with :func:`kiln.load`."""
+    """Runs one compiled artifact. Build with :func:`kiln.load`.
 
-    def __init__(self, info: ArtifactInfo, **backend_options):
+    ``max_running``: requests in one step at most (others wait); ``token_budget``: tokens per step (a longer
+    prompt is prefilled in chunks beside the running decodes); ``prefix_caching``: share full pages of prompt
+    tokens between requests (on where the backend can share pages)."""
+
+    def __init__(self, info: ArtifactInfo, *, max_running: int = DEFAULT_MAX_RUNNING,
+                 token_budget: int = DEFAULT_TOKEN_BUDGET, prefix_caching: bool = True, **backend_options):
         from kiln.backends import load_executor
 
+        for name, value in (("max_running", max_running), ("token_budget", token_budget)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+        if not isinstance(prefix_caching, bool):
+            raise ConfigError(f"prefix_caching must be True or False, got {prefix_caching!r}")
         self.info = info
         manifest = info.manifest
         self.manifest = manifest
-        self.kv_plan = manifest["kv_cache"]
-        self.max_seq_len = self.kv_plan["max_seq_len"]
+        self.spec = KVCacheSpec.from_json(manifest["kv_cache"])
+        self.max_seq_len = self.spec.max_seq_len
         self.vocab_size = manifest["model"]["vocab_size"]
-        _check_against_module(info)
+        _check_against_module(info, self.spec)
         tok = manifest.get("tokenizer")
         self.tokenizer = Tokenizer(info.read_text(tok["file"], "tokenizer.file"), tok) if tok else None
         template = manifest.get("chat_template")
@@ -91,31 +96,45 @@ class Engine:
             self.executor = load_executor(info, **backend_options)
         except MemoryError:
             raise ArtifactError(f"{info.path}: not enough memory to load the model and its KV cache of "
-                                f"{self.kv_plan['total_bytes']:,} bytes; recompile with a smaller --max-num-seqs, "
+                                f"{self.spec.total_bytes:,} bytes; recompile with a smaller --max-num-seqs, "
                                 f"--max-seq-len or --kv-cache-budget") from None
-        # prefill computing only the last token's logits, when the backend compiled it
-        self._prefill_for_generation = "prefill_last" if self.executor.has_function("prefill_last") else "prefill"
-        self.pages = PageManager(self.kv_plan["num_pages"], self.kv_plan["page_size"], self.kv_plan["pages_per_seq"])
-        # Sequences that may be live at once: each can grow to max_seq_len without running out of pages.
-        self.max_concurrent = max(1, min(self.kv_plan["max_num_seqs"],
-                                         self.kv_plan["num_pages"] // self.kv_plan["pages_per_seq"]))
-        self._sequences = threading.BoundedSemaphore(self.max_concurrent)
-        self._held = threading.local()  # sequences the current thread holds (it must not wait for its own)
-        # The executor and the page manager run one step at a time. Reentrant: a stream abandoned in a
-        # reference cycle may be finalized by the garbage collector inside a step of the same thread.
-        self._step_lock = threading.RLock()
+        self.prefix_caching = prefix_caching and self.executor.shares_pages
+        self.notices: list = []
+        if prefix_caching and not self.executor.shares_pages:
+            self.notices.append(f"prefix caching is off: the {info.backend} backend keeps each sequence in a buffer "
+                                f"of its own and cannot share pages between sequences")
+        self.pool = PagePool(self.spec.num_pages, self.spec.page_size, prefix_caching=self.prefix_caching)
+        self.scheduler = Scheduler(self.pool, self.spec.pages_per_seq, max_running=max_running,
+                                   token_budget=token_budget)
+        self.max_running, self.token_budget = max_running, token_budget
+        self._decode_function = DECODE_STEP if self.executor.has_function(DECODE_STEP) else STEP
+        self._ids = itertools.count()
+        self._lock = threading.Lock()  # guards _incoming, _closed and the loop thread's start and end
+        self._incoming: list = []
+        self._requests: dict = {}  # Sequence -> Request, for the loop thread
+        self._first_page: dict = {}  # Sequence -> the first page it last ran with (for end_sequence)
         self._closed = False
+        self._loop_thread: threading.Thread | None = None
+        self.step_stats = {"steps": 0, "tokens": 0, "peak_pages_in_use": 0}
 
     @classmethod
-    def from_path(cls, path: str, **backend_options) -> "Engine":
-        return cls(open_artifact(path), **backend_options)
+    def from_path(cls, path: str, **options) -> "Engine":
+        return cls(open_artifact(path), **options)
 
     def close(self) -> None:
-        """Release what the backend holds outside memory (ONNX Runtime's private copy of its models) now
-        rather than when the engine is garbage-collected."""
-        with self._step_lock:
+        """Stop the loop (requests still running fail with a one-line error) and release what the backend
+        holds outside memory (ONNX Runtime's private copy of its models)."""
+        with self._lock:
+            if self._closed:
+                return
             self._closed = True
-            self.executor.close()
+            thread = self._loop_thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+        closed = ConfigError("this engine was closed; load the artifact again")
+        for request in list(self._incoming) + list(self._requests.values()):
+            request.fail(closed)
+        self.executor.close()
 
     def __enter__(self) -> "Engine":
         return self
@@ -123,53 +142,217 @@ class Engine:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    # low level ----------------------------------------------------------------
-    @contextlib.contextmanager
-    def _sequence(self):
-        """A new sequence in the KV cache for the duration of the block; waits while the cache is full, unless
-        this thread itself holds the sequences filling it."""
-        held = getattr(self._held, "count", 0)
-        if not self._sequences.acquire(blocking=held == 0):
-            raise ConfigError(f"this thread already runs {held} generations, all the KV cache holds at once "
-                              f"({self.max_concurrent}); finish one first or compile with a larger --max-num-seqs")
-        self._held.count = held + 1
-        try:
-            with self._step_lock:
-                seq = self.pages.add_sequence()
-            try:
-                yield seq
-            finally:
-                with self._step_lock:
-                    first_page = self.pages.sequences[seq][:1]
-                    self.pages.remove_sequence(seq)
-                    if first_page:
-                        self.executor.end_sequence(first_page[0])
-        finally:
-            self._held.count -= 1
-            self._sequences.release()
+    # submitting ---------------------------------------------------------------------
+    def submit(self, prompt, *, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
+               top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
+               stop=None, ignore_eos: bool = False, return_logits: bool = False) -> Request:
+        """Queue a generation and return its :class:`Request` at once; safe from any thread. Bad arguments
+        are refused here, in one line."""
+        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                repetition_penalty=repetition_penalty, seed=seed, max_new_tokens=max_new_tokens,
+                                stop=() if stop is None else stop, ignore_eos=ignore_eos).validate()
+        if not isinstance(return_logits, bool):
+            raise ConfigError(f"return_logits must be True or False, got {return_logits!r}")
+        ids = self._prompt_ids(prompt)
+        if len(ids) + max_new_tokens > self.max_seq_len:
+            raise ConfigError(f"the prompt ({len(ids)} tokens) plus max_new_tokens ({max_new_tokens}) is "
+                              f"{len(ids) + max_new_tokens}, more than the compiled maximum of "
+                              f"{self.max_seq_len}; shorten the prompt, lower max_new_tokens or recompile "
+                              f"with a larger --max-seq-len")
+        eos = set() if ignore_eos or self.tokenizer is None else set(self.tokenizer.eos_token_ids)
+        request = Request(self, next(self._ids), ids, params, eos=eos, tokenizer=self.tokenizer,
+                          return_logits=return_logits)
+        request.seq = ScheduledSequence(request.id, list(ids), len(ids), len(ids) + max_new_tokens)
+        return self._enqueue(request)
 
-    def _step(self, function: str, seq_ids: list, tokens: np.ndarray) -> np.ndarray:
-        """Run prefill/decode for ``tokens[len(seq_ids), n]`` appended to each sequence; the one gate every
-        batch passes before a backend sees it."""
-        if tokens.ndim != 2 or tokens.shape[0] != len(seq_ids) or tokens.shape[1] == 0:
-            raise ConfigError(f"a step needs at least one token per sequence, got a batch of shape {tokens.shape}")
-        if tokens.min() < 0 or tokens.max() >= self.vocab_size:
-            raise ConfigError(f"token ids must be in [0, {self.vocab_size}), got {tokens.min()}..{tokens.max()}")
-        n = tokens.shape[1]
-        with self._step_lock:
+    def _enqueue(self, request: Request) -> Request:
+        with self._lock:
             if self._closed:
                 raise ConfigError("this engine was closed; load the artifact again")
-            for seq_id in seq_ids:
-                if self.pages.lengths[seq_id] + n > self.max_seq_len:
-                    raise ConfigError(f"{self.pages.lengths[seq_id] + n} tokens exceed the compiled maximum of "
-                                      f"{self.max_seq_len}")
-            positions = np.empty(tokens.shape, dtype=np.int64)
-            for row, seq_id in enumerate(seq_ids):
-                start = self.pages.advance(seq_id, n)
-                positions[row] = np.arange(start, start + n)
-            table = self.pages.page_table(seq_ids)
-            return self.executor.run(function, tokens.astype(np.int64), positions, table)
+            self.scheduler_check(request.seq)
+            self._incoming.append(request)
+            if self._loop_thread is None:
+                self._loop_thread = threading.Thread(target=self._loop, name="kiln-engine", daemon=True)
+                self._loop_thread.start()
+        return request
 
+    def scheduler_check(self, seq) -> None:
+        """Refuse, at submit, a request that could never fit in the KV cache (both numbers in one line)."""
+        need = -(-seq.max_tokens // self.spec.page_size)
+        if need > self.spec.num_pages:
+            raise ConfigError(f"a request of {seq.max_tokens:,} tokens (prompt {seq.prompt_len:,} + "
+                              f"max_new_tokens {seq.max_tokens - seq.prompt_len:,}) needs {need:,} pages of "
+                              f"{self.spec.page_size} tokens; the KV cache has {self.spec.num_pages:,} "
+                              f"({self.spec.max_tokens:,} tokens): lower max_new_tokens or compile with a larger "
+                              f"--kv-cache-budget")
+
+    def _wake(self) -> None:
+        """A request was cancelled: the loop notices at its next step."""
+
+    def generate(self, prompt, *, return_logits: bool = False, **kwargs):
+        """Generate from one prompt (text or token ids) -> GenerationResult; from a list of prompts -> a list of
+        results in the same order, generated together."""
+        if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list, tuple, np.ndarray)) for p in prompt):
+            requests = [self.submit(p, return_logits=return_logits, **kwargs) for p in prompt]
+            try:
+                return [r.result() for r in requests]
+            finally:
+                for r in requests:
+                    r.cancel()
+        request = self.submit(prompt, return_logits=return_logits, **kwargs)
+        try:
+            return request.result()
+        finally:
+            request.cancel()
+
+    def stream(self, prompt, **kwargs) -> Iterator[str]:
+        """Yield text pieces as they are generated (same arguments as :meth:`generate`). Closing the generator
+        cancels the request."""
+        request = self.submit(prompt, **kwargs)
+        try:
+            yield from request.stream()
+        finally:
+            request.cancel()
+
+    def logits(self, token_ids: Sequence[int]) -> np.ndarray:
+        """Next-token logits at every position of ``token_ids``: numpy [len, vocab]."""
+        ids = self._prompt_ids(token_ids)
+        request = Request(self, next(self._ids), ids, SamplingParams(max_new_tokens=1).validate(), eos=set(),
+                          all_logits=True)
+        request.seq = ScheduledSequence(request.id, list(ids), len(ids), len(ids), all_logits=True)
+        self._enqueue(request)
+        try:
+            return request.result().logits
+        finally:
+            request.cancel()
+
+    def chat(self, messages: list, *, add_generation_prompt: bool = True, stream: bool = False, **kwargs):
+        """Apply the model's chat template (in jinja2's sandbox) and generate the reply. The previous turns'
+        tokens are usually still in the prefix cache, so a turn prefills mostly its new message."""
+        prompt = self.render_chat(messages, add_generation_prompt=add_generation_prompt)
+        self._check_text(prompt, "the rendered chat")
+        ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        if self.tokenizer.bos_token_id is not None and self.manifest["tokenizer"].get("add_bos_token") and \
+                (not ids or ids[0] != self.tokenizer.bos_token_id):
+            ids = [self.tokenizer.bos_token_id] + ids
+        ids = self._checked_ids(ids, "the rendered chat's text")
+        return self.stream(ids, **kwargs) if stream else self.generate(ids, **kwargs)
+
+    def render_chat(self, messages: list, add_generation_prompt: bool = True) -> str:
+        if self.chat_template is None:
+            raise ConfigError("this model has no chat template; use generate() with a plain prompt")
+        if not isinstance(add_generation_prompt, bool):
+            raise ConfigError(f"add_generation_prompt must be True or False, got {add_generation_prompt!r}")
+        tok = self.tokenizer
+        # a render longer than max_seq_len tokens' worth of text could never be run: stop it there
+        budget = min(DEFAULT_SIZE_BUDGET_CHARS, self.max_seq_len * tok.longest_token_chars)
+        return render_chat(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
+                           bos_token=tok.bos_token, eos_token=tok.eos_token, size_budget_chars=budget)
+
+    # the loop thread ------------------------------------------------------------------
+    def _loop(self) -> None:
+        """Step until no request is left, then end (the next submit starts a new loop), so an idle engine holds
+        no thread and can be garbage-collected."""
+        while True:
+            with self._lock:
+                if self._closed or (not self._incoming and not self._requests):
+                    self._loop_thread = None
+                    return
+                incoming, self._incoming = self._incoming, []
+            for request in incoming:
+                if request.cancelled:
+                    request.finish("cancelled")
+                    continue
+                try:
+                    self.scheduler.add(request.seq)
+                except ConfigError as err:
+                    request.fail(err)
+                    continue
+                self._requests[request.seq] = request
+            for seq, request in list(self._requests.items()):
+                if request.cancelled:
+                    request.finish("cancelled")
+                    self._end(seq)
+            if not self.scheduler.has_work():
+                continue
+            plan = self.scheduler.schedule()
+            for seq in plan.preempted:
+                self._release(seq)
+            if not plan.chunks:
+                continue
+            try:
+                logits = self._run(plan)
+            except BaseException as err:  # noqa: BLE001 - the loop outlives a failed step; its requests fail
+                error = err if isinstance(err, KilnError) else ConfigError(
+                    f"the {self.info.backend} backend failed a step: {type(err).__name__}: "
+                    f"{' '.join(str(err).split())[:200]}")
+                for chunk in plan.chunks:
+                    self._requests[chunk.seq].fail(error)
+                    self._end(chunk.seq)
+                if not isinstance(err, Exception):
+                    raise
+                continue
+            self.scheduler.complete(plan)
+            self._hand_out(plan, logits)
+
+    def _run(self, plan) -> np.ndarray:
+        """Check the planned batch (the one gate every batch passes before a backend sees it) and run one step."""
+        chunks = plan.chunks
+        counts = [chunk.count for chunk in chunks]
+        token_ids = np.fromiter((t for c in chunks for t in c.seq.tokens[c.start:c.start + c.count]), np.int64,
+                                sum(counts))
+        positions = np.fromiter((p for c in chunks for p in range(c.start, c.start + c.count)), np.int64,
+                                sum(counts))
+        token_seq = np.repeat(np.arange(len(chunks), dtype=np.int32), counts)
+        starts = np.cumsum([0] + counts[:-1])
+        rows = np.fromiter((start + o for start, c in zip(starts, chunks) for o in c.logit_offsets), np.int64)
+        if token_ids.size == 0 or token_ids.min() < 0 or token_ids.max() >= self.vocab_size:
+            raise ConfigError(f"token ids must be in [0, {self.vocab_size}), got a step of {token_ids.size} tokens "
+                              f"in {token_ids.min(initial=0)}..{token_ids.max(initial=0)}")
+        if positions.max() >= self.max_seq_len:
+            raise ConfigError(f"{positions.max() + 1} tokens exceed the compiled maximum of {self.max_seq_len}")
+        table = self.scheduler.page_table([c.seq for c in chunks])
+        for chunk in chunks:
+            self._first_page[chunk.seq] = chunk.seq.pages[0]
+            self._requests[chunk.seq].times.setdefault("admitted", time.perf_counter())
+        decode = (len(chunks) <= DECODE_STEP_MAX_TOKENS and all(c.count == 1 for c in chunks)
+                  and rows.size == len(chunks))
+        inputs = {"token_ids": token_ids, "positions": positions, "token_seq": token_seq, "page_table": table,
+                  "logit_rows": rows}
+        logits = self.executor.step(self._decode_function if decode else STEP, inputs)
+        stats = self.step_stats
+        stats["steps"] += 1
+        stats["tokens"] += int(token_ids.size)
+        stats["peak_pages_in_use"] = max(stats["peak_pages_in_use"], self.pool.num_in_use())
+        return logits
+
+    def _hand_out(self, plan, logits: np.ndarray) -> None:
+        row = 0
+        for chunk in plan.chunks:
+            seq, request = chunk.seq, self._requests[chunk.seq]
+            mine = logits[row:row + len(chunk.logit_offsets)]
+            row += len(chunk.logit_offsets)
+            if seq.all_logits:
+                request.accept_all(mine)
+                if chunk.samples:
+                    request.finish("length")
+                    self._end(seq)
+                continue
+            if chunk.samples and not request.accept(mine[-1]):
+                self._end(seq)
+
+    def _end(self, seq) -> None:
+        """A finished or cancelled request: its pages go back (full ones stay in the prefix cache)."""
+        self.scheduler.finish(seq)
+        self._release(seq)
+        self._requests.pop(seq, None)
+
+    def _release(self, seq) -> None:
+        first = self._first_page.pop(seq, None)
+        if first is not None:
+            self.executor.end_sequence(first)
+
+    # prompts ------------------------------------------------------------------------------
     def _prompt_ids(self, prompt) -> list:
         """The prompt as checked token ids: text through the tokenizer, or a sequence of integer ids; refused
         when empty, too long to fit, or holding ids outside the model's vocabulary."""
@@ -225,126 +408,9 @@ class Engine:
                           f"model's vocabulary of {self.vocab_size}; the artifact's tokenizer does not match its "
                           f"model")
 
-    def logits(self, token_ids: Sequence[int]) -> np.ndarray:
-        """Next-token logits at every position of ``token_ids``: numpy [len, vocab], via prefill."""
-        ids = self._prompt_ids(token_ids)
-        with self._sequence() as seq:
-            return self._step("prefill", [seq], np.asarray([ids]))[0]
-
-    # generation -----------------------------------------------------------------
-    def stream(self, prompt, **kwargs) -> Iterator[str]:
-        """Yield text pieces as they are generated (same arguments as :meth:`generate`)."""
-        result_holder: list = []
-        yield from self._generate(prompt, result_holder, **kwargs)
-
-    def generate(self, prompt, *, return_logits: bool = False, **kwargs) -> GenerationResult:
-        holder: list = []
-        for _ in self._generate(prompt, holder, return_logits=return_logits, **kwargs):
-            pass
-        return holder[0]
-
-    def chat(self, messages: list, *, add_generation_prompt: bool = True, stream: bool = False, **kwargs):
-        """Apply the model's chat template (in jinja2's sandbox) and generate the reply."""
-        prompt = self.render_chat(messages, add_generation_prompt=add_generation_prompt)
-        self._check_text(prompt, "the rendered chat")
-        ids = self.tokenizer.encode(prompt, add_special_tokens=False)
-        if self.tokenizer.bos_token_id is not None and self.manifest["tokenizer"].get("add_bos_token") and \
-                (not ids or ids[0] != self.tokenizer.bos_token_id):
-            ids = [self.tokenizer.bos_token_id] + ids
-        ids = self._checked_ids(ids, "the rendered chat's text")
-        return self.stream(ids, **kwargs) if stream else self.generate(ids, **kwargs)
-
-    def render_chat(self, messages: list, add_generation_prompt: bool = True) -> str:
-        if self.chat_template is None:
-            raise ConfigError("this model has no chat template; use generate() with a plain prompt")
-        if not isinstance(add_generation_prompt, bool):
-            raise ConfigError(f"add_generation_prompt must be True or False, got {add_generation_prompt!r}")
-        tok = self.tokenizer
-        # a render longer than max_seq_len tokens' worth of text could never be run: stop it there
-        budget = min(DEFAULT_SIZE_BUDGET_CHARS, self.max_seq_len * tok.longest_token_chars)
-        return render_chat(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
-                           bos_token=tok.bos_token, eos_token=tok.eos_token, size_budget_chars=budget)
-
-    def _generate(self, prompt, holder: list, *, max_new_tokens: int = 64, temperature: float = 0.0,
-                  top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
-                  seed: int | None = None, stop=None, ignore_eos: bool = False,
-                  return_logits: bool = False) -> Iterator[str]:
-        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                                repetition_penalty=repetition_penalty, seed=seed, max_new_tokens=max_new_tokens,
-                                stop=() if stop is None else stop, ignore_eos=ignore_eos).validate()
-        if not isinstance(return_logits, bool):
-            raise ConfigError(f"return_logits must be True or False, got {return_logits!r}")
-        ids = self._prompt_ids(prompt)
-        if len(ids) + max_new_tokens > self.max_seq_len:
-            raise ConfigError(f"the prompt ({len(ids)} tokens) plus max_new_tokens ({max_new_tokens}) is "
-                              f"{len(ids) + max_new_tokens}, more than the compiled maximum of "
-                              f"{self.max_seq_len}; shorten the prompt, lower max_new_tokens or recompile "
-                              f"with a larger --max-seq-len")
-        sampler = Sampler(params)
-        eos = set() if ignore_eos or self.tokenizer is None else set(self.tokenizer.eos_token_ids)
-        detok = IncrementalDetokenizer(self.tokenizer.backend) if self.tokenizer else None
-        matcher = StopStringMatcher(params.stop) if params.stop else None
-        new_ids: list = []
-        kept_logits: list = []
-        text_parts: list = []
-        finish = "length"
-        with self._sequence() as seq:
-            start = time.perf_counter()
-            logits = self._step(self._prefill_for_generation, [seq], np.asarray([ids]))[0, -1]
-            prefill_time = time.perf_counter() - start
-            decode_start = time.perf_counter()
-            decode_calls = 0
-            history = list(ids)
-            while True:
-                if return_logits:
-                    kept_logits.append(np.array(logits, dtype=np.float32))
-                token = sampler.sample(logits, history)
-                if token in eos:
-                    finish = "stop"
-                    break
-                new_ids.append(token)
-                history.append(token)
-                piece = detok.push(token) if detok else ""
-                if matcher is not None and piece:
-                    piece, stopped = matcher.feed(piece)
-                    if piece:
-                        text_parts.append(piece)
-                        yield piece
-                    if stopped:
-                        finish = "stop"
-                        break
-                elif piece:
-                    text_parts.append(piece)
-                    yield piece
-                if len(new_ids) >= max_new_tokens:
-                    break
-                logits = self._step("decode", [seq], np.asarray([[token]]))[0, -1]
-                decode_calls += 1
-            decode_time = time.perf_counter() - decode_start
-        if finish != "stop" or matcher is None or not matcher.stopped:
-            tail = detok.flush() if detok else ""
-            if matcher is not None:
-                tail, _ = matcher.feed(tail) if tail else ("", False)
-                tail += matcher.flush() if not matcher.stopped else ""
-            if tail:
-                text_parts.append(tail)
-                yield tail
-        stats = {
-            "prompt_tokens": len(ids), "new_tokens": len(new_ids),
-            "prefill_seconds": prefill_time, "decode_seconds": decode_time,
-            "prefill_tokens_per_s": len(ids) / prefill_time if prefill_time > 0 else float("inf"),
-            "decode_steps": decode_calls,
-            "decode_tokens_per_s": decode_calls / decode_time if decode_time > 0 and decode_calls else 0.0,
-        }
-        holder.append(GenerationResult(text="".join(text_parts), token_ids=new_ids, finish_reason=finish,
-                                       stats=stats, logits=np.stack(kept_logits) if return_logits and kept_logits
-                                       else (np.zeros((0, 0), np.float32) if return_logits else None),
-                                       prompt_token_ids=ids))
-
-
-def _check_against_module(info: ArtifactInfo) -> None:
-    """The manifest's KV plan is the one the library was compiled for (the hashed IR records it), and its cache
-    fits in this machine's memory: both before anything is allocated."""
+def _check_against_module(info: ArtifactInfo, spec: KVCacheSpec) -> None:
+    """The manifest's KV-cache spec is the one the library was compiled for (the hashed IR records it), and the
+    cache fits in this machine's memory: both before anything is allocated."""
     from kiln.ir.errors import ParseError
     from kiln.ir.files import memory_bytes
     from kiln.ir.parser import parse_metadata
@@ -353,13 +419,14 @@ def _check_against_module(info: ArtifactInfo) -> None:
         compiled = parse_metadata(info.read_text(info.manifest["module"], "module")).get("kv_cache")
     except ParseError as err:
         raise ArtifactError(f"{info.path}: {info.manifest['module']}: {err}; recompile the artifact") from None
-    plan = info.manifest["kv_cache"]
-    if compiled != plan:
-        differ = sorted(k for k in set(plan) | set(compiled or {}) if (compiled or {}).get(k) != plan.get(k))
-        raise ArtifactError(f"{info.path}: manifest field kv_cache differs from the plan the model was compiled "
+    declared = info.manifest["kv_cache"]
+    if compiled != declared:
+        differ = sorted(k for k in set(declared) | set(compiled or {})
+                        if (compiled or {}).get(k) != declared.get(k))
+        raise ArtifactError(f"{info.path}: manifest field kv_cache differs from the spec the model was compiled "
                             f"with (in {', '.join(differ)}); the manifest was edited, recompile the artifact")
-    if plan["total_bytes"] > memory_bytes():
-        raise ArtifactError(f"{info.path}: the KV cache takes {plan['total_bytes']:,} bytes, more than this "
+    if spec.total_bytes > memory_bytes():
+        raise ArtifactError(f"{info.path}: the KV cache takes {spec.total_bytes:,} bytes, more than this "
                             f"machine's {memory_bytes():,}; recompile with a smaller --max-num-seqs, --max-seq-len "
                             f"or --kv-cache-budget")
 

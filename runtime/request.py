@@ -1,0 +1,175 @@
+"""One submitted generation: its sampling state on the engine's loop thread, its text and result for the caller.
+
+The engine's loop thread feeds a request the logits of each new position (``accept``): it samples with the
+request's own parameters and seed, detokenizes, matches stop strings, and queues text pieces. The caller reads
+them from any thread with ``stream()`` or waits for ``result()``; ``cancel()`` ends it early and frees its
+pages at the engine's next step.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+
+from .detokenize import IncrementalDetokenizer
+from .sampling import Sampler, SamplingParams
+from .stopping import StopStringMatcher
+
+_END = object()  # queued after the last piece
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list
+    finish_reason: str  # "stop" (EOS or a stop string) | "length" | "cancelled"
+    stats: dict = field(default_factory=dict)
+    logits: np.ndarray | None = None
+    prompt_token_ids: list = field(default_factory=list)
+
+
+class Request:
+    """A generation in the engine. Made by :meth:`Engine.submit`; safe to read from any thread."""
+
+    def __init__(self, engine, request_id: int, prompt_ids: list, params: SamplingParams, *, eos: set,
+                 tokenizer=None, return_logits: bool = False, all_logits: bool = False):
+        self.id = request_id
+        self.prompt_ids = list(prompt_ids)
+        self.params = params
+        self._engine = engine
+        self._eos = eos
+        self._sampler = Sampler(params)
+        self._detok = IncrementalDetokenizer(tokenizer.backend) if tokenizer is not None else None
+        self._matcher = StopStringMatcher(params.stop) if params.stop else None
+        self._return_logits = return_logits
+        self._all_logits = all_logits  # Engine.logits: every prompt position's logits, nothing sampled
+        self._kept_logits: list = []
+        self._accepted = 0
+        self._new_ids: list = []
+        self._text: list = []
+        self._pieces: queue.Queue = queue.Queue()
+        self._done = threading.Event()
+        self._result: GenerationResult | None = None
+        self._error: BaseException | None = None
+        self.cancelled = False
+        self.seq = None  # the scheduler's Sequence, set when the engine takes the request
+        self.times = {"submitted": time.perf_counter()}
+
+    # the caller's side ------------------------------------------------------------------
+    def stream(self) -> Iterator[str]:
+        """Text pieces as they are generated; raises the request's error if it failed."""
+        while True:
+            piece = self._pieces.get()
+            if piece is _END:
+                break
+            yield piece
+        if self._error is not None:
+            raise self._error
+
+    def result(self, timeout: float | None = None) -> GenerationResult:
+        """Wait for the request to finish; its :class:`GenerationResult` (or its error, raised)."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request {self.id} did not finish within {timeout} s")
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+    def cancel(self) -> None:
+        """Stop generating; the pages are freed at the engine's next step. No-op once finished."""
+        if not self._done.is_set():
+            self.cancelled = True
+            self._engine._wake()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    # the engine loop's side ---------------------------------------------------------------
+    def accept(self, logits: np.ndarray) -> bool:
+        """Sample the next token from ``logits`` [vocab]; returns whether the request goes on (False: finished,
+        with its result set)."""
+        self.times.setdefault("first_token", time.perf_counter())
+        self._accepted += 1
+        if self._return_logits:
+            self._kept_logits.append(np.array(logits, dtype=np.float32))
+        token = self._sampler.sample(logits, self.seq.tokens)
+        if token in self._eos:
+            self.finish("stop")
+            return False
+        self._new_ids.append(token)
+        self.seq.tokens.append(token)
+        piece = self._detok.push(token) if self._detok else ""
+        if self._matcher is not None and piece:
+            piece, stopped = self._matcher.feed(piece)
+            self._emit(piece)
+            if stopped:
+                self.finish("stop")
+                return False
+        else:
+            self._emit(piece)
+        if len(self._new_ids) >= self.params.max_new_tokens:
+            self.finish("length")
+            return False
+        return True
+
+    def accept_all(self, rows: np.ndarray) -> None:
+        """Engine.logits: keep these positions' logits (in order)."""
+        self._kept_logits.append(np.asarray(rows, dtype=np.float32))
+
+    def _emit(self, piece: str) -> None:
+        if piece:
+            self._text.append(piece)
+            self._pieces.put(piece)
+
+    def finish(self, reason: str) -> None:
+        if self._done.is_set():
+            return
+        if not self._all_logits and (self._matcher is None or not self._matcher.stopped):
+            tail = self._detok.flush() if self._detok else ""
+            if self._matcher is not None:
+                tail, _ = self._matcher.feed(tail) if tail else ("", False)
+                tail += self._matcher.flush() if not self._matcher.stopped else ""
+            self._emit(tail)
+        self.times["finished"] = time.perf_counter()
+        if self._all_logits:
+            logits = np.concatenate(self._kept_logits) if self._kept_logits else np.zeros((0, 0), np.float32)
+        elif self._return_logits:
+            logits = np.stack(self._kept_logits) if self._kept_logits else np.zeros((0, 0), np.float32)
+        else:
+            logits = None
+        self._result = GenerationResult(text="".join(self._text), token_ids=list(self._new_ids), finish_reason=reason,
+                                        stats=self._stats(), logits=logits, prompt_token_ids=self.prompt_ids)
+        self._done.set()
+        self._pieces.put(_END)
+
+    def fail(self, error: BaseException) -> None:
+        if self._done.is_set():
+            return
+        self._error = error
+        self.times["finished"] = time.perf_counter()
+        self._done.set()
+        self._pieces.put(_END)
+
+    def _stats(self) -> dict:
+        t = self.times
+        admitted = t.get("admitted", t["submitted"])
+        first = t.get("first_token", t["finished"])
+        prefill = first - admitted
+        decode = t["finished"] - first
+        steps = max(self._accepted - 1, 0)  # every sample after the first came from a decode step
+        return {
+            "prompt_tokens": len(self.prompt_ids), "new_tokens": len(self._new_ids),
+            "cached_prompt_tokens": self.seq.cached_prompt_tokens if self.seq is not None else 0,
+            "preemptions": self.seq.num_preemptions if self.seq is not None else 0,
+            "queue_seconds": admitted - t["submitted"],
+            "time_to_first_token": first - t["submitted"],
+            "prefill_seconds": prefill, "decode_seconds": decode,
+            "prefill_tokens_per_s": len(self.prompt_ids) / prefill if prefill > 0 else float("inf"),
+            "decode_steps": steps,
+            "decode_tokens_per_s": steps / decode if decode > 0 and steps else 0.0,
+        }
