@@ -1,33 +1,39 @@
-"""plan_kv_cache: plan numbers worked out by hand (f32 / f16, with and without a budget), the golden metadata it
-records, the refusal when a budget cannot hold one maximum-length sequence, and check_kv_plan refusing planted
-plans: sizes that disagree, self-consistent plans wrong for the module's attentions or the options, too few
-pages, and (after insert_kv_cache) two attentions writing one layer's cache region.
+"""plan_kv_cache and the KV-cache spec: numbers worked out by hand (f32 / f16, with and without a budget), the
+golden metadata it records, layer groups for layers of different shapes or windows, the refusal when a budget
+cannot hold one maximum-length sequence, the spec's JSON round trip and its refusals, and check_kv_cache_spec
+refusing planted specs: wrong for the module's attentions, pools that do not match the step's parameters, two
+attentions writing one layer's pool slice.
 """
 
-import copy
+import dataclasses
+import json
 import re
 
 import pytest
 
 from kiln.ir.errors import ConfigError
+from kiln.ir.kv_cache import CacheGroup, KVCacheSpec, KVCacheSpecError, check_kv_cache_spec
 from kiln.ir.parser import parse_module
 from kiln.ir.printer import print_module
 from kiln.passes import PassOptions, run_pass
-from kiln.passes.plan_kv_cache import LAYOUT, KVPlanError, check_kv_plan
+from kiln.passes.plan_kv_cache import check_spec_options
 
 from golden import check_golden
 
 PASS = "plan_kv_cache"
 
 
-def attention_module(kv_heads=(2, 2), head_dims=(16, 16), function="forward", metadata="", heads=4) -> str:
+def attention_module(kv_heads=(2, 2), head_dims=(16, 16), function="forward", metadata="", heads=4,
+                     windows=None) -> str:
     """One function with an attention per layer; layer i has kv_heads[i] K/V heads of head_dims[i]."""
     params, body, rets, types = [], [], [], []
-    for i, (kv, d) in enumerate(zip(kv_heads, head_dims)):
+    windows = windows or (None,) * len(kv_heads)
+    for i, (kv, d, window) in enumerate(zip(kv_heads, head_dims, windows)):
         params += [f"%q{i}: f32[batch, {heads}, seq, {d}]", f"%k{i}: f32[batch, {kv}, seq, {d}]",
                    f"%v{i}: f32[batch, {kv}, seq, {d}]"]
+        extra = f", window={window}" if window else ""
         body.append(f"    %a{i} = attention(%q{i}, %k{i}, %v{i}) {{num_heads={heads}, num_kv_heads={kv}, "
-                    f"scale=0.25}} : f32[batch, {heads}, seq, {d}]")
+                    f"scale=0.25{extra}}} : f32[batch, {heads}, seq, {d}]")
         rets.append(f"%a{i}")
         types.append(f"f32[batch, {heads}, seq, {d}]")
     return f"""
@@ -40,24 +46,26 @@ module {{{metadata and chr(10) + '  metadata ' + metadata}
 """
 
 
-def plan_for(options: PassOptions, **shape) -> dict:
+def spec_for(options: PassOptions, **shape) -> KVCacheSpec:
     module = parse_module(attention_module(**shape))
-    assert run_pass(PASS, module, options) is False  # a plan is metadata; the IR stays as it is
-    return module.metadata["kv_cache"]
+    assert run_pass(PASS, module, options) is False  # a spec is metadata; the IR stays as it is
+    return KVCacheSpec.from_json(module.metadata["kv_cache"])
 
 
 def test_golden_metadata_with_default_options():
-    # 2 layers x (K, V) x 2 heads x 16 dims x 4 bytes = 512 bytes per token; 2048 / 16 = 128 pages per
-    # sequence; 4 sequences -> 512 pages = 8192 tokens = 4 MiB
-    plan = ('{"kv_cache": {"budget_bytes": null, "bytes_per_token": 512, "dtype": "f32", "head_dim": 16, '
-            f'"layout": "{LAYOUT}", "max_num_seqs": 4, "max_seq_len": 2048, "max_tokens": 8192, '
-            '"num_kv_heads": 2, "num_layers": 2, "num_pages": 512, "page_size": 16, "pages_per_seq": 128, '
-            '"total_bytes": 4194304}}')
-    check_golden(PASS, attention_module(), attention_module(metadata=plan), expect_changed=False)
+    # 2 layers x (K 16 + V 16) x 2 heads x 4 bytes = 512 bytes per token; 2048 / 16 = 128 pages per
+    # sequence; 4 sequences' worth -> 512 pages = 8192 tokens = 4 MiB
+    spec = {"budget_bytes": None, "bytes_per_token": 512, "dtype": "f32",
+            "groups": [{"k_head_dim": 16, "kind": "kv", "layers": [0, 1], "num_kv_heads": 2, "v_head_dim": 16,
+                        "window": None}],
+            "max_num_seqs": 4, "max_seq_len": 2048, "max_tokens": 8192, "num_pages": 512, "page_size": 16,
+            "pages_per_seq": 128, "total_bytes": 4194304}
+    check_golden(PASS, attention_module(), attention_module(metadata=json.dumps({"kv_cache": spec}, sort_keys=True)),
+                 expect_changed=False)
 
 
 @pytest.mark.parametrize("options,expected", [
-    # f32, 32 tokens in pages of 4 -> 8 pages a sequence, 3 sequences
+    # f32, 32 tokens in pages of 4 -> 8 pages a sequence, 3 sequences' worth
     (PassOptions(max_seq_len=32, max_num_seqs=3, page_size=4),
      dict(bytes_per_token=512, pages_per_seq=8, num_pages=24, max_tokens=96, total_bytes=96 * 512)),
     # f16 halves the bytes; 30 tokens still need 2 pages of 16 (the last one part-used)
@@ -70,33 +78,42 @@ def test_golden_metadata_with_default_options():
     (PassOptions(max_seq_len=32, max_num_seqs=1, page_size=4, memory_budget_bytes=100_000, kv_cache_dtype="f16"),
      dict(bytes_per_token=256, pages_per_seq=8, num_pages=97, max_tokens=388, total_bytes=99_328)),
 ])
-def test_plan_numbers_by_hand(options, expected):
-    plan = plan_for(options)
-    assert {key: plan[key] for key in expected} == expected
-    assert (plan["num_layers"], plan["num_kv_heads"], plan["head_dim"]) == (2, 2, 16)
-    assert plan["dtype"] == options.kv_cache_dtype and plan["budget_bytes"] == options.memory_budget_bytes
+def test_spec_numbers_by_hand(options, expected):
+    spec = spec_for(options)
+    assert {key: getattr(spec, key) for key in expected} == expected
+    assert spec.groups == (CacheGroup("kv", (0, 1), num_kv_heads=2, k_head_dim=16, v_head_dim=16),)
+    assert spec.dtype == options.kv_cache_dtype and spec.budget_bytes == options.memory_budget_bytes
+    pools = spec.pools()
+    assert [(p.name, p.shape) for p in pools] == [("k_cache_0", (2, spec.num_pages, 2, options.page_size, 16)),
+                                                   ("v_cache_0", (2, spec.num_pages, 2, options.page_size, 16))]
 
 
 def test_smollm2_shape_bytes_per_token():
     # 30 layers x 2 x 3 KV heads x 64 dims: 46,080 bytes a token in f32
-    plan = plan_for(PassOptions(max_seq_len=64, max_num_seqs=1), kv_heads=(3,) * 30, head_dims=(64,) * 30,
-                    heads=9)
-    assert plan["bytes_per_token"] == 30 * 2 * 3 * 64 * 4 == 46_080
-    assert plan["num_pages"] == 4 and plan["total_bytes"] == 64 * 46_080
+    spec = spec_for(PassOptions(max_seq_len=64, max_num_seqs=1), kv_heads=(3,) * 30, head_dims=(64,) * 30, heads=9)
+    assert spec.bytes_per_token == 30 * 2 * 3 * 64 * 4 == 46_080
+    assert spec.num_pages == 4 and spec.total_bytes == 64 * 46_080
 
 
-def test_a_module_without_forward_is_planned_from_prefill():
-    text = attention_module(function="prefill")
-    module = parse_module(text)
-    assert run_pass(PASS, module, PassOptions(max_seq_len=16, max_num_seqs=1, page_size=8)) is False
-    assert module.metadata["kv_cache"]["num_pages"] == 2
+def test_layers_of_different_shapes_and_windows_form_groups():
+    # layer 0 and 2: 2 heads of 16, global; layer 1: 1 head of 16; layer 3: 2 heads of 16 in a window of 8
+    spec = spec_for(PassOptions(max_seq_len=32, max_num_seqs=1, page_size=4), kv_heads=(2, 1, 2, 2),
+                    head_dims=(16,) * 4, windows=(None, None, None, 8))
+    assert [(g.layers, g.num_kv_heads, g.window) for g in spec.groups] == [((0, 2), 2, None), ((1,), 1, None),
+                                                                          ((3,), 2, 8)]
+    # (2 x 2 + 1 + 2) layers-heads x (16 + 16) x 4 bytes
+    assert spec.bytes_per_token == (2 * 2 + 1 + 2) * 32 * 4
+    assert spec.locate(2) == (0, 1) and spec.locate(3) == (2, 0)
+    assert [p.name for p in spec.pools()] == ["k_cache_0", "v_cache_0", "k_cache_1", "v_cache_1", "k_cache_2",
+                                               "v_cache_2"]
+    assert "group 2 (kv): layers 3: 2 KV heads x (K 16 + V 16), sliding window 8" in "\n".join(spec.describe())
 
 
 def test_budget_that_cannot_hold_one_sequence_is_refused_with_the_numbers():
     # 10,000 bytes hold 4 pages of 2,048 bytes; one 32-token sequence needs 8 pages = 16,384 bytes
     options = PassOptions(max_seq_len=32, max_num_seqs=1, page_size=4, memory_budget_bytes=10_000)
     with pytest.raises(ConfigError) as err:
-        plan_for(options)
+        spec_for(options)
     message = str(err.value)
     assert message.startswith("KV cache budget of 10,000 bytes holds 4 pages of 4 tokens (512 bytes per token), "
                               "but one sequence of 32 tokens needs 8 pages (16,384 bytes); raise the budget or "
@@ -105,18 +122,8 @@ def test_budget_that_cannot_hold_one_sequence_is_refused_with_the_numbers():
 
 
 def test_exactly_one_sequence_fits():
-    options = PassOptions(max_seq_len=32, max_num_seqs=1, page_size=4, memory_budget_bytes=16_384)
-    plan = plan_for(options)
-    assert plan["num_pages"] == plan["pages_per_seq"] == 8 and plan["total_bytes"] == 16_384
-
-
-@pytest.mark.parametrize("shape,expected", [
-    (dict(kv_heads=(2, 1)), "layers differ in KV heads/head size [(1, 16), (2, 16)]"),
-    (dict(kv_heads=(2, 2), head_dims=(16, 8)), "layers differ in KV heads/head size [(2, 8), (2, 16)]"),
-])
-def test_layers_of_different_shapes_are_refused(shape, expected):
-    with pytest.raises(ConfigError, match=re.escape(expected)):
-        plan_for(PassOptions(), **shape)
+    spec = spec_for(PassOptions(max_seq_len=32, max_num_seqs=1, page_size=4, memory_budget_bytes=16_384))
+    assert spec.num_pages == spec.pages_per_seq == 8 and spec.total_bytes == 16_384
 
 
 def test_no_fused_attention_is_refused_with_the_reasons():
@@ -137,7 +144,39 @@ module {
                                      PassOptions(max_num_seqs=0)])
 def test_non_positive_sizes_are_refused(options):
     with pytest.raises(ConfigError, match="must all be positive"):
-        plan_for(options)
+        spec_for(options)
+
+
+# the spec as JSON ------------------------------------------------------------------------------------------
+def test_json_round_trip():
+    spec = spec_for(PassOptions(max_seq_len=32, max_num_seqs=2, page_size=4), kv_heads=(2, 1), head_dims=(16, 16))
+    assert KVCacheSpec.from_json(json.loads(json.dumps(spec.to_json()))) == spec
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(page_size=0), "kv_cache.page_size: expected an integer >= 1, found 0"),
+    (dict(num_pages=True), "kv_cache.num_pages: expected an integer >= 1, found True"),
+    (dict(dtype="i8"), "kv_cache.dtype: expected one of f32, f16, bf16, found 'i8'"),
+    (dict(groups=[]), "kv_cache.groups: expected a non-empty list"),
+    (dict(groups=[{"kind": "mla", "layers": [0]}]), "kv_cache.groups[0].kind: expected one of kv, latent"),
+    (dict(groups=[{"kind": "kv", "layers": [0, 0], "num_kv_heads": 1, "k_head_dim": 4, "v_head_dim": 4}]),
+     "the groups' layers must be 0..1, each once, found [0, 0]"),
+    (dict(bytes_per_token=1), "kv_cache.bytes_per_token: expected 512 (from the spec), found 1"),
+    (dict(total_bytes=10), "kv_cache.total_bytes: expected"),
+])
+def test_json_refusals_name_the_field(change, message):
+    data = spec_for(PassOptions(max_seq_len=32, max_num_seqs=2, page_size=4)).to_json()
+    with pytest.raises(ValueError, match=re.escape(message)):
+        KVCacheSpec.from_json({**data, **change})
+
+
+def test_a_latent_group_sizes_one_vector_per_token():
+    # room for DeepSeek's MLA: 512 latent + 64 rope dims per token per layer
+    spec = KVCacheSpec(page_size=16, num_pages=4, dtype="f16", groups=(CacheGroup("latent", (0, 1), latent_dim=576),),
+                       max_seq_len=64)
+    assert spec.bytes_per_token == 2 * 576 * 2
+    assert [(p.name, p.shape) for p in spec.pools()] == [("latent_cache_0", (2, 4, 16, 576))]
+    assert KVCacheSpec.from_json(spec.to_json()) == spec
 
 
 # the independent checker ----------------------------------------------------------------------------------
@@ -145,109 +184,76 @@ GOOD_OPTIONS = PassOptions(max_seq_len=32, max_num_seqs=1, page_size=4, memory_b
 
 
 def planned(options: PassOptions = GOOD_OPTIONS):
-    """(module, plan) after plan_kv_cache on the two-layer module (2 KV heads of 16)."""
+    """(module, spec) after plan_kv_cache on the two-layer module (2 KV heads of 16)."""
     module = parse_module(attention_module())
     run_pass(PASS, module, options)
-    return module, module.metadata["kv_cache"]
+    return module, KVCacheSpec.from_json(module.metadata["kv_cache"])
 
 
-def consistent(plan: dict, **changes) -> dict:
-    """``plan`` with ``changes`` and every derived size recomputed from them, so that the plan agrees with
-    itself and only a check against the module or the options can find it wrong."""
-    plan = {**copy.deepcopy(plan), **changes}
-    elem = {"f32": 4, "f16": 2}[plan["dtype"]]
-    plan["bytes_per_token"] = plan["num_layers"] * 2 * plan["num_kv_heads"] * plan["head_dim"] * elem
-    if plan["budget_bytes"] is not None and "num_pages" not in changes:
-        plan["num_pages"] = plan["budget_bytes"] // (plan["page_size"] * plan["bytes_per_token"])
-    plan["max_tokens"] = plan["num_pages"] * plan["page_size"]
-    plan["total_bytes"] = plan["max_tokens"] * plan["bytes_per_token"]
-    return plan
+def regroup(spec: KVCacheSpec, **changes) -> KVCacheSpec:
+    return dataclasses.replace(spec, groups=(dataclasses.replace(spec.groups[0], **changes),))
 
 
 @pytest.mark.parametrize("changes,failed", [
-    # self-consistent plans for a cache of the wrong shape: the module's attentions say otherwise
-    (dict(head_dim=8), "head_dim: expected 16 (K head size of attention"),
-    (dict(num_kv_heads=1), "num_kv_heads: expected 2 (K heads of attention"),
-    (dict(num_layers=1), "num_layers: expected 2 (one per attention in @forward), found 1"),
-    # not what the options asked for
+    (dict(k_head_dim=8, v_head_dim=8), "group: expected ('kv', 2, 8, 8, None) (kind, KV heads, K/V head sizes and "
+                                       "window of attention"),
+    (dict(num_kv_heads=1), "group: expected ('kv', 1, 16, 16, None)"),
+    (dict(window=4), "group: expected ('kv', 2, 16, 16, 4)"),
+    (dict(layers=(0,)), "num_layers: expected 2 (one per attention in @forward), found 1"),
+])
+def test_checker_refuses_a_spec_wrong_for_its_module(changes, failed):
+    module, spec = planned()
+    with pytest.raises(KVCacheSpecError, match=re.escape(failed)):
+        check_kv_cache_spec(regroup(spec, **changes), module)
+
+
+@pytest.mark.parametrize("changes,failed", [
     (dict(dtype="f16"), "dtype: expected f32 (as asked), found f16"),
-    (dict(page_size=8, pages_per_seq=4), "page_size: expected 4 (as asked), found 8"),
-    # too few pages: fewer than one sequence needs, and fewer than the budget holds
-    (dict(budget_bytes=None, num_pages=4), "num_pages: expected 8 (max_num_seqs x pages_per_seq), found 4"),
-    (dict(num_pages=40), "num_pages: expected 48 (whole pages of 2048 bytes in the budget), found 40"),
-])
-def test_checker_refuses_a_plan_wrong_for_its_module_or_options(changes, failed):
-    module, plan = planned()
-    options = GOOD_OPTIONS
-    if "budget_bytes" in changes:
-        options = PassOptions(max_seq_len=32, max_num_seqs=1, page_size=4)
-    with pytest.raises(KVPlanError, match=re.escape(failed)):
-        check_kv_plan(consistent(plan, **changes), module, options)
-
-
-@pytest.mark.parametrize("changes,failed", [
-    (dict(bytes_per_token=511), "bytes_per_token: expected 512"),
-    (dict(bytes_per_token=1024), "bytes_per_token: expected 512"),
-    (dict(max_tokens=191), "max_tokens: expected 192"),
-    (dict(total_bytes=98_304 + 2048), "total_bytes: expected 98304"),
-    (dict(pages_per_seq=7), "pages_per_seq: expected 8 (ceil(max_seq_len / page_size)), found 7"),
-    (dict(pages_per_seq=9), "pages_per_seq: expected 8 (ceil(max_seq_len / page_size)), found 9"),
+    (dict(page_size=8), "page_size: expected 4 (as asked), found 8"),
+    (dict(num_pages=40), "num_pages: expected 48 (from the options), found 40"),
     (dict(budget_bytes=98_303), "budget_bytes: expected 100000 (as asked), found 98303"),
-    (dict(layout="[num_layers, num_pages, 2, num_kv_heads, page_size, head_dim]"), "layout: expected"),
 ])
-def test_checker_refuses_a_plan_whose_sizes_disagree(changes, failed):
-    module, plan = planned()
-    with pytest.raises(KVPlanError, match=re.escape(failed)):
-        check_kv_plan({**plan, **changes}, module, GOOD_OPTIONS)
+def test_checker_refuses_a_spec_not_made_as_asked(changes, failed):
+    _, spec = planned()
+    with pytest.raises(AssertionError, match=re.escape(failed)):
+        check_spec_options(dataclasses.replace(spec, **changes), GOOD_OPTIONS)
 
 
 def test_checker_refuses_fewer_pages_than_one_sequence_needs():
-    # a budget that holds 4 pages while a sequence needs 8: the planner refuses it, and so must the checker
-    module, plan = planned()
-    bad = consistent(plan, budget_bytes=4 * 2048, num_pages=4)
-    with pytest.raises(KVPlanError, match="4 pages cannot hold one sequence of 32 tokens"):
-        check_kv_plan(bad, module)
+    module, spec = planned()
+    with pytest.raises(KVCacheSpecError, match="4 pages cannot hold one sequence of 32 tokens"):
+        check_kv_cache_spec(dataclasses.replace(spec, num_pages=4), module)
 
 
 def inserted(plan_options: PassOptions = GOOD_OPTIONS):
-    """The two-layer module after plan_kv_cache and insert_kv_cache: prefill and decode over the cache."""
-    module, plan = planned(plan_options)
+    """The two-layer module (as one token-ids model) after plan_kv_cache and insert_kv_cache."""
+    module, spec = planned(plan_options)
     assert run_pass("insert_kv_cache", module, plan_options) is True
-    return module, plan
+    return module, spec
 
 
 def test_checker_refuses_two_attentions_writing_one_layer():
-    module, plan = inserted()
-    check_kv_plan(plan, module)
+    module, spec = llama_step()
+    check_kv_cache_spec(spec, module)
     text = print_module(module)
-    assert text.count("layer=1") == 2  # prefill and decode each have layers 0 and 1
-    overlapping = parse_module(text.replace("layer=1", "layer=0"))
-    # layer 0's K region: 48 pages x 2 heads x 4 tokens x 16 dims x 4 bytes = 24,576 bytes from the start
-    with pytest.raises(KVPlanError, match=r"paged_attention %\S+ in @prefill and paged_attention %\S+ in @prefill "
-                                          r"write overlapping cache bytes \[0, 24576\) and \[0, 24576\)"):
-        check_kv_plan(plan, overlapping)
+    assert text.count("index=1") == 2  # @step and @step_decode each have layers 0 and 1
+    overlapping = parse_module(text.replace("index=1", "index=0"))
+    with pytest.raises(KVCacheSpecError, match=re.escape("pool index: expected 1")):
+        check_kv_cache_spec(spec, overlapping)
+    both_zero = parse_module(text.replace("layer=1, ", "layer=0, ").replace("index=1", "index=0"))
+    with pytest.raises(KVCacheSpecError, match="layer: expected 1"):
+        check_kv_cache_spec(spec, both_zero)
 
 
-def test_checker_refuses_a_cache_of_another_dtype_or_shape():
-    module, plan = inserted()
-    with pytest.raises(KVPlanError, match=re.escape("dtype: expected f32 (the cache paged_attention")):
-        check_kv_plan(consistent(plan, dtype="f16"), module)
-    with pytest.raises(KVPlanError, match=re.escape("cache shape: expected (2, 2, 40, 2, 4, 16)")):
-        check_kv_plan(consistent(plan, budget_bytes=None, max_num_seqs=5, num_pages=40), module)
+def test_checker_refuses_pools_that_differ_from_the_step_parameters():
+    module, spec = llama_step()
+    with pytest.raises(KVCacheSpecError, match=re.escape("pool k_cache_0: expected ('f32', (2, 40, 2, 4, 16))")):
+        check_kv_cache_spec(dataclasses.replace(spec, num_pages=40), module)
+    with pytest.raises(KVCacheSpecError, match=re.escape("pool k_cache_0: expected ('f16'")):
+        check_kv_cache_spec(dataclasses.replace(spec, dtype="f16"), module)
 
 
-def test_checker_accepts_the_planners_plans():
-    module, plan = planned()
-    check_kv_plan(plan, module, GOOD_OPTIONS)
-    for dtype in ("f32", "f16"):
-        for budget in (None, 50_000, 1 << 20):
-            options = PassOptions(max_seq_len=40, max_num_seqs=2, page_size=8, kv_cache_dtype=dtype,
-                                  memory_budget_bytes=budget)
-            module, plan = inserted(options)
-            check_kv_plan(plan, module, options)
-
-
-def test_checker_accepts_a_whole_pipeline():
+def llama_step(options=PassOptions(max_seq_len=32, max_num_seqs=2, page_size=4, activation_seq_len=16)):
     from kiln.passes import PassManager
     from kiln.passes.pipeline import PIPELINE
 
@@ -255,7 +261,20 @@ def test_checker_accepts_a_whole_pipeline():
     from tiny_models import captured
 
     module = copy_module(captured("llama"))
-    options = PassOptions(max_seq_len=32, max_num_seqs=2, page_size=4, activation_seq_len=16)
     PassManager(PIPELINE).run(module, options)
-    assert {"prefill", "decode", "prefill_last"} <= set(module.functions)
-    check_kv_plan(module.metadata["kv_cache"], module, options)
+    return module, KVCacheSpec.from_json(module.metadata["kv_cache"])
+
+
+def test_checker_accepts_a_whole_pipeline():
+    options = PassOptions(max_seq_len=32, max_num_seqs=2, page_size=4, activation_seq_len=16)
+    module, spec = llama_step(options)
+    assert set(module.functions) == {"step", "step_decode"}
+    check_kv_cache_spec(spec, module)
+    check_spec_options(spec, options)
+    for dtype in ("f32", "f16"):
+        for budget in (None, 50_000, 1 << 20):
+            options = PassOptions(max_seq_len=40, max_num_seqs=2, page_size=8, kv_cache_dtype=dtype,
+                                  memory_budget_bytes=budget)
+            module, spec = planned(options)
+            check_kv_cache_spec(spec, module)
+            check_spec_options(spec, options)
