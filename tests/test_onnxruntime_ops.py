@@ -1,6 +1,7 @@
 """ONNX Runtime lowerings op by op: one-node kiln functions lowered to ONNX, checked with onnx.checker,
 run by onnxruntime and compared with numpy (the quantized ops with ir.quant_ops.dequantize,
-written out here as x @ W.T in float64)."""
+written out here as x @ W.T in float64; paged_attention, run on the padded view the executor feeds,
+with the op's numpy reference over the paged pools)."""
 
 import numpy as np
 import onnx
@@ -17,6 +18,7 @@ from kiln.ir.types import TensorType, dtype_of_numpy
 
 ort = pytest.importorskip("onnxruntime")
 BATCH, SEQ = SymExpr.symbol("batch"), SymExpr.symbol("seq")
+TOKENS, ROWS = SymExpr.symbol("tokens"), SymExpr.symbol("rows")
 
 
 def build(op: str, inputs: list, weights: dict, attrs: dict, n_outputs: int = 1, keep: int = 0):
@@ -41,7 +43,8 @@ def run_onnx(module: Module, feeds: dict, accuracy_level: int = 0) -> np.ndarray
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return session.run([LOGITS], feeds)[0]
+    wanted = {i.name for i in session.get_inputs()}
+    return session.run([LOGITS], {name: array for name, array in feeds.items() if name in wanted})[0]
 
 
 def _int4_weight(rng, n, k, group, offsets):
@@ -152,18 +155,30 @@ def _reference(module, feeds):
     return run_function(module, "f", [feeds[p.name] for p in fn.params])[0]
 
 
-def test_rope_partial_rotary_both_layouts_and_padding_positions():
+def test_rope_partial_rotary_both_layouts():
     rng = np.random.default_rng(3)
     inv_freq = (1.0 / 10000 ** (np.arange(0, 8, 2) / 8)).astype(np.float32)
-    positions = np.array([[0, 1, 2, -1], [5, 6, 7, 8]], dtype=np.int64)  # -1: padding
+    positions = np.array([[0, 1, 2, 3], [5, 6, 7, 8]], dtype=np.int64)
     for seq_axis, shape in ((2, (2, 3, 4, 16)), (1, (2, 4, 3, 16))):
         sym = tuple(BATCH if i == 0 else SEQ if i == seq_axis else d for i, d in enumerate(shape))
         module = build("rope", [("x", TensorType("f32", sym)), ("positions", TensorType("i64", (BATCH, SEQ)))],
                        {"inv_freq": inv_freq}, {"rotary_dim": 8, "seq_axis": seq_axis, "scaling": 1.0})
         x = rng.standard_normal(shape).astype(np.float32)
-        got = run_onnx(module, {"x": x, "positions": positions})
-        ref = _reference(module, {"x": x, "positions": np.maximum(positions, 0)})
-        assert np.abs(got - ref).max() <= 1e-5
+        feeds = {"x": x, "positions": positions}
+        assert np.abs(run_onnx(module, feeds) - _reference(module, feeds)).max() <= 1e-5
+
+
+def test_rope_on_more_tokens_than_its_tables():
+    """A step's flat batch [1, T] may hold more tokens than max_seq_len (the cos/sin tables' length): ORT's
+    RotaryEmbedding refuses a sequence longer than its tables, so the lowering hands it [T, 1, H * D]."""
+    rng = np.random.default_rng(9)
+    inv_freq = (1.0 / 10000 ** (np.arange(0, 16, 2) / 16)).astype(np.float32)
+    inputs = [("x", TensorType("f32", (1, 2, TOKENS, 16))), ("positions", TensorType("i64", (1, TOKENS)))]
+    module = build("rope", inputs, {"inv_freq": inv_freq}, {"rotary_dim": 16, "seq_axis": 2, "scaling": 1.0})
+    module.metadata["capture"] = {"max_seq": 8}
+    feeds = {"x": rng.standard_normal((1, 2, 20, 16)).astype(np.float32),
+             "positions": np.tile(np.arange(5), 4)[None].astype(np.int64)}
+    assert np.abs(run_onnx(module, feeds) - _reference(module, feeds)).max() <= 1e-5
 
 
 def test_add_rms_norm_returns_sum_and_normed():
@@ -198,15 +213,85 @@ def test_index_with_two_index_tensors_in_the_middle():
     assert np.array_equal(run_onnx(module, feeds), _reference(module, feeds))
 
 
-def test_last_token_with_padding_rows():
-    x = np.random.default_rng(8).standard_normal((3, 4, 5)).astype(np.float32)
-    positions = np.array([[0, 1, 2, 3], [7, 8, -1, -1], [-1, -1, -1, -1]], dtype=np.int64)
-    module = build("last_token", [("x", TensorType("f32", (BATCH, SEQ, 5))),
-                                  ("positions", TensorType("i64", (BATCH, SEQ)))], {}, {})
-    feeds = {"x": x, "positions": positions}
+def test_select_rows_any_rows_in_any_order():
+    x = np.random.default_rng(8).standard_normal((1, 6, 5)).astype(np.float32)
+    module = build("select_rows", [("x", TensorType("f32", (1, TOKENS, 5))), ("rows", TensorType("i64", (ROWS,)))],
+                   {}, {})
+    for rows in ([5, 0, 5], [], [2]):
+        feeds = {"x": x, "rows": np.array(rows, dtype=np.int64)}
+        assert np.array_equal(run_onnx(module, feeds), x[:, rows])
+
+
+def _paged_case(rng, chunks, window, heads=4, kv_heads=2, dim=8, page_size=4, max_seq_len=16):
+    """A one-node @f over paged_attention for ``chunks`` [(cached, new)] (one sequence each, row = sequence,
+    flat tokens interleaved): the module, the reference's feeds (pools holding the cached tokens) and the
+    lowered graph's feeds (past buffers holding the same tokens, and the padded view)."""
+    from kiln.ir.kv_cache import CacheGroup, KVCacheSpec
+
+    pages_per_seq = max_seq_len // page_size
+    spec = KVCacheSpec(page_size, pages_per_seq * len(chunks), "f32",
+                       (CacheGroup("kv", (0,), kv_heads, dim, dim, window),), max_seq_len, len(chunks))
+    module = Module()
+    module.metadata["kv_cache"] = spec.to_json()
+    fn = module.add_function("f")
+    pool_shape = spec.pools()[0].shape
+    params = [fn.add_param(n, TensorType(dt, shape)) for n, dt, shape in (
+        ("q", "f32", (1, heads, TOKENS, dim)), ("k", "f32", (1, kv_heads, TOKENS, dim)),
+        ("v", "f32", (1, kv_heads, TOKENS, dim)), ("k_cache_0", "f32", pool_shape), ("v_cache_0", "f32", pool_shape),
+        ("page_table", "i32", (SymExpr.symbol("seqs"), pages_per_seq)), ("positions", "i64", (1, TOKENS)),
+        ("token_seq", "i32", (TOKENS,)))]
+    node = fn.add_node("paged_attention", params, {"num_heads": heads, "num_kv_heads": kv_heads, "scale": 0.3,
+                                                   "window": window, "layer": 0, "index": 0})
+    fn.set_results([node.outputs[0]])
+    owner = [row for row, (_, new) in enumerate(chunks) for _ in range(new)]
+    order = rng.permutation(len(owner))
+    seq = np.asarray(owner, np.int32)[order]
+    pos = np.asarray([cached + i for cached, new in chunks for i in range(new)], np.int64)[order]
+    count = len(owner)
+    q = rng.standard_normal((1, heads, count, dim)).astype(np.float32)
+    k, v = (rng.standard_normal((1, kv_heads, count, dim)).astype(np.float32) for _ in range(2))
+    history = [rng.standard_normal((2, kv_heads, cached, dim)).astype(np.float32) for cached, _ in chunks]
+    table = np.arange(len(chunks) * pages_per_seq, dtype=np.int32).reshape(len(chunks), pages_per_seq)
+    pools = [np.zeros(pool_shape, np.float32) for _ in range(2)]
+    past = [np.zeros((len(chunks), kv_heads, max_seq_len, dim), np.float32) for _ in range(2)]
+    for row, cached in enumerate(history):
+        for p in range(cached.shape[2]):
+            for which in range(2):
+                pools[which][0, table[row, p // page_size], :, p % page_size] = cached[which, :, p]
+                past[which][row, :, p] = cached[which, :, p]
+    reference = {"q": q, "k": k, "v": v, "k_cache_0": pools[0], "v_cache_0": pools[1], "page_table": table,
+                 "positions": pos[None], "token_seq": seq}
+    width = max(new for _, new in chunks)
+    pad_index = np.zeros((len(chunks), width), np.int64)
+    unpad_index = np.zeros(count, np.int64)
+    for row in range(len(chunks)):
+        tokens = np.flatnonzero(seq == row)[np.argsort(pos[seq == row])]
+        pad_index[row] = np.concatenate([tokens, np.full(width - len(tokens), tokens[-1])])
+        unpad_index[tokens] = row * width + np.arange(len(tokens))
+    seqlens_k = np.asarray([cached + new - 1 for cached, new in chunks], np.int32)
+    lowered = {"q": q, "k": k, "v": v, "positions": pos[None], "pad_index": pad_index, "unpad_index": unpad_index,
+               "seqlens_k": seqlens_k, "total_sequence_length": np.asarray(seqlens_k.max() + 1, np.int32),
+               "past_key_0": past[0], "past_value_0": past[1]}
+    return module, reference, lowered
+
+
+@pytest.mark.parametrize("window", [None, 3])
+@pytest.mark.parametrize("chunks", [
+    [(0, 5), (0, 3), (0, 1)],  # prompts of three lengths, right-padded to 5
+    [(6, 1), (2, 1), (0, 1)],  # one new token each after different cached lengths
+    [(7, 4)],  # a continued chunk
+], ids=["prompts", "decode", "chunk"])
+def test_paged_attention_through_the_padded_view_matches_numpy(chunks, window):
+    """GroupQueryAttention on the padded view (the graph gathers q/k/v through pad_index and the output back
+    through unpad_index) against the op's numpy reference over the paged pools, for the three batches
+    GroupQueryAttention takes; the flat tokens in a shuffled order."""
+    module, reference, feeds = _paged_case(np.random.default_rng(len(chunks) + (window or 0)), chunks, window)
+    lowered = lower_function(module, "f")
+    assert [i.name for i in lowered.graph.input] == ["q", "k", "v", "positions", "pad_index", "unpad_index",
+                                                      "seqlens_k", "total_sequence_length", "past_key_0",
+                                                      "past_value_0"]
     got = run_onnx(module, feeds)
-    assert np.array_equal(got, _reference(module, feeds))
-    assert np.array_equal(got[:, 0], x[[0, 1, 2], [3, 1, 0]])
+    assert np.abs(got - _reference(module, reference)).max() <= 1e-5
 
 
 def test_every_ir_op_has_a_lowering():

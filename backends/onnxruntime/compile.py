@@ -1,5 +1,5 @@
-"""Lowering side of the ONNX Runtime backend: prefill, decode (and prefill_last) -> ONNX models in the
-artifact that share one external data file (each weight written once, 4 KiB aligned so it can be mapped)."""
+"""Lowering side of the ONNX Runtime backend: ``@step`` -> ``step.onnx`` beside one external data file (each
+weight 4 KiB aligned so it can be mapped). ``@step_decode`` is not lowered: the one model runs every step."""
 
 from __future__ import annotations
 
@@ -9,19 +9,36 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from kiln.ir.errors import ConfigError
+from kiln.ir.errors import ConfigError, UnsupportedOpError
+from kiln.ir.kv_cache import STEP, KVCacheSpec
 
+MODEL_FILE = "step.onnx"
 DATA_FILE = "model.onnx.data"
 READS_WEIGHTS_FILE = False  # the weights live in DATA_FILE; the artifact needs no weights.safetensors
-FUNCTIONS = ("prefill", "decode", "prefill_last")  # prefill_last when the pipeline made one
 INLINE_BYTES = 1024  # smaller initializers stay inside the model file
 ALIGNMENT = 4096
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 
 
+def kv_layers(spec: KVCacheSpec) -> list:
+    """Per layer, the K/V buffers GroupQueryAttention keeps: {num_kv_heads, head_dim, dtype} from the spec."""
+    layers = []
+    for layer in range(spec.num_layers):
+        group = spec.groups[spec.locate(layer)[0]]
+        if group.kind != "kv" or group.k_head_dim != group.v_head_dim:
+            what = "a latent cache" if group.kind != "kv" else f"K head dim {group.k_head_dim} != V {group.v_head_dim}"
+            raise UnsupportedOpError(f"layer {layer} keeps {what}; ONNX Runtime's GroupQueryAttention needs K and V "
+                                     f"of one head size; use the tvm or reference backend")
+        if spec.dtype not in ("f32", "f16"):
+            raise UnsupportedOpError(f"ONNX Runtime's GroupQueryAttention keeps an f32 or f16 cache, not {spec.dtype}; "
+                                     f"compile with --kv-cache-dtype f32 or f16")
+        layers.append({"num_kv_heads": group.num_kv_heads, "head_dim": group.k_head_dim, "dtype": spec.dtype})
+    return layers
+
+
 def compile_module(module, target: str, out_dir: str, options) -> dict:
     from . import quant_lower  # noqa: F401  (registers linear_q / embedding_q)
-    from .lower import LOGITS, SEQLENS_K, TOTAL_SEQUENCE_LENGTH, lower_function, make_model
+    from .lower import LOGITS, lower_function, make_model
 
     if target not in ("cpu", "cuda"):
         raise ConfigError(f"unknown target {target!r}; expected cpu or cuda")
@@ -29,54 +46,41 @@ def compile_module(module, target: str, out_dir: str, options) -> dict:
     accuracy_level = extra.get("onnx_accuracy_level", 0)
     if accuracy_level not in ACCURACY_LEVELS:
         raise ConfigError(f"onnx_accuracy_level must be one of {ACCURACY_LEVELS}, found {accuracy_level!r}")
-    options = {"accuracy_level": accuracy_level, "derived": {}}
-    lowered = {name: lower_function(module, name, options) for name in FUNCTIONS if name in module.functions}
-    offsets = _write_data(os.path.join(out_dir, DATA_FILE), lowered)
-    models = {}
-    for name, fn in lowered.items():
-        graph = fn.graph
-        for init_name, array in fn.initializers.items():
-            graph.initializer.append(_tensor(init_name, array, offsets.get(init_name)))
-        model = make_model(graph)
-        path = os.path.join(out_dir, f"{name}.onnx")
-        with open(path, "wb") as f:
-            f.write(model.SerializeToString())
-        onnx.checker.check_model(path, full_check=False)
-        models[name] = {"file": f"{name}.onnx", "inputs": fn.inputs, "logits_rows": fn.logits_rows}
-    layers = lowered["prefill"].layers
-    if any(fn.layers != layers for fn in lowered.values()):
-        raise AssertionError(f"the functions {sorted(lowered)} attend over different KV layers")
+    layers = kv_layers(KVCacheSpec.from_json(module.metadata["kv_cache"]))
+    lowered = lower_function(module, STEP, {"accuracy_level": accuracy_level})
+    buffers = [{"num_kv_heads": h, "head_dim": d, "dtype": t} for _, (h, d, t) in sorted(lowered.layers.items())]
+    if buffers != layers:
+        raise AssertionError(f"@{STEP} attends over K/V buffers {buffers}, the KV-cache spec declares {layers}")
+    offsets = _write_data(os.path.join(out_dir, DATA_FILE), lowered.initializers)
+    graph = lowered.graph
+    for name, array in lowered.initializers.items():
+        graph.initializer.append(_tensor(name, array, offsets.get(name)))
+    path = os.path.join(out_dir, MODEL_FILE)
+    with open(path, "wb") as f:
+        f.write(make_model(graph).SerializeToString())
+    onnx.checker.check_model(path, full_check=False)
     return {
         "target": target,
-        "models": models,
-        "data": DATA_FILE,
-        "files": {**{name: model["file"] for name, model in models.items()}, "data": DATA_FILE},
+        "files": {"model": MODEL_FILE, "data": DATA_FILE},
+        "inputs": lowered.inputs,
         "logits": LOGITS,
-        "lengths": [SEQLENS_K, TOTAL_SEQUENCE_LENGTH],
-        "kv_layers": [{"num_kv_heads": h, "head_dim": d, "dtype": t} for _, (h, d, t) in sorted(layers.items())],
+        "kv_layers": layers,
         "accuracy_level": accuracy_level,
     }
 
 
-def _write_data(path: str, lowered: dict) -> dict:
-    """Write every large initializer once (prefill and decode share them); returns name -> (offset, length)."""
+def _write_data(path: str, initializers: dict) -> dict:
+    """Write every large initializer once, aligned; returns name -> (offset, length)."""
     offsets: dict = {}
-    seen: dict = {}
     with open(path, "wb") as f:
-        for fn in lowered.values():
-            for name, array in fn.initializers.items():
-                if array.nbytes < INLINE_BYTES:
-                    continue
-                if name in seen:
-                    if seen[name] is not array and not np.array_equal(seen[name], array):
-                        raise AssertionError(f"initializer {name} differs between functions")
-                    continue
-                seen[name] = array
-                array = np.ascontiguousarray(array)
-                pad = -f.tell() % ALIGNMENT
-                f.write(b"\0" * pad)
-                offsets[name] = (f.tell(), array.nbytes)
-                f.write(memoryview(array.reshape(-1).view(np.uint8)))
+        for name, array in initializers.items():
+            if array.nbytes < INLINE_BYTES:
+                continue
+            array = np.ascontiguousarray(array)
+            pad = -f.tell() % ALIGNMENT
+            f.write(b"\0" * pad)
+            offsets[name] = (f.tell(), array.nbytes)
+            f.write(memoryview(array.reshape(-1).view(np.uint8)))
     return offsets
 
 

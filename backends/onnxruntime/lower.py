@@ -3,10 +3,16 @@
 ``LOWERINGS`` maps each kiln op name to a rule that emits ONNX nodes for one kiln
 node: ONNX Runtime's contrib ops where they exist (GroupQueryAttention over the KV
 cache, RotaryEmbedding, SkipSimplifiedLayerNormalization, MatMulNBits), standard
-ONNX (opset 23) elsewhere. The paged ``kv_cache`` of the IR becomes one
-``[batch, kv_heads, max_seq_len, head_dim]`` K and V buffer per layer
-(``past_key_<l>`` bound as ``present_key_<l>``); the page table is the executor's
-business (it maps sequences to buffer rows), so the ONNX graph never sees it.
+ONNX (opset 23) elsewhere.
+
+The ragged ``@step`` keeps its flat batch of T new tokens ([1, T, ...]) for every
+projection and MLP. Each ``paged_attention`` becomes GroupQueryAttention over one
+contiguous ``[batch, kv_heads, max_seq_len, head_dim]`` K and V buffer per layer
+(``past_key_<l>`` bound as ``present_key_<l>``): q, k and v are gathered into a
+padded ``[batch, seq]`` view with ``pad_index`` and the output gathered back with
+``unpad_index``, so only attention sees padding. The pools, the page table and
+``token_seq`` are the executor's business (it maps sequences to buffer rows and
+builds the padded view), so the ONNX graph never sees them.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from kiln.ir.errors import ConfigError, UnsupportedOpError
 from kiln.ir.graph import Function, Module, Node
+from kiln.ir.kv_cache import KVCacheSpec
 from kiln.ir.symbolic import SymExpr
 from kiln.ir.types import TensorType, numpy_dtype, promote
 
@@ -31,10 +38,15 @@ ONNX_DTYPES = {
     "i64": TensorProto.INT64, "i32": TensorProto.INT32, "i16": TensorProto.INT16, "i8": TensorProto.INT8,
     "u8": TensorProto.UINT8, "u32": TensorProto.UINT32, "bool": TensorProto.BOOL,
 }
-# The executor feeds these beside the function's own inputs (GroupQueryAttention's lengths).
+# The executor feeds these beside the function's own inputs: the padded view GroupQueryAttention runs on.
+PAD_INDEX = "pad_index"  # i64[batch, seq]: the flat token at each (row, offset) of the padded batch
+UNPAD_INDEX = "unpad_index"  # i64[tokens]: each flat token's index in the padded batch, row * seq + offset
 SEQLENS_K = "seqlens_k"  # i32[batch]: each row's total length after this call, minus one
 TOTAL_SEQUENCE_LENGTH = "total_sequence_length"  # i32 scalar: the largest total length in the batch
+ATTENTION_INPUTS = (PAD_INDEX, UNPAD_INDEX, SEQLENS_K, TOTAL_SEQUENCE_LENGTH)
 LOGITS = "logits"
+# paged_attention's operands the executor consumes instead of the graph: the pools, page_table, token_seq
+_EXECUTOR_OPERANDS = {3: "KV pool", 4: "KV pool", 5: "page table", 7: "token_seq"}
 
 
 def past_names(layer: int) -> tuple:
@@ -68,19 +80,10 @@ class WeightRef:
 
 
 @dataclass(frozen=True)
-class CacheState:
-    """The IR's kv_cache value: in ONNX, the per-layer K/V buffers (bound by the executor)."""
+class ExecutorOperand:
+    """A step input (or an updated pool) that only paged_attention reads: the executor handles it."""
 
-
-CACHE = CacheState()
-
-
-@dataclass(frozen=True)
-class PageTable:
-    """The IR's page_table input: the executor maps pages to KV buffer rows; the graph never reads it."""
-
-
-PAGE_TABLE = PageTable()
+    what: str
 
 
 class LoweringContext:
@@ -92,11 +95,12 @@ class LoweringContext:
         self.options = options
         self.nodes: list = []
         self.initializers: dict = {}  # name -> np.ndarray
-        self.values: dict = {}  # id(kiln Value) -> str | View | WeightRef | CacheState
+        self.values: dict = {}  # id(kiln Value) -> str | View | WeightRef | ExecutorOperand
         self.node: Node | None = None
         self.layers: dict = {}  # layer -> (num_kv_heads, head_dim, dtype)
-        self.kv_max_seq_len = function.module.metadata["kv_cache"]["max_seq_len"] if "kv_cache" in \
-            function.module.metadata else None
+        self.attention_tokens = None  # the tokens dim of the paged attentions' q (unpad_index's length)
+        self.kv_spec = KVCacheSpec.from_json(module.metadata["kv_cache"]) if "kv_cache" in module.metadata \
+            else None
         self._names: set = set()
         self._counter = 0
         self._consts: dict = {}
@@ -160,8 +164,7 @@ class LoweringContext:
             return self.cached(("view", entry), build)
         if isinstance(entry, WeightRef):
             return self.weight(entry.name)
-        what = "KV cache" if entry is CACHE else "page table"
-        raise UnsupportedOpError(f"{self.where()}: the {what} is only read by paged_attention in the ONNX "
+        raise UnsupportedOpError(f"{self.where()}: the {entry.what} is only read by paged_attention in the ONNX "
                                  f"Runtime backend, found {self.node.op}; expected the IR of kiln's pipeline")
 
     def weight_name(self, index: int) -> str | None:
@@ -176,13 +179,7 @@ class LoweringContext:
     def derived(self, name: str, build: Callable[[], np.ndarray]) -> str:
         """An initializer computed from weights at compile time (a transposed or repacked weight)."""
         if name not in self.initializers:
-            shared = self.options.get("derived")  # one dict for every function of a compile: built once
-            if shared is None:
-                self.initializers[name] = np.ascontiguousarray(build())
-            else:
-                if name not in shared:
-                    shared[name] = np.ascontiguousarray(build())
-                self.initializers[name] = shared[name]
+            self.initializers[name] = np.ascontiguousarray(build())
         return name
 
     def weight_array(self, index: int) -> np.ndarray:
@@ -630,7 +627,7 @@ def _rope_tables(ctx, index: int, rotary_dim: int, scaling: float) -> tuple:
     """cos/sin caches [max_seq_len, rotary_dim / 2] for ORT's RotaryEmbedding, computed as the IR's rope
     computes them (positions in float32 times inv_freq)."""
     inv_freq = ctx.weight_array(index).astype(np.float32)
-    length = ctx.kv_max_seq_len or ctx.module.metadata.get("capture", {}).get("max_seq", 2048)
+    length = ctx.kv_spec.max_seq_len if ctx.kv_spec else ctx.module.metadata.get("capture", {}).get("max_seq", 2048)
 
     def tables():
         freqs = np.arange(length, dtype=np.float32)[:, None] * inv_freq[None, :]
@@ -643,15 +640,15 @@ def _rope_tables(ctx, index: int, rotary_dim: int, scaling: float) -> tuple:
 
 
 def _positions(ctx, index: int, batch) -> str:
-    """Position ids [batch, seq] for RotaryEmbedding: padding (-1) clamped to 0, a shared row broadcast."""
-    name = ctx.input(index)
+    """Position ids [batch * seq, 1] for RotaryEmbedding (i64; a shared row broadcast to the batch)."""
     ptype = ctx.in_type(index)
+    if ptype.shape[0] == batch and ptype.dtype == "i64":  # a view (the step's positions [T] seen as [1, T])
+        return ctx.materialize(ctx.view_reshape(ctx.raw(index), ptype.shape, (ptype.shape[0] * ptype.shape[1], 1)))
+    name = ctx.input(index)
 
     def build():
-        ids = ctx.add("Max", [ctx.cast(name, ptype.dtype, "i64"), ctx.const(0, "i64")])
-        if ptype.shape[0] != batch:
-            ids = ctx.add("Expand", [ids, ctx.shape((batch, 1))])
-        return ids
+        ids = ctx.add("Expand", [ctx.cast(name, ptype.dtype, "i64"), ctx.shape((batch, 1))])
+        return ctx.add("Reshape", [ids, ctx.const([-1, 1], "i64")])
 
     return ctx.cached(("positions", name, str(batch)), build)
 
@@ -664,24 +661,22 @@ def _lower_rope(ctx, node):
     batch = x_type.shape[0]
     heads = x_type.shape[1] if seq_axis == 2 else x_type.shape[2]
     positions = _positions(ctx, 1, batch)
-    # ORT's RotaryEmbedding on the [b, s, H * D] token layout, which is usually what the q/k projection made
+    # ORT's RotaryEmbedding on the [b, s, H * D] token layout, which is usually what the q/k projection made,
+    # seen as [b * s, 1, H * D]: it refuses a seq longer than its cos/sin tables (max_seq_len), and a step's
+    # flat batch of tokens may be longer than that.
     flat, tokens = _tokens_flat(ctx, 0, seq_axis)
-    out = ctx.add("RotaryEmbedding", [flat, positions, cos, sin], domain=MS_DOMAIN, interleaved=0, num_heads=heads,
+    width = tokens[2] * tokens[3]
+    rows = ctx.add("Reshape", [flat, ctx.const([-1, 1, width], "i64")])
+    out = ctx.add("RotaryEmbedding", [rows, positions, cos, sin], domain=MS_DOMAIN, interleaved=0, num_heads=heads,
                   rotary_embedding_dim=rotary_dim)
-    return _from_tokens_flat(ctx, out, tokens, seq_axis)
+    shape = ctx.const([tokens[0], -1, width], "i64") if isinstance(tokens[0], int) else \
+        ctx.cached(("shape of", flat), lambda: ctx.add("Shape", [flat]))
+    return _from_tokens_flat(ctx, ctx.add("Reshape", [out, shape]), tokens, seq_axis)
 
 
-@lowering("last_token")
-def _lower_last_token(ctx, node):
-    """x[b, last(b)][:, None], last(b) the last index with a position >= 0 (0 for a row of padding)."""
-    valid = ctx.add("Cast", [ctx.add("GreaterOrEqual", [ctx.cast(ctx.input(1), ctx.in_type(1).dtype, "i64"),
-                                                        ctx.const(0, "i64")])], to=ONNX_DTYPES["i32"])
-    last = ctx.add("ArgMax", [valid], axis=1, keepdims=1, select_last_index=1)  # [b, 1]
-    any_valid = ctx.add("Cast", [ctx.add("ReduceMax", [valid, ctx.const([1], "i64")], keepdims=1)],
-                        to=ONNX_DTYPES["bool"])
-    index = ctx.add("Where", [any_valid, last, ctx.const(0, "i64")])
-    rows = ctx.add("GatherND", [ctx.input(0), index], batch_dims=1)  # [b, ...]
-    return ctx.add("Unsqueeze", [rows, ctx.const([1], "i64")])
+@lowering("select_rows")
+def _lower_select_rows(ctx, node):
+    return ctx.add("Gather", [ctx.input(0), ctx.input(1)], axis=1)
 
 
 # attention ----------------------------------------------------------------------------
@@ -705,29 +700,43 @@ def _from_tokens_flat(ctx, flat: str, tokens: tuple, seq_axis: int = 2):
 
 @lowering("paged_attention")
 def _lower_paged_attention(ctx, node):
-    if ctx.raw(3) is not CACHE:
-        raise UnsupportedOpError(f"{ctx.where()}: expected the function's kv_cache input (or a previous "
-                                 f"paged_attention's cache) as the cache operand")
+    """GroupQueryAttention on the padded view: q/k/v [1, T, H * D] -> [batch, seq, H * D] through pad_index, the
+    layer's K/V buffers as past and present, the output back to [1, T, H * D] through unpad_index."""
+    for index, what in _EXECUTOR_OPERANDS.items():
+        if not isinstance(ctx.raw(index), ExecutorOperand):
+            raise UnsupportedOpError(f"{ctx.where()}: expected the step's {what} as operand {index}, found a computed "
+                                     f"value; expected the IR of kiln's pipeline")
     q_type, k_type, v_type = ctx.in_type(0), ctx.in_type(1), ctx.in_type(2)
     cache_dtype = ctx.in_type(3).dtype
     heads, kv_heads, dim = node.attrs["num_heads"], node.attrs["num_kv_heads"], q_type.shape[3]
     if v_type.shape[3] != dim:
         raise UnsupportedOpError(f"{ctx.where()}: GroupQueryAttention needs equal K and V head dims, found "
                                  f"{k_type} and {v_type}")
+    if cache_dtype not in ("f32", "f16"):
+        raise UnsupportedOpError(f"{ctx.where()}: ONNX Runtime's GroupQueryAttention keeps an f32 or f16 cache, not "
+                                 f"{cache_dtype}; compile with --kv-cache-dtype f32 or f16")
     layer = node.attrs["layer"]
     if layer in ctx.layers:
         raise UnsupportedOpError(f"{ctx.where()}: layer {layer} of the KV cache is attended twice in one call")
     ctx.layers[layer] = (kv_heads, dim, cache_dtype)
-    (q, tokens), (k, _), (v, _) = (_tokens_flat(ctx, i) for i in range(3))
-    q, k, v = (ctx.cast(t, q_type.dtype, cache_dtype) for t in (q, k, v))
+    ctx.attention_tokens = q_type.shape[2]
+
+    def padded(index: int) -> tuple:
+        flat, tokens = _tokens_flat(ctx, index)  # [1, T, H * D]
+        flat = ctx.cast(flat, ctx.in_type(index).dtype, cache_dtype)
+        rows = ctx.add("Gather", [flat, PAD_INDEX], axis=1)  # [1, batch, seq, H * D]
+        return ctx.add("Squeeze", [rows, ctx.const([0], "i64")]), tokens
+
+    (q, tokens), (k, _), (v, _) = (padded(i) for i in range(3))
     window = node.attrs["window"]
     out = ctx.add("GroupQueryAttention",
                   [q, k, v, *past_names(layer), SEQLENS_K, TOTAL_SEQUENCE_LENGTH],
                   [None, *present_names(layer)], domain=MS_DOMAIN, num_heads=heads, kv_num_heads=kv_heads,
                   scale=float(node.attrs["scale"]), local_window_size=-1 if window is None else int(window))[0]
-    out = ctx.cast(out, cache_dtype, q_type.dtype)
-    # [b, s, H * D] -> the IR's [b, H, s, D], lazily (the head merge before o_proj cancels it)
-    return [_from_tokens_flat(ctx, out, tokens), CACHE]
+    out = ctx.add("Reshape", [out, ctx.const([1, -1, heads * dim], "i64")])  # [1, batch * seq, H * D]
+    out = ctx.cast(ctx.add("Gather", [out, UNPAD_INDEX], axis=1), cache_dtype, q_type.dtype)
+    # [1, T, H * D] -> the IR's [1, H, T, D], lazily (the head merge before o_proj cancels it)
+    return [_from_tokens_flat(ctx, out, tokens), ctx.raw(3), ctx.raw(4)]
 
 
 def _attention_mask(ctx, sq, sk, window) -> str:
@@ -820,15 +829,19 @@ def _value_info(name: str, t: TensorType):
 class LoweredFunction:
     graph: onnx.GraphProto  # initializers not attached: ``initializers`` holds them
     initializers: dict
-    inputs: list  # graph input names in order (the function's own, then lengths, then past K/V)
+    inputs: list  # graph input names in order (the function's own, then the padded view, then past K/V)
     layers: dict  # layer -> (num_kv_heads, head_dim, cache dtype)
-    logits_rows: int | None  # the logits' fixed seq dim (1 for prefill_last), None when it is the input's
+
+
+# the padded view's dims in the graph (names no step input uses)
+_BATCH, _SEQ = "attention_batch", "attention_seq"
 
 
 def lower_function(module: Module, name: str, options: dict | None = None) -> LoweredFunction:
-    """Lower ``@name`` (a prefill or decode function over the paged KV cache) to an ONNX graph.
+    """Lower ``@name`` (the ragged step, or any function without a KV cache) to an ONNX graph.
 
-    Graph inputs: the function's inputs except the cache and the page table, then ``seqlens_k``,
+    Graph inputs: the function's inputs except those only paged_attention reads (the pools, ``page_table``,
+    ``token_seq``), then, when it attends over the cache, ``pad_index``, ``unpad_index``, ``seqlens_k``,
     ``total_sequence_length`` and ``past_key_<l>`` / ``past_value_<l>``; outputs: ``logits`` and
     ``present_key_<l>`` / ``present_value_<l>`` (the same buffers as the pasts, bound by the executor).
     """
@@ -838,15 +851,11 @@ def lower_function(module: Module, name: str, options: dict | None = None) -> Lo
     fn = module.functions[name]
     check_lowerable(fn)
     ctx = LoweringContext(module, fn, options or {})
-    roles = _param_roles(fn)
+    executor_operands = _executor_operands(fn)
     graph_inputs = []
     for p in fn.params:
-        role = roles.get(id(p))
-        if role == "cache":
-            ctx.values[id(p)] = CACHE
-            continue
-        if role == "page_table":
-            ctx.values[id(p)] = PAGE_TABLE
+        if id(p) in executor_operands:
+            ctx.values[id(p)] = ExecutorOperand(executor_operands[id(p)])
             continue
         ctx.values[id(p)] = p.name
         ctx._names.add(p.name)
@@ -854,6 +863,7 @@ def lower_function(module: Module, name: str, options: dict | None = None) -> Lo
         for axis, d in enumerate(p.type.shape):
             if isinstance(d, SymExpr) and len(d.terms) == 1 and d.terms[0][1] == 1 and len(d.terms[0][0]) == 1:
                 ctx.symbols.setdefault(d.terms[0][0][0], (p.name, axis))
+    ctx._names.update(ATTENTION_INPUTS)
     for node in fn.nodes:
         ctx.node = node
         out = LOWERINGS[node.op](ctx, node)
@@ -863,7 +873,7 @@ def lower_function(module: Module, name: str, options: dict | None = None) -> Lo
         for value, entry in zip(node.outputs, outs):
             ctx.values[id(value)] = entry
     results = [ctx.values[id(r)] for r in fn.results]
-    plain = [(r, e) for r, e in zip(fn.results, results) if e is not CACHE]
+    plain = [(r, e) for r, e in zip(fn.results, results) if not isinstance(e, ExecutorOperand)]
     if len(plain) != 1:
         raise UnsupportedOpError(f"@{name}: expected one result besides the KV cache (the logits), found {len(plain)}")
     value, entry = plain[0]
@@ -871,40 +881,35 @@ def lower_function(module: Module, name: str, options: dict | None = None) -> Lo
     logits = ctx.materialize(entry, value.type)
     ctx.nodes.append(helper.make_node("Identity", [logits], [LOGITS], name="logits"))
     graph_outputs = [_value_info(LOGITS, value.type)]
-    extra = [helper.make_tensor_value_info(SEQLENS_K, TensorProto.INT32, [_batch_dim(fn)]),
-             helper.make_tensor_value_info(TOTAL_SEQUENCE_LENGTH, TensorProto.INT32, [])]
-    max_len = ctx.kv_max_seq_len
-    past, present = [], []
-    for layer in sorted(ctx.layers):
-        kv_heads, dim, dtype = ctx.layers[layer]
-        shape = [_batch_dim(fn), kv_heads, max_len, dim]
-        past += [helper.make_tensor_value_info(n, ONNX_DTYPES[dtype], shape) for n in past_names(layer)]
-        present += [helper.make_tensor_value_info(n, ONNX_DTYPES[dtype], shape) for n in present_names(layer)]
     if sorted(ctx.layers) != list(range(len(ctx.layers))):
         raise UnsupportedOpError(f"@{name}: expected paged_attention layers 0..{len(ctx.layers) - 1}, found "
                                  f"{sorted(ctx.layers)}")
-    inputs = graph_inputs + (extra + past if ctx.layers else [])
+    view, past, present = [], [], []
+    if ctx.layers:
+        view = [helper.make_tensor_value_info(PAD_INDEX, TensorProto.INT64, [_BATCH, _SEQ]),
+                _value_info(UNPAD_INDEX, TensorType("i64", (ctx.attention_tokens,))),
+                helper.make_tensor_value_info(SEQLENS_K, TensorProto.INT32, [_BATCH]),
+                helper.make_tensor_value_info(TOTAL_SEQUENCE_LENGTH, TensorProto.INT32, [])]
+    for layer in sorted(ctx.layers):
+        kv_heads, dim, dtype = ctx.layers[layer]
+        shape = [_BATCH, kv_heads, ctx.kv_spec.max_seq_len, dim]
+        past += [helper.make_tensor_value_info(n, ONNX_DTYPES[dtype], shape) for n in past_names(layer)]
+        present += [helper.make_tensor_value_info(n, ONNX_DTYPES[dtype], shape) for n in present_names(layer)]
+    inputs = graph_inputs + view + past
     graph = helper.make_graph(ctx.nodes, name, inputs, graph_outputs + present)
-    rows = value.type.shape[1] if value.type.rank == 3 and isinstance(value.type.shape[1], int) else None
-    return LoweredFunction(graph, ctx.initializers, [i.name for i in inputs], dict(ctx.layers), rows)
+    return LoweredFunction(graph, ctx.initializers, [i.name for i in inputs], dict(ctx.layers))
 
 
-def _batch_dim(fn: Function):
-    """The batch dim of the function's first input, as a graph dim (a symbol name or an int)."""
-    d = fn.params[0].type.shape[0]
-    return d if isinstance(d, int) else str(d)
-
-
-def _param_roles(fn: Function) -> dict:
-    """Which parameters are the KV cache and the page table (the operands 3 and 4 of paged_attention)."""
+def _executor_operands(fn: Function) -> dict:
+    """id(parameter) -> what it is, for the parameters paged_attention reads as its pools, page table and
+    token_seq: the executor's business. (A pool after the first layer is the previous attention's output.)"""
+    params = {id(p) for p in fn.params}
     roles = {}
-    params = {id(p): p for p in fn.params}
     for node in fn.nodes:
         if node.op == "paged_attention":
-            if id(node.inputs[4]) in params:
-                roles[id(node.inputs[4])] = "page_table"
-            if id(node.inputs[3]) in params:
-                roles[id(node.inputs[3])] = "cache"
+            for index, what in _EXECUTOR_OPERANDS.items():
+                if id(node.inputs[index]) in params:
+                    roles[id(node.inputs[index])] = what
     return roles
 
 

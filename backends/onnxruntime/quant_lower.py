@@ -142,18 +142,11 @@ def _linear_q_signature(ctx, node):
 
 
 def _prepared(ctx, node) -> dict:
-    shared = ctx.options.get("derived")  # prefill, decode and prefill_last share one repack
-    key = ("prepared", _weight_of(ctx, node, 1))
-    if shared is not None and key in shared:
-        return shared[key]
     data = ctx.module.weight_data
     q, scale = data[_weight_of(ctx, node, 1)], data[_weight_of(ctx, node, 2)]
     offset = data[_weight_of(ctx, node, 3)] if len(node.inputs) == 4 else None
-    prepared = prepare_linear_q(q, scale, offset, node.attrs["bits"], node.attrs["group_size"],
-                                int(ctx.options.get("accuracy_level", 0)))
-    if shared is not None:
-        shared[key] = prepared
-    return prepared
+    return prepare_linear_q(q, scale, offset, node.attrs["bits"], node.attrs["group_size"],
+                            int(ctx.options.get("accuracy_level", 0)))
 
 
 @lowering("linear_q")
@@ -172,13 +165,8 @@ def _lower_linear_q(ctx, node):
         if len(group) > 1:
             def emit(members):
                 prepared = [_prepared(ctx, m) for m in members]
-                shared = ctx.options.get("derived")
-                fused = shared.get(("prepared", names)) if shared is not None else None
-                if fused is None:
-                    fused = concat_prepared(prepared)
-                    if shared is not None:
-                        shared[("prepared", names)] = fused
-                return _emit(ctx, ctx.input(0), x_type, fused, names, group_size), [p["n"] for p in prepared]
+                return _emit(ctx, ctx.input(0), x_type, concat_prepared(prepared), names, group_size), \
+                    [p["n"] for p in prepared]
 
             return fused_output(ctx, node, group, emit)
         return _emit(ctx, ctx.input(0), x_type, _prepared(ctx, node), names, group_size)
