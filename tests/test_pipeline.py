@@ -1,10 +1,11 @@
-"""The whole pass pipeline: prefill then batched decode through the KV cache reproduce transformers' logits."""
+"""The whole pass pipeline: ragged steps (prefills, then batched decode) through the KV cache reproduce transformers' logits."""
 
 import collections
 
 import numpy as np
 import pytest
 
+from kiln.ir.symbolic import sym
 from kiln.passes import PassManager, PassOptions
 from kiln.passes.pipeline import PIPELINE
 
@@ -37,9 +38,9 @@ def optimized(module, options=OPTIONS):
 @pytest.mark.parametrize("arch", sorted(TINY_ARCHS))
 def test_tiny_prefill_then_batched_decode_match_transformers(arch):
     module = optimized(captured(arch))
-    assert set(module.functions) == {"prefill", "decode", "prefill_last"}
+    assert set(module.functions) == {"step", "step_decode"}
     assert module.metadata["unfused_attention"] == []
-    ops = collections.Counter(n.op for n in module.functions["prefill"].nodes)
+    ops = collections.Counter(n.op for n in module.functions["step"].nodes)
     for op, count in EXPECTED[arch].items():
         assert ops[op] == count, (arch, op, dict(ops))
     assert ops["sdpa"] == 0 and ops["softmax"] == 0 and ops["arange"] == 0
@@ -55,32 +56,29 @@ def test_tiny_prefill_then_batched_decode_match_transformers(arch):
 
 
 @pytest.mark.parametrize("arch", sorted(TINY_ARCHS))
-def test_prefill_last_gives_each_rows_last_real_token_like_transformers(arch):
-    """A right-padded batch of two prompts (lengths 7 and 4) through @prefill_last: one row of logits per
-    sequence, transformers' logits at its last real token; and the KV cache it leaves equals @prefill's."""
-    from kiln.ir.interpreter import run_function
-
-    from kv_harness import empty_cache, page_row
+def test_a_step_gives_the_logit_rows_asked_for_like_transformers(arch):
+    """Two prompts (lengths 7 and 4) in one ragged step with one logit row each: transformers' logits at each
+    prompt's last token; the selection sits above the output projection; the pools it leaves equal those of the
+    same step asking for every row."""
+    from kv_harness import empty_pools, run_step
 
     module = optimized(captured(arch))
-    fn = module.functions["prefill_last"]
-    assert sum(n.op == "last_token" for n in fn.nodes) >= 1
-    plan = module.metadata["kv_cache"]
+    fn = module.functions["step"]
+    select = [n for n in fn.nodes if n.op == "select_rows"]
+    assert select and all(n.output.type.shape[1] == sym("rows") for n in select)
+    output_projection = [n for n in fn.nodes if n.op == "linear"][-1]
+    assert output_projection.output.type.shape == (1, sym("rows"), VOCAB)
     rng = np.random.default_rng(5)
     prompts = [rng.integers(0, VOCAB, size=7), rng.integers(0, VOCAB, size=4)]
-    ids = np.zeros((2, 7), dtype=np.int64)
-    positions = np.full((2, 7), -1, dtype=np.int64)
-    for row, prompt in enumerate(prompts):
-        ids[row, :len(prompt)] = prompt
-        positions[row, :len(prompt)] = np.arange(len(prompt))
-    table = np.stack([page_row(plan, 0), page_row(plan, 1)])
-    logits, cache = run_function(module, "prefill_last", [ids, positions, empty_cache(plan), table])
-    _, cache_full = run_function(module, "prefill", [ids, positions, empty_cache(plan), table])
-    assert logits.shape == (2, 1, VOCAB)
-    np.testing.assert_array_equal(cache, cache_full)
+    chunks = [(0, prompts[0], 0), (1, prompts[1], 0)]
+    logits, pools = run_step(module, empty_pools(module), chunks)
+    _, pools_all = run_step(module, empty_pools(module), chunks, logits="all")
+    assert logits.shape == (2, VOCAB)
+    for name in pools:
+        np.testing.assert_array_equal(pools[name], pools_all[name])
     for row, prompt in enumerate(prompts):
         ref = reference_logits(arch, np.asarray(prompt)[None])[0, -1]
-        assert np.abs(logits[row, 0] - ref).max() <= FP32_TOLERANCE * np.abs(ref).max(), arch
+        assert np.abs(logits[row] - ref).max() <= FP32_TOLERANCE * np.abs(ref).max(), arch
 
 
 @pytest.mark.parametrize("quantize", ["none", "int8", "int4"])
@@ -100,29 +98,36 @@ def test_parameter_count_is_the_models_in_any_weight_format(quantize):
     assert module.parameter_count(exclude=buffers) == sum(p.numel() for p in model.parameters()) == 90_432
 
 
-def test_decode_is_prefill_with_one_token():
+def test_step_decode_is_the_step_for_one_token_per_sequence():
+    from kv_harness import empty_pools, run_step
+
     module = optimized(captured("llama"))
-    prefill, decode = module.functions["prefill"], module.functions["decode"]
-    assert [str(p.type) for p in decode.params][:2] == ["i64[batch, 1]", "i64[batch, 1]"]
-    # the same computation, except that with seq = 1 each head split/merge permute is a plain reshape
-    ops = collections.Counter(n.op for n in decode.nodes)
-    prefill_ops = collections.Counter(n.op for n in prefill.nodes)
-    assert ops["permute"] == 0 and prefill_ops["permute"] == 8  # 2 layers x (q, k, v, attention output)
-    assert {op: count for op, count in ops.items() if op not in ("permute", "reshape")} == \
-        {op: count for op, count in prefill_ops.items() if op not in ("permute", "reshape")}
-    # no node in decode depends on the sequence length: O(1) new work per token
-    assert all("seq" not in str(v.type) for n in decode.nodes for v in n.outputs)
+    step, decode = module.functions["step"], module.functions["step_decode"]
+    assert [p.name for p in decode.params] == [p.name for p in step.params]
+    assert [str(p.type) for p in decode.params][:5] == ["i64[decode_tokens]", "i64[decode_tokens]",
+                                                        "i32[decode_tokens]", "i32[seqs, 8]", "i64[decode_tokens]"]
+    assert collections.Counter(n.op for n in decode.nodes) == collections.Counter(n.op for n in step.nodes)
+    # the same logits for a decode step of three sequences after their prompts
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(0, VOCAB, size=n) for n in (5, 2, 9)]
+    pools = empty_pools(module)
+    for slot, prompt in enumerate(prompts):
+        _, pools = run_step(module, pools, [(slot, prompt[:-1], 0)])
+    chunks = [(slot, prompt[-1:], len(prompt) - 1) for slot, prompt in enumerate(prompts)]
+    got, _ = run_step(module, dict(pools), chunks, function="step_decode")
+    want, _ = run_step(module, dict(pools), chunks)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
 
 def test_smollm2_fusions_and_kv_bytes():
     module = optimized(smollm2_captured(), PassOptions(max_seq_len=64, max_num_seqs=1, page_size=16,
                                                        activation_seq_len=16))
-    prefill = module.functions["prefill"]
-    attentions = [n for n in prefill.nodes if n.op == "paged_attention"]
+    step = module.functions["step"]
+    attentions = [n for n in step.nodes if n.op == "paged_attention"]
     assert len(attentions) == 30
     assert {(n.attrs["num_heads"], n.attrs["num_kv_heads"], n.inputs[1].type.shape[3]) for n in attentions} == \
         {(9, 3, 64)}
-    ops = collections.Counter(n.op for n in prefill.nodes)
+    ops = collections.Counter(n.op for n in step.nodes)
     assert ops["rms_norm"] + ops["add_rms_norm"] == 61
     assert ops["gated_mlp"] == 30
     assert module.metadata["kv_cache"]["bytes_per_token"] == 46080
