@@ -10,6 +10,8 @@ The execution side's contract (every executor):
   (``KVCacheSpec.pools()``) live inside the executor, allocated from the spec and bound by name.
 - ``shares_pages``: whether two sequences' page tables may name the same page (prefix caching);
   where it is False the runtime never shares a page.
+- ``max_sequences`` (optional): how many sequences the executor holds at once, when it keeps state per
+  sequence (ONNX Runtime's buffer rows); the runtime never runs more together.
 - ``has_function(name)``, ``end_sequence(first_page)`` (the sequence whose page table starts with
   ``first_page`` has released its pages), ``close()``.
 """

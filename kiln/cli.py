@@ -8,6 +8,7 @@ import math
 import os
 import signal
 import sys
+import time
 
 from kiln import __version__
 from kiln.ir.kv_cache import KVCacheSpec
@@ -44,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--chat", action="store_true", help="apply the model's chat template to the prompt")
     run.add_argument("--no-stream", action="store_true", help="print the text at the end, not as it comes")
     run.add_argument("--stats", action="store_true", help="print prefill/decode speed to stderr")
+    run.add_argument("--batch", action="store_true",
+                     help="read one prompt per line from standard input, generate them together (continuous "
+                          "batching) and print one JSON object per prompt, in order")
     add_sampling_options(run)
     add_compile_options(run)
 
@@ -88,7 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
 def add_plan_options(parser) -> None:
     group = parser.add_argument_group("planning")
     group.add_argument("--max-seq-len", type=int, default=2048, help="longest sequence (prompt + new tokens)")
-    group.add_argument("--max-num-seqs", type=int, default=4, help="sequences the KV cache holds at once")
+    group.add_argument("--max-num-seqs", type=int, default=4,
+                       help="size the KV cache to hold this many sequences of --max-seq-len tokens (pages are shared: "
+                            "it serves one long request or many short ones)")
     group.add_argument("--page-size", type=int, default=16, help="tokens per KV-cache page")
     group.add_argument("--kv-cache-dtype", choices=["f32", "f16"], default="f32", help="KV-cache element type")
     group.add_argument("--kv-cache-budget", metavar="BYTES", help="KV-cache memory budget, e.g. 512MiB")
@@ -192,7 +198,15 @@ def cache_dir() -> str:
 
 
 def open_engine(args):
-    """An Engine for MODEL: an artifact directly, anything else through the compile cache."""
+    """An Engine for MODEL (an artifact directly, anything else through the compile cache); its notices (prefix
+    caching off on a backend that cannot share pages) go to stderr."""
+    engine = _open_engine(args)
+    for notice in engine.notices:
+        sys.stderr.write(f"kiln: {notice}\n")
+    return engine
+
+
+def _open_engine(args):
     from kiln.runtime.artifact import is_artifact
 
     from .progress import Progress
@@ -215,7 +229,7 @@ def open_engine(args):
         digest = content_hash(args.model)
     key = json.dumps({"model": digest, "kiln": __version__, "backend": args.backend,
                       "backend_version": backend_version(args.backend), "target": args.target,
-                      "quantize": args.quantize, "cache_format": 3, **plan_kwargs(args)}, sort_keys=True)
+                      "quantize": args.quantize, "cache_format": 4, **plan_kwargs(args)}, sort_keys=True)
     path = os.path.join(cache_dir(), hashlib.sha256(key.encode()).hexdigest()[:24], "model.kiln")
     if os.path.lexists(path):
         try:
@@ -263,6 +277,8 @@ def cmd_compile(args) -> int:
 def cmd_run(args) -> int:
     check_compile_args(args)
     kwargs = sampling_kwargs(args)
+    if args.batch:
+        return run_batch(args, kwargs)
     prompt = args.prompt if args.prompt is not None else read_stdin_prompt()
     check_prompt_text(prompt, "PROMPT" if args.prompt is not None else "the prompt on standard input")
     engine = open_engine(args)
@@ -284,6 +300,37 @@ def cmd_run(args) -> int:
             print(f"kiln: prefill {s['prompt_tokens']} tokens at {s['prefill_tokens_per_s']:.1f} tok/s, decode "
                   f"{s['new_tokens']} tokens at {s['decode_tokens_per_s']:.1f} tok/s ({result.finish_reason})",
                   file=sys.stderr)
+    return 0
+
+
+def run_batch(args, kwargs) -> int:
+    """kiln run --batch: every non-empty line of standard input is a prompt; all are submitted at once."""
+    if args.prompt is not None:
+        raise UsageError("--batch reads its prompts from standard input, one per line; drop PROMPT")
+    lines = [line for line in read_stdin_prompt().splitlines() if line.strip()]
+    if not lines:
+        raise UsageError("--batch found no prompt on standard input; give one prompt per line")
+    for number, line in enumerate(lines, 1):
+        check_prompt_text(line, f"line {number} of standard input")
+    engine = open_engine(args)
+    start = time.perf_counter()
+    if args.chat:
+        requests = [engine.submit(engine.chat_prompt([{"role": "user", "content": line}]), **kwargs)
+                    for line in lines]
+    else:
+        requests = [engine.submit(line, **kwargs) for line in lines]
+    new_tokens = 0
+    for index, request in enumerate(requests):
+        result = request.result()
+        new_tokens += len(result.token_ids)
+        print(json.dumps({"index": index, "text": result.text, "finish_reason": result.finish_reason,
+                          "prompt_tokens": result.stats["prompt_tokens"], "new_tokens": result.stats["new_tokens"],
+                          "cached_prompt_tokens": result.stats["cached_prompt_tokens"]}, ensure_ascii=False),
+              flush=True)
+    if args.stats:
+        seconds = time.perf_counter() - start
+        print(f"kiln: {len(requests)} prompts, {new_tokens} new tokens in {seconds:.2f} s "
+              f"({new_tokens / seconds:.1f} tok/s together)", file=sys.stderr)
     return 0
 
 

@@ -103,6 +103,9 @@ class Engine:
         if prefix_caching and not self.executor.shares_pages:
             self.notices.append(f"prefix caching is off: the {info.backend} backend keeps each sequence in a buffer "
                                 f"of its own and cannot share pages between sequences")
+        held = getattr(self.executor, "max_sequences", None)
+        if held is not None and held < max_running:
+            max_running = held  # the backend keeps per-sequence state for this many
         self.pool = PagePool(self.spec.num_pages, self.spec.page_size, prefix_caching=self.prefix_caching)
         self.scheduler = Scheduler(self.pool, self.spec.pages_per_seq, max_running=max_running,
                                    token_budget=token_budget)
@@ -229,14 +232,18 @@ class Engine:
     def chat(self, messages: list, *, add_generation_prompt: bool = True, stream: bool = False, **kwargs):
         """Apply the model's chat template (in jinja2's sandbox) and generate the reply. The previous turns'
         tokens are usually still in the prefix cache, so a turn prefills mostly its new message."""
+        ids = self.chat_prompt(messages, add_generation_prompt=add_generation_prompt)
+        return self.stream(ids, **kwargs) if stream else self.generate(ids, **kwargs)
+
+    def chat_prompt(self, messages: list, *, add_generation_prompt: bool = True) -> list:
+        """The token ids of ``messages`` rendered with the chat template (for :meth:`submit`)."""
         prompt = self.render_chat(messages, add_generation_prompt=add_generation_prompt)
         self._check_text(prompt, "the rendered chat")
         ids = self.tokenizer.encode(prompt, add_special_tokens=False)
         if self.tokenizer.bos_token_id is not None and self.manifest["tokenizer"].get("add_bos_token") and \
                 (not ids or ids[0] != self.tokenizer.bos_token_id):
             ids = [self.tokenizer.bos_token_id] + ids
-        ids = self._checked_ids(ids, "the rendered chat's text")
-        return self.stream(ids, **kwargs) if stream else self.generate(ids, **kwargs)
+        return self._checked_ids(ids, "the rendered chat's text")
 
     def render_chat(self, messages: list, add_generation_prompt: bool = True) -> str:
         if self.chat_template is None:
@@ -333,7 +340,7 @@ class Engine:
             mine = logits[row:row + len(chunk.logit_offsets)]
             row += len(chunk.logit_offsets)
             if seq.all_logits:
-                request.accept_all(mine)
+                request.accept_all([chunk.start + o for o in chunk.logit_offsets], mine)
                 if chunk.samples:
                     request.finish("length")
                     self._end(seq)

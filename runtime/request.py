@@ -49,6 +49,7 @@ class Request:
         self._return_logits = return_logits
         self._all_logits = all_logits  # Engine.logits: every prompt position's logits, nothing sampled
         self._kept_logits: list = []
+        self._logits_at: dict = {}  # position -> logits, for Engine.logits
         self._accepted = 0
         self._new_ids: list = []
         self._text: list = []
@@ -117,9 +118,10 @@ class Request:
             return False
         return True
 
-    def accept_all(self, rows: np.ndarray) -> None:
-        """Engine.logits: keep these positions' logits (in order)."""
-        self._kept_logits.append(np.asarray(rows, dtype=np.float32))
+    def accept_all(self, positions, rows: np.ndarray) -> None:
+        """Engine.logits: keep these positions' logits (a preempted request computes some positions again)."""
+        for position, row in zip(positions, rows):
+            self._logits_at[position] = np.asarray(row, dtype=np.float32)
 
     def _emit(self, piece: str) -> None:
         if piece:
@@ -137,7 +139,7 @@ class Request:
             self._emit(tail)
         self.times["finished"] = time.perf_counter()
         if self._all_logits:
-            logits = np.concatenate(self._kept_logits) if self._kept_logits else np.zeros((0, 0), np.float32)
+            logits = np.stack([self._logits_at[p] for p in sorted(self._logits_at)])
         elif self._return_logits:
             logits = np.stack(self._kept_logits) if self._kept_logits else np.zeros((0, 0), np.float32)
         else:
@@ -162,6 +164,7 @@ class Request:
         prefill = first - admitted
         decode = t["finished"] - first
         steps = max(self._accepted - 1, 0)  # every sample after the first came from a decode step
+        computed = len(self.prompt_ids) - (self.seq.cached_prompt_tokens if self.seq is not None else 0)
         return {
             "prompt_tokens": len(self.prompt_ids), "new_tokens": len(self._new_ids),
             "cached_prompt_tokens": self.seq.cached_prompt_tokens if self.seq is not None else 0,
@@ -169,7 +172,8 @@ class Request:
             "queue_seconds": admitted - t["submitted"],
             "time_to_first_token": first - t["submitted"],
             "prefill_seconds": prefill, "decode_seconds": decode,
-            "prefill_tokens_per_s": len(self.prompt_ids) / prefill if prefill > 0 else float("inf"),
+            # the prompt tokens this request computed (not those served from the prefix cache)
+            "prefill_tokens_per_s": computed / prefill if prefill > 0 else float("inf"),
             "decode_steps": steps,
             "decode_tokens_per_s": steps / decode if decode > 0 and steps else 0.0,
         }

@@ -88,14 +88,16 @@ def test_inspect_json_on_a_checkpoint(checkpoint):
     kv = summary["kv_cache"]
     # 2 layers x (K, V) x 2 KV heads x head_dim 16 x 4 bytes
     assert kv["bytes_per_token"] == 2 * 2 * 2 * 16 * 4 and kv["page_size"] == 8
+    assert kv["groups"] == [{"kind": "kv", "layers": [0, 1], "num_kv_heads": 2, "k_head_dim": 16, "v_head_dim": 16,
+                             "window": None}]
     assert kv["max_tokens"] == kv["num_pages"] * 8
     assert 0 < summary["activations"]["peak_bytes"] < summary["activations"]["naive_bytes"]
     names = [p["name"] for p in summary["passes"]]
     assert "fuse_attention" in names
     # the passes ran inside the command, so their times add up to less than its run, and to something
     assert 0 < sum(p["milliseconds"] for p in summary["passes"]) < elapsed_ms
-    assert set(summary["functions"]) == {"prefill", "decode", "prefill_last"}
-    assert summary["symbolic_dims"] == ["batch", "seq"]
+    assert set(summary["functions"]) == {"step", "step_decode"}
+    assert summary["symbolic_dims"] == ["decode_tokens", "rows", "seqs", "tokens"]
 
 
 def test_inspect_shows_quantization_and_refuses_gguf_for_a_checkpoint(checkpoint):

@@ -432,17 +432,93 @@ def test_cuda_target_runs_on_the_cuda_provider_or_is_refused(tmp_path):
 
 
 # the Engine API -----------------------------------------------------------------------------------
-@pytest.mark.skip(reason="needs the new Engine (runtime/engine.py is being rewritten around the ragged step): "
-                         "generate, stream, stop strings and chat on the ONNX Runtime backend")
-def test_engine_generate_stream_stop_strings_and_chat():
-    """# needs the new Engine: restore the tokenizer-level checks (prompt ids, greedy tokens against
-    transformers' generate, streaming pieces, stop strings, seeded sampling, chat templates) once
-    kiln.load(...).generate drives executor.step."""
+def test_runtime_never_imports_torch(compiled):
+    from runtime_check import assert_generates_without_torch
+
+    assert_generates_without_torch(compiled("llama"))
 
 
-@pytest.mark.skip(reason="needs the new Engine: tests/runtime_check.py loads and generates through kiln.load")
-def test_runtime_never_imports_torch():
-    """# needs the new Engine: assert_generates_without_torch(compiled('llama'))."""
+def test_engine_batches_prompts_like_transformers_with_prefix_caching_off(compiled):
+    """Prompts of different lengths generated together (several GroupQueryAttention calls per step) give
+    transformers' greedy tokens; the backend cannot share pages, so prefix caching is off with a notice."""
+    engine = kiln.load(compiled("llama"))
+    assert not engine.prefix_caching and "prefix caching is off" in engine.notices[0]
+    prompts = [[5, 9, 33, 40, 41, 7, 100], [64, 3], [17, 18, 19, 20, 21], [99]]
+    results = engine.generate(prompts, max_new_tokens=8, ignore_eos=True)
+    assert [r.token_ids for r in results] == [_hf_greedy(tiny_model("llama"), p, 8) for p in prompts]
+    assert all(r.stats["cached_prompt_tokens"] == 0 for r in results)
+    assert engine.pool.num_in_use() == 0
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory):
+    """A tiny random Llama with SmolLM2's vocabulary, tokenizer and chat template, as a checkpoint directory."""
+    import transformers
+
+    from kiln.frontend.gguf_file import GGUFFile
+    from kiln.frontend.sources import default_model_path
+    from kiln.frontend.tokenizer import tokenizer_from_gguf
+
+    try:
+        gguf = default_model_path()
+    except ConfigError as err:
+        pytest.skip(f"SmolLM2 (for its tokenizer) is not installed: {err}")
+    bundle = tokenizer_from_gguf(GGUFFile(gguf))
+    directory = tmp_path_factory.mktemp("chat_ckpt")
+    vocab = json.loads(bundle.tokenizer_json)
+    size = max(len(vocab["model"]["vocab"]), 1 + max(t["id"] for t in vocab.get("added_tokens", [])))
+    config = transformers.LlamaConfig(vocab_size=size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                      tie_word_embeddings=True, bos_token_id=bundle.bos_token_id,
+                                      eos_token_id=bundle.eos_token_ids[0])
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    model.save_pretrained(directory)
+    (directory / "tokenizer.json").write_text(bundle.tokenizer_json)
+    (directory / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": bundle.bos_token, "eos_token": bundle.eos_token, "chat_template": bundle.chat_template}))
+    hf_tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_file=str(directory / "tokenizer.json"),
+                                                        bos_token=bundle.bos_token, eos_token=bundle.eos_token)
+    hf_tokenizer.chat_template = bundle.chat_template
+    art = kiln.compile(str(directory), backend="onnxruntime", max_seq_len=96,
+                       output=tmp_path_factory.mktemp("chat") / "chat.kiln")
+    return kiln.load(art), model, hf_tokenizer
+
+
+def _hf_greedy(model, ids, n):
+    with torch.no_grad():
+        out = model.generate(torch.as_tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=None,
+                             pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+def test_engine_generate_stream_and_stop_strings(chat_model):
+    engine, model, hf_tokenizer = chat_model
+    prompt = "The capital of France is"
+    res = engine.generate(prompt, max_new_tokens=16, ignore_eos=True)
+    assert res.prompt_token_ids == hf_tokenizer(prompt)["input_ids"]
+    assert res.token_ids == _hf_greedy(model, res.prompt_token_ids, 16)
+    assert res.text == hf_tokenizer.decode(res.token_ids, skip_special_tokens=True)
+    pieces = list(engine.stream(prompt, max_new_tokens=16, ignore_eos=True))
+    assert len(pieces) > 1 and "".join(pieces) == res.text
+    stop = res.text[len(res.text) // 2:len(res.text) // 2 + 3]
+    stopped = engine.generate(prompt, max_new_tokens=16, ignore_eos=True, stop=[stop])
+    assert stopped.finish_reason == "stop"
+    assert stopped.text == res.text[:res.text.index(stop)]
+    sampled = [engine.generate(prompt, max_new_tokens=8, temperature=1.0, top_p=0.9, seed=s).token_ids for s in (1, 1)]
+    assert sampled[0] == sampled[1]
+
+
+def test_engine_chat(chat_model):
+    engine, model, hf_tokenizer = chat_model
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    res = engine.chat(messages, max_new_tokens=8, ignore_eos=True)
+    ids = hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+    assert res.prompt_token_ids == list(ids)
+    assert res.token_ids == _hf_greedy(model, list(ids), 8)
+    assert "".join(engine.chat(messages, max_new_tokens=8, ignore_eos=True, stream=True)) == res.text
+
 
 
 # SmolLM2 -------------------------------------------------------------------------------------------

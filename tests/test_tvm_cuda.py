@@ -249,11 +249,11 @@ def test_whole_tiny_llama_compiles_with_nvcc(arch, quantize):
     from kiln.backends.tvm.lower import lower_functions
 
     module = _optimized_tiny_llama(quantize)
-    irmodule = lower_functions(module, ["prefill", "decode"], f"cuda:{arch}")
+    irmodule = lower_functions(module, ["step", "step_decode"], f"cuda:{arch}")
     source = cuda_source(irmodule, arch)
-    assert "paged_attention_decode" in source and "paged_attention_prefill" in source
+    assert "paged_attention_decode" in source and "paged_attention_ragged" in source
     if quantize:  # the dequantize is fused: a quantized kernel and no fp32 weight parameter
-        ops = {n.op for n in module.functions["decode"].nodes}
+        ops = {n.op for n in module.functions["step_decode"].nodes}
         assert {"linear_q", "embedding_q"} <= ops and "linear" not in ops
         assert "linear_int" in source and "embedding_q" in source
     assert len(compile_cuda_source(source, arch)) > 0

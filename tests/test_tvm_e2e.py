@@ -61,24 +61,33 @@ def test_quantized_model_matches_transformers_with_dequantized_weights(tmp_path,
     assert_engine_matches_transformers(engine, "llama", model=dequantized_tiny_llama(quantize))
 
 
-def test_two_sequences_decode_in_one_batch(compiled):
-    """The compiled decode serves sequences of different lengths in one call."""
+def test_one_step_mixes_a_prefill_chunk_with_decodes(compiled):
+    """The compiled step serves, in one call, a decode token of each of two sequences and the second chunk of a
+    third sequence's prompt; then @step_decode decodes all three."""
     engine = compiled("llama")
     model = tiny_model("llama")
-    a, b = [3, 4, 5, 6, 7], [9, 8]
-    seqs = [engine.pages.add_sequence(), engine.pages.add_sequence()]
-    try:
-        engine._step("prefill", [seqs[0]], np.array([a]))
-        engine._step("prefill", [seqs[1]], np.array([b]))
-        logits = engine._step("decode", seqs, np.array([[11], [12]]))
-    finally:
-        for s in seqs:
-            engine.pages.remove_sequence(s)
+    a, b, c = [3, 4, 5, 6, 7], [9, 8], [20, 21, 22, 23, 24, 25, 26]
+    P = engine.spec.pages_per_seq
+    table = np.arange(3 * P, dtype=np.int32).reshape(3, P)
+
+    def step(function, chunks, rows):
+        ids = np.array([t for _, toks, _ in chunks for t in toks], np.int64)
+        return engine.executor.step(function, {
+            "token_ids": ids, "positions": np.array([p for _, toks, s in chunks for p in range(s, s + len(toks))]),
+            "token_seq": np.array([row for row, toks, _ in chunks for _ in toks], np.int32),
+            "page_table": table, "logit_rows": np.asarray(rows, np.int64)})
+
+    step("step", [(0, a, 0), (1, b, 0), (2, c[:3], 0)], [4])
+    logits = step("step", [(0, [11], 5), (1, [12], 2), (2, c[3:], 3)], list(range(6)))
+    decode = step("step_decode", [(0, [13], 6), (1, [14], 3), (2, [15], 7)], [0, 1, 2])
     with torch.no_grad():
-        ref_a = model(torch.as_tensor([a + [11]])).logits[0, -1].numpy()
-        ref_b = model(torch.as_tensor([b + [12]])).logits[0, -1].numpy()
-    assert relative_error(logits[0, 0], ref_a) <= FP32_TOLERANCE
-    assert relative_error(logits[1, 0], ref_b) <= FP32_TOLERANCE
+        ref_a = model(torch.as_tensor([a + [11, 13]])).logits[0].numpy()
+        ref_b = model(torch.as_tensor([b + [12, 14]])).logits[0].numpy()
+        ref_c = model(torch.as_tensor([c + [15]])).logits[0].numpy()
+    assert relative_error(logits[0], ref_a[5]) <= FP32_TOLERANCE
+    assert relative_error(logits[1], ref_b[2]) <= FP32_TOLERANCE
+    assert relative_error(logits[2:6], ref_c[3:7]) <= FP32_TOLERANCE
+    assert relative_error(decode, np.stack([ref_a[6], ref_b[3], ref_c[7]])) <= FP32_TOLERANCE
 
 
 @pytest.mark.parametrize("change", [{"rope_theta": 20000.0}, {"rms_norm_eps": 1.1e-6}])

@@ -109,6 +109,11 @@ class _Sequence:
 class ORTExecutor:
     shares_pages = False  # one buffer row per sequence: no page is shared, so no prefix caching
 
+    @property
+    def max_sequences(self) -> int:
+        """Sequences this executor holds at once (one buffer row each); the engine runs no more together."""
+        return self.slots.num_slots
+
     def __init__(self, info, num_threads: int | None = None, provider: str | None = None, spin: bool = False):
         import onnxruntime as ort
 
