@@ -24,8 +24,9 @@ NEW = 9
 
 def hf_greedy(name: str, prompt: list, new_tokens: int = NEW) -> list:
     model = tiny_model(name)
-    with torch.no_grad():
-        out = model.generate(torch.as_tensor([prompt]), max_new_tokens=new_tokens, do_sample=False,
+    ids = torch.as_tensor([prompt])
+    with torch.no_grad():  # every token attended (id 0 is a word-level tokenizer's <unk>, not padding)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
                              eos_token_id=None, pad_token_id=0)
     return out[0, len(prompt):].tolist()
 
@@ -181,3 +182,76 @@ def test_other_architectures_batch_like_transformers(name):
     results = eng.generate(prompts, max_new_tokens=NEW, ignore_eos=True)
     assert [r.token_ids for r in results] == [hf_greedy(name, p) for p in prompts]
     assert all(0 <= t < VOCAB for r in results for t in r.token_ids)
+
+
+# chat turns reuse the cache; the CLI's batch mode ---------------------------------------------------------------
+@pytest.fixture(scope="module")
+def chat_artifact(tmp_path_factory):
+    from tiny_models import save_tiny_checkpoint
+
+    directory = tmp_path_factory.mktemp("ckpt") / "tiny-llama"
+    save_tiny_checkpoint(directory)
+    return str(directory), kiln.compile(str(directory), backend="tvm", max_seq_len=128, page_size=4,
+                                        output=tmp_path_factory.mktemp("art") / "chat.kiln").path
+
+
+def test_a_chat_turn_prefills_only_what_is_new(chat_artifact):
+    """The second turn's prompt starts with the first turn's rendered prompt: all its full pages come from the
+    prefix cache, and the reply is still transformers' greedy reply to the whole conversation."""
+    from tiny_models import transformers_tokenizer
+
+    directory, path = chat_artifact
+    eng = kiln.load(path)
+    hf_tokenizer = transformers_tokenizer(directory)
+    first = [{"role": "user", "content": "what is the capital of france"}]
+    reply = eng.chat(first, max_new_tokens=6)
+    turn_one = eng.chat_prompt(first)
+    second = first + [{"role": "assistant", "content": reply.text}, {"role": "user", "content": "and of spain"}]
+    res = eng.chat(second, max_new_tokens=6, ignore_eos=True)
+    ids = eng.chat_prompt(second)
+    assert ids[:len(turn_one)] == turn_one
+    assert res.stats["cached_prompt_tokens"] >= len(turn_one) // 4 * 4 > 0
+    expected = list(hf_tokenizer.apply_chat_template(second, add_generation_prompt=True, tokenize=True)["input_ids"])
+    assert ids == expected
+    assert res.token_ids == hf_greedy("llama", expected, 6)
+    check_no_page_held(eng)
+
+
+def test_cli_batch_prints_one_json_line_per_prompt_in_order(chat_artifact):
+    import json
+    import subprocess
+    import sys
+
+    directory, path = chat_artifact
+    prompts = ["hello there", "", "the cat sat on", "one two three four five six"]
+    out = subprocess.run([sys.executable, "-m", "kiln.cli", "run", path, "--batch", "-n", "5", "--ignore-eos"],
+                         input="\n".join(prompts) + "\n", capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [line["index"] for line in lines] == [0, 1, 2]  # the blank line is skipped
+    eng = kiln.load(path)
+    for line, prompt in zip(lines, [p for p in prompts if p]):
+        alone = eng.generate(prompt, max_new_tokens=5, ignore_eos=True)
+        assert (line["text"], line["new_tokens"], line["finish_reason"]) == (alone.text, 5, "length")
+    refused = subprocess.run([sys.executable, "-m", "kiln.cli", "run", path, "hi", "--batch"], input="x\n",
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and refused.stderr.strip().count("\n") == 0 and "--batch" in refused.stderr
+
+
+@pytest.mark.slow
+def test_smollm2_prompts_together_equal_alone_and_transformers():
+    """SmolLM2 on TVM: its five test prompts generated together (chunked beside each other's decodes) give each
+    prompt's tokens alone and transformers' greedy tokens."""
+    from smollm2 import SMOL_PROMPTS, transformers_smollm2
+
+    model = transformers_smollm2()
+    eng = kiln.load(kiln.compile("smollm2", backend="tvm", max_seq_len=256, max_num_seqs=2), token_budget=32)
+    prompts = [eng.tokenizer.encode(t) for t in SMOL_PROMPTS]
+    together = [r.token_ids for r in eng.generate(prompts, max_new_tokens=24, ignore_eos=True)]
+    for prompt, tokens in zip(prompts, together):
+        with torch.no_grad():
+            out = model.generate(torch.as_tensor([prompt]), max_new_tokens=24, do_sample=False, eos_token_id=None,
+                                 pad_token_id=0)
+        assert tokens == out[0, len(prompt):].tolist()
+        assert tokens == eng.generate(prompt, max_new_tokens=24, ignore_eos=True).token_ids
+    check_no_page_held(eng)
