@@ -259,7 +259,25 @@ class Engine:
     # the loop thread ------------------------------------------------------------------
     def _loop(self) -> None:
         """Step until no request is left, then end (the next submit starts a new loop), so an idle engine holds
-        no thread and can be garbage-collected."""
+        no thread and can be garbage-collected. A bug in the loop fails every request instead of leaving its
+        callers waiting."""
+        try:
+            self._steps()
+        except BaseException as err:
+            with self._lock:
+                self._loop_thread = None
+                stranded, self._incoming = list(self._incoming) + list(self._requests.values()), []
+            failure = ConfigError(f"kiln's engine loop failed: {type(err).__name__}: "
+                                  f"{' '.join(str(err).split())[:200]}; this is a bug in kiln, please report it")
+            for request in stranded:
+                request.fail(failure)
+            for seq in list(self._requests):
+                self.scheduler.finish(seq)
+                self._release(seq)
+            self._requests.clear()
+            raise
+
+    def _steps(self) -> None:
         while True:
             with self._lock:
                 if self._closed or (not self._incoming and not self._requests):
@@ -345,7 +363,13 @@ class Engine:
                     request.finish("length")
                     self._end(seq)
                 continue
-            if chunk.samples and not request.accept(mine[-1]):
+            try:
+                going_on = not chunk.samples or request.accept(mine[-1])
+            except Exception as err:  # noqa: BLE001 - a sampling error fails its own request, not the loop
+                request.fail(err if isinstance(err, KilnError) else ConfigError(
+                    f"sampling failed: {type(err).__name__}: {' '.join(str(err).split())[:200]}"))
+                going_on = False
+            if not going_on:
                 self._end(seq)
 
     def _end(self, seq) -> None:
