@@ -393,7 +393,7 @@ def _check_manifest(path: str, manifest: dict) -> None:
     if not (isinstance(step, dict) and step.get("function") == STEP and isinstance(step.get("inputs"), list)
             and [i.get("name") if isinstance(i, dict) else None for i in step["inputs"]] == expected
             and isinstance(step.get("functions"), list) and STEP in step["functions"]
-            and set(step["functions"]) <= {STEP, DECODE_STEP}):
+            and all(f in (STEP, DECODE_STEP) for f in step["functions"])):
         raise fail("step", f"the step signature (function {STEP}, inputs {', '.join(expected)}, functions "
                            f"{STEP} and optionally {DECODE_STEP})", step)
     tokenizer = manifest.get("tokenizer")
