@@ -15,26 +15,46 @@ import pytest
 import kiln
 from kiln.cli import main
 from kiln.ir.errors import ArtifactError, ConfigError
+from kiln.ir.kv_cache import DECODE_STEP, STEP
 from kiln.runtime.artifact import open_artifact
 
 from tiny_checkpoint import copy_artifact, read_manifest, rehash, snapshot, write_checkpoint, write_manifest
 
 
+class _Artifacts(dict):
+    """The tiny model compiled for each backend, on first use: "tvm", "onnxruntime", and "tvm-step-only" (a TVM
+    library built without @step_decode, for a manifest that lists a function its library lacks)."""
+
+    def __init__(self, folder):
+        super().__init__()
+        self.folder = folder
+        self.checkpoint = write_checkpoint(folder / "tiny")
+
+    def __missing__(self, name):
+        backend = name.split("-")[0]
+        with pytest.MonkeyPatch.context() as patch:
+            if name == "tvm-step-only":
+                import kiln.backends.tvm.compile as tvm_compile
+
+                patch.setattr(tvm_compile, "ENTRY_FUNCTIONS", (STEP,))
+            path = kiln.compile(self.checkpoint, backend=backend, max_seq_len=32,
+                                output=self.folder / f"{name}.kiln").path
+        self[name] = path
+        return path
+
+
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("artifacts")
-    checkpoint = write_checkpoint(folder / "tiny")
-    return {backend: kiln.compile(checkpoint, backend=backend, max_seq_len=32, output=folder / f"{backend}.kiln").path
-            for backend in ("tvm", "onnxruntime")}
+    return _Artifacts(tmp_path_factory.mktemp("artifacts"))
 
 
 def edit(**changes):
-    """A manifest edit: field path (keys joined by "/") -> new value, or a function of the old one (``DELETE``
-    removes it)."""
+    """A manifest edit: field path (keys and list indices joined by "/") -> new value, or a function of the old
+    one (``DELETE`` removes it)."""
     def apply(art):
         manifest = read_manifest(art)
         for dotted, value in changes.items():
-            *parents, last = dotted.split("/")
+            *parents, last = (int(key) if key.isdigit() else key for key in dotted.split("/"))
             holder = manifest
             for key in parents:
                 holder = holder[key]
@@ -96,26 +116,75 @@ def replace_with_fifo(name):
     return apply
 
 
-def remove_function(art):
+def claim_a_function_the_library_lacks(art):
+    """The weights table of a library built with @step only, claiming @step_decode too."""
     manifest = read_manifest(art)
-    manifest["backend_info"]["weights"]["nonexistent"] = manifest["backend_info"]["weights"].pop("prefill_last")
+    weights = manifest["backend_info"]["weights"]
+    assert set(weights) == {STEP}, weights  # the library really lacks it
+    weights[DECODE_STEP] = list(weights[STEP])
     write_manifest(art, manifest)
 
 
-def huge_cache(art, in_the_module_too=False):
+def edit_module_metadata(art, kv):
+    """The IR's record of the KV-cache spec set to ``kv``, and module.kir's hash redone."""
+    path = os.path.join(art, "module.kir")
+    lines = open(path).read().split("\n")
+    assert lines[1].startswith("  metadata "), lines[1][:80]
+    metadata = json.loads(lines[1].strip()[len("metadata "):])
+    metadata["kv_cache"] = kv
+    lines[1] = "  metadata " + json.dumps(metadata, sort_keys=True)
+    open(path, "w").write("\n".join(lines))
+    rehash(art, ["module.kir"])
+
+
+def edit_spec(change, in_the_module_too=False):
+    """The manifest's KV-cache spec edited by ``change(kv)``, its derived fields recomputed here (tokens = pages x
+    page size; bytes = tokens x bytes per token), so only the cross-checks can tell; the IR's record alike."""
+    def apply(art):
+        manifest = read_manifest(art)
+        kv = manifest["kv_cache"]
+        change(kv)
+        kv["max_tokens"] = kv["num_pages"] * kv["page_size"]
+        kv["total_bytes"] = kv["max_tokens"] * kv["bytes_per_token"]
+        write_manifest(art, manifest)
+        if in_the_module_too:
+            edit_module_metadata(art, kv)
+    return apply
+
+
+def huge_cache(kv):
+    kv["num_pages"] = 2**40
+
+
+def one_page(kv):
+    kv["num_pages"] = 1
+
+
+def half_precision(kv):
+    kv["dtype"] = "f16"
+    kv["bytes_per_token"] //= 2
+
+
+def split_groups(art):
+    """Layers 0 and 1 in groups of their own, everywhere the manifest and IR say so (step signature too): only
+    the library's parameters can tell."""
     manifest = read_manifest(art)
     kv = manifest["kv_cache"]
-    kv["num_pages"] = 2**40
-    kv["total_bytes"] = kv["num_pages"] * kv["page_size"] * kv["bytes_per_token"]
+    (group,) = kv["groups"]
+    assert group["layers"] == [0, 1], group
+    kv["groups"] = [{**group, "layers": [0]}, {**group, "layers": [1]}]
+    pool = f"f32[1, {kv['num_pages']}, {group['num_kv_heads']}, {kv['page_size']}, {group['k_head_dim']}]"
+    inputs = manifest["step"]["inputs"][:5] + [{"name": f"{kind}_cache_{g}", "type": pool}
+                                               for g in (0, 1) for kind in "kv"]
+    manifest["step"]["inputs"] = inputs
     write_manifest(art, manifest)
-    if in_the_module_too:  # the IR's record of the plan edited alike, and its hash redone
-        path = os.path.join(art, "module.kir")
-        lines = open(path).read().split("\n")
-        metadata = json.loads(lines[1].strip()[len("metadata "):])
-        metadata["kv_cache"] = kv
-        lines[1] = "  metadata " + json.dumps(metadata, sort_keys=True)
-        open(path, "w").write("\n".join(lines))
-        rehash(art, ["module.kir"])
+    edit_module_metadata(art, kv)
+
+
+def swap(items, i, j):
+    items = list(items)
+    items[i], items[j] = items[j], items[i]
+    return items
 
 
 def safetensors_header(edit_header):
@@ -147,12 +216,21 @@ def overlapping(header):
     return header
 
 
+# what the manifest's step field must be for the tiny model (one group of two layers)
+STEP_SIGNATURE = ("manifest field step must be the step signature (function step, inputs token_ids, positions, "
+                  "token_seq, page_table, logit_rows, k_cache_0, v_cache_0, functions step and optionally "
+                  "step_decode), found ")
+ORT_INPUTS = ("manifest field backend_info.inputs must be token_ids, positions, logit_rows, pad_index, unpad_index, "
+              "seqlens_k, total_sequence_length, then past_key_<l>, past_value_<l> for each of the 2 layers")
+
 # (case id, backend, damage, what the one line must say)
 CASES = [
     # versions and identity
-    ("older format", "tvm", edit(format_version=1), "older than this kiln's 2; recompile it"),
+    ("older format", "tvm", edit(format_version=2),
+     "artifact format version 2 is older than this kiln's 3; recompile it"),
+    ("much older format", "tvm", edit(format_version=1), "artifact format version 1 is older than this kiln's 3"),
     ("newer format", "tvm", edit(format_version=99), "newer than this kiln reads"),
-    ("format not a number", "tvm", edit(format_version="2"), "format version '2' is newer"),
+    ("format not a number", "tvm", edit(format_version="3"), "format version '3' is newer"),
     ("other kiln", "tvm", edit(kiln_version="9.9.0"), "compiled by kiln 9.9.0"),
     ("other tvm", "tvm", edit(backend_version="0.1"), "compiled with tvm 0.1, installed is"),
     ("unknown backend", "tvm", edit(backend="pytorch"), "manifest backend 'pytorch'"),
@@ -174,8 +252,10 @@ CASES = [
     ("tokenizer outside", "tvm", edit(**{"tokenizer/file": "../../etc/passwd"}), "tokenizer.file names"),
     ("template is the manifest", "tvm", edit(chat_template="manifest.json"), "chat_template names 'manifest.json'"),
     ("module unlisted", "tvm", edit(module="other.kir"), "manifest field module names 'other.kir'"),
-    ("onnx model outside", "onnxruntime", edit(**{"backend_info/files/prefill": "/tmp/evil.onnx"}), "not among"),
+    ("onnx model outside", "onnxruntime", edit(**{"backend_info/files/model": "/tmp/evil.onnx"}),
+     "backend_info.files.model names '/tmp/evil.onnx', which is not among"),
     ("onnx data unlisted", "onnxruntime", unlist("model.onnx.data"), "not among the artifact's hashed files"),
+    ("onnx model unlisted", "onnxruntime", unlist("step.onnx"), "names 'step.onnx', which is not among"),
     # the files themselves
     ("library missing", "tvm", lambda art: os.unlink(os.path.join(art, "model.so")), "model.so is missing"),
     ("weights grown", "tvm", write_bytes("weights.safetensors", lambda d: d + b"\0"), "the manifest says"),
@@ -201,31 +281,123 @@ CASES = [
     ("manifest huge", "tvm", write_bytes("manifest.json", lambda d: d + b" " * (17 * 2**20)), "more than"),
     ("manifest not UTF-8", "tvm", write_bytes("manifest.json", lambda d: d.replace(b'"tvm"', b'"\xff"', 1)),
      "not valid JSON"),
-    ("no KV plan", "tvm", edit(kv_cache=DELETE), "kv_cache. must be an object"),
-    ("zero pages", "tvm", edit(**{"kv_cache/num_pages": 0}), "kv_cache.num_pages must be a positive integer"),
-    ("fewer pages than a sequence", "tvm", edit(**{"kv_cache/num_pages": 1}), "kv_cache.num_pages must be at least"),
-    ("head_dim a string", "tvm", edit(**{"kv_cache/head_dim": "16"}), "kv_cache.head_dim must be a positive integer"),
-    ("bytes per token wrong", "tvm", edit(**{"kv_cache/bytes_per_token": 12}), "kv_cache.bytes_per_token must be"),
-    ("pages per sequence short", "tvm", edit(**{"kv_cache/pages_per_seq": 1}), "kv_cache.pages_per_seq must be"),
-    ("unknown KV dtype", "tvm", edit(**{"kv_cache/dtype": "f8"}), "kv_cache.dtype must be one of"),
-    ("KV dtype an object", "tvm", edit(**{"kv_cache/dtype": {"f32": 1}}), "kv_cache.dtype must be one of"),
-    ("ort layer dtype an object", "onnxruntime", edit(**{"backend_info/kv_layers": lambda layers: [
-        {**layer, "dtype": {}} for layer in layers]}), "backend_info.kv_layers must be"),
+    # the KV-cache spec: refused by KVCacheSpec.from_json, naming the field
+    ("no KV spec", "tvm", edit(kv_cache=DELETE),
+     "manifest field kv_cache: expected an object, found NoneType; the artifact is damaged, recompile it"),
+    ("KV spec a list", "tvm", edit(kv_cache=[]), "manifest field kv_cache: expected an object, found list"),
+    ("zero pages", "tvm", edit(**{"kv_cache/num_pages": 0}),
+     "manifest field kv_cache.num_pages: expected an integer >= 1, found 0"),
+    ("pages a bool", "tvm", edit(**{"kv_cache/num_pages": True}),
+     "manifest field kv_cache.num_pages: expected an integer >= 1, found True"),
+    ("pages past 2**40", "tvm", edit(**{"kv_cache/num_pages": 2**41}),
+     "manifest field kv_cache.num_pages: expected an integer >= 1, found 2199023255552"),
+    ("zero page size", "tvm", edit(**{"kv_cache/page_size": 0}),
+     "manifest field kv_cache.page_size: expected an integer >= 1, found 0"),
+    ("fewer pages than a sequence", "tvm", edit(**{"kv_cache/num_pages": 1}),
+     "manifest field kv_cache.max_tokens: expected 16 (from the spec), found 128"),
+    ("head dim a string", "tvm", edit(**{"kv_cache/groups/0/k_head_dim": "16"}),
+     "manifest field kv_cache.groups[0].k_head_dim: expected an integer >= 1, found '16'"),
+    ("no KV heads", "tvm", edit(**{"kv_cache/groups/0/num_kv_heads": DELETE}),
+     "manifest field kv_cache.groups[0].num_kv_heads: expected an integer >= 1, found None"),
+    ("bytes per token wrong", "tvm", edit(**{"kv_cache/bytes_per_token": 12}),
+     "manifest field kv_cache.bytes_per_token: expected 512 (from the spec), found 12"),
+    ("pages per sequence short", "tvm", edit(**{"kv_cache/pages_per_seq": 1}),
+     "manifest field kv_cache.pages_per_seq: expected 2 (from the spec), found 1"),
+    ("total bytes wrong", "tvm", edit(**{"kv_cache/total_bytes": 1}),
+     "manifest field kv_cache.total_bytes: expected 65536 (from the spec), found 1"),
+    ("unknown KV dtype", "tvm", edit(**{"kv_cache/dtype": "f8"}),
+     "manifest field kv_cache.dtype: expected one of f32, f16, bf16, found 'f8'"),
+    ("KV dtype an object", "tvm", edit(**{"kv_cache/dtype": {"f32": 1}}),  # fuzzer
+     "manifest field kv_cache.dtype: expected one of f32, f16, bf16, found {'f32': 1}"),
+    ("no layer groups", "tvm", edit(**{"kv_cache/groups": []}),
+     "manifest field kv_cache.groups: expected a non-empty list of layer groups"),
+    ("groups not a list", "tvm", edit(**{"kv_cache/groups": {"0": {}}}),
+     "manifest field kv_cache.groups: expected a non-empty list of layer groups"),
+    ("a layer twice", "tvm", edit(**{"kv_cache/groups/0/layers": [0, 0]}),
+     "manifest field kv_cache.groups: the groups' layers must be 0..1, each once, found [0, 0]"),
+    ("a layer missing", "tvm", edit(**{"kv_cache/groups/0/layers": [1]}),
+     "manifest field kv_cache.groups: the groups' layers must be 0..0, each once, found [1]"),
+    ("negative layer", "tvm", edit(**{"kv_cache/groups/0/layers": [0, -1]}),
+     "manifest field kv_cache.groups[0].layers: expected an integer >= 0, found -1"),
+    ("unknown group kind", "tvm", edit(**{"kv_cache/groups/0/kind": "mla"}),
+     "manifest field kv_cache.groups[0].kind: expected one of kv, latent"),
+    ("zero window", "tvm", edit(**{"kv_cache/groups/0/window": 0}),
+     "manifest field kv_cache.groups[0].window: expected an integer >= 1, found 0"),
+    ("ort spec damaged", "onnxruntime", edit(**{"kv_cache/groups/0/v_head_dim": -16}),
+     "manifest field kv_cache.groups[0].v_head_dim: expected an integer >= 1, found -16"),
+    # a well-formed spec that is not the one compiled: the hashed IR's record, then the library, tell
+    ("spec edited", "tvm", edit_spec(huge_cache),
+     "manifest field kv_cache differs from the spec the model was compiled with (in max_tokens, num_pages, "
+     "total_bytes); the manifest was edited, recompile the artifact"),
+    ("fewer pages than a sequence, derived fields redone", "tvm", edit_spec(one_page),
+     "manifest field kv_cache differs from the spec the model was compiled with (in max_tokens, num_pages, "
+     "total_bytes)"),
+    ("KV dtype edited", "tvm", edit_spec(half_precision),
+     "manifest field kv_cache differs from the spec the model was compiled with (in bytes_per_token, dtype, "
+     "total_bytes)"),
+    ("ort spec edited", "onnxruntime", edit_spec(one_page), "manifest field kv_cache differs from the spec"),
+    ("spec edited in the IR too", "tvm", edit_spec(huge_cache, in_the_module_too=True),
+     "the KV cache takes 9,007,199,254,740,992 bytes, more than this machine's"),
+    ("groups edited in the IR and step too", "tvm", split_groups,
+     "model.so's @step takes model_embed_tokens_weight as parameter 7, the manifest names k_cache_1; recompile"),
+    # the step signature
+    ("no step signature", "tvm", edit(step=DELETE), STEP_SIGNATURE + "None"),
+    ("step a list", "tvm", edit(step=["step"]), STEP_SIGNATURE + "['step']"),
+    ("step inputs reordered", "tvm", edit(**{"step/inputs": lambda inputs: swap(inputs, 0, 1)}), STEP_SIGNATURE),
+    ("step pools reordered", "tvm", edit(**{"step/inputs": lambda inputs: swap(inputs, 5, 6)}), STEP_SIGNATURE),
+    ("step input renamed", "tvm", edit(**{"step/inputs/5/name": "kv_cache"}), STEP_SIGNATURE),
+    ("step without a pool", "tvm", edit(**{"step/inputs": lambda inputs: inputs[:-1]}), STEP_SIGNATURE),
+    ("step with an extra input", "tvm", edit(**{"step/inputs": lambda inputs: inputs + [{"name": "kv_cache"}]}),
+     STEP_SIGNATURE),
+    ("step inputs as names", "tvm", edit(**{"step/inputs": lambda inputs: [i["name"] for i in inputs]}),
+     STEP_SIGNATURE),
+    ("step function renamed", "tvm", edit(**{"step/function": "prefill"}), STEP_SIGNATURE + "{'function': 'prefill'"),
+    ("step functions without step", "tvm", edit(**{"step/functions": [DECODE_STEP]}), STEP_SIGNATURE),
+    ("step functions unknown", "tvm", edit(**{"step/functions": lambda names: names + ["prefill_last"]}),
+     STEP_SIGNATURE),
+    ("step functions holding an object", "tvm", edit(**{"step/functions": lambda names: names + [{"": 0}]}),
+     STEP_SIGNATURE),  # fuzzer
+    ("ort step without a pool", "onnxruntime", edit(**{"step/inputs": lambda inputs: inputs[:-1]}), STEP_SIGNATURE),
+    # the other fields the runtime reads
     ("vocab negative", "tvm", edit(**{"model/vocab_size": -1}), "model.vocab_size must be a positive integer"),
     ("eos out of range", "tvm", edit(**{"tokenizer/eos_token_ids": [10**6]}), "tokenizer.eos_token_ids must be"),
     ("bos a string", "tvm", edit(**{"tokenizer/bos_token_id": "1"}), "tokenizer.bos_token_id must be"),
     ("add_bos not a bool", "tvm", edit(**{"tokenizer/add_bos_token": 1}), "tokenizer.add_bos_token must be"),
-    ("weights table without decode", "tvm", edit(**{"backend_info/weights/decode": DELETE}),
-     "backend_info.weights must map prefill, decode"),
-    ("function the library lacks", "tvm", remove_function, "model.so has no function nonexistent"),
-    ("plan edited", "tvm", huge_cache, "manifest field kv_cache differs from the plan the model was compiled with "
-                                        "(in num_pages, total_bytes)"),
-    ("plan edited in the IR too", "tvm", lambda art: huge_cache(art, True), "the KV cache takes 9,007,199,254,740,992 "
-                                                                            "bytes, more than this machine's"),
+    # the TVM library and its weights table
+    ("weights table without step", "tvm", edit(**{f"backend_info/weights/{STEP}": DELETE}),
+     "manifest field backend_info.weights must map step (and step_decode) to lists of weight names"),
+    ("weights table with another function", "tvm", edit(**{"backend_info/weights": lambda table: {
+        STEP: table[STEP], "prefill_last": table[DECODE_STEP]}}),
+     "backend_info.weights must map step (and step_decode)"),
+    ("weights list a string", "tvm", edit(**{f"backend_info/weights/{STEP}": "model.embed_tokens.weight"}),
+     "backend_info.weights must map step (and step_decode) to lists of weight names"),
+    ("weights reordered", "tvm", edit(**{f"backend_info/weights/{STEP}": lambda names: swap(names, 0, 1)}),
+     "model.so's @step takes model_embed_tokens_weight as parameter 7, the manifest names "
+     "model_layers_0_self_attn_q_proj_weight; recompile the artifact"),
+    ("weights one short", "tvm", edit(**{f"backend_info/weights/{DECODE_STEP}": lambda names: names[:-1]}),
+     "model.so's @step_decode takes model_rotary_emb_inv_freq as parameter 28, the manifest names nothing"),
+    ("function the library lacks", "tvm-step-only", claim_a_function_the_library_lacks,
+     "model.so has no function step_decode that the manifest lists; recompile the artifact"),
+    # the ONNX Runtime model's inputs and outputs
+    ("ort layer dtype an object", "onnxruntime", edit(**{"backend_info/kv_layers": lambda layers: [
+        {**layer, "dtype": {}} for layer in layers]}), "manifest field backend_info.kv_layers must be a list of 2"),
     ("ort layers disagree", "onnxruntime", edit(**{"backend_info/kv_layers": lambda layers: layers[:1]}),
-     "backend_info.kv_layers must be a list of 2"),
-    ("ort models without prefill", "onnxruntime", edit(**{"backend_info/models/prefill": DELETE}),
-     "backend_info.models must be"),
+     "manifest field backend_info.kv_layers must be a list of 2"),
+    ("ort layer head dim edited", "onnxruntime", edit(**{"backend_info/kv_layers/1/head_dim": 8}),
+     "manifest field backend_info.kv_layers[1] must be {'num_kv_heads': 2, 'head_dim': 16, 'dtype': 'f32'}"),
+    ("ort inputs without a layer's values", "onnxruntime",
+     edit(**{"backend_info/inputs": lambda names: [n for n in names if n != "past_value_1"]}),
+     ORT_INPUTS + " (missing past_value_1)"),
+    ("ort inputs reordered", "onnxruntime", edit(**{"backend_info/inputs": lambda names: swap(names, 0, 1)}),
+     ORT_INPUTS + " in that order"),
+    ("ort inputs missing", "onnxruntime", edit(**{"backend_info/inputs": DELETE}),
+     "manifest field backend_info.inputs must be the list of the step model's input names"),
+    ("ort input unknown", "onnxruntime", edit(**{"backend_info/inputs": lambda names: names + ["attention_mask"]}),
+     "the step model takes the input 'attention_mask', which this executor does not feed"),
+    ("ort logits a number", "onnxruntime", edit(**{"backend_info/logits": 3}),
+     "manifest field backend_info.logits must be the name of the logits output"),
+    ("ort output the model lacks", "onnxruntime", edit(**{"backend_info/logits": "scores"}),
+     "step.onnx has no output scores"),
 ]
 
 
@@ -252,8 +424,8 @@ def test_hostile_artifact_is_refused_in_one_line(name, backend, damage, message,
 
 
 def test_the_intact_artifacts_load_and_run(artifacts, capsys):
-    for art in artifacts.values():
-        assert main(["run", art, "Hello", "-n", "3", "--ignore-eos"]) == 0
+    for name in ("tvm", "onnxruntime", "tvm-step-only"):  # the last decodes with @step
+        assert main(["run", artifacts[name], "Hello", "-n", "3", "--ignore-eos"]) == 0
         assert capsys.readouterr().out.strip()
     assert _private_copies() == []
 
@@ -262,7 +434,7 @@ def test_files_swapped_after_the_check_are_caught_when_loaded(artifacts, tmp_pat
     """open_artifact checks the manifest and sizes; the bytes loaded later are hashed as they are read, so a
     library, weights or tokenizer replaced in between (same size, other bytes) is refused, not loaded."""
     for backend, name in (("tvm", "model.so"), ("tvm", "weights.safetensors"), ("tvm", "tokenizer.json"),
-                          ("onnxruntime", "prefill_last.onnx"), ("onnxruntime", "model.onnx.data")):
+                          ("onnxruntime", "step.onnx"), ("onnxruntime", "model.onnx.data")):
         art = copy_artifact(artifacts[backend], tmp_path / f"{backend}-{name}")
         info = open_artifact(art)
         write_bytes(name, flip_last_byte)(art)

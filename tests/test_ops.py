@@ -158,8 +158,7 @@ TORCH = {
     "slice": _slice_torch,
     "concat": lambda t, a: torch.cat(t, dim=a["axis"]),
     "index": _index_torch,
-    "last_token": lambda xs, a: xs[0][torch.arange(xs[0].shape[0]), torch.where(
-        (xs[1] >= 0).any(1), (xs[1] >= 0).int().cumsum(1).argmax(1), 0)][:, None],
+    "select_rows": lambda t, a: torch.index_select(t[0], 1, t[1]),
     "embedding": lambda t, a: F.embedding(t[1], t[0]),
     "matmul": lambda t, a: torch.matmul(t[0], t[1]),
     "linear": lambda t, a: F.linear(*t),
@@ -321,9 +320,18 @@ for _x, _idx, _axis in [((5, 4), [("i64", (3,))], 0), ((5, 4), [("i64", ())], 0)
                         ((5, 5), [("i64", (4,)), ("i64", (4,))], 0), ((b, 5, 4), [("i64", (s,))], 1)]:
     add("index", [("f32", _x)] + [(dt, shape, ints(-4, 4)) for dt, shape in _idx], {"axis": _axis})
 add("index", [("i64", (6,)), ("i64", (2, 2), ints(0, 6))])  # default axis=0
-# last_token: rows right-padded with -1 (row 1 has 2 real tokens, row 2 none: index 0)
-add("last_token", [("f32", (3, 4, 5)), ("i64", (3, 4), lambda rng, shape, dtype: np.array(
-    [[0, 1, 2, 3], [5, 6, -1, -1], [-1, -1, -1, -1]], dtype=np.int64))])
+
+
+def fixed(values):
+    """A generator that ignores the rng: these exact values (an index list, a page table)."""
+    return lambda rng, shape, dtype: np.asarray(values, dtype=numpy_dtype(dtype)).reshape(shape)
+
+
+# select_rows: the step's logit rows (the last token of each sequence, every token for perplexity, repeats, none)
+for _x, _rows, _dtype in [((1, 6, 5), [5, 2], "f32"), ((1, 4, 3), [3, 3, 0, 1], "f32"), ((1, 4, 3), [], "f32"),
+                          ((1, 5, 2, 3), [4], "f32"), ((1, 3, 8), [2, 0], "f16"), ((1, 4, 3), [1, 2], "i64")]:
+    add("select_rows", [(_dtype, _x), ("i64", (len(_rows),), fixed(_rows))])
+add("select_rows", [("f32", (1, s, 7)), ("i64", (s,), lambda rng, shape, dtype: np.arange(shape[0])[::-1].copy())])
 
 for _table, _ids, _dtype in [((10, 4), (2, 3), "i64"), ((10, 4), (), "i64"), ((7, 3), (5,), "i32"),
                              ((10, 4), (b, s), "i64")]:
@@ -418,29 +426,27 @@ def _attention_torch(t, a):
 
 
 def _paged_attention_torch(t, a):
-    q, k, v, cache, page_table, positions = t
-    layer, page_size = a["layer"], cache.shape[4]
-    cache = cache.clone()
-    out = torch.zeros(q.shape[:3] + (v.shape[3],), dtype=q.dtype)
-    for b_i in range(q.shape[0]):
-        valid = positions[b_i] >= 0
-        pos = positions[b_i][valid]
-        pages = page_table[b_i].long()[pos // page_size]
-        cache[layer, 0, pages, :, pos % page_size, :] = k[b_i][:, valid, :].transpose(0, 1)
-        cache[layer, 1, pages, :, pos % page_size, :] = v[b_i][:, valid, :].transpose(0, 1)
-    for b_i in range(q.shape[0]):
-        valid = positions[b_i] >= 0
-        if not valid.any():
-            continue
-        history = torch.arange(int(positions[b_i].max()) + 1)
-        pages = page_table[b_i].long()[history // page_size]
-        keys = cache[layer, 0, pages, :, history % page_size, :].transpose(0, 1)  # [Hkv, L, D]
-        values = cache[layer, 1, pages, :, history % page_size, :].transpose(0, 1)
-        mask = _window_mask(positions[b_i], history, a["window"])
-        rows = F.scaled_dot_product_attention(q[b_i][None], keys[None], values[None], attn_mask=mask[None, None],
-                                              scale=a["scale"], enable_gqa=True)[0]
-        out[b_i][:, valid] = rows[:, valid]
-    return [out, cache]
+    """Scatter every token's K/V into its sequence's page, then per sequence gather its history 0..max position
+    from the pools and attend with torch SDPA under a causal (windowed) mask built from the positions."""
+    q, k, v, k_pool, v_pool, page_table, positions, token_seq = t
+    index, page_size = a["index"], k_pool.shape[3]
+    k_pool, v_pool = k_pool.clone(), v_pool.clone()
+    pos, seqs = positions[0].long(), token_seq.long()
+    pages = page_table.long()[seqs, pos // page_size]
+    k_pool[index, pages, :, pos % page_size, :] = k[0].transpose(0, 1)  # [T, Hkv, D] at [pages, :, offsets]
+    v_pool[index, pages, :, pos % page_size, :] = v[0].transpose(0, 1)
+    out = torch.zeros((1, q.shape[1], q.shape[2], v.shape[3]), dtype=q.dtype)
+    for seq in torch.unique(seqs).tolist():
+        rows = torch.nonzero(seqs == seq).flatten()
+        history = torch.arange(int(pos[rows].max()) + 1)
+        hist_pages = page_table.long()[seq, history // page_size]
+        keys = k_pool[index, hist_pages, :, history % page_size, :].transpose(0, 1)  # [Hkv, L, D]
+        values = v_pool[index, hist_pages, :, history % page_size, :].transpose(0, 1)
+        mask = _window_mask(pos[rows], history, a["window"])
+        attended = F.scaled_dot_product_attention(q[0][:, rows][None], keys[None], values[None],
+                                                  attn_mask=mask[None, None], scale=a["scale"], enable_gqa=True)
+        out[0][:, rows] = attended[0]
+    return [out, k_pool, v_pool]
 
 
 def inv_freq_values(rng, shape, dtype):
@@ -485,28 +491,44 @@ for _q, _kv, _window, _dtype in [((2, 4, 5, 8), (2, 2, 5, 8), None, "f32"), ((1,
         torch_fn=_attention_torch)
 
 
-def page_table_values(table):
-    return lambda rng, shape, dtype: np.asarray(table, dtype=numpy_dtype(dtype))
-
-
-def positions_values(rows):
-    return lambda rng, shape, dtype: np.asarray(rows, dtype=numpy_dtype(dtype))
-
-
-# (batch, heads, kv heads, seq, head dim, layers, pages, page size, page table, positions, layer, window)
+# One ragged step: (heads, kv heads, head dim, v head dim, pool layers, pages, page size, page table
+# [seqs, pages_per_seq], token_seq [T], positions [T], index, window, dtype). The pools start random, so a
+# sequence whose first new position is p > 0 attends over p cached tokens it did not write in this step.
 PAGED = [
-    (2, 4, 2, 3, 8, 2, 8, 4, [[6, 1, 3], [0, 7, 4]], [[5, 6, 7], [2, 3, -1]], 1, None),  # chunk + padding
-    (2, 4, 2, 1, 8, 1, 8, 4, [[6, 1, 3], [0, 7, 4]], [[9], [0]], 0, None),  # decode
-    (1, 2, 2, 4, 8, 1, 4, 2, [[3, 0, 2, 1]], [[0, 1, 2, 3]], 0, None),  # prefill from 0, crossing pages
-    (2, 4, 1, 2, 8, 2, 6, 4, [[5, 2, 0], [1, 4, 3]], [[8, 9], [-1, -1]], 0, 3),  # window, all-padding row
+    # GQA prefill of one sequence from 0, crossing pages out of order
+    (4, 2, 8, 8, 2, 6, 4, [[3, 0, 5]], [0] * 6, [0, 1, 2, 3, 4, 5], 1, None, "f32"),
+    # MQA decode of three sequences, with 9, 0 and 5 cached tokens; the page table's rows not in page order
+    (4, 1, 8, 8, 1, 10, 4, [[6, 1, 3], [0, 7, 4], [2, 8, 9]], [0, 1, 2], [9, 0, 5], 0, None, "f32"),
+    # a chunk continuing a cached prefix (positions 5..7) beside a decode, under a sliding window of 3
+    (2, 2, 8, 8, 3, 8, 4, [[5, 2, 0], [1, 4, 3]], [0, 0, 0, 1], [5, 6, 7, 9], 2, 3, "f32"),
+    # interleaved sequences in one flat batch: 1 continues after 4 cached tokens, 0 prefills, 2 decodes,
+    # row 3 of the page table is unused; V's head size differs from K's
+    (6, 2, 8, 4, 2, 12, 2, [[4, 9, 0, 2], [7, 1, 11, 5], [3, 8, 6, 10], [0, 1, 2, 3]], [1, 0, 1, 0, 2, 1],
+     [4, 0, 5, 1, 7, 6], 0, None, "f32"),
+    # a window of 1: each token sees only itself
+    (2, 1, 8, 8, 1, 4, 4, [[2, 0], [3, 1]], [1, 0, 1], [3, 6, 4], 0, 1, "f32"),
+    # one token that starts a page of its own (position 4 of page size 4)
+    (4, 2, 8, 8, 1, 4, 4, [[1, 3]], [0], [4], 0, None, "f32"),
+    (4, 2, 8, 8, 2, 6, 4, [[5, 1], [0, 3]], [0, 1, 1, 0], [2, 0, 1, 3], 1, 2, "f16"),
 ]
-for (_b, _h, _hkv, _s, _d, _layers, _pages, _ps, _table, _pos, _layer, _window) in PAGED:
+for (_h, _hkv, _d, _dv, _layers, _pages, _ps, _table, _seq, _pos, _index, _window, _dtype) in PAGED:
+    _t = len(_seq)
     add("paged_attention",
-        [("f32", (_b, _h, _s, _d)), ("f32", (_b, _hkv, _s, _d)), ("f32", (_b, _hkv, _s, _d)),
-         ("f32", (_layers, 2, _pages, _hkv, _ps, _d)), ("i32", (_b, len(_table[0])), page_table_values(_table)),
-         ("i64", (_b, _s), positions_values(_pos))],
-        {"num_heads": _h, "num_kv_heads": _hkv, "scale": 1 / math.sqrt(_d), "window": _window, "layer": _layer},
+        [(_dtype, (1, _h, _t, _d)), (_dtype, (1, _hkv, _t, _d)), (_dtype, (1, _hkv, _t, _dv)),
+         (_dtype, (_layers, _pages, _hkv, _ps, _d)), (_dtype, (_layers, _pages, _hkv, _ps, _dv)),
+         ("i32", (len(_table), len(_table[0])), fixed(_table)), ("i64", (1, _t), fixed(_pos)),
+         ("i32", (_t,), fixed(_seq))],
+        {"num_heads": _h, "num_kv_heads": _hkv, "scale": 1 / math.sqrt(_d), "window": _window, "layer": 5 + _index,
+         "index": _index},
         torch_fn=_paged_attention_torch)
+# symbolic: s tokens of sequence 0 after 2 cached ones, b rows in the page table (distinct pages per row)
+add("paged_attention",
+    [("f32", (1, 4, s, 8)), ("f32", (1, 2, s, 8)), ("f32", (1, 2, s, 8)), ("f32", (2, 8, 2, 4, 8)),
+     ("f32", (2, 8, 2, 4, 8)),
+     ("i32", (b, 2), lambda rng, shape, dtype: rng.permutation(8)[:shape[0] * shape[1]].reshape(shape)),
+     ("i64", (1, s), lambda rng, shape, dtype: (2 + np.arange(shape[1]))[None]),
+     ("i32", (s,), lambda rng, shape, dtype: np.zeros(shape, np.int32))],
+    {"num_heads": 4, "num_kv_heads": 2, "scale": 0.3, "layer": 1, "index": 1}, torch_fn=_paged_attention_torch)
 
 # ops exercised by dedicated tests below rather than by the table (linear_q and embedding_q: in
 # tests/test_quantize.py, references vs a torch dequantize over int8 / int4 / group / offset / f16 cases)
@@ -583,6 +605,19 @@ def test_weight_op():
 # errors ---------------------------------------------------------------------------
 def T(dtype, *shape):
     return TensorType(dtype, shape)
+
+
+REMOVE = object()  # in the paged_attention error cases: leave this input or attribute out
+_PAGED_BASE = dict(q=T("f32", 1, 4, 3, 8), k=T("f32", 1, 2, 3, 8), v=T("f32", 1, 2, 3, 8),
+                   k_pool=T("f32", 2, 6, 2, 4, 8), v_pool=T("f32", 2, 6, 2, 4, 8), page_table=T("i32", 2, 3),
+                   positions=T("i64", 1, 3), token_seq=T("i32", 3))
+_PAGED_ATTRS = {"num_heads": 4, "num_kv_heads": 2, "scale": 0.3, "layer": 0, "index": 0}
+
+
+def _paged_error(types, attrs):
+    types = [t for t in {**_PAGED_BASE, **types}.values() if t is not REMOVE]
+    attrs = {k: v for k, v in {**_PAGED_ATTRS, **attrs}.items() if v is not REMOVE}
+    return types, attrs
 
 
 ERROR_CASES = [
@@ -699,21 +734,52 @@ ERROR_CASES = [
      {"num_heads": 4, "num_kv_heads": 2, "scale": 0.3}, "head dims differ"),
     ("attention", [T("f32", 4, 3, 8), T("f32", 2, 3, 8), T("f32", 2, 3, 8)],
      {"num_heads": 4, "num_kv_heads": 2, "scale": 0.3}, "rank-4"),
-    ("paged_attention", [T("f32", 1, 4, 2, 8), T("f32", 1, 2, 2, 8), T("f32", 1, 2, 2, 8),
-                         T("f32", 2, 2, 4, 2, 4, 8), T("i64", 1, 2), T("i64", 1, 2)],
-     {"num_heads": 4, "num_kv_heads": 2, "scale": 0.3, "layer": 0}, "page_table must be"),
+] + [("paged_attention", *_paged_error(types, attrs), message) for types, attrs, message in [
+    # each from a valid step (3 tokens, 2 sequences, pools of 2 layers x 6 pages x page size 4) with one thing wrong
+    (dict(q=T("f32", 2, 4, 3, 8), k=T("f32", 2, 2, 3, 8), v=T("f32", 2, 2, 3, 8)), {}, "one flat row"),
+    (dict(k=T("f32", 1, 2, 4, 8)), {}, "q, k, v must share tokens"),
+    (dict(v=T("f32", 1, 2, 2, 8)), {}, "q, k, v must share tokens"),
+    (dict(k=T("f32", 1, 2, 3, 6)), {}, "q and k head dims differ"),
+    (dict(q=T("f32", 4, 3, 8)), {}, "rank-4"),
+    (dict(k_pool=T("f32", 2, 2, 6, 2, 4, 8)), {}, "k_pool must be [layers, pages, 2, page_size, 8]"),  # format 2's
+    (dict(k_pool=T("f32", 2, 6, 1, 4, 8)), {}, "k_pool must be [layers, pages, 2, page_size, 8]"),
+    (dict(v_pool=T("f32", 2, 6, 2, 4, 4)), {}, "v_pool must be [layers, pages, 2, page_size, 8]"),
+    (dict(k_pool=T("i64", 2, 6, 2, 4, 8), v_pool=T("i64", 2, 6, 2, 4, 8)), {}, "k_pool dtype must be a float type"),
+    (dict(v_pool=T("bool", 2, 6, 2, 4, 8)), {}, "v_pool dtype must be a float type"),
+    (dict(v_pool=T("f32", 2, 5, 2, 4, 8)), {}, "k_pool and v_pool differ in layers, pages, page size or dtype"),
+    (dict(v_pool=T("f32", 3, 6, 2, 4, 8)), {}, "k_pool and v_pool differ"),
+    (dict(v_pool=T("f32", 2, 6, 2, 8, 8)), {}, "k_pool and v_pool differ"),
+    (dict(v_pool=T("f16", 2, 6, 2, 4, 8)), {}, "k_pool and v_pool differ"),
+    ({}, {"index": 2}, "index 2 outside the pools' 2 layers"),
+    ({}, {"index": -1}, "index -1 outside the pools' 2 layers"),
+    ({}, {"index": None}, "index None outside"),
+    ({}, {"layer": -1}, "layer must be a non-negative integer, found -1"),
+    ({}, {"layer": 1.0}, "layer must be a non-negative integer, found 1.0"),
+    ({}, {"index": REMOVE}, "missing attribute 'index'"),
+    ({}, {"layer": REMOVE}, "missing attribute 'layer'"),
+    ({}, {"num_kv_heads": 4}, "head counts"),
+    ({}, {"window": 0}, "window must be"),
+    (dict(page_table=T("i64", 2, 3)), {}, "page_table must be i32[seqs, pages_per_seq], found i64[2, 3]"),
+    (dict(page_table=T("i32", 3)), {}, "page_table must be i32[seqs, pages_per_seq]"),
+    (dict(positions=T("i64", 3)), {}, "positions must be i64[1, 3], found i64[3]"),
+    (dict(positions=T("i32", 1, 3)), {}, "positions must be i64[1, 3]"),
+    (dict(positions=T("i64", 1, 4)), {}, "positions must be i64[1, 3]"),
+    (dict(positions=T("i64", 2, 3)), {}, "positions must be i64[1, 3]"),
+    (dict(token_seq=T("i64", 3)), {}, "token_seq must be i32[3], found i64[3]"),
+    (dict(token_seq=T("i32", 4)), {}, "token_seq must be i32[3]"),
+    (dict(token_seq=T("i32", 1, 3)), {}, "token_seq must be i32[3]"),
+    (dict(token_seq=REMOVE), {}, "expected 8 inputs, found 7"),
+]] + [
+    # format 2's six-input form (one kv_cache [layers, 2, pages, kv_heads, page, head_dim]) is refused
     ("paged_attention", [T("f32", 1, 4, 2, 8), T("f32", 1, 2, 2, 8), T("f32", 1, 2, 2, 8),
                          T("f32", 2, 2, 4, 2, 4, 8), T("i32", 1, 2), T("i64", 1, 2)],
-     {"num_heads": 4, "num_kv_heads": 2, "scale": 0.3, "layer": 2}, "outside the cache's 2 layers"),
-    ("paged_attention", [T("f32", 1, 4, 2, 8), T("f32", 1, 2, 2, 8), T("f32", 1, 2, 2, 8),
-                         T("i64", 2, 2, 4, 2, 4, 8), T("i32", 1, 2), T("i64", 1, 2)],
-     {"num_heads": 4, "num_kv_heads": 2, "scale": 0.3, "layer": 0}, "cache dtype"),
-    ("paged_attention", [T("f32", 1, 4, 2, 8), T("f32", 1, 2, 2, 8), T("f32", 1, 2, 2, 8),
-                         T("f32", 2, 2, 4, 3, 4, 8), T("i32", 1, 2), T("i64", 1, 2)],
-     {"num_heads": 4, "num_kv_heads": 2, "scale": 0.3, "layer": 0}, "kv_cache must be"),
-    ("paged_attention", [T("f32", 1, 4, 2, 8), T("f32", 1, 2, 2, 8), T("f32", 1, 2, 2, 8),
-                         T("f32", 2, 2, 4, 2, 4, 8), T("i32", 1, 2), T("i64", 1, 3)],
-     {"num_heads": 4, "num_kv_heads": 2, "scale": 0.3, "layer": 0}, "positions must be"),
+     {"num_heads": 4, "num_kv_heads": 2, "scale": 0.3, "layer": 0, "index": 0}, "expected 8 inputs, found 6"),
+    ("select_rows", [T("f32", 5), T("i64", 2)], {}, "expected x[1, tokens, ...] and rows i64[n], found f32[5]"),
+    ("select_rows", [T("f32", 2, 4, 8), T("i64", 2)], {}, "expected x[1, tokens, ...]"),
+    ("select_rows", [T("f32", 1, 4, 8), T("i32", 2)], {}, "and rows i64[n], found f32[1, 4, 8] and i32[2]"),
+    ("select_rows", [T("f32", 1, 4, 8), T("i64", 1, 2)], {}, "and rows i64[n]"),
+    ("select_rows", [T("f32", 1, 4, 8)], {}, "expected 2 inputs, found 1"),
+    ("select_rows", [T("f32", 1, 4, 8), T("i64", 2)], {"axis": 1}, "unknown attribute"),
 ]
 
 

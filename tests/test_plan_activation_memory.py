@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 from kiln.ir.graph import Module
-from kiln.ir.ops import OPS
 from kiln.ir.printer import print_function
 from kiln.ir.symbolic import sym
 from kiln.ir.types import TensorType
@@ -179,30 +178,58 @@ def test_two_output_node_and_unused_output():
     assert plan.peak_bytes == 3 * 256
 
 
-@pytest.mark.skipif("paged_attention" not in OPS, reason="paged_attention op not present")
-def test_in_place_kv_cache_updates_take_no_arena_bytes():
+def _two_layer_step(tokens=4, heads=2, kv_heads=1, head_dim=8, v_head_dim=4, pages=64, page_size=16):
+    """A step's attention core: two paged_attention layers over one K and one V pool, each updated in place."""
     module = Module()
-    fn = module.add_function("prefill")
-    b, s, heads, kv_heads, head_dim = 1, 4, 2, 1, 8
-    q = fn.add_param("q", TensorType("f32", (b, heads, s, head_dim)))
-    k = fn.add_param("k", TensorType("f32", (b, kv_heads, s, head_dim)))
-    v = fn.add_param("v", TensorType("f32", (b, kv_heads, s, head_dim)))
-    cache = fn.add_param("kv_cache", TensorType("f32", (2, 2, 64, kv_heads, 16, head_dim)))
-    table = fn.add_param("page_table", TensorType("i32", (b, 4)))
-    positions = fn.add_param("positions", TensorType("i64", (b, s)))
-    outs = []
+    fn = module.add_function("step")
+    q = fn.add_param("q", TensorType("f32", (1, heads, tokens, head_dim)))
+    k = fn.add_param("k", TensorType("f32", (1, kv_heads, tokens, head_dim)))
+    v = fn.add_param("v", TensorType("f32", (1, kv_heads, tokens, v_head_dim)))
+    k_pool = fn.add_param("k_cache_0", TensorType("f32", (2, pages, kv_heads, page_size, head_dim)))
+    v_pool = fn.add_param("v_cache_0", TensorType("f32", (2, pages, kv_heads, page_size, v_head_dim)))
+    table = fn.add_param("page_table", TensorType("i32", (sym("seqs"), 4)))
+    positions = fn.add_param("positions", TensorType("i64", (1, tokens)))
+    token_seq = fn.add_param("token_seq", TensorType("i32", (tokens,)))
+    outs, pool_values = [], []
     for layer in range(2):
-        node = fn.add_node("paged_attention", [q, k, v, cache, table, positions],
-                           {"num_heads": heads, "num_kv_heads": kv_heads, "scale": 0.35, "layer": layer},
-                           name=f"attn{layer}")
+        node = fn.add_node("paged_attention", [q, k, v, k_pool, v_pool, table, positions, token_seq],
+                           {"num_heads": heads, "num_kv_heads": kv_heads, "scale": 0.35, "layer": layer,
+                            "index": layer}, name=f"attn{layer}")
         outs.append(node.outputs[0])
-        cache = node.outputs[1]  # the same cache bytes, updated in place
+        k_pool, v_pool = node.outputs[1], node.outputs[2]  # the same pool bytes, updated in place
+        pool_values += [k_pool, v_pool]
     total = fn.emit("add", outs[0], outs[1], value_name="total")
-    fn.set_results([total, cache])
-    plan = plan_activation_memory(fn, {})
-    check_activation_plan(fn, plan, {})
+    fn.set_results([total, k_pool, v_pool])
+    return fn, outs, pool_values
+
+
+def test_in_place_kv_cache_updates_take_no_arena_bytes():
+    fn, outs, pool_values = _two_layer_step()
+    env = {"seqs": 3}
+    plan = plan_activation_memory(fn, env)
+    check_activation_plan(fn, plan, env)
+    # outputs [1, 2, 4, 4] f32 = 128 B each; the K pool (64 KiB) and V pool (32 KiB), read and returned by both
+    # layers and by the function, are the caller's storage: neither has a buffer or a byte in the arena
     assert set(plan.buffers) == {outs[0].name, outs[1].name, "total"}
-    assert plan.peak_bytes == 3 * 256  # the 131 kB cache is not in the arena
+    assert not {v.name for v in pool_values} & set(plan.buffers)
+    assert plan.peak_bytes == plan.naive_bytes == plan.lower_bound_bytes == 3 * 128
+    assert (plan.buffers[outs[0].name].first, plan.buffers[outs[0].name].last) == (0, 2)
+    assert plan.buffers["total"].last == len(fn.nodes)
+
+
+def test_checker_refuses_a_buffer_for_an_in_place_pool():
+    """A planner that gave an updated pool bytes of its own would be planning the cache into the arena."""
+    fn, _, pool_values = _two_layer_step()
+    env = {"seqs": 1}
+    plan = plan_activation_memory(fn, env)
+    for value in pool_values[:2]:  # layer 0's updated K and V pools
+        planted = plan_activation_memory(fn, env)
+        size = int(np.prod(value.type.shape)) * 4
+        planted.buffers[value.name] = Buffer(planted.peak_bytes, size, 0, len(fn.nodes))
+        planted.peak_bytes += _align(size)
+        with pytest.raises(ActivationPlanError, match=value.name):
+            check_activation_plan(fn, planted, env)
+    check_activation_plan(fn, plan, env)
 
 
 # the checker ---------------------------------------------------------------------------------
@@ -410,13 +437,17 @@ def test_three_thousand_nodes_plan_fast():
 
 
 def _entry_module():
+    """@step and @step_decode over their planning symbols (tokens / rows / seqs, decode_tokens / seqs), and a
+    function with a symbol nothing sizes."""
     module = Module()
-    for name in ("prefill", "decode", "other"):
+    shapes = {"step": [(sym("tokens"), 8), (sym("rows"), 8), (sym("seqs"), 2)],
+              "step_decode": [(sym("decode_tokens"), 8), (sym("seqs"), 2)],
+              "other": [(sym("tokens"), 8), (sym("num_pages"),)]}
+    for name, params in shapes.items():
         fn = module.add_function(name)
-        x = fn.add_param("x", TensorType("f32", (sym("batch"), sym("seq"), 8)))
-        extra = [fn.add_param("pages", TensorType("i32", (sym("num_pages"),)))] if name == "other" else []
-        a = fn.emit("neg", x)
-        fn.set_results([fn.emit("exp", a)] + [fn.emit("neg", p) for p in extra])
+        values = [fn.add_param(f"x{i}", TensorType("f32", shape)) for i, shape in enumerate(params)]
+        first = fn.emit("neg", values[0])
+        fn.set_results([fn.emit("exp", first)] + [fn.emit("neg", v) for v in values[1:]])
     return module
 
 
@@ -427,14 +458,21 @@ def test_pass_records_a_checked_plan_per_function_and_leaves_ir_alone():
     assert run_pass("plan_activation_memory", module, options) is False
     assert [print_function(fn) for fn in module.functions.values()] == before
     records = module.metadata["activations"]
-    assert records["prefill"]["env"] == {"batch": 1, "seq": 100}
-    assert records["decode"]["env"] == {"batch": 3, "seq": 1}
-    assert records["other"]["env"] == {"batch": 1, "num_pages": 1, "seq": 100}
+    # @step: one prompt of activation_seq_len tokens, the logits of its last; @step_decode: one token for each
+    # of max_num_seqs sequences
+    assert records["step"]["env"] == {"rows": 1, "seqs": 1, "tokens": 100}
+    assert records["step_decode"]["env"] == {"decode_tokens": 3, "seqs": 3}
+    assert records["other"]["env"] == {"num_pages": 1, "tokens": 100}
     assert records["other"]["defaulted_symbols"] == ["num_pages"]
-    assert "defaulted_symbols" not in records["prefill"]
-    assert records["prefill"]["peak_bytes"] == 2 * 100 * 8 * 4
-    assert records["decode"]["peak_bytes"] == 2 * _align(3 * 8 * 4)
-    assert records["prefill"]["num_buffers"] == 2
+    assert "defaulted_symbols" not in records["step"] and "defaulted_symbols" not in records["step_decode"]
+    # neg(x0) and exp of it are live together at node 1; the other inputs' negs come after neg(x0) died
+    assert records["step"]["peak_bytes"] == 2 * 100 * 8 * 4
+    assert records["step"]["naive_bytes"] == 2 * 100 * 8 * 4 + _align(1 * 8 * 4) + _align(1 * 2 * 4)
+    assert records["step"]["num_buffers"] == 4
+    assert records["step_decode"]["peak_bytes"] == 2 * _align(3 * 8 * 4)
+    assert records["step_decode"]["naive_bytes"] == 2 * _align(3 * 8 * 4) + _align(3 * 2 * 4)
+    assert records["step_decode"]["num_buffers"] == 3
+    assert records["other"]["naive_bytes"] == 2 * 100 * 8 * 4 + _align(1 * 4)
     import json
 
     assert json.loads(json.dumps(records)) == records
@@ -442,8 +480,43 @@ def test_pass_records_a_checked_plan_per_function_and_leaves_ir_alone():
 
 def test_pass_falls_back_to_max_seq_len():
     module = _entry_module()
-    run_pass("plan_activation_memory", module, PassOptions(max_seq_len=64))
-    assert module.metadata["activations"]["prefill"]["env"] == {"batch": 1, "seq": 64}
+    run_pass("plan_activation_memory", module, PassOptions(max_seq_len=64, max_num_seqs=5))
+    assert module.metadata["activations"]["step"]["env"] == {"rows": 1, "seqs": 1, "tokens": 64}
+    assert module.metadata["activations"]["step_decode"]["env"] == {"decode_tokens": 5, "seqs": 5}
+
+
+def test_compiled_steps_plan_no_pool_bytes():
+    """The pipeline's @step and @step_decode of a captured tiny Llama: the recorded plans are at the planning
+    sizes, and their buffers are exactly the brute-force activations less the updated pools (paged_attention's
+    outputs 1 and 2, the caller's K and V pools): no pool is ever in the arena."""
+    from golden import copy_module
+    from tiny_models import captured
+
+    from kiln.ir.kv_cache import KVCacheSpec
+    from kiln.passes import PassManager
+    from kiln.passes.pipeline import PIPELINE
+
+    module = copy_module(captured("llama"))
+    options = PassOptions(max_seq_len=64, max_num_seqs=3, activation_seq_len=40)
+    PassManager(PIPELINE).run(module, options)
+    spec = KVCacheSpec.from_json(module.metadata["kv_cache"])
+    pool_bytes = {pool.nbytes for pool in spec.pools()}
+    records = module.metadata["activations"]
+    assert set(records) == {"step", "step_decode"}
+    envs = {"step": {"tokens": 40, "seqs": 1, "rows": 1}, "step_decode": {"decode_tokens": 3, "seqs": 3}}
+    for name, env in envs.items():
+        fn = module.functions[name]
+        assert records[name]["env"] == env and "defaulted_symbols" not in records[name]
+        plan = plan_activation_memory(fn, env)
+        check_activation_plan(fn, plan, env)
+        assert plan.to_dict() == records[name]
+        attentions = [n for n in fn.nodes if n.op == "paged_attention"]
+        assert len(attentions) == spec.num_layers
+        in_place = {v.name for n in attentions for v in n.outputs[1:]}
+        spans = {n: span for n, span in _brute_force_lifetimes(fn, env).items() if n not in in_place}
+        assert {n: (_align(b.size), b.first, b.last) for n, b in plan.buffers.items()} == spans, name
+        assert plan.naive_bytes == sum(size for size, _, _ in spans.values())
+        assert not any(b.size in pool_bytes for b in plan.buffers.values()), name
 
 
 # a captured model ----------------------------------------------------------------------------

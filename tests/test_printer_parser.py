@@ -20,6 +20,7 @@ from kiln.ir.types import TensorType
 from kiln.ir.verifier import verify_module
 
 batch, seq = sym("batch"), sym("seq")
+tokens, seqs, rows = sym("tokens"), sym("seqs"), sym("rows")
 ODD_NAME = 'blk.0."attn" {q,k}: ünï ☃\\n'
 
 
@@ -54,8 +55,6 @@ def build_every_op_module() -> Module:
     ids = fn.add_param("input_ids", T("i64", batch, seq))
     x = fn.add_param("x", T("f32", batch, seq, 8))
     mask = fn.add_param("mask", T("bool", seq, seq))
-    cache = fn.add_param("kv_cache", T("f32", 2, 2, 6, 1, 4, 4))
-    table = fn.add_param("page_table", T("i32", batch, 3))
     pos = fn.add_param("positions", T("i64", batch, seq))
 
     emb = fn.emit("weight", name="model.embed_tokens.weight", value_name="embed.w")
@@ -111,11 +110,30 @@ def build_every_op_module() -> Module:
     mlp = fn.emit("gated_mlp", h, fn.emit("weight", name="mlp.gate"), fn.emit("weight", name="mlp.up"),
                   fn.emit("weight", name="mlp.down"), activation="silu")
     attn = fn.emit("attention", roped, k, k, num_heads=2, num_kv_heads=1, scale=0.5, window=3)
-    paged = fn.add_node("paged_attention", [q, k, k, cache, table, pos],
-                        {"num_heads": 2, "num_kv_heads": 1, "scale": 0.5, "layer": 1})
-    last = fn.emit("last_token", h, pos)
-    fn.set_results([last, g, half, picked, filled, ar1, ar2, means, maxes, mins, sm, cs, flat_t, expanded, sliced, joined,
-                    indexed, scores, lin, lin_q, emb_q, ln, att1, att2, rms, *resid.outputs, mlp, attn, *paged.outputs, *consts])
+    fn.set_results([g, half, picked, filled, ar1, ar2, means, maxes, mins, sm, cs, flat_t, expanded, sliced, joined,
+                    indexed, scores, lin, lin_q, emb_q, ln, att1, att2, rms, *resid.outputs, mlp, attn, *consts])
+
+    # the ragged step over named pools (V's head size differs from K's)
+    st = module.add_function("step")
+    ids = st.add_param("token_ids", T("i64", tokens))
+    positions = st.add_param("positions", T("i64", tokens))
+    token_seq = st.add_param("token_seq", T("i32", tokens))
+    table = st.add_param("page_table", T("i32", seqs, 3))
+    logit_rows = st.add_param("logit_rows", T("i64", rows))
+    k_pool = st.add_param("k_cache_0", T("f32", 2, 6, 1, 4, 4))
+    v_pool = st.add_param("v_cache_0", T("f32", 2, 6, 1, 4, 2))
+    x1 = st.emit("reshape", st.emit("embedding", st.emit("weight", name="model.embed_tokens.weight"), ids),
+                 shape=(1, tokens, 8), value_name="x1")
+    q1 = st.emit("permute", st.emit("reshape", x1, shape=(1, tokens, 2, 4)), perm=(0, 2, 1, 3), value_name="q1")
+    k1 = st.emit("slice", q1, axis=1, end=1, value_name="k1")
+    v1 = st.emit("slice", k1, axis=3, end=2, value_name="v1")
+    pos1 = st.emit("reshape", positions, shape=(1, tokens))
+    paged = st.add_node("paged_attention", [q1, k1, v1, k_pool, v_pool, table, pos1, token_seq],
+                        {"num_heads": 2, "num_kv_heads": 1, "scale": 0.5, "window": 3, "layer": 4, "index": 1},
+                        name="attention_4")
+    flat = st.emit("reshape", st.emit("permute", paged.outputs[0], perm=(0, 2, 1, 3)), shape=(1, tokens, 4))
+    picked = st.emit("select_rows", flat, logit_rows, value_name="picked")
+    st.set_results([st.emit("reshape", picked, shape=(rows, 4), value_name="logits"), *paged.outputs[1:]])
 
     dec = module.add_function("decode.step")
     tok = dec.add_param("tok", T("i64", batch, 1))
@@ -170,7 +188,19 @@ def test_printed_form_details():
     assert json.loads(metadata[0][len("metadata "):])["chat_template"].count("\n") == 3
     assert f"weight {json.dumps(ODD_NAME)} : f32[8]" in lines
     assert "func @forward(%input_ids: i64[batch, seq], %x: f32[batch, seq, 8], %mask: bool[seq, seq], " \
-           "%kv_cache: f32[2, 2, 6, 1, 4, 4], %page_table: i32[batch, 3], %positions: i64[batch, seq]) -> (" in text
+           "%positions: i64[batch, seq]) -> (" in text
+    assert "func @step(%token_ids: i64[tokens], %positions: i64[tokens], %token_seq: i32[tokens], " \
+           "%page_table: i32[seqs, 3], %logit_rows: i64[rows], %k_cache_0: f32[2, 6, 1, 4, 4], " \
+           "%v_cache_0: f32[2, 6, 1, 4, 2]) -> (f32[rows, 4], f32[2, 6, 1, 4, 4], f32[2, 6, 1, 4, 2]) {" in lines
+    assert "%attention_4_0, %attention_4_1, %attention_4_2 = paged_attention(%q1, %k1, %v1, %k_cache_0, " \
+           "%v_cache_0, %page_table, %" in text
+    assert any(line.startswith("%attention_4_0, %attention_4_1, %attention_4_2 = paged_attention(") and
+               line.endswith("{num_heads=2, num_kv_heads=1, scale=0.5, window=3, layer=4, index=1} : "
+                             "f32[1, 2, tokens, 2], f32[2, 6, 1, 4, 4], f32[2, 6, 1, 4, 2]") for line in lines)
+    assert "%picked = select_rows(" in text and any(
+        line.startswith("%picked = select_rows(") and line.endswith(", %logit_rows) : f32[1, rows, 4]")
+        for line in lines)
+    assert "return %logits, %attention_4_1, %attention_4_2" in lines
     assert '%embed.w = weight() {name="model.embed_tokens.weight"} : f32[32, 8]' in lines
     for value in ["1e-06", "inf", "-inf", "nan", "0.30000000000000004", "-0.0", "1e+300", "5e-324", "-7", "true",
                   str(2**62)]:
@@ -310,6 +340,32 @@ def test_parse_error_names_the_line(lineno, new, message):
     assert err.startswith(f"line {lineno}: "), err
     assert message in err, err
     assert "\n" not in err
+
+
+def test_format_2_paged_attention_is_refused_with_its_line():
+    """IR printed before the KV-cache spec (one kv_cache [layers, 2, pages, kv_heads, page, head_dim], six inputs)
+    does not parse: the line is named; so is a step that reads a pool of the wrong shape."""
+    old = "\n".join([
+        "module {",
+        "  func @prefill(%q: f32[1, 2, seq, 4], %kv_cache: f32[2, 2, 6, 1, 4, 4], %page_table: i32[1, 3], "
+        "%positions: i64[1, seq]) -> (f32[1, 2, seq, 4]) {",
+        "    %k = slice(%q) {axis=1, end=1} : f32[1, 1, seq, 4]",
+        "    %a_0, %a_1 = paged_attention(%q, %k, %k, %kv_cache, %page_table, %positions) {num_heads=2, "
+        "num_kv_heads=1, scale=0.5, layer=1} : f32[1, 2, seq, 4], f32[2, 2, 6, 1, 4, 4]",
+        "    return %a_0",
+        "  }",
+        "}",
+        ""])
+    with pytest.raises(ParseError, match=r"^line 4: op paged_attention: missing attribute 'index'"):
+        parse_module(old)
+    with pytest.raises(ParseError, match=r"^line 4: op paged_attention: expected 8 inputs, found 6"):
+        parse_module(old.replace("layer=1}", "layer=1, index=1}"))
+    text = print_module(build_every_op_module())
+    bad = text.replace("%v_cache_0: f32[2, 6, 1, 4, 2]", "%v_cache_0: f32[2, 6, 1, 8, 2]", 1)
+    assert bad != text
+    lineno = next(i for i, line in enumerate(bad.splitlines(), 1) if "= paged_attention(" in line)
+    with pytest.raises(ParseError, match=rf"^line {lineno}: .*k_pool and v_pool differ"):
+        parse_module(bad)
 
 
 def test_duplicate_function_names_the_line():

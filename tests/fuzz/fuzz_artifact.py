@@ -122,6 +122,7 @@ def check(data: bytes) -> None:
 def make_seeds(corpus: str) -> None:
     """Write artifact_seed/ (a 1-layer Llama, hidden 16, with the tests' character tokenizer, reference backend)
     and two seed inputs: the manifest as it is, and one edit."""
+    import torch
     import transformers
 
     sys.path.insert(0, os.path.dirname(HERE))
@@ -131,14 +132,16 @@ def make_seeds(corpus: str) -> None:
     config = transformers.LlamaConfig(vocab_size=128, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
                                       tie_word_embeddings=True)
-    work = tempfile.mkdtemp()
+    scratch = tempfile.mkdtemp()
+    work = os.path.join(scratch, "tiny-llama")  # the model's name in the manifest
+    torch.manual_seed(0)  # the same weights each time the seed is remade
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(work, safe_serialization=True)
     char_tokenizer().save(os.path.join(work, "tokenizer.json"))
     with open(os.path.join(work, "tokenizer_config.json"), "w") as f:
         json.dump({"bos_token": "<s>", "eos_token": "</s>", "chat_template": CHAT_TEMPLATE}, f)
     shutil.rmtree(SEED, ignore_errors=True)
     kiln.compile(work, backend="reference", max_seq_len=48, page_size=8, max_num_seqs=2, output=SEED)
-    shutil.rmtree(work)
+    shutil.rmtree(scratch)
     write_seeds(corpus, {"seed-unchanged-manifest": b"\x00", "seed-one-edit": b"\x00\x03\x05\x02\x00"})
 
 
