@@ -199,6 +199,9 @@ class KVCacheSpec:
         if layers != list(range(len(layers))):
             raise ValueError(f"kv_cache.groups: the groups' layers must be 0..{len(layers) - 1}, each once, "
                              f"found {layers}")
+        if spec.num_pages < spec.pages_per_seq:
+            raise ValueError(f"kv_cache.num_pages: expected at least {spec.pages_per_seq} (one sequence of "
+                             f"max_seq_len {spec.max_seq_len} tokens), found {spec.num_pages}")
         for field in ("bytes_per_token", "pages_per_seq", "max_tokens", "total_bytes"):
             if field in data and data[field] != getattr(spec, field):
                 raise ValueError(f"kv_cache.{field}: expected {getattr(spec, field)} (from the spec), "

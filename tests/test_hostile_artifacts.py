@@ -160,6 +160,10 @@ def one_page(kv):
     kv["num_pages"] = 1
 
 
+def more_pages(kv):
+    kv["num_pages"] += 1
+
+
 def half_precision(kv):
     kv["dtype"] = "f16"
     kv["bytes_per_token"] //= 2
@@ -294,7 +298,7 @@ CASES = [
     ("zero page size", "tvm", edit(**{"kv_cache/page_size": 0}),
      "manifest field kv_cache.page_size: expected an integer >= 1, found 0"),
     ("fewer pages than a sequence", "tvm", edit(**{"kv_cache/num_pages": 1}),
-     "manifest field kv_cache.max_tokens: expected 16 (from the spec), found 128"),
+     "manifest field kv_cache.num_pages: expected at least 2 (one sequence of max_seq_len 32 tokens), found 1"),
     ("head dim a string", "tvm", edit(**{"kv_cache/groups/0/k_head_dim": "16"}),
      "manifest field kv_cache.groups[0].k_head_dim: expected an integer >= 1, found '16'"),
     ("no KV heads", "tvm", edit(**{"kv_cache/groups/0/num_kv_heads": DELETE}),
@@ -329,13 +333,14 @@ CASES = [
     ("spec edited", "tvm", edit_spec(huge_cache),
      "manifest field kv_cache differs from the spec the model was compiled with (in max_tokens, num_pages, "
      "total_bytes); the manifest was edited, recompile the artifact"),
-    ("fewer pages than a sequence, derived fields redone", "tvm", edit_spec(one_page),
+    ("fewer pages than a sequence, derived fields redone", "tvm", edit_spec(one_page), "manifest field kv_cache.num_pages: expected at least 2 (one sequence of max_seq_len 32 tokens), found 1"),
+    ("more pages, derived fields redone", "tvm", edit_spec(more_pages),
      "manifest field kv_cache differs from the spec the model was compiled with (in max_tokens, num_pages, "
      "total_bytes)"),
     ("KV dtype edited", "tvm", edit_spec(half_precision),
      "manifest field kv_cache differs from the spec the model was compiled with (in bytes_per_token, dtype, "
      "total_bytes)"),
-    ("ort spec edited", "onnxruntime", edit_spec(one_page), "manifest field kv_cache differs from the spec"),
+    ("ort spec edited", "onnxruntime", edit_spec(more_pages), "manifest field kv_cache differs from the spec"),
     ("spec edited in the IR too", "tvm", edit_spec(huge_cache, in_the_module_too=True),
      "the KV cache takes 9,007,199,254,740,992 bytes, more than this machine's"),
     ("groups edited in the IR and step too", "tvm", split_groups,

@@ -74,6 +74,10 @@ class TVMExecutor:
                                 f"lists; recompile the artifact")
         self.functions = {name: self.vm[name] for name in functions}
         spec = KVCacheSpec.from_json(info.manifest["kv_cache"])
+        if spec.dtype != "f32" or any(g.kind != "kv" for g in spec.groups):
+            raise ArtifactError(f"{info.path}: the TVM backend's kernels take an f32 K/V cache, the manifest declares "
+                                f"{spec.dtype} {'/'.join(sorted({g.kind for g in spec.groups}))}; recompile the "
+                                f"artifact")
         self.pool_names = [pool.name for pool in spec.pools()]
         self.inputs = list(STEP_INPUTS) + self.pool_names
         for name, weight_names in functions.items():  # bind by name: the library's parameters, checked once
