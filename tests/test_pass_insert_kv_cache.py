@@ -145,13 +145,19 @@ def test_one_layer_with_rope_and_grouped_attention():
     check_cache_reproduces_forward(before, module, random_weights(module))
 
 
-def test_one_ragged_step_from_zero_gives_each_sequences_forward_logits():
+def rope_step():
+    """(forward text, the module after the pass with random weights, the weights) of the one-layer RoPE model."""
     body = PROJECTIONS + SEQUENCE_POSITIONS + ROPE + ATTENTION + OUTPUT
     before = module_text(ROPE_WEIGHTS, function(FORWARD_SIGNATURE, body, "%logits"))
     module = parse_module(before)
     weights = random_weights(module)
     module.weight_data.update(weights)
     run_pass(PASS, module)
+    return before, module, weights
+
+
+def test_one_ragged_step_from_zero_gives_each_sequences_forward_logits():
+    before, module, weights = rope_step()
     rng = np.random.default_rng(2)
     prompts = [rng.integers(0, 32, size=n) for n in (1, 5, 12)]
     chunks = [(slot, prompt, 0) for slot, prompt in enumerate(prompts)]
@@ -171,12 +177,7 @@ def test_one_ragged_step_from_zero_gives_each_sequences_forward_logits():
 
 def test_prefill_chunks_beside_decodes_give_the_forward_logits():
     """One step holds the second chunk of one prompt, the first chunk of another and a decode of a third."""
-    body = PROJECTIONS + SEQUENCE_POSITIONS + ROPE + ATTENTION + OUTPUT
-    before = module_text(ROPE_WEIGHTS, function(FORWARD_SIGNATURE, body, "%logits"))
-    module = parse_module(before)
-    weights = random_weights(module)
-    module.weight_data.update(weights)
-    run_pass(PASS, module)
+    before, module, weights = rope_step()
     rng = np.random.default_rng(5)
     a, b, c = (rng.integers(0, 32, size=n) for n in (10, 7, 4))
     pools = empty_pools(module)
