@@ -172,14 +172,14 @@ class Engine:
         with self._lock:
             if self._closed:
                 raise ConfigError("this engine was closed; load the artifact again")
-            self.scheduler_check(request.seq)
+            self._check_fits(request.seq)
             self._incoming.append(request)
             if self._loop_thread is None:
                 self._loop_thread = threading.Thread(target=self._loop, name="kiln-engine", daemon=True)
                 self._loop_thread.start()
         return request
 
-    def scheduler_check(self, seq) -> None:
+    def _check_fits(self, seq) -> None:
         """Refuse, at submit, a request that could never fit in the KV cache (both numbers in one line)."""
         need = -(-seq.max_tokens // self.spec.page_size)
         if need > self.spec.num_pages:
