@@ -458,6 +458,9 @@ def _artifact_summary(path: str):
     summary = summarize(module)
     summary["artifact"] = {k: info.manifest[k] for k in ("backend", "backend_version", "target", "kiln_version",
                                                           "files")}
+    launches = info.manifest["backend_info"].get("kernel_launches")
+    if isinstance(launches, dict):
+        summary["artifact"]["kernel_launches"] = launches
     return summary, module
 
 
@@ -470,6 +473,10 @@ def format_summary(summary: dict) -> str:
         art = summary["artifact"]
         lines.insert(1, f"artifact: {art['backend']} {art['backend_version']}, target {art['target']}, "
                         f"kiln {art['kiln_version']}, {len(art['files'])} files")
+        if art.get("kernel_launches"):
+            lines.insert(2, "kernel launches per call: " + ", ".join(
+                f"@{name} {count}" for name, count in sorted(art["kernel_launches"].items())) +
+                " (@step_decode's: per decoded token of one sequence)")
     for name, info in summary["functions"].items():
         params = ", ".join(f"{k}: {v}" for k, v in info["params"].items())
         lines.append(f"  @{name}({params}) -> {', '.join(info['results'])}  [{info['nodes']} nodes]")

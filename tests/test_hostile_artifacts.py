@@ -378,9 +378,10 @@ CASES = [
      "backend_info.weights must map step (and step_decode) to lists of weight names"),
     ("weights reordered", "tvm", edit(**{f"backend_info/weights/{STEP}": lambda names: swap(names, 0, 1)}),
      "model.so's @step takes model_embed_tokens_weight as parameter 7, the manifest names "
-     "model_layers_0_self_attn_q_proj_weight; recompile the artifact"),
+     "model_layers_0_self_attn_o_proj_weight; recompile the artifact"),
     ("weights one short", "tvm", edit(**{f"backend_info/weights/{DECODE_STEP}": lambda names: names[:-1]}),
-     "model.so's @step_decode takes model_rotary_emb_inv_freq as parameter 28, the manifest names nothing"),
+     "model.so's @step_decode takes model_layers_1_self_attn_q_proj_weight_model_layers_1_self_attn_k_proj_weight_"
+     "model_layers_1_self_attn_v_proj_weight as parameter 24, the manifest names nothing"),
     ("function the library lacks", "tvm-step-only", claim_a_function_the_library_lacks,
      "model.so has no function step_decode that the manifest lists; recompile the artifact"),
     # the ONNX Runtime model's inputs and outputs

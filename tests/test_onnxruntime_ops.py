@@ -9,6 +9,7 @@ import pytest
 
 from kiln.backends.onnxruntime import quant_lower  # noqa: F401  (registers linear_q / embedding_q)
 from kiln.backends.onnxruntime.lower import LOGITS, LOWERINGS, lower_function, make_model
+from kiln.passes import run_pass
 from kiln.ir.errors import UnsupportedOpError
 from kiln.ir.graph import Module
 from kiln.ir.ops import OPS
@@ -97,7 +98,8 @@ def test_linear_q_matches_numpy(bits, group, offsets, scale_dtype, nk):
 
 @pytest.mark.parametrize("bits,group,offsets,scale_dtype,nk", [QUANT_CASES[1], QUANT_CASES[4], QUANT_CASES[6]])
 def test_sibling_linear_q_fused_into_one_matmul(bits, group, offsets, scale_dtype, nk):
-    """Projections of one activation (q/k/v) become one MatMulNBits over the stacked weights, then a Split."""
+    """Projections of one activation (q/k/v), merged by the target-neutral merge_sibling_linears pass, lower to
+    one MatMulNBits over the stacked weights."""
     rng = np.random.default_rng(11)
     n, k = nk
     module = Module()
@@ -113,6 +115,8 @@ def test_sibling_linear_q_fused_into_one_matmul(bits, group, offsets, scale_dtyp
         outs.append(fn.emit("linear_q", x, *operands, bits=bits, group_size=group))
         refs.append(w)
     fn.set_results([fn.emit("concat", *outs, axis=-1)])
+    assert run_pass("merge_sibling_linears", module) is True
+    assert sum(node.op == "linear_q" for node in fn.nodes) == 1
     lowered = lower_function(module, "f")
     assert sum(n.op_type == "MatMulNBits" for n in lowered.graph.node) == (2 if bits == 8 else 1)
     xs = rng.standard_normal((3, k)).astype(np.float32)

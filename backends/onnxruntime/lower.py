@@ -516,61 +516,13 @@ def emit_linear(ctx, x: str, index: int) -> str:
     return ctx.add("MatMul", [x, w_t])
 
 
-def sibling_group(ctx, node, signature) -> list:
-    """The nodes that read this node's input 0 at their input 0 and share its ``signature`` (None: not
-    fusable), in function order: projections of one activation (q/k/v, gate/up) that one wide matmul
-    computes (fewer, larger kernels: decode is a row of small GEMVs)."""
-    mine = signature(ctx, node)
-    if mine is None:
-        return [node]
-    x = node.inputs[0]
-    members = [n for n in x.users if n.inputs and n.inputs[0] is x and signature(ctx, n) == mine]
-    if "node_order" not in ctx._cached:
-        ctx._cached["node_order"] = {id(n): i for i, n in enumerate(ctx.function.nodes)}
-    order = ctx._cached["node_order"]
-    return sorted(members, key=lambda n: order[id(n)])
-
-
-def fused_output(ctx, node, group: list, emit) -> str:
-    """This node's part of ``emit(group) -> [y, sizes]``, the group's outputs concatenated on the last axis,
-    emitted once (at the first member) and split."""
-    def build():
-        y, sizes = emit(group)
-        return ctx.add("Split", [y, ctx.const(sizes, "i64")], len(sizes), axis=-1)
-
-    outputs = ctx.cached(("fused", tuple(id(n) for n in group)), build)
-    return outputs[group.index(node)]
-
-
 def _weight_of(ctx, node, index: int) -> str | None:
     producer = node.inputs[index].producer
     return producer.attrs["name"] if producer is not None and producer.op == "weight" else None
 
 
-def _linear_signature(ctx, node):
-    if node.op != "linear" or _weight_of(ctx, node, 1) is None:
-        return None
-    if len(node.inputs) == 3 and _weight_of(ctx, node, 2) is None:
-        return None
-    return ("linear", len(node.inputs))
-
-
-def _fused_linear(ctx, group: list):
-    names = [_weight_of(ctx, n, 1) for n in group]
-    data = ctx.module.weight_data
-    w_t = ctx.derived("|".join(names) + ".T", lambda: np.concatenate([data[n].T for n in names], axis=1))
-    y = ctx.add("MatMul", [ctx.materialize(ctx.values[id(group[0].inputs[0])]), w_t])
-    if len(group[0].inputs) == 3:
-        biases = [_weight_of(ctx, n, 2) for n in group]
-        y = ctx.add("Add", [y, ctx.derived("|".join(biases), lambda: np.concatenate([data[b] for b in biases]))])
-    return y, [data[n].shape[0] for n in names]
-
-
 @lowering("linear")
 def _lower_linear(ctx, node):
-    group = sibling_group(ctx, node, _linear_signature)
-    if len(group) > 1:
-        return fused_output(ctx, node, group, lambda g: _fused_linear(ctx, g))
     y = emit_linear(ctx, ctx.input(0), 1)
     if len(node.inputs) == 3:
         y = ctx.add("Add", [y, ctx.input(2)])

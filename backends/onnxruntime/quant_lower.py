@@ -27,7 +27,7 @@ import numpy as np
 from kiln.ir.errors import UnsupportedOpError
 from kiln.ir.quant_ops import INT4_PER_WORD
 
-from .lower import MS_DOMAIN, _weight_of, fused_output, lowering, sibling_group
+from .lower import MS_DOMAIN, _weight_of, lowering
 
 BLOCK_SIZES = (256, 128, 64, 32, 16)  # MatMulNBits: a power of two, at least 16
 
@@ -102,18 +102,6 @@ def prepare_linear_q(q, scale, offset, bits: int, group_size: int, accuracy_leve
     return {"parts": [(hi, hi_scales, None, 4), (lo, lo_scales, zero, 4)], "offset_t": None, "block": block, "n": n}
 
 
-def concat_prepared(prepared: list) -> dict:
-    """Several weights' operands as one weight with their output rows stacked (fused sibling projections)."""
-    first = prepared[0]
-    parts = []
-    for i, (_, _, zero, bits) in enumerate(first["parts"]):
-        stacked = [np.concatenate([p["parts"][i][j] for p in prepared], axis=0) for j in range(2)]
-        zeros = None if zero is None else np.concatenate([p["parts"][i][2] for p in prepared], axis=0)
-        parts.append((stacked[0], stacked[1], zeros, bits))
-    offset_t = None if first["offset_t"] is None else np.concatenate([p["offset_t"] for p in prepared], axis=1)
-    return {"parts": parts, "offset_t": offset_t, "block": first["block"], "n": sum(p["n"] for p in prepared)}
-
-
 def _emit(ctx, x: str, x_type, prepared: dict, prefix: str, group_size: int) -> str:
     k, n = x_type.shape[-1], prepared["n"]
     accuracy_level = int(ctx.options.get("accuracy_level", 0))
@@ -158,18 +146,8 @@ def _lower_linear_q(ctx, node):
     if _linear_q_signature(ctx, node) is None:
         ctx.weight_array(1)  # raises: the weights must be known when compiling
         raise UnsupportedOpError(f"{ctx.where()}: scale and offset must be module weights")
-    group_size = node.attrs["group_size"]
     try:
-        group = sibling_group(ctx, node, _linear_q_signature)
-        names = "|".join(_weight_of(ctx, n, 1) for n in group)
-        if len(group) > 1:
-            def emit(members):
-                prepared = [_prepared(ctx, m) for m in members]
-                return _emit(ctx, ctx.input(0), x_type, concat_prepared(prepared), names, group_size), \
-                    [p["n"] for p in prepared]
-
-            return fused_output(ctx, node, group, emit)
-        return _emit(ctx, ctx.input(0), x_type, _prepared(ctx, node), names, group_size)
+        return _emit(ctx, ctx.input(0), x_type, _prepared(ctx, node), _weight_of(ctx, node, 1), node.attrs["group_size"])
     except ValueError as err:
         raise UnsupportedOpError(f"{ctx.where()}: {err}; quantize with group size 32 or 128") from None
 

@@ -111,8 +111,30 @@ def _fallback_cpu_schedules():
     return _pass
 
 
-def cpu_pipeline(target):
-    """Relax -> VM for the CPU: legalize, fuse elementwise chains, schedule kiln's kernels."""
+def count_launches(launches: dict | None):
+    """A module pass that records, per Relax function, how many kernels one call runs (its calls of PrimFuncs
+    once the dataflow is lowered: each is one launch, parallel or not) into ``launches``."""
+    import tvm
+    from tvm import relax, tirx
+
+    @tvm.transform.module_pass(opt_level=0, name="kiln.CountLaunches")
+    def _count(mod, _ctx):
+        if launches is not None:
+            for gvar, func in mod.functions.items():
+                if isinstance(func, relax.Function):
+                    calls = []
+                    relax.analysis.post_order_visit(func, lambda e: calls.append(
+                        isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.GlobalVar)
+                        and isinstance(mod[e.op], tirx.PrimFunc)))
+                    launches[gvar.name_hint] = sum(calls)
+        return mod
+
+    return _count
+
+
+def cpu_pipeline(target, launches: dict | None = None):
+    """Relax -> VM for the CPU: legalize, fuse elementwise chains, schedule kiln's kernels; ``launches`` (a
+    dict) receives each function's kernel launches per call."""
     import tvm
     from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu
@@ -130,7 +152,7 @@ def cpu_pipeline(target):
                 + [_fallback_cpu_schedules()]
                 + cpu.dataflow_lower_passes(target)
                 # reshapes became views above; their kernels would still go through LLVM
-                + [relax.transform.DeadCodeElimination()]
+                + [relax.transform.DeadCodeElimination(), count_launches(launches)]
                 + cpu.finalize_passes(target)
             )
             return tvm.transform.Sequential(passes)(mod)
@@ -138,8 +160,8 @@ def cpu_pipeline(target):
     return _pipeline
 
 
-def cuda_pipeline(target):
-    """Relax -> VM for CUDA: legalize, fuse, dlight's default GPU schedules."""
+def cuda_pipeline(target, launches: dict | None = None):
+    """Relax -> VM for CUDA: legalize, fuse, dlight's default GPU schedules (``launches`` as for the CPU)."""
     import tvm
     from tvm import relax
     from tvm.relax.backend.cuda import pipeline as cuda
@@ -160,7 +182,7 @@ def cuda_pipeline(target):
                                            dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
                                            dl.gpu.Fallback())]
                 + cuda.dataflow_lower_passes(target)
-                + [relax.transform.DeadCodeElimination()]
+                + [relax.transform.DeadCodeElimination(), count_launches(launches)]
                 + cuda.finalize_passes(target)
             )
             return tvm.transform.Sequential(passes)(mod)
@@ -176,10 +198,12 @@ def _target(target, arch: str | None = None):
     return as_target(target)
 
 
-def build(irmodule, target="cpu", num_threads: int | None = None, arch: str | None = None):
+def build(irmodule, target="cpu", num_threads: int | None = None, arch: str | None = None,
+          launches: dict | None = None):
     """Compile a lowered IRModule; returns a tvm Executable (load with relax.VirtualMachine).
 
-    target: "cpu" (LLVM for this host's CPU), "cuda" (arch defaults to sm_80), or a Target.
+    target: "cpu" (LLVM for this host's CPU), "cuda" (arch defaults to sm_80), or a Target. ``launches``
+    (a dict) receives the kernel launches of one call of each Relax function.
     """
     if num_threads is not None:
         configure_threads(num_threads)
@@ -187,13 +211,13 @@ def build(irmodule, target="cpu", num_threads: int | None = None, arch: str | No
 
     target = _target(target, arch)
     if target.kind.name == "llvm":
-        return tvm.compile(irmodule, target, relax_pipeline=cpu_pipeline(target))
+        return tvm.compile(irmodule, target, relax_pipeline=cpu_pipeline(target, launches))
     if target.kind.name == "cuda":
         # nvcc, not NVRTC (which needs the cuda-bindings package); and nvcc needs
         # the target in scope to know the architecture on a machine without a GPU.
         os.environ.setdefault("TVM_CUDA_COMPILE_MODE", "nvcc")
         with target:
-            return tvm.compile(irmodule, target, relax_pipeline=cuda_pipeline(target))
+            return tvm.compile(irmodule, target, relax_pipeline=cuda_pipeline(target, launches))
     raise ConfigError(f"expected a cpu or cuda target, found {target.kind.name}")
 
 

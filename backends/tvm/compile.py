@@ -24,13 +24,16 @@ def compile_module(module, target: str, out_dir: str, options) -> dict:
                           f"--kv-cache-dtype f32 or --backend onnxruntime")
     functions = [name for name in ENTRY_FUNCTIONS if name in module.functions]
     irmodule = lower_functions(module, functions, target)
-    executable = build(irmodule, target)
+    launches: dict = {}
+    executable = build(irmodule, target, launches=launches)
     executable.export_library(os.path.join(out_dir, LIBRARY))
     return {
         "target": target,
         "target_json": str(as_target(target)),
         "files": {"library": LIBRARY},
         "weights": {name: weight_names(irmodule, name) for name in functions},
+        # kernels one call runs (each a thread-pool hand-off on the CPU): @step_decode's is per decoded token
+        "kernel_launches": {name: launches[name] for name in functions if name in launches},
         # f16 block scales the CPU kernels read as f32; the executor widens them when it loads them
         "widen_to_f32": sorted({w for name in functions for w in widened_weight_names(irmodule, name)}),
     }

@@ -8,6 +8,7 @@ streamed once and their hash checked before the executor exists.
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 import numpy as np
@@ -158,7 +159,7 @@ def _param_names(vm, name: str) -> list:
 
 
 def _relax_name(name: str) -> str:
-    return name.replace(".", "_") or "v"  # as backends/tvm/lower.py names a weight's parameter
+    return re.sub(r"[^A-Za-z0-9_]", "_", name) or "v"  # as backends/tvm/lower.py names a weight's parameter
 
 
 def _has_function(vm, name: str) -> bool:

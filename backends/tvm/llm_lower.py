@@ -12,7 +12,6 @@ sequence).
 from __future__ import annotations
 
 from tvm import relax, te, tirx
-from tvm.script import tirx as T
 
 from kiln.ir.errors import UnsupportedOpError
 from kiln.ir.kv_cache import DECODE_STEP
@@ -114,7 +113,11 @@ def _lower_paged_attention(ctx, node, inputs):
     def token_rows(x, width):  # [1, heads, T, D] -> [T, heads, D]
         return ctx.emit(relax.op.reshape(relax.op.permute_dims(x, [0, 2, 1, 3]), [t, width, dim]))
 
-    row_pos = ctx.emit(relax.op.reshape(relax.op.astype(positions, "int32"), [t]))
+    # per step, not per layer: every attention of the function reads the same positions (one kernel each)
+    shared = ctx.__dict__.setdefault("kiln_step_rows", {})
+    if "row_pos" not in shared:
+        shared["row_pos"] = ctx.emit(relax.op.reshape(relax.op.astype(positions, "int32"), [t]))
+    row_pos = shared["row_pos"]
     append = _add_func(bb, append_func(kv_heads, dim, page, base, base), f"paged_kv_append_l{layer}")
     k_flat, v_flat = flat(k_pool), flat(v_pool)
     pools = ctx.emit(relax.call_tir_inplace(append, [token_rows(k, kv_heads), token_rows(v, kv_heads), page_table,
@@ -124,7 +127,9 @@ def _lower_paged_attention(ctx, node, inputs):
     scale, window = node.attrs["scale"], node.attrs["window"]
     if ctx.function.name == DECODE_STEP:
         # @step_decode: token t is the one new token of page-table row t, so its sequence length is pos + 1
-        lengths = ctx.emit(relax.op.add(row_pos, relax.const(1, "int32")))
+        if "lengths" not in shared:
+            shared["lengths"] = ctx.emit(relax.op.add(row_pos, relax.const(1, "int32")))
+        lengths = shared["lengths"]
         gvar = _add_func(bb, decode_func(heads, kv_heads, dim, page, scale, base, base, window),
                          f"paged_attention_decode_l{layer}")
         out = ctx.emit(relax.call_tir(gvar, [token_rows(q, heads), k_flat, v_flat, page_table, lengths],

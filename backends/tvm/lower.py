@@ -8,6 +8,7 @@ kiln function and returns an IRModule whose entry takes the inputs, then the wei
 from __future__ import annotations
 
 import math
+import re
 from typing import Callable, Sequence
 
 import numpy as np
@@ -561,7 +562,7 @@ def widened_weights(fn: Function, target: tvm.target.Target) -> list:
 
 
 def _relax_name(name: str) -> str:
-    return name.replace(".", "_") or "v"
+    return re.sub(r"[^A-Za-z0-9_]", "_", name) or "v"
 
 
 def _ensure_type(ctx: LoweringContext, expr: relax.Expr, expected: TensorType) -> relax.Expr:
