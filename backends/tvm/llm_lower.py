@@ -110,7 +110,12 @@ def _lower_paged_attention(ctx, node, inputs):
 
     t = ctx.dim(tokens)
 
-    def token_rows(x, width):  # [1, heads, T, D] -> [T, heads, D]
+    def token_rows(x, width, operand: int | None = None):  # [1, heads, T, D] -> [T, heads, D]
+        # An operand the IR made by permuting [1, T, heads, D] (V, straight from its projection) is that tensor
+        # reshaped: a view, where permuting the permute back would copy it in a kernel of its own.
+        made = node.inputs[operand].producer if operand is not None else None
+        if made is not None and made.op == "permute" and made.attrs["perm"] == (0, 2, 1, 3):
+            return ctx.emit(relax.op.reshape(ctx.values[id(made.inputs[0])], [t, width, dim]))
         return ctx.emit(relax.op.reshape(relax.op.permute_dims(x, [0, 2, 1, 3]), [t, width, dim]))
 
     # per step, not per layer: every attention of the function reads the same positions (one kernel each)
@@ -120,7 +125,7 @@ def _lower_paged_attention(ctx, node, inputs):
     row_pos = shared["row_pos"]
     append = _add_func(bb, append_func(kv_heads, dim, page, base, base), f"paged_kv_append_l{layer}")
     k_flat, v_flat = flat(k_pool), flat(v_pool)
-    pools = ctx.emit(relax.call_tir_inplace(append, [token_rows(k, kv_heads), token_rows(v, kv_heads), page_table,
+    pools = ctx.emit(relax.call_tir_inplace(append, [token_rows(k, kv_heads, 1), token_rows(v, kv_heads, 2), page_table,
                                                      token_seq, row_pos, k_flat, v_flat], [5, 6],
                                             [k_flat.ty, v_flat.ty]))
     k_flat, v_flat = ctx.emit(relax.TupleGetItem(pools, 0)), ctx.emit(relax.TupleGetItem(pools, 1))

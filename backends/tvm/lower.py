@@ -62,6 +62,7 @@ class LoweringContext:
         self.symbols = symbols  # kiln symbol name -> tirx.Var("name", "int64")
         self.weights = weights  # weight name -> relax.Var parameter
         self.node: Node | None = None
+        self.values: dict = {}  # id(kiln Value) -> the Relax expression it lowered to
         self.analyzer = tvm.sym.Analyzer()
 
     @property
@@ -590,8 +591,9 @@ def _emit_function(bb: relax.BlockBuilder, module: Module, fn: Function, target:
     check_lowerable(fn)
     symbols = _function_symbols(fn)
     weight_names = _weight_order(fn)
-    params, values = [], {}
+    params = []
     ctx = LoweringContext(bb, module, fn, target, symbols, {})
+    values = ctx.values
 
     def param(name: str, t: TensorType) -> relax.Var:
         return relax.Var(_relax_name(name), relax.TensorType(ctx.shape(t.shape), tvm_dtype(t.dtype)))
