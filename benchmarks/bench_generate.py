@@ -1,20 +1,38 @@
-"""Prefill and decode speed of kiln beside its peers on SmolLM2, in one run.
+"""Speed, memory and quality of kiln beside its peers on SmolLM2, in one sitting.
 
-Same prompt (about 130 tokens), 128 new tokens, greedy, the same thread count.
-Peers run when installed: llama.cpp (llama-cpp-python, on the same Q4_1 GGUF)
-and transformers eager (LlamaForCausalLM with the same weights in fp32).
-Prints tokens/s and every kiln row's ratio to each peer.
+Every engine gets the same prompt ids (about 130 tokens), generates 128 new tokens
+greedily with the same thread count, and runs in a process of its own, so its peak
+resident memory (VmHWM) is its own. Each engine then scores the same token ids of a
+text (the first 2,048 of the GPL-3; sliding windows of 512 tokens every 256, each
+token after the first scored once) in another process of its own: speed is printed
+beside quality. Peers run when installed: ONNX Runtime GenAI (its own int4 and int8
+models, built by its model builder from a transformers checkpoint of the GGUF and
+cached in ~/.cache/kiln/bench), llama.cpp (llama-cpp-python on the same Q4_1 GGUF)
+and transformers eager (LlamaForCausalLM with the same weights in fp32). Prints
+every kiln row's ratio to each peer.
 
-    python benchmarks/bench_generate.py [--threads 2] [--new-tokens 128]
-        [--backend tvm onnxruntime] [--quantize none int8 int4 gguf]   (one kiln row per pair)
+    python benchmarks/bench_generate.py [--threads 2] [--new-tokens 128] [--repeats 2]
+        [--backend tvm onnxruntime] [--quantize none int8 int4 gguf]   (one kiln row per pair; --backend with
+                                                                       nothing after it: no kiln rows)
+        [--onnx-accuracy-level 0 4]                                    (kiln ONNX Runtime rows per level)
+        [--peers ort-genai-int4 ort-genai-int8 llama.cpp transformers] [--skip PEER ...]
+        [--no-ppl] [--ppl-tokens 2048] [--window 512] [--stride 256] [--text FILE] [--json OUT]
+        [--prepare-only]                                               (compile and build, measure nothing)
+
+kiln's artifacts are cached per hash of kiln's Python sources, so a changed kiln is recompiled.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import platform
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import peers  # noqa: E402 - benchmarks/peers.py, beside this file
 
 PROMPT = (
     "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined "
@@ -25,127 +43,225 @@ PROMPT = (
     "faster, and religious and political debates reached a far wider audience than ever before. Explain "
     "in a few paragraphs why this invention mattered so much, and what it changed for ordinary people."
 )
+DEFAULT_TEXT = "/usr/share/common-licenses/GPL-3"
+PEERS = ["ort-genai-int4", "ort-genai-int8", "llama.cpp", "transformers"]
+EXTRA_PEERS = ["ort-genai-fp32"]  # only when asked for: checks the GenAI path against transformers
+PEER_NAMES = {"ort-genai-int4": "ORT GenAI int4", "ort-genai-int8": "ORT GenAI int8", "ort-genai-fp32": "ORT GenAI fp32",
+              "llama.cpp": "llama.cpp Q4_1", "transformers": "transformers eager fp32"}
+KILN_BACKEND_NAMES = {"tvm": "TVM", "onnxruntime": "ORT"}
 
 
-def bench_kiln(args, prompt_ids, backend, quantize):
+def kiln_code_tag() -> str:
+    """A hash of kiln's Python sources: artifacts compiled by other code are not reused."""
+    import hashlib
+    import importlib.util
+
+    h = hashlib.sha256()
+    for package in ("kiln", "kiln.frontend", "kiln.ir", "kiln.passes", "kiln.backends", "kiln.runtime"):
+        spec = importlib.util.find_spec(package)
+        for root in (spec.submodule_search_locations or []) if spec else []:
+            for folder, dirs, files in sorted(os.walk(root)):
+                dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+                for name in sorted(f for f in files if f.endswith(".py")):
+                    with open(os.path.join(folder, name), "rb") as f:
+                        h.update(os.path.relpath(os.path.join(folder, name), root).encode() + b"\0" + f.read())
+    return h.hexdigest()[:12]
+
+
+def kiln_artifact(args, backend, quantize, level=0):
+    """The compiled artifact of one kiln row (compiled here, in the parent, once; cached per kiln source)."""
     import kiln
 
-    cache = os.path.join(os.path.expanduser("~/.cache/kiln"), "bench", f"kiln-{kiln.__version__}-v2",
-                         f"smollm2-{backend}-{args.max_seq_len}-{quantize}.kiln")
-    if not os.path.exists(os.path.join(cache, "manifest.json")):
+    suffix = f"-acc{level}" if backend == "onnxruntime" else ""
+    path = os.path.join(peers.CACHE, f"kiln-{kiln.__version__}-{args.code_tag}",
+                        f"smollm2-{backend}-{args.max_seq_len}-{quantize}{suffix}.kiln")
+    if args.recompile or not os.path.exists(os.path.join(path, "manifest.json")):
+        options = {"onnx_accuracy_level": level} if backend == "onnxruntime" else {}
         kiln.compile("smollm2", backend=backend, quantize=quantize, max_seq_len=args.max_seq_len,
-                     max_num_seqs=1, output=cache, progress=True)
-    engine = kiln.load(cache, num_threads=args.threads, prefix_caching=False)  # each run prefills its prompt
-    engine.generate(prompt_ids[:16], max_new_tokens=4, ignore_eos=True)  # warm up
-    best = None
-    for _ in range(args.repeats):
-        res = engine.generate(prompt_ids, max_new_tokens=args.new_tokens, ignore_eos=True)
-        stats = res.stats
-        if best is None or stats["decode_tokens_per_s"] > best["decode_tokens_per_s"]:
-            best = stats
-    return best["prefill_tokens_per_s"], best["decode_tokens_per_s"], res.token_ids
+                     max_num_seqs=1, output=path, progress=True, **options)
+    return path
 
 
-def bench_llama_cpp(args, prompt_ids, gguf_path):
-    import numpy as np
-    from llama_cpp import Llama
+def peer_spec(args, peer, gguf_path):
+    """What a worker needs to load ``peer``, or None (with a line saying why) when it is not installed."""
+    if peer.startswith("ort-genai-"):
+        if peers.ort_genai_version() is None:
+            print(f"{PEER_NAMES[peer]}: onnxruntime-genai is not installed (pip install onnxruntime-genai onnx-ir)")
+            return None
+        return {"engine": "ort-genai", "model_dir": peers.build_ort_genai(gguf_path, peer.rsplit("-", 1)[1])}
+    if peer == "llama.cpp":
+        import importlib.util
 
-    llm = Llama(model_path=gguf_path, n_threads=args.threads, n_threads_batch=args.threads,
-                n_ctx=args.max_seq_len, n_batch=512, verbose=False)
-    best = (0.0, 0.0)
-    for _ in range(args.repeats):
-        llm.reset()
-        start = time.perf_counter()
-        llm.eval(prompt_ids)
-        prefill = time.perf_counter() - start
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        start = time.perf_counter()
-        for _ in range(args.new_tokens - 1):
-            llm.eval([token])
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        decode = time.perf_counter() - start
-        best = max(best, (len(prompt_ids) / prefill, (args.new_tokens - 1) / decode), key=lambda t: t[1])
-    return best
+        if importlib.util.find_spec("llama_cpp") is None:
+            print("llama.cpp: llama-cpp-python is not installed (pip install llama-cpp-python)")
+            return None
+        return {"engine": "llama.cpp", "gguf": gguf_path, "n_ctx": args.max_seq_len}
+    if peer == "transformers":
+        import importlib.util
+
+        if importlib.util.find_spec("transformers") is None:
+            print("transformers: not installed")
+            return None
+        return {"engine": "transformers", "gguf": gguf_path}
+    raise ValueError(peer)
 
 
-def bench_transformers(args, prompt_ids, source):
-    import torch
-    import transformers
+def text_ids(bundle, path, limit):
+    """The text's token ids as kiln encodes them (BOS first when the tokenizer adds one), the first ``limit``."""
+    with open(path, encoding="utf-8") as f:
+        ids = bundle.tokenizer().encode(f.read()).ids
+    if bundle.add_bos_token and bundle.bos_token_id is not None and (not ids or ids[0] != bundle.bos_token_id):
+        ids = [bundle.bos_token_id] + ids
+    return ids[:limit]
 
-    torch.set_num_threads(args.threads)
-    cfg = source.config
-    config = transformers.LlamaConfig(**{k: cfg[k] for k in (
-        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-        "num_key_value_heads", "rms_norm_eps", "rope_theta", "max_position_embeddings", "tie_word_embeddings",
-        "head_dim")})
-    model = transformers.LlamaForCausalLM(config).eval()
-    model.load_state_dict(source.model.state_dict(), strict=False)
-    ids = torch.as_tensor([prompt_ids])
-    best = (0.0, 0.0)
-    with torch.no_grad():
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            out = model(ids, use_cache=True)
-            prefill = time.perf_counter() - start
-            past, token = out.past_key_values, out.logits[0, -1].argmax().view(1, 1)
-            start = time.perf_counter()
-            for _ in range(args.new_tokens - 1):
-                out = model(token, past_key_values=past, use_cache=True)
-                past, token = out.past_key_values, out.logits[0, -1].argmax().view(1, 1)
-            decode = time.perf_counter() - start
-            best = max(best, (len(prompt_ids) / prefill, (args.new_tokens - 1) / decode), key=lambda t: t[1])
-    return best
+
+def common_prefix(a, b):
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def fmt(value, spec):
+    return "-" if value is None else format(value, spec)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--backend", nargs="+", default=["tvm", "onnxruntime"], help="kiln backends to measure")
-    parser.add_argument("--max-seq-len", type=int, default=512)
-    parser.add_argument("--skip", nargs="*", default=[], help="peers to skip: llama.cpp transformers")
+    parser.add_argument("--repeats", type=int, default=2, help="timed generations per engine; the fastest decode is kept")
+    parser.add_argument("--backend", nargs="*", default=["tvm", "onnxruntime"], choices=["tvm", "onnxruntime"],
+                        help="kiln backends to measure (none: no kiln rows)")
     parser.add_argument("--quantize", nargs="+", default=["none", "int8", "int4", "gguf"],
                         choices=["none", "int8", "int4", "int4-g128", "gguf"],
                         help="kiln weight quantization modes to measure (one row per backend and mode)")
+    parser.add_argument("--onnx-accuracy-level", type=int, nargs="+", default=[0], choices=[0, 1, 2, 3, 4],
+                        help="MatMulNBits accuracy levels of kiln's ONNX Runtime rows, one row per level (0: exact; "
+                             "4: int8 activations, as ONNX Runtime GenAI's CPU models use)")
+    parser.add_argument("--peers", nargs="*", default=PEERS, choices=PEERS + EXTRA_PEERS,
+                        help="peers to measure (when installed); nothing after it: no peers")
+    parser.add_argument("--skip", nargs="*", default=[], choices=PEERS + EXTRA_PEERS + ["ort-genai"],
+                        help="peers to leave out")
+    parser.add_argument("--max-seq-len", type=int, default=512, help="kiln's compiled maximum; llama.cpp's n_ctx")
+    parser.add_argument("--no-ppl", action="store_true", help="speed and memory only")
+    parser.add_argument("--text", default=DEFAULT_TEXT, help=f"text scored for perplexity (default {DEFAULT_TEXT})")
+    parser.add_argument("--ppl-tokens", type=int, default=2048, help="score the text's first N token ids")
+    parser.add_argument("--window", type=int, default=512)
+    parser.add_argument("--stride", type=int, default=256)
+    parser.add_argument("--recompile", action="store_true", help="compile kiln's artifacts afresh")
+    parser.add_argument("--prepare-only", action="store_true",
+                        help="compile kiln's artifacts and build the peers' models, measure nothing")
+    parser.add_argument("--json", help="also write every measurement to this JSON file")
     args = parser.parse_args()
-    os.environ["TVM_NUM_THREADS"] = str(args.threads)
+    if args.window > args.max_seq_len:
+        parser.error(f"--window {args.window} needs --max-seq-len of at least {args.window}")
 
-    from kiln.frontend.sources import default_model_path, load_source
+    from kiln.evaluate import sliding_windows
+    from kiln.frontend.gguf_file import GGUFFile
+    from kiln.frontend.sources import default_model_path
+    from kiln.frontend.tokenizer import tokenizer_from_gguf
 
-    source = load_source("smollm2")
-    tokenizer = source.tokenizer.tokenizer()
-    prompt_ids = tokenizer.encode(PROMPT).ids
-    print(f"SmolLM2-135M-Instruct, prompt {len(prompt_ids)} tokens, {args.new_tokens} new tokens, "
-          f"{args.threads} threads, greedy")
-    rows = []
-    for backend in args.backend:
+    started = time.perf_counter()
+    args.code_tag = kiln_code_tag()
+    gguf_path = default_model_path()
+    bundle = tokenizer_from_gguf(GGUFFile(gguf_path))
+    prompt_ids = bundle.tokenizer().encode(PROMPT).ids
+    ppl_ids = None if args.no_ppl else text_ids(bundle, args.text, args.ppl_tokens)
+
+    # Prepare everything first (compiles, builds), so the measurements run back to back.
+    engines = []  # (name, kind, spec)
+    for backend in args.backend or []:
         for mode in args.quantize:
-            name = f"kiln {backend} {'fp32' if mode == 'none' else mode}"
-            try:
-                rows.append((name,) + bench_kiln(args, prompt_ids, backend, mode)[:2])
-            except Exception as err:  # one failing row must not hide the others
-                print(f"{name}: failed: {type(err).__name__}: {err}")
-            sys.stdout.flush()
-    peers = []
-    if "llama.cpp" not in args.skip:
+            levels = args.onnx_accuracy_level if backend == "onnxruntime" and mode != "none" else [0]
+            for level in levels:  # fp32 has no MatMulNBits: one row
+                name = f"kiln {KILN_BACKEND_NAMES[backend]} {'fp32' if mode == 'none' else mode}"
+                name += f" acc{level}" if level else ""
+                try:
+                    artifact = kiln_artifact(args, backend, mode, level)
+                except Exception as err:  # noqa: BLE001 - one failing row must not hide the others
+                    print(f"{name}: compile failed: {type(err).__name__}: {err}")
+                    continue
+                engines.append((name, "kiln", {"engine": "kiln", "artifact": artifact}))
+    skip = set(args.skip) | ({p for p in PEER_NAMES if p.startswith("ort-genai")} if "ort-genai" in args.skip else set())
+    for peer in args.peers:
+        if peer in skip:
+            continue
         try:
-            peers.append(("llama.cpp (Q4_1)",) + bench_llama_cpp(args, prompt_ids, default_model_path()))
-        except ImportError:
-            print("llama.cpp: llama-cpp-python is not installed (pip install llama-cpp-python)")
-    if "transformers" not in args.skip:
-        try:
-            peers.append(("transformers eager (fp32)",) + bench_transformers(args, prompt_ids, source))
-        except ImportError:
-            print("transformers: not installed")
-    print(f"{'engine':<28} {'prefill tok/s':>14} {'decode tok/s':>13}")
-    for name, prefill, decode in rows + peers:
-        print(f"{name:<28} {prefill:>14.1f} {decode:>13.1f}")
-    for peer, peer_prefill, peer_decode in peers:
-        print(f"ratios to {peer} (prefill, decode):")
-        for name, prefill, decode in rows:
-            print(f"  {name:<26} {prefill / peer_prefill:5.2f}x {decode / peer_decode:5.2f}x")
+            spec = peer_spec(args, peer, gguf_path)
+        except Exception as err:  # noqa: BLE001
+            print(f"{PEER_NAMES[peer]}: could not be prepared: {type(err).__name__}: {err}")
+            continue
+        if spec is not None:
+            engines.append((PEER_NAMES[peer], "peer", spec))
+    prepared = time.perf_counter() - started
+    if args.prepare_only:
+        print(f"prepared {len(engines)} engines in {prepared:.0f} s")
+        return
+
+    windows = sliding_windows(len(ppl_ids), args.window, args.stride) if ppl_ids else []
+    print(f"SmolLM2-135M-Instruct: prompt {len(prompt_ids)} tokens, {args.new_tokens} new tokens, greedy, "
+          f"{args.threads} threads, best decode of {args.repeats}; {platform.machine()}, {os.cpu_count()} cores")
+    if ppl_ids:
+        print(f"perplexity: the first {len(ppl_ids)} token ids of {args.text}, {windows[-1].end - 1} scored once each "
+              f"over {len(windows)} sliding windows of {args.window} every {args.stride} (the tokens before a token "
+              f"in its window are its context), the same ids for every engine")
+    print("each engine runs in a process of its own; peak RSS is that process's VmHWM")
     sys.stdout.flush()
+
+    results = {name: {"kind": kind} for name, kind, _ in engines}
+    common = {"threads": args.threads}
+    for name, _, spec in engines:  # speed first, all engines back to back
+        try:
+            out = peers.run_in_subprocess({**spec, **common, "task": "speed", "prompt_ids": prompt_ids,
+                                           "new_tokens": args.new_tokens, "repeats": args.repeats})
+            results[name]["speed"] = out
+            print(f"  {name}: prefill {out['prefill_tokens_per_s']:.1f} tok/s, decode "
+                  f"{out['decode_tokens_per_s']:.1f} tok/s, peak RSS {out['peak_rss_mib']:.0f} MiB", flush=True)
+        except Exception as err:  # noqa: BLE001
+            print(f"  {name}: speed failed: {err}", flush=True)
+    for name, _, spec in engines if ppl_ids else []:
+        try:
+            out = peers.run_in_subprocess({**spec, **common, "task": "ppl", "token_ids": ppl_ids,
+                                           "window": args.window, "stride": args.stride, "n_ctx": args.window})
+            results[name]["ppl"] = out
+            print(f"  {name}: perplexity {out['perplexity']:.4f} ({out['scored_tokens']} tokens, "
+                  f"{out['seconds']:.0f} s, peak RSS {out['peak_rss_mib']:.0f} MiB)", flush=True)
+        except Exception as err:  # noqa: BLE001
+            print(f"  {name}: perplexity failed: {err}", flush=True)
+
+    def get(name, task, key):
+        return results[name].get(task, {}).get(key)
+
+    ref = next((n for n in results if get(n, "speed", "token_ids")), None)
+    print()
+    print("| engine | prefill tok/s | decode tok/s | peak RSS MiB | perplexity | peak RSS MiB, perplexity run "
+          f"| greedy tokens equal to {ref}'s |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name in results:
+        same = None
+        if ref and get(name, "speed", "token_ids"):
+            same = f"{common_prefix(get(name, 'speed', 'token_ids'), get(ref, 'speed', 'token_ids'))}"
+        print(f"| {name} | {fmt(get(name, 'speed', 'prefill_tokens_per_s'), '.1f')} "
+              f"| {fmt(get(name, 'speed', 'decode_tokens_per_s'), '.1f')} "
+              f"| {fmt(get(name, 'speed', 'peak_rss_mib'), '.0f')} | {fmt(get(name, 'ppl', 'perplexity'), '.4f')} "
+              f"| {fmt(get(name, 'ppl', 'peak_rss_mib'), '.0f')} | {same or '-'} |")
+    kiln_rows = [n for n in results if results[n]["kind"] == "kiln" and "speed" in results[n]]
+    peer_rows = [n for n in results if results[n]["kind"] == "peer" and "speed" in results[n]]
+    for peer in peer_rows if kiln_rows else []:
+        print(f"\nratios to {peer} (kiln / peer; prefill, decode, peak RSS):")
+        for name in kiln_rows:
+            ratios = [get(name, "speed", key) / get(peer, "speed", key)
+                      for key in ("prefill_tokens_per_s", "decode_tokens_per_s", "peak_rss_mib")]
+            print(f"  {name:<16} prefill {ratios[0]:5.2f}x  decode {ratios[1]:5.2f}x  memory {ratios[2]:5.2f}x")
+    print(f"\nruntime: {time.perf_counter() - started:.0f} s (preparing {prepared:.0f} s)")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"prompt_tokens": len(prompt_ids), "threads": args.threads, "new_tokens": args.new_tokens,
+                       "ppl_tokens": len(ppl_ids or []), "window": args.window, "stride": args.stride,
+                       "results": results}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -6,10 +6,13 @@ windows (kiln.evaluate: every token after the first scored once, up to window - 
 tokens of context). Per mode: perplexity, top-1 agreement with fp32 (the fraction
 of scored positions whose argmax equals fp32's) and mean KL(fp32 || mode). When
 llama-cpp-python is installed, llama.cpp scores the same token ids per window on
-the same GGUF. Models run in lockstep, one window of logits each at a time.
+the same GGUF; when onnxruntime-genai is installed, so do ONNX Runtime GenAI's own
+int4 and int8 models (benchmarks/peers.py builds them from the GGUF, cached).
+Models run in lockstep, one window of logits each at a time.
 
     python benchmarks/quality.py [--text /usr/share/common-licenses/GPL-3] [--window 512] [--stride 256]
         [--max-tokens N] [--modes none gguf int8 int4 int4-g128] [--threads 2] [--recompile]
+        [--ort-genai int4 int8] [--no-llama-cpp]
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ import os
 import platform
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import peers  # noqa: E402 - benchmarks/peers.py, beside this file
 
 DEFAULT_TEXT = "/usr/share/common-licenses/GPL-3"  # Debian's base-files: on every machine here
 MODE_LABELS = {"none": "kiln fp32 (GGUF dequantized)", "gguf": "kiln gguf (Q4_1 imported)", "int8": "kiln int8",
@@ -58,6 +64,15 @@ def llama_cpp_logits(args, gguf_path):
     return logits
 
 
+def ort_genai_logits(args, gguf_path, precision):
+    """A logits function over ONNX Runtime GenAI's own model at ``precision``, or None when it is not installed."""
+    if peers.ort_genai_version() is None:
+        print("onnxruntime-genai is not installed: no ONNX Runtime GenAI rows", file=sys.stderr)
+        return None
+    engine = peers.OrtGenAIEngine({"model_dir": peers.build_ort_genai(gguf_path, precision), "threads": args.threads})
+    return engine.logits
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--text", default=DEFAULT_TEXT, help=f"UTF-8 text to score (default {DEFAULT_TEXT})")
@@ -69,6 +84,8 @@ def main(argv=None) -> int:
     parser.add_argument("--backend", default="tvm")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp even when installed")
+    parser.add_argument("--ort-genai", nargs="*", default=["int4", "int8"], choices=["int4", "int8", "fp32"],
+                        help="ONNX Runtime GenAI models to score when it is installed (nothing after it: none)")
     parser.add_argument("--recompile", action="store_true", help="compile every mode afresh, ignoring the cache")
     parser.add_argument("--cache", default=os.path.join(os.path.expanduser("~/.cache/kiln"), "quality"))
     args = parser.parse_args(argv)
@@ -98,6 +115,11 @@ def main(argv=None) -> int:
     llama = None if args.no_llama_cpp else llama_cpp_logits(args, default_model_path())
     if llama is not None:
         fns[LLAMA_CPP] = llama
+    for precision in args.ort_genai:
+        fn = ort_genai_logits(args, default_model_path(), precision)
+        if fn is None:
+            break
+        fns[f"ONNX Runtime GenAI {precision}"] = fn
 
     def progress(done, total, stats):
         ref = stats[MODE_LABELS["none"]]
