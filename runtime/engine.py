@@ -163,7 +163,7 @@ class Engine:
                               f"{self.max_seq_len}; shorten the prompt, lower max_new_tokens or recompile "
                               f"with a larger --max-seq-len")
         eos = set() if ignore_eos or self.tokenizer is None else set(self.tokenizer.eos_token_ids)
-        request = Request(self, next(self._ids), ids, params, eos=eos, tokenizer=self.tokenizer,
+        request = Request(next(self._ids), ids, params, eos=eos, tokenizer=self.tokenizer,
                           return_logits=return_logits)
         request.seq = ScheduledSequence(request.id, list(ids), len(ids), len(ids) + max_new_tokens)
         return self._enqueue(request)
@@ -188,9 +188,6 @@ class Engine:
                               f"{self.spec.page_size} tokens; the KV cache has {self.spec.num_pages:,} "
                               f"({self.spec.max_tokens:,} tokens): lower max_new_tokens or compile with a larger "
                               f"--kv-cache-budget")
-
-    def _wake(self) -> None:
-        """A request was cancelled: the loop notices at its next step."""
 
     def generate(self, prompt, *, return_logits: bool = False, **kwargs):
         """Generate from one prompt (text or token ids) -> GenerationResult; from a list of prompts -> a list of
@@ -220,7 +217,7 @@ class Engine:
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
         """Next-token logits at every position of ``token_ids``: numpy [len, vocab]."""
         ids = self._prompt_ids(token_ids)
-        request = Request(self, next(self._ids), ids, SamplingParams(max_new_tokens=1).validate(), eos=set(),
+        request = Request(next(self._ids), ids, SamplingParams(max_new_tokens=1).validate(), eos=set(),
                           all_logits=True)
         request.seq = ScheduledSequence(request.id, list(ids), len(ids), len(ids), all_logits=True)
         self._enqueue(request)

@@ -36,12 +36,11 @@ class GenerationResult:
 class Request:
     """A generation in the engine. Made by :meth:`Engine.submit`; safe to read from any thread."""
 
-    def __init__(self, engine, request_id: int, prompt_ids: list, params: SamplingParams, *, eos: set,
+    def __init__(self, request_id: int, prompt_ids: list, params: SamplingParams, *, eos: set,
                  tokenizer=None, return_logits: bool = False, all_logits: bool = False):
         self.id = request_id
         self.prompt_ids = list(prompt_ids)
         self.params = params
-        self._engine = engine
         self._eos = eos
         self._sampler = Sampler(params)
         self._detok = IncrementalDetokenizer(tokenizer.backend) if tokenizer is not None else None
@@ -81,10 +80,10 @@ class Request:
         return self._result
 
     def cancel(self) -> None:
-        """Stop generating; the pages are freed at the engine's next step. No-op once finished."""
+        """Stop generating; the engine's loop sees it before its next step and frees the pages. No-op once
+        finished."""
         if not self._done.is_set():
             self.cancelled = True
-            self._engine._wake()
 
     @property
     def done(self) -> bool:
