@@ -172,22 +172,11 @@ class Engine:
         with self._lock:
             if self._closed:
                 raise ConfigError("this engine was closed; load the artifact again")
-            self._check_fits(request.seq)
             self._incoming.append(request)
             if self._loop_thread is None:
                 self._loop_thread = threading.Thread(target=self._loop, name="kiln-engine", daemon=True)
                 self._loop_thread.start()
         return request
-
-    def _check_fits(self, seq) -> None:
-        """Refuse, at submit, a request that could never fit in the KV cache (both numbers in one line)."""
-        need = -(-seq.max_tokens // self.spec.page_size)
-        if need > self.spec.num_pages:
-            raise ConfigError(f"a request of {seq.max_tokens:,} tokens (prompt {seq.prompt_len:,} + "
-                              f"max_new_tokens {seq.max_tokens - seq.prompt_len:,}) needs {need:,} pages of "
-                              f"{self.spec.page_size} tokens; the KV cache has {self.spec.num_pages:,} "
-                              f"({self.spec.max_tokens:,} tokens): lower max_new_tokens or compile with a larger "
-                              f"--kv-cache-budget")
 
     def generate(self, prompt, *, return_logits: bool = False, **kwargs):
         """Generate from one prompt (text or token ids) -> GenerationResult; from a list of prompts -> a list of
