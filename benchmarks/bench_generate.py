@@ -14,7 +14,7 @@ every kiln row's ratio to each peer.
     python benchmarks/bench_generate.py [--threads 2] [--new-tokens 128] [--repeats 2]
         [--backend tvm onnxruntime] [--quantize none int8 int4 gguf]   (one kiln row per pair; --backend with
                                                                        nothing after it: no kiln rows)
-        [--onnx-accuracy-level 0 4]                                    (kiln ONNX Runtime rows per level)
+        [--activations float int8]                                     (kiln rows per activation mode)
         [--peers ort-genai-int4 ort-genai-int8 llama.cpp transformers] [--skip PEER ...]
         [--no-ppl] [--ppl-tokens 2048] [--window 512] [--stride 256] [--text FILE] [--json OUT]
         [--prepare-only]                                               (compile and build, measure nothing)
@@ -68,15 +68,15 @@ def kiln_code_tag() -> str:
     return h.hexdigest()[:12]
 
 
-def kiln_artifact(args, backend, quantize, level=0):
+def kiln_artifact(args, backend, quantize, activations="float"):
     """The compiled artifact of one kiln row (compiled here, in the parent, once; cached per kiln source)."""
     import kiln
 
-    suffix = f"-acc{level}" if backend == "onnxruntime" else ""
+    suffix = "-a8" if activations == "int8" else ""
     path = os.path.join(peers.CACHE, f"kiln-{kiln.__version__}-{args.code_tag}",
                         f"smollm2-{backend}-{args.max_seq_len}-{quantize}{suffix}.kiln")
     if args.recompile or not os.path.exists(os.path.join(path, "manifest.json")):
-        options = {"onnx_accuracy_level": level} if backend == "onnxruntime" else {}
+        options = {"activations": activations}
         kiln.compile("smollm2", backend=backend, quantize=quantize, max_seq_len=args.max_seq_len,
                      max_num_seqs=1, output=path, progress=True, **options)
     return path
@@ -138,9 +138,9 @@ def main():
     parser.add_argument("--quantize", nargs="+", default=["none", "int8", "int4", "gguf"],
                         choices=["none", "int8", "int4", "int4-g128", "gguf"],
                         help="kiln weight quantization modes to measure (one row per backend and mode)")
-    parser.add_argument("--onnx-accuracy-level", type=int, nargs="+", default=[0], choices=[0, 1, 2, 3, 4],
-                        help="MatMulNBits accuracy levels of kiln's ONNX Runtime rows, one row per level (0: exact; "
-                             "4: int8 activations, as ONNX Runtime GenAI's CPU models use)")
+    parser.add_argument("--activations", nargs="+", default=["float", "int8"], choices=["float", "int8"],
+                        help="activations of kiln's quantized rows, one row per mode (int8: per block of 32, integer "
+                             "dot products; ONNX Runtime's accuracy_level 4)")
     parser.add_argument("--peers", nargs="*", default=PEERS, choices=PEERS + EXTRA_PEERS,
                         help="peers to measure (when installed); nothing after it: no peers")
     parser.add_argument("--skip", nargs="*", default=[], choices=PEERS + EXTRA_PEERS + ["ort-genai"],
@@ -175,12 +175,12 @@ def main():
     engines = []  # (name, kind, spec)
     for backend in args.backend or []:
         for mode in args.quantize:
-            levels = args.onnx_accuracy_level if backend == "onnxruntime" and mode != "none" else [0]
-            for level in levels:  # fp32 has no MatMulNBits: one row
+            modes = args.activations if mode != "none" else ["float"]
+            for activations in modes:  # fp32 has no quantized linears: one row
                 name = f"kiln {KILN_BACKEND_NAMES[backend]} {'fp32' if mode == 'none' else mode}"
-                name += f" acc{level}" if level else ""
+                name += " a8" if activations == "int8" else ""
                 try:
-                    artifact = kiln_artifact(args, backend, mode, level)
+                    artifact = kiln_artifact(args, backend, mode, activations)
                 except Exception as err:  # noqa: BLE001 - one failing row must not hide the others
                     print(f"{name}: compile failed: {type(err).__name__}: {err}")
                     continue

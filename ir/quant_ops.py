@@ -9,6 +9,15 @@ Both read one quantized weight ``W[N, K]`` as ``(q, scale[, offset]) {bits, grou
 
 scale and offset are f32 or f16 (a GGUF file's block scales are f16); the arithmetic is f32.
 ``linear_q(x, q, scale[, offset])`` = x @ W.T; ``embedding_q(ids, q, scale[, offset])`` = W[ids].
+
+``linear_q``'s ``activations`` attribute says what the matmul does with x:
+
+- ``float`` (default): x as it is.
+- ``int8``: each row of x is quantized per block of 32 along K first, as llama.cpp's Q8_0 and ONNX
+  Runtime's accuracy_level 4 do: s = max|x_block| / 127, xq = clip(rint(x / s), -127, 127) (s = 0 and
+  xq = 0 for an all-zero block), and the matmul reads xq * s. Kernels compute it as integer dot
+  products of xq with the weight's integers, times the block scales (:func:`quantize_activations`
+  is the reference). K must be a multiple of 32 and the weight's group a multiple of 32 (or per row).
 """
 
 from __future__ import annotations
@@ -23,6 +32,8 @@ from .types import TensorType, is_float
 INT4_PER_WORD = 8
 QUANT_BITS = (4, 8)
 SCALE_DTYPES = ("f32", "f16")
+ACTIVATIONS = ("float", "int8")
+ACTIVATION_BLOCK = 32  # int8 activations: one scale per 32 values of a row
 
 
 @dataclass
@@ -115,12 +126,33 @@ def check_quantized(op: str, q: TensorType, scale: TensorType, offset: TensorTyp
     return n, qk
 
 
+def int8_activations_fit(k: int, group_size: int) -> bool:
+    """Whether a linear_q over K columns with this weight group can take int8 activations."""
+    return k % ACTIVATION_BLOCK == 0 and group_size % ACTIVATION_BLOCK == 0
+
+
+def quantize_activations(x: np.ndarray) -> tuple:
+    """int8 activations of x[..., K] (K a multiple of 32): (xq i8[..., K], scale f32[..., K / 32]),
+    xq * scale (per block) being what a linear_q with activations=int8 multiplies by."""
+    blocks = x.astype(np.float32).reshape(x.shape[:-1] + (x.shape[-1] // ACTIVATION_BLOCK, ACTIVATION_BLOCK))
+    amax = np.abs(blocks).max(axis=-1)
+    scale = (amax / np.float32(127)).astype(np.float32)
+    inverse = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    xq = np.clip(np.rint(blocks * inverse[..., None]), -127, 127).astype(np.int8)
+    return xq.reshape(x.shape), scale
+
+
 def _linear_q_infer(types, attrs, module):
     x, q, scale = types[:3]
     offset = types[3] if len(types) == 4 else None
     if x.rank < 1 or not is_float(x.dtype) or not isinstance(x.shape[-1], int):
         raise fail("linear_q", f"expected a float x[..., K] with a fixed K, found {x}")
     n, _ = check_quantized("linear_q", q, scale, offset, attrs["bits"], attrs["group_size"], k=x.shape[-1])
+    if attrs["activations"] not in ACTIVATIONS:
+        raise fail("linear_q", f"activations must be one of {', '.join(ACTIVATIONS)}, found {attrs['activations']!r}")
+    if attrs["activations"] == "int8" and not int8_activations_fit(x.shape[-1], attrs["group_size"]):
+        raise fail("linear_q", f"int8 activations need K and the weight group to be multiples of {ACTIVATION_BLOCK}, "
+                               f"found K={x.shape[-1]}, group_size={attrs['group_size']}")
     return [TensorType(x.dtype, tuple(x.shape[:-1]) + (n,))]
 
 
@@ -128,12 +160,18 @@ def _linear_q_ref(xs, attrs):
     x, q, scale = xs[:3]
     offset = xs[3] if len(xs) == 4 else None
     w = dequantize(q, scale, offset, attrs["bits"], attrs["group_size"])
-    return [np.matmul(x.astype(np.float64), w.T).astype(x.dtype)]
+    a = x.astype(np.float64)
+    if attrs["activations"] == "int8":
+        xq, s = quantize_activations(x)
+        a = (xq.astype(np.float64).reshape(s.shape + (ACTIVATION_BLOCK,)) * s[..., None]).reshape(x.shape)
+    return [np.matmul(a, w.T).astype(x.dtype)]
 
 
-define_op("linear_q", infer=_linear_q_infer, reference=_linear_q_ref, attrs={"bits": REQUIRED, "group_size": 0},
+define_op("linear_q", infer=_linear_q_infer, reference=_linear_q_ref,
+          attrs={"bits": REQUIRED, "group_size": 0, "activations": "float"},
           inputs=(3, 4), doc="x @ dequantize(q, scale[, offset]).T: weight-only int8 (per row or group-wise) or "
-                             "int4 (group-wise, symmetric or with offsets) dense layer")
+                             "int4 (group-wise, symmetric or with offsets) dense layer; activations=int8 "
+                             "quantizes x per block of 32 first (integer dot products)")
 
 
 def _embedding_q_infer(types, attrs, module):

@@ -56,11 +56,12 @@ class Artifact:
 
 TEMPORARY_PREFIX = "kiln-artifact-"  # kiln-artifact-<pid>-<random>: a compile with no output path
 QUANTIZE_MODES = ("none", "int8", "int4", "int4-g128", "gguf")  # int4: groups of 32; gguf: the file's blocks
+ACTIVATION_MODES = ("float", "int8")  # what quantized linears multiply: x as it is, or x in int8 per block of 32
 
 
 def compile_options(*, max_seq_len=2048, max_num_seqs=4, page_size=16, kv_cache_dtype="f32",
                     kv_cache_budget=None, activation_seq_len=None, quantize=None, quantize_zero_points=True,
-                    quantize_embedding=True, onnx_accuracy_level=0):
+                    quantize_embedding=True, activations="float"):
     from kiln.passes import PassOptions
 
     for name, value in (("max_seq_len", max_seq_len), ("max_num_seqs", max_num_seqs), ("page_size", page_size),
@@ -74,11 +75,11 @@ def compile_options(*, max_seq_len=2048, max_num_seqs=4, page_size=16, kv_cache_
         raise ConfigError(f"kv_cache_dtype must be 'f32' or 'f16', got {kv_cache_dtype!r}")
     if quantize not in (None,) + QUANTIZE_MODES:
         raise ConfigError(f"quantize must be None or one of {', '.join(QUANTIZE_MODES)}, got {quantize!r}")
-    if onnx_accuracy_level not in (0, 1, 2, 3, 4):
-        raise ConfigError(f"onnx_accuracy_level must be 0 (float activations, exact) to 4 (int8 activations, "
-                          f"faster), got {onnx_accuracy_level!r}")
+    if activations not in ACTIVATION_MODES:
+        raise ConfigError(f"activations must be 'float' (exact) or 'int8' (quantized per block of 32 for integer "
+                          f"dot products; quantized weights only), got {activations!r}")
     extra = {"quantize": quantize, "quantize_zero_points": bool(quantize_zero_points),
-             "quantize_embedding": bool(quantize_embedding), "onnx_accuracy_level": onnx_accuracy_level}
+             "quantize_embedding": bool(quantize_embedding), "activations": activations}
     return PassOptions(max_seq_len=max_seq_len, max_num_seqs=max_num_seqs, page_size=page_size,
                        kv_cache_dtype=kv_cache_dtype,
                        memory_budget_bytes=None if kv_cache_budget is None else int(kv_cache_budget),
@@ -113,8 +114,10 @@ def compile(source, backend: str = "tvm", target: str = "cpu", quantize=None, ma
     "gguf" for a quantized GGUF source and "none" otherwise. int4 groups carry an offset (their
     minimum) unless ``quantize_zero_points=False``; the embedding table and the logits projection
     become int8 per row in the int8 / int4 modes unless ``quantize_embedding=False``.
-    ``onnx_accuracy_level`` (ONNX Runtime backend): MatMulNBits' accuracy_level, 0 (default, float
-    activations) or 4 (int8 activations: faster, about 6e-3 relative error per matmul).
+    ``activations``: "float" (default: quantized linears multiply the activations as they are) or "int8"
+    (each row quantized per block of 32 first, as llama.cpp and ONNX Runtime's accuracy_level 4 do, so the
+    kernels use integer dot products: VNNI on the TVM CPU backend, MatMulNBits accuracy_level 4 on ONNX
+    Runtime). The choice is an attribute of each ``linear_q`` in the IR.
     """
     from kiln.backends import check_backend
 

@@ -76,7 +76,7 @@ def write_artifact(path: str, module, source, *, backend: str, target: str, opti
             "activations": module.metadata.get("activations"),
             "options": {"max_seq_len": options.max_seq_len, "max_num_seqs": options.max_num_seqs,
                         "page_size": options.page_size, "kv_cache_dtype": options.kv_cache_dtype,
-                        "quantize": options.extra.get("quantize")},
+                        "quantize": options.extra.get("quantize"), "activations": options.extra.get("activations", "float")},
             "quantization": module.metadata.get("quantization"),
             "tokenizer": tokenizer_entry,
             "chat_template": template_file,

@@ -110,6 +110,11 @@ def add_quantize_option(group) -> None:
                             "int4-g128 (groups of 128) or gguf (keep the GGUF file's Q4_0/Q4_1/Q8_0 blocks)")
 
 
+    group.add_argument("--activations", default="float", choices=("float", "int8"),
+                       help="what quantized linears multiply: float (default, exact) or int8 (each row quantized "
+                            "per block of 32, as llama.cpp does: integer dot products, VNNI on the CPU)")
+
+
 def quantize_arg(args):
     """--quantize as kiln.compile's quantize= (auto -> None)."""
     return None if args.quantize == "auto" else args.quantize
@@ -160,7 +165,8 @@ def plan_kwargs(args) -> dict:
             raise UsageError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     return {"max_seq_len": args.max_seq_len, "max_num_seqs": args.max_num_seqs, "page_size": args.page_size,
             "kv_cache_dtype": args.kv_cache_dtype,
-            "kv_cache_budget": parse_bytes(args.kv_cache_budget) if args.kv_cache_budget else None}
+            "kv_cache_budget": parse_bytes(args.kv_cache_budget) if args.kv_cache_budget else None,
+            "activations": getattr(args, "activations", "float")}
 
 
 def check_compile_args(args) -> None:
@@ -496,6 +502,10 @@ def format_summary(summary: dict) -> str:
                      f"-> {quant['weight_bytes_after'] / 2**20:.1f} MiB")
         if quant["fp32_weights_kept"]:
             lines.append(f"  kept in fp32: {', '.join(quant['fp32_weights_kept'])}")
+    aq = summary.get("activations_quantized")
+    lines.append("quantized linears multiply float activations" if not aq else
+                 f"quantized linears multiply {aq['mode']} activations (per block of 32): {aq['linear_q']} linear_q"
+                 + (f", {aq['kept_float']} kept float (K or group not a multiple of 32)" if aq["kept_float"] else ""))
     acts = summary.get("activations")
     if acts:
         lines.append("activation memory:")

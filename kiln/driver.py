@@ -72,6 +72,7 @@ def summarize(module: Module) -> dict:
         "unfused_attention": module.metadata.get("unfused_attention", []),
         "kv_cache": module.metadata.get("kv_cache"),
         "quantization": module.metadata.get("quantization"),
+        "activations_quantized": module.metadata.get("activations_quantized"),
         "activations": _activation_summary(module.metadata.get("activations")),
         "passes": module.metadata.get("passes", []),
     }

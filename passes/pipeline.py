@@ -14,6 +14,8 @@ PIPELINE = [
     "eliminate_dead_code",
     # Quantization (only when PassOptions.extra["quantize"] asks): weight-only int8 / int4 linears.
     "quantize_weights",
+    # int8 activations on the quantized linears (only when PassOptions.extra["activations"] asks).
+    "quantize_activations",
     # Projections of one activation (q/k/v; gate/up once quantized) as one wide matmul.
     "merge_sibling_linears",
     # KV cache: declare the cache (its spec), then turn forward into @step, one ragged batch over it.

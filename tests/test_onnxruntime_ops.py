@@ -35,8 +35,8 @@ def build(op: str, inputs: list, weights: dict, attrs: dict, n_outputs: int = 1,
     return module
 
 
-def run_onnx(module: Module, feeds: dict, accuracy_level: int = 0) -> np.ndarray:
-    lowered = lower_function(module, "f", {"accuracy_level": accuracy_level})
+def run_onnx(module: Module, feeds: dict) -> np.ndarray:
+    lowered = lower_function(module, "f")
     for name, array in lowered.initializers.items():
         lowered.graph.initializer.append(onnx.numpy_helper.from_array(np.ascontiguousarray(array), name))
     model = make_model(lowered.graph)
@@ -125,15 +125,31 @@ def test_sibling_linear_q_fused_into_one_matmul(bits, group, offsets, scale_dtyp
     assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
 
 
-def test_linear_q_int8_accuracy_level_4_is_close():
-    """accuracy_level 4 quantizes the activations to int8: close, not exact (the default is 0)."""
+def _int8_rows(x: np.ndarray) -> np.ndarray:
+    """x with each row's blocks of 32 rounded to 127 steps of their largest magnitude (llama.cpp's Q8_0)."""
+    blocks = x.astype(np.float64).reshape(x.shape[0], -1, 32)
+    step = np.abs(blocks).max(axis=-1, keepdims=True) / 127
+    return (np.round(blocks / np.where(step > 0, step, 1)) * step).reshape(x.shape)
+
+
+@pytest.mark.parametrize("bits,group,offsets", [(8, 0, False), (8, 32, False), (4, 32, False), (4, 32, True),
+                                                 (4, 64, True), (4, 128, False)])
+def test_linear_q_int8_activations_use_accuracy_level_4(bits, group, offsets):
+    """activations=int8 in the IR becomes MatMulNBits accuracy_level 4: ONNX Runtime then multiplies
+    activations quantized per block of 32, so it is near the int8-activation formula and off the float one."""
     rng = np.random.default_rng(7)
-    weights, w = _quant_weights(rng, 8, 0, False, "f32", 64, 128)
-    module = build("linear_q", [("x", TensorType("f32", (BATCH, 128)))], weights, {"bits": 8, "group_size": 0})
+    weights, w = _quant_weights(rng, bits, group, offsets, "f32", 64, 128)
+    attrs = {"bits": bits, "group_size": group, "activations": "int8"}
+    module = build("linear_q", [("x", TensorType("f32", (BATCH, 128)))], weights, attrs)
+    lowered = lower_function(module, "f")
+    assert {a.i for n in lowered.graph.node if n.op_type == "MatMulNBits" for a in n.attribute
+            if a.name == "accuracy_level"} == {4}
     x = rng.standard_normal((3, 128)).astype(np.float32)
-    ref = x.astype(np.float64) @ w.T
-    got = run_onnx(module, {"x": x}, accuracy_level=4)
-    assert np.abs(got - ref).max() <= 2e-2 * np.abs(ref).max()
+    ref = _int8_rows(x) @ w.T
+    got = run_onnx(module, {"x": x})
+    exact = x.astype(np.float64) @ w.T
+    assert np.abs(got - ref).max() <= 2e-3 * np.abs(ref).max()
+    assert np.abs(exact - ref).max() > 2e-3 * np.abs(ref).max()  # the check can tell the two apart
 
 
 @pytest.mark.parametrize("bits,group,offsets,scale_dtype,nk", QUANT_CASES)

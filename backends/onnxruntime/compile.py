@@ -17,7 +17,6 @@ DATA_FILE = "model.onnx.data"
 READS_WEIGHTS_FILE = False  # the weights live in DATA_FILE; the artifact needs no weights.safetensors
 INLINE_BYTES = 1024  # smaller initializers stay inside the model file
 ALIGNMENT = 4096
-ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 
 
 def kv_layers(spec: KVCacheSpec) -> list:
@@ -37,17 +36,13 @@ def kv_layers(spec: KVCacheSpec) -> list:
 
 
 def compile_module(module, target: str, out_dir: str, options) -> dict:
-    from . import quant_lower  # noqa: F401  (registers linear_q / embedding_q)
+    from .quant_lower import accuracy_level  # (importing it registers linear_q / embedding_q)
     from .lower import LOGITS, lower_function, make_model
 
     if target not in ("cpu", "cuda"):
         raise ConfigError(f"unknown target {target!r}; expected cpu or cuda")
-    extra = getattr(options, "extra", None) or {}
-    accuracy_level = extra.get("onnx_accuracy_level", 0)
-    if accuracy_level not in ACCURACY_LEVELS:
-        raise ConfigError(f"onnx_accuracy_level must be one of {ACCURACY_LEVELS}, found {accuracy_level!r}")
     layers = kv_layers(KVCacheSpec.from_json(module.metadata["kv_cache"]))
-    lowered = lower_function(module, STEP, {"accuracy_level": accuracy_level})
+    lowered = lower_function(module, STEP, {})
     buffers = [{"num_kv_heads": h, "head_dim": d, "dtype": t} for _, (h, d, t) in sorted(lowered.layers.items())]
     if buffers != layers:
         raise AssertionError(f"@{STEP} attends over K/V buffers {buffers}, the KV-cache spec declares {layers}")
@@ -65,7 +60,9 @@ def compile_module(module, target: str, out_dir: str, options) -> dict:
         "inputs": lowered.inputs,
         "logits": LOGITS,
         "kv_layers": layers,
-        "accuracy_level": accuracy_level,
+        # MatMulNBits' accuracy_level follows each linear_q's activations attribute (4: int8, 0: float)
+        "accuracy_levels": sorted({accuracy_level(n) for fn in module.functions.values() for n in fn.nodes
+                                   if n.op == "linear_q"}),
     }
 
 

@@ -25,7 +25,7 @@ import sys
 import numpy as np
 
 from kiln.ir.errors import UnsupportedOpError
-from kiln.ir.quant_ops import INT4_PER_WORD
+from kiln.ir.quant_ops import ACTIVATION_BLOCK, INT4_PER_WORD
 
 from .lower import MS_DOMAIN, _weight_of, lowering
 
@@ -88,12 +88,20 @@ def prepare_linear_q(q, scale, offset, bits: int, group_size: int, accuracy_leve
     """MatMulNBits operands of one linear_q weight: ``parts`` (each (B, scales, zero points or None, bits),
     summed), ``offset_t`` (the offsets transposed, for the group-sum correction) or None, ``block``, ``n``."""
     n = q.shape[0]
+    if accuracy_level == 4 and group_size != ACTIVATION_BLOCK:
+        # MatMulNBits quantizes activations per weight block; the IR's int8 activations are per 32
+        k = q.shape[1] * (INT4_PER_WORD if bits == 4 else 1)
+        repeat = (k if group_size == 0 else group_size) // ACTIVATION_BLOCK
+        scale = np.repeat(scale.reshape(n, -1), repeat, axis=1)
+        offset = None if offset is None else np.repeat(offset, repeat, axis=1)
+        group_size = ACTIVATION_BLOCK
     if bits == 4:
         blob, scales, block = int4_weights(q, scale, group_size)
         if offset is None:
             return {"parts": [(blob, scales, None, 4)], "offset_t": None, "block": block, "n": n}
         zero = np.zeros((n, -(-blob.shape[1] // 2)), np.uint8)  # zero point 0: x @ (nibble * scale).T
-        return {"parts": [(blob, scales, zero, 4)], "offset_t": offset.astype(np.float32).T, "block": block, "n": n}
+        return {"parts": [(blob, scales, zero, 4)], "offset_t": offset.astype(np.float32).T, "block": block, "n": n,
+                "group": group_size}
     if accuracy_level == 4:
         blob, scales, block = int8_weights(q, scale, group_size)
         return {"parts": [(blob, scales, None, 8)], "offset_t": None, "block": block, "n": n}
@@ -102,9 +110,14 @@ def prepare_linear_q(q, scale, offset, bits: int, group_size: int, accuracy_leve
     return {"parts": [(hi, hi_scales, None, 4), (lo, lo_scales, zero, 4)], "offset_t": None, "block": block, "n": n}
 
 
-def _emit(ctx, x: str, x_type, prepared: dict, prefix: str, group_size: int) -> str:
+def accuracy_level(node) -> int:
+    """MatMulNBits' accuracy_level for a linear_q: 4 (int8 activations per block) when the IR says its
+    activations are int8, else 0 (float activations)."""
+    return 4 if node.attrs.get("activations") == "int8" else 0
+
+
+def _emit(ctx, x: str, x_type, prepared: dict, prefix: str, group_size: int, level: int) -> str:
     k, n = x_type.shape[-1], prepared["n"]
-    accuracy_level = int(ctx.options.get("accuracy_level", 0))
     y = None
     for i, (blob, scales, zero, bits) in enumerate(prepared["parts"]):
         inputs = [x, ctx.derived(f"{prefix}.nbits{i}", lambda b=blob: b),
@@ -112,9 +125,10 @@ def _emit(ctx, x: str, x_type, prepared: dict, prefix: str, group_size: int) -> 
         if zero is not None:
             inputs.append(ctx.derived(f"{prefix}.nbits{i}_zero", lambda z=zero: z))
         part = ctx.add("MatMulNBits", inputs, domain=MS_DOMAIN, K=k, N=n, bits=bits, block_size=prepared["block"],
-                       accuracy_level=accuracy_level if bits == 4 else 4)
+                       accuracy_level=level if bits == 4 else 4)
         y = part if y is None else ctx.add("Add", [y, part])
     if prepared["offset_t"] is not None:  # + groupsum(x) @ offset.T
+        group_size = prepared["group"]
         grouped = tuple(x_type.shape[:-1]) + (k // group_size, group_size)
         sums = ctx.cached(("group_sums", x, group_size), lambda: ctx.add(
             "ReduceSum", [ctx.reshape(x, x_type.shape, grouped), ctx.const([-1], "i64")], keepdims=0))
@@ -126,15 +140,15 @@ def _emit(ctx, x: str, x_type, prepared: dict, prefix: str, group_size: int) -> 
 def _linear_q_signature(ctx, node):
     if node.op != "linear_q" or any(_weight_of(ctx, node, i) is None for i in range(1, len(node.inputs))):
         return None
-    return ("linear_q", node.attrs["bits"], node.attrs["group_size"], len(node.inputs), node.inputs[2].type.dtype)
+    return ("linear_q", node.attrs["bits"], node.attrs["group_size"], len(node.inputs), node.inputs[2].type.dtype,
+            accuracy_level(node))
 
 
 def _prepared(ctx, node) -> dict:
     data = ctx.module.weight_data
     q, scale = data[_weight_of(ctx, node, 1)], data[_weight_of(ctx, node, 2)]
     offset = data[_weight_of(ctx, node, 3)] if len(node.inputs) == 4 else None
-    return prepare_linear_q(q, scale, offset, node.attrs["bits"], node.attrs["group_size"],
-                            int(ctx.options.get("accuracy_level", 0)))
+    return prepare_linear_q(q, scale, offset, node.attrs["bits"], node.attrs["group_size"], accuracy_level(node))
 
 
 @lowering("linear_q")
@@ -147,7 +161,8 @@ def _lower_linear_q(ctx, node):
         ctx.weight_array(1)  # raises: the weights must be known when compiling
         raise UnsupportedOpError(f"{ctx.where()}: scale and offset must be module weights")
     try:
-        return _emit(ctx, ctx.input(0), x_type, _prepared(ctx, node), _weight_of(ctx, node, 1), node.attrs["group_size"])
+        return _emit(ctx, ctx.input(0), x_type, _prepared(ctx, node), _weight_of(ctx, node, 1), node.attrs["group_size"],
+                     accuracy_level(node))
     except ValueError as err:
         raise UnsupportedOpError(f"{ctx.where()}: {err}; quantize with group size 32 or 128") from None
 

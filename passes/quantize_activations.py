@@ -1,0 +1,38 @@
+"""Quantize activations: mark quantized linears to take int8 activations (``linear_q {activations=int8}``).
+
+With ``PassOptions.extra["activations"] == "int8"`` every ``linear_q`` whose K and weight group are multiples
+of 32 quantizes its input rows per block of 32 (see ``kiln.ir.quant_ops``), which lets a backend multiply
+with integer dot products (VNNI ``vpdpbusd`` on the TVM CPU backend, MatMulNBits accuracy_level 4 on ONNX
+Runtime). It is a decision in the IR, not a backend flag: the interpreter, every backend and ``kiln inspect``
+read the same attribute. Runs before merge_sibling_linears, so merged projections carry it.
+"""
+
+from __future__ import annotations
+
+from kiln.ir.errors import ConfigError
+from kiln.ir.graph import Module
+from kiln.ir.quant_ops import ACTIVATIONS, int8_activations_fit
+
+from .manager import PassOptions, register_pass
+
+
+@register_pass("quantize_activations")
+def run(module: Module, options: PassOptions) -> bool:
+    """Sets activations=int8 on every linear_q that can take it (when asked)."""
+    mode = options.extra.get("activations") or "float"
+    if mode not in ACTIVATIONS:
+        raise ConfigError(f"activations must be one of {', '.join(ACTIVATIONS)}, found {mode!r}")
+    if mode == "float":
+        return False
+    marked, kept = 0, 0
+    for fn in module.functions.values():
+        for node in fn.nodes:
+            if node.op != "linear_q" or node.attrs.get("activations") == mode:
+                continue
+            if int8_activations_fit(node.inputs[0].type.shape[-1], node.attrs["group_size"]):
+                node.attrs["activations"] = mode
+                marked += 1
+            else:
+                kept += 1
+    module.metadata["activations_quantized"] = {"mode": mode, "linear_q": marked, "kept_float": kept}
+    return marked > 0
