@@ -293,11 +293,12 @@ class TVMFunction:
         import tvm
 
         target = _target(target)
-        irmodule = lower_function(module, function_name, target)
+        derived: dict = {}  # weights in a kernel's own layout (the VNNI kernels' repacked blocks)
+        irmodule = lower_function(module, function_name, target, derived)
         executable = build(irmodule, target, num_threads=num_threads)
         device = tvm.cuda(0) if target.kind.name == "cuda" else tvm.cpu()
         return cls(executable, function_name, weight_names(irmodule, function_name),
-                   module.weight_data if weights is None else weights, device,
+                   {**(module.weight_data if weights is None else weights), **derived}, device,
                    widen=widened_weight_names(irmodule, function_name))
 
     def __call__(self, *arrays) -> list:

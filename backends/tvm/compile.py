@@ -8,6 +8,7 @@ from kiln.ir.errors import ConfigError
 from kiln.ir.kv_cache import DECODE_STEP, STEP, KVCacheSpec
 
 LIBRARY = "model.so"
+DERIVED = "tvm_weights.safetensors"  # weights in the kernels' own layouts, computed from the module's
 ENTRY_FUNCTIONS = (STEP, DECODE_STEP)  # step_decode when the pipeline made one
 
 
@@ -23,17 +24,26 @@ def compile_module(module, target: str, out_dir: str, options) -> dict:
         raise ConfigError(f"the TVM backend's attention kernels take an f32 KV cache, not {kv_dtype}; use "
                           f"--kv-cache-dtype f32 or --backend onnxruntime")
     functions = [name for name in ENTRY_FUNCTIONS if name in module.functions]
-    irmodule = lower_functions(module, functions, target)
+    derived: dict = {}
+    irmodule = lower_functions(module, functions, target, derived)
+    files = {"library": LIBRARY}
+    if derived:
+        from kiln.frontend.safetensors_file import write_safetensors
+
+        write_safetensors(os.path.join(out_dir, DERIVED), derived)
+        files["derived_weights"] = DERIVED
     launches: dict = {}
     executable = build(irmodule, target, launches=launches)
     executable.export_library(os.path.join(out_dir, LIBRARY))
     return {
         "target": target,
         "target_json": str(as_target(target)),
-        "files": {"library": LIBRARY},
+        "files": files,
         "weights": {name: weight_names(irmodule, name) for name in functions},
         # kernels one call runs (each a thread-pool hand-off on the CPU): @step_decode's is per decoded token
         "kernel_launches": {name: launches[name] for name in functions if name in launches},
         # f16 block scales the CPU kernels read as f32; the executor widens them when it loads them
+        # weights in the kernels' own layouts (files.derived_weights), computed from the module's at compile time
+        "derived_weights": sorted(derived),
         "widen_to_f32": sorted({w for name in functions for w in widened_weight_names(irmodule, name)}),
     }

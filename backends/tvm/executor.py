@@ -99,8 +99,12 @@ class TVMExecutor:
             return tvm.runtime.tensor(array, self.device)
 
         needed = {n for names in functions.values() for n in names}
-        weights = info.load_safetensors(backend["files"]["weights"], to_device, wanted=needed,
+        derived = set(backend.get("derived_weights", ()))  # the kernels' own layouts (e.g. repacked for VNNI)
+        weights = info.load_safetensors(backend["files"]["weights"], to_device, wanted=needed - derived,
                                         field="backend_info.files.weights")
+        if needed & derived:
+            weights.update(info.load_safetensors(backend["files"]["derived_weights"], to_device,
+                                                 wanted=needed & derived, field="backend_info.files.derived_weights"))
         self.weights = {fn: [weights[n] for n in names] for fn, names in functions.items()}
         self.pools = {}
         try:
@@ -151,6 +155,12 @@ def _check_backend_info(info) -> dict:
                             f"recompile the artifact")
     for role in ("library", "weights"):
         info.entry(backend["files"].get(role), f"backend_info.files.{role}")
+    derived = backend.get("derived_weights", [])
+    if not (isinstance(derived, list) and all(isinstance(n, str) for n in derived)):
+        raise ArtifactError(f"{info.path}: manifest field backend_info.derived_weights must be a list of weight "
+                            f"names; recompile the artifact")
+    if derived:
+        info.entry(backend["files"].get("derived_weights"), "backend_info.files.derived_weights")
     return functions
 
 

@@ -44,6 +44,11 @@ WEIGHT_NAMES_ATTR = "kiln.weight_names"
 # f16 block scales / offsets the CPU kernels take as f32: the executor widens them on load (exact),
 # which keeps an f16 -> f32 conversion out of every element of the quantized GEMV's inner loop.
 WIDENED_ATTR = "kiln.widened_weights"
+# Weights the lowering computes from the module's at compile time (a kernel's own layout, e.g. the VNNI
+# kernels' repacked int4 blocks). A provider (fn, module, target) -> {claimed node ids}, {name: array} is
+# registered by the lowering that needs them; the weights of claimed nodes that nothing else reads are not
+# parameters, the derived arrays are (after the module's weights, in the order given).
+DERIVED_WEIGHT_PROVIDERS: list = []
 
 
 def tvm_dtype(dtype: str) -> str:
@@ -587,7 +592,7 @@ def _ensure_type(ctx: LoweringContext, expr: relax.Expr, expected: TensorType) -
 
 
 def _emit_function(bb: relax.BlockBuilder, module: Module, fn: Function, target: tvm.target.Target,
-                   entry_name: str) -> None:
+                   entry_name: str, derived: dict | None = None) -> None:
     check_lowerable(fn)
     symbols = _function_symbols(fn)
     weight_names = _weight_order(fn)
@@ -601,16 +606,34 @@ def _emit_function(bb: relax.BlockBuilder, module: Module, fn: Function, target:
     for p in fn.params:
         params.append(param(p.name, p.type))
         values[id(p)] = params[-1]
+    claimed: set = set()
+    arrays: dict = {}
+    for provider in DERIVED_WEIGHT_PROVIDERS:
+        nodes, made = provider(fn, module, target)
+        claimed |= nodes
+        arrays.update(made)
+    if claimed:  # a weight stays a parameter while some node the providers did not claim reads it
+        read = {n.attrs["name"] for n in fn.nodes if n.op == "weight"
+                and any(id(user) not in claimed for user, _ in n.output.uses)}
+        weight_names = [n for n in weight_names if n in read]
+    if derived is not None:
+        derived.update(arrays)
     widened = widened_weights(fn, target)
     for name in weight_names:
         t = module.weights[name]
         ctx.weights[name] = param(name, TensorType("f32", t.shape) if name in widened else t)
+    for name, array in arrays.items():
+        ctx.weights[name] = param(name, TensorType(_KILN_DTYPES[array.dtype.str.lstrip("<=|")], array.shape))
+    weight_names = weight_names + list(arrays)
     weights = ctx.weights
     attrs = {"num_input": len(params), WEIGHT_NAMES_ATTR: weight_names, WIDENED_ATTR: widened}
     with bb.function(entry_name, params + [weights[n] for n in weight_names], attrs=attrs):
         with bb.dataflow():
             for node in fn.nodes:
                 ctx.node = node
+                if node.op == "weight" and node.attrs["name"] not in weights:  # read only by claimed nodes
+                    values[id(node.output)] = None
+                    continue
                 out = LOWERINGS[node.op](ctx, node, [values[id(v)] for v in node.inputs])
                 outs = list(out) if isinstance(out, (list, tuple)) else [out]
                 if len(outs) != len(node.outputs):
@@ -626,8 +649,13 @@ def _emit_function(bb: relax.BlockBuilder, module: Module, fn: Function, target:
         bb.emit_func_output(out)
 
 
-def lower_functions(module: Module, function_names: Sequence[str], target="cpu") -> tvm.IRModule:
-    """Lower several kiln functions into one IRModule (each keeps its name)."""
+_KILN_DTYPES = {"u4": "u32", "f4": "f32", "f2": "f16", "i1": "i8", "u1": "u8", "i4": "i32"}
+
+
+def lower_functions(module: Module, function_names: Sequence[str], target="cpu",
+                    derived: dict | None = None) -> tvm.IRModule:
+    """Lower several kiln functions into one IRModule (each keeps its name). ``derived`` (a dict) receives
+    the weights the lowering computed (name -> array): they are parameters like the module's weights."""
     target = as_target(target)
     bb = relax.BlockBuilder()
     for name in function_names:
@@ -637,17 +665,17 @@ def lower_functions(module: Module, function_names: Sequence[str], target="cpu")
         if name.startswith(TE_PREFIX):
             raise ConfigError(f"expected function names not starting with {TE_PREFIX!r} (kiln's kernel "
                               f"prefix), found @{name}; rename the function")
-        _emit_function(bb, module, module.functions[name], target, name)
+        _emit_function(bb, module, module.functions[name], target, name, derived)
     return bb.get()
 
 
-def lower_function(module: Module, function_name: str, target="cpu") -> tvm.IRModule:
+def lower_function(module: Module, function_name: str, target="cpu", derived: dict | None = None) -> tvm.IRModule:
     """Lower ``@function_name`` to a Relax function of the same name.
 
     Parameters are the function's inputs, then its weights in the order
     ``weight_names(irmodule, function_name)``; attribute ``num_input`` counts the inputs.
     """
-    return lower_functions(module, [function_name], target)
+    return lower_functions(module, [function_name], target, derived)
 
 
 def weight_names(irmodule: tvm.IRModule, function_name: str) -> list:

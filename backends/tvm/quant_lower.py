@@ -12,8 +12,63 @@ from tvm import relax
 
 from kiln.ir.errors import UnsupportedOpError
 
-from . import kernels
-from .lower import OPAQUE, _linear_row_tile, lowering
+from . import int8_kernels, kernels
+from .lower import DERIVED_WEIGHT_PROVIDERS, OPAQUE, _linear_row_tile, lowering
+
+VNNI_SUFFIXES = (".vnni_q", ".vnni_scale", ".vnni_offset")
+
+
+def _vnni_weight_names(node) -> list | None:
+    """The repacked weights a linear_q {activations=int8} reads on a VNNI CPU, or None when its weights are
+    not module weights."""
+    names = [v.producer.attrs["name"] if v.producer is not None and v.producer.op == "weight" else None
+             for v in node.inputs[1:]]
+    if None in names:
+        return None
+    return [names[0] + suffix for suffix in VNNI_SUFFIXES[:len(names)]]
+
+
+def _takes_vnni(node, target) -> bool:
+    if node.op != "linear_q" or node.attrs["activations"] != "int8" or not int8_kernels.has_vnni(target):
+        return False
+    n, k = node.inputs[1].type.shape[0], node.inputs[0].type.shape[-1]
+    return node.inputs[0].type.dtype == "f32" and int8_kernels.fits(n, k) and _vnni_weight_names(node) is not None
+
+
+def _vnni_weights(fn, module, target):
+    """Provider of repacked weights: every linear_q {activations=int8} the VNNI kernels run."""
+    claimed, arrays = set(), {}
+    for node in fn.nodes:
+        if not _takes_vnni(node, target):
+            continue
+        claimed.add(id(node))
+        names = _vnni_weight_names(node)
+        if names[0] in arrays:
+            continue
+        data = [module.weight_data[v.producer.attrs["name"]] for v in node.inputs[1:]]
+        packed = int8_kernels.repack(node.attrs["bits"], node.attrs["group_size"], data[0], data[1],
+                                     data[2] if len(data) == 3 else None)
+        arrays.update(zip(names, packed))
+    return claimed, arrays
+
+
+DERIVED_WEIGHT_PROVIDERS.append(_vnni_weights)
+
+
+def _emit_vnni(ctx, node, x2, rows, k, n):
+    """int8 rows of x2 [rows, K], then the VNNI dot-product kernel over the repacked weight."""
+    parts = ctx.emit_te(int8_kernels.quantize_rows, x2, name="quantize_rows", attrs=int8_kernels.SCHEDULED)
+    xq, sx, xs = (ctx.emit(relax.TupleGetItem(parts, i)) for i in range(3))
+    names = _vnni_weight_names(node)
+    weights = [ctx.weights[name] for name in names]
+    if len(weights) == 2:
+        weights.append(weights[1])  # no offset: the kernel takes the scale in its place
+    row_tile = 1 if _linear_row_tile(rows) is None else int8_kernels.PREFILL_ROW_TILE
+    func = int8_kernels.matmul_func(n, k, node.attrs["bits"], node.attrs["group_size"], node.inputs[2].type.dtype,
+                                    len(node.inputs) == 4, row_tile)
+    gvar = ctx.bb.add_func(func, f"linear_q_vnni_int{node.attrs['bits']}")
+    return ctx.emit(relax.call_tir(gvar, [xq, sx, xs] + weights,
+                                   relax.TensorType([ctx.dim(rows), ctx.dim(n)], "float32")))
 
 
 @lowering("linear_q")
@@ -30,6 +85,13 @@ def _lower_linear_q(ctx, node, inputs):
         rows = rows * d
     k = x_type.shape[-1]
     x2 = x if x_type.rank == 2 else ctx.emit(relax.op.reshape(x, [ctx.dim(rows), ctx.dim(k)]))
+    if _takes_vnni(node, ctx.target):
+        y = _emit_vnni(ctx, node, x2, rows, k, n)
+        if x_type.rank != 2:
+            y = ctx.emit(relax.op.reshape(y, ctx.shape(tuple(x_type.shape[:-1]) + (n,))))
+        return y
+    if node.attrs["activations"] == "int8":  # no VNNI here: the same int8 rows, multiplied in f32
+        x2 = ctx.emit_te(int8_kernels.dequantize_rows, x2, name="int8_rows")
     # CPU: GEMV for a few rows, row-tiled GEMM for prefill. GPU: the plain form with the
     # dequantize as its own block, which dlight's rules schedule (and inline) for any m.
     row_tile = _linear_row_tile(rows) if ctx.is_cpu else None

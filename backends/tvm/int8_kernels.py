@@ -1,0 +1,253 @@
+"""CPU kernels for ``linear_q {activations=int8}``: integer dot products with AVX512-VNNI ``vpdpbusd``.
+
+The IR's semantics (``kiln.ir.quant_ops``): each row of x is quantized per block of 32 (scale s = max|x| / 127,
+xq = rint(x / s)), and the matmul reads xq * s. Per output row j and block b the kernels compute
+
+    y[i, j] = sum_b  d[j, b] * s[i, b] * (xq[i, b] . u[j, b])  +  c[j, b] * s[i, b] * sum(xq[i, b])
+
+with u the weight's unsigned integers (int4: the nibbles, int8: q + 128) and c the zero-point term
+(Q4_1: the offset m; Q4_0: -8 d; int8: -128 d). ``xq . u`` is ``vpdpbusd`` (u8 x s8 -> i32, 64 bytes at once);
+the second term needs only the activation block sums, computed once per row by :func:`quantize_rows`.
+
+Layout, repacked at compile time by :func:`repack` (the weights the kernel reads instead of q / scale / offset):
+four output rows share one 64-byte vector, one 16-byte quarter each, so one load feeds ``vpdpbusd`` for four
+rows and the activations are one 16-byte broadcast:
+
+- int4 ``q`` u32[N/4, K/32, 16]: the 16 bytes of row 4g + r's block b at words 4r..4r+3, as kiln packs them
+  (byte i: element 2i in the low nibble, 2i + 1 in the high one), so ``w & 0x0f`` holds the even elements
+  and ``w >> 4 & 0x0f`` the odd ones.
+- int8 ``q`` u32[N/4, K/32, 32]: words 0..15 the even elements of the four rows' block (16 bytes each),
+  words 16..31 the odd ones, each byte q + 128.
+- ``scale`` [N/4, K/32, 4] (per block; a group of 64 or 128 repeats its scale) or [N/4, 4] (per row), and
+  ``offset`` [N/4, K/32, 4]: in the weight's dtype, so f16 GGUF scales stay f16 in memory.
+
+The activations are laid out to match: :func:`quantize_rows` writes each block's even elements, then its odd
+ones. Rows of x are processed ``row_tile`` at a time over one group of weights (1 for decode, 8 for prefill),
+so prefill reads each weight once per eight rows from L1.
+
+A target without VNNI (or an N not a multiple of 4) takes :func:`dequantize_rows` and the float kernels: the
+same int8 rows, multiplied in f32.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import te, tirx
+from tvm.script import tirx as T
+
+from kiln.ir.quant_ops import ACTIVATION_BLOCK, unpack_int4
+
+GROUP_ROWS = 4  # output rows per 64-byte vector
+PREFILL_ROW_TILE = 8
+VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"
+# Attribute of the kernels here: scheduled by hand, CPU only (schedules.py leaves them alone).
+SCHEDULED = {"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8}
+
+
+def has_vnni(target) -> bool:
+    """Whether ``target`` (an llvm Target) can run ``vpdpbusd`` on 512-bit vectors."""
+    return target.kind.name == "llvm" and bool(tvm.target.codegen.target_has_features("avx512vnni", target))
+
+
+def fits(n: int, k: int) -> bool:
+    """Whether the VNNI kernels take a weight of N rows and K columns (else the float path runs)."""
+    return n % GROUP_ROWS == 0 and k % ACTIVATION_BLOCK == 0
+
+
+# ---------------------------------------------------------------------------------
+# Compile-time weight layout.
+# ---------------------------------------------------------------------------------
+
+def _per_block(a: np.ndarray, n: int, k: int, group_size: int) -> np.ndarray:
+    """scale / offset [N, K / group] -> [N / 4, K / 32, 4], one value per block of 32 (group a multiple of 32)."""
+    blocks = k // ACTIVATION_BLOCK
+    a = np.repeat(a.reshape(n, -1), group_size // ACTIVATION_BLOCK, axis=1) if group_size != ACTIVATION_BLOCK else a
+    return np.ascontiguousarray(a.reshape(n // GROUP_ROWS, GROUP_ROWS, blocks).transpose(0, 2, 1))
+
+
+def repack(bits: int, group_size: int, q: np.ndarray, scale: np.ndarray, offset: np.ndarray | None) -> list:
+    """linear_q's (q, scale[, offset]) -> the arrays the VNNI kernel reads, in its parameter order."""
+    n = q.shape[0]
+    groups, blocks = n // GROUP_ROWS, None
+    if bits == 4:
+        k = q.shape[1] * 8
+        blocks = k // ACTIVATION_BLOCK
+        packed = q.reshape(groups, GROUP_ROWS, blocks, 4).transpose(0, 2, 1, 3).reshape(groups, blocks, 16)
+    else:
+        k = q.shape[1]
+        blocks = k // ACTIVATION_BLOCK
+        u = (q.astype(np.int16) + 128).astype(np.uint8).reshape(groups, GROUP_ROWS, blocks, 16, 2)
+        packed = u.transpose(0, 2, 4, 1, 3).reshape(groups, blocks, 2 * GROUP_ROWS * 16).view(np.uint32)
+    out = [np.ascontiguousarray(packed, dtype=np.uint32)]
+    if group_size == 0:
+        out.append(np.ascontiguousarray(scale.reshape(groups, GROUP_ROWS)))
+    else:
+        out.append(_per_block(scale, n, k, group_size))
+    if offset is not None:
+        out.append(_per_block(offset, n, k, group_size))
+    return out
+
+
+def unpack_reference(bits: int, group_size: int, arrays: list, n: int, k: int) -> np.ndarray:
+    """The float64 weight [N, K] of repacked arrays (for tests: the inverse of :func:`repack`)."""
+    groups, blocks = n // GROUP_ROWS, k // ACTIVATION_BLOCK
+    packed = arrays[0]
+    if bits == 4:
+        words = packed.reshape(groups, blocks, GROUP_ROWS, 4).transpose(0, 2, 1, 3).reshape(n, k // 8)
+        u = unpack_int4(words).astype(np.float64)
+    else:
+        b = packed.view(np.uint8).reshape(groups, blocks, 2, GROUP_ROWS, 16).transpose(0, 3, 1, 4, 2)
+        u = b.reshape(n, k).astype(np.float64) - 128
+    scale = arrays[1].astype(np.float64)
+    s = (np.repeat(scale.reshape(n, 1), k, 1) if group_size == 0 else
+         np.repeat(scale.transpose(0, 2, 1).reshape(n, blocks), ACTIVATION_BLOCK, 1))
+    if len(arrays) == 3:
+        m = np.repeat(arrays[2].astype(np.float64).transpose(0, 2, 1).reshape(n, blocks), ACTIVATION_BLOCK, 1)
+        return u * s + m
+    return (u - 8) * s if bits == 4 else u * s
+
+
+# ---------------------------------------------------------------------------------
+# Activations.
+# ---------------------------------------------------------------------------------
+
+def _row_scales(x: te.Tensor, k: int):
+    """(scale, inverse) [m, K / 32]: max|x| / 127 and 127 / max|x| (0 for an all-zero block)."""
+    m = x.shape[0]
+    blocks = k // ACTIVATION_BLOCK
+    e = te.reduce_axis((0, ACTIVATION_BLOCK), name="e")
+    amax = te.compute((m, blocks), lambda i, b: te.max(te.abs(x[i, b * ACTIVATION_BLOCK + e]), axis=e),
+                      name="block_amax")
+    zero = tirx.const(0, "float32")
+    scale = te.compute((m, blocks), lambda i, b: amax[i, b] / tirx.const(127, "float32"), name="block_scale")
+    inverse = te.compute((m, blocks), lambda i, b: tirx.Select(
+        amax[i, b] > zero, tirx.const(127, "float32") / amax[i, b], zero), name="block_inverse")
+    return scale, inverse
+
+
+def _rounded(x, i, c, inverse, b):
+    v = tirx.nearbyint(x[i, c] * inverse[i, b])
+    return te.max(te.min(v, tirx.const(127, "float32")), tirx.const(-127, "float32"))
+
+
+def quantize_rows(x: te.Tensor):
+    """x f32[m, K] -> (xq i8[m, K], scale f32[m, K / 32], block sums times scale f32[m, K / 32]); xq holds each
+    block's even elements, then its odd ones (the order the repacked weights' nibbles come in)."""
+    m, k = x.shape[0], int(x.shape[1])
+    scale, inverse = _row_scales(x, k)
+    half = ACTIVATION_BLOCK // 2
+
+    def source(c):  # element of x that position c of the reordered row holds
+        b, w = c // ACTIVATION_BLOCK, c % ACTIVATION_BLOCK
+        return b * ACTIVATION_BLOCK + (w % half) * 2 + w // half
+
+    xq = te.compute((m, k), lambda i, c: _rounded(x, i, source(c), inverse, c // ACTIVATION_BLOCK).astype("int8"),
+                    name="xq")
+    e = te.reduce_axis((0, ACTIVATION_BLOCK), name="e")
+    sums = te.compute((m, k // ACTIVATION_BLOCK),
+                      lambda i, b: te.sum(xq[i, b * ACTIVATION_BLOCK + e].astype("float32"), axis=e), name="xsum")
+    scaled = te.compute(sums.shape, lambda i, b: sums[i, b] * scale[i, b], name="xsum_scaled")
+    return xq, scale, scaled
+
+
+def dequantize_rows(x: te.Tensor) -> te.Tensor:
+    """x f32[m, K] -> its int8 rows as f32 (xq * scale): the int8-activation semantics for the float kernels."""
+    k = int(x.shape[1])
+    scale, inverse = _row_scales(x, k)
+    return te.compute(x.shape, lambda i, c: _rounded(x, i, c, inverse, c // ACTIVATION_BLOCK)
+                      * scale[i, c // ACTIVATION_BLOCK], name="int8_rows")
+
+
+# ---------------------------------------------------------------------------------
+# The dot-product kernel.
+# ---------------------------------------------------------------------------------
+
+def matmul_func(n: int, k: int, bits: int, group_size: int, scale_dtype: str, has_offset: bool,
+                row_tile: int) -> tirx.PrimFunc:
+    """y f32[m, N] = int8 rows (xq, scale, scaled sums) @ the repacked weight, ``row_tile`` rows per pass."""
+    groups, blocks = n // GROUP_ROWS, k // ACTIVATION_BLOCK
+    words = 16 if bits == 4 else 32
+    per_row = group_size == 0
+    zero_point = 0.0 if has_offset else (8.0 if bits == 4 else 128.0)
+    sdt = "float16" if scale_dtype == "f16" else "float32"
+    s_shape = (groups, GROUP_ROWS) if per_row else (groups, blocks, GROUP_ROWS)
+    o_shape = (groups, blocks, GROUP_ROWS) if has_offset else s_shape  # no offset: the scale passed twice
+    tile = row_tile
+    lanes = 16
+    nibbles = tirx.const(0x0F0F0F0F, "uint32")
+
+    def operands(q, g, b):  # the two u8 operands of block b for the group's four rows (even, odd elements)
+        w = q[g, b, T.Ramp(0, 1, 16)]
+        if bits == 8:
+            return T.reinterpret("int8x64", w), T.reinterpret("int8x64", q[g, b, T.Ramp(16, 1, 16)])
+        lo = w & T.Broadcast(nibbles, 16)
+        hi = (w >> T.Broadcast(tirx.const(4, "uint32"), 16)) & T.Broadcast(nibbles, 16)
+        return T.reinterpret("int8x64", lo), T.reinterpret("int8x64", hi)
+
+    def row_scales(s, g, b):  # f32x4: the four rows' scales of block b (or of the row)
+        return T.Cast("float32x4", s[g, T.Ramp(0, 1, 4)] if per_row else s[g, b, T.Ramp(0, 1, 4)])
+
+    def zero_term(s, o, g, b):  # f32x4: what each row adds per unit of the block's scaled sum
+        if has_offset:
+            return T.Cast("float32x4", o[g, b, T.Ramp(0, 1, 4)])
+        return row_scales(s, g, b) * T.Broadcast(tirx.const(-zero_point, "float32"), 4)
+
+    def spread(v):  # f32x4 -> f32x16, row r's value over lanes 4r..4r+3
+        return T.Shuffle([v, v, v, v], [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3])
+
+    def broadcast16(xq, row, start):  # 16 activation bytes repeated in the four 128-bit quarters
+        v = T.reinterpret("int32x4", xq[row, T.Ramp(start, 1, 16)])
+        return T.reinterpret("int8x64", T.Shuffle([v, v, v, v], list(range(16))))
+
+    def dot(lo, hi, xe, xo):
+        vp = T.llvm_lookup_intrinsic_id(VPDPBUSD)
+        first = T.call_llvm_pure_intrin("int32x16", vp, T.Broadcast(tirx.const(0, "int32"), 16), lo, xe)
+        return T.call_llvm_pure_intrin("int32x16", vp, first, hi, xo)
+
+    def fold(a):  # f32x16 -> f32x4: the sum of each row's four lanes
+        return (T.Shuffle([a], [0, 4, 8, 12]) + T.Shuffle([a], [1, 5, 9, 13]) + T.Shuffle([a], [2, 6, 10, 14])
+                + T.Shuffle([a], [3, 7, 11, 15]))
+
+    def block_scale(s, g, b, sx_value):  # f32x16 multiplying the block's integer sums
+        if per_row:
+            return T.Broadcast(sx_value, lanes)
+        return spread(row_scales(s, g, b)) * T.Broadcast(sx_value, lanes)
+
+    def finish(s, g, total, c):
+        return total * row_scales(s, g, 0) + c if per_row else total + c
+
+    @T.prim_func(private=True)
+    def kernel(xq_h: T.handle, sx_h: T.handle, xs_h: T.handle, q_h: T.handle, s_h: T.handle, o_h: T.handle,
+               y_h: T.handle):
+        T.func_attr(SCHEDULED)
+        m = T.int64()
+        xq = T.match_buffer(xq_h, (m, k), "int8")
+        sx = T.match_buffer(sx_h, (m, blocks), "float32")
+        xs = T.match_buffer(xs_h, (m, blocks), "float32")
+        q = T.match_buffer(q_h, (groups, blocks, words), "uint32")
+        s = T.match_buffer(s_h, s_shape, sdt)
+        o = T.match_buffer(o_h, o_shape, sdt)
+        y = T.match_buffer(y_h, (m, n), "float32")
+        for g in T.parallel(groups):
+            acc = T.alloc_buffer((tile, lanes), "float32", annotations={"disable_lower_builtin": True})
+            corr = T.alloc_buffer((tile, GROUP_ROWS), "float32", annotations={"disable_lower_builtin": True})
+            for io in range((m + tile - 1) // tile):
+                for r in T.unroll(tile):
+                    acc[r, T.Ramp(0, 1, lanes)] = T.Broadcast(T.float32(0), lanes)
+                    corr[r, T.Ramp(0, 1, GROUP_ROWS)] = T.Broadcast(T.float32(0), GROUP_ROWS)
+                for b in range(blocks):
+                    lo, hi = T.meta_var(operands(q, g, b))
+                    c4 = T.meta_var(zero_term(s, o, g, b))
+                    for r in T.unroll(tile):
+                        row = T.meta_var(T.min(io * tile + r, m - 1))
+                        isum = T.meta_var(dot(lo, hi, broadcast16(xq, row, b * 32), broadcast16(xq, row, b * 32 + 16)))
+                        acc[r, T.Ramp(0, 1, lanes)] = (acc[r, T.Ramp(0, 1, lanes)] + T.Cast("float32x16", isum)
+                                                       * block_scale(s, g, b, sx[row, b]))
+                        corr[r, T.Ramp(0, 1, 4)] = corr[r, T.Ramp(0, 1, 4)] + c4 * T.Broadcast(xs[row, b], 4)
+                for r in T.unroll(tile):
+                    if io * tile + r < m:
+                        y[io * tile + r, T.Ramp(g * 4, 1, 4)] = finish(s, g, fold(acc[r, T.Ramp(0, 1, lanes)]),
+                                                                       corr[r, T.Ramp(0, 1, 4)])
+
+    return kernel
