@@ -23,6 +23,8 @@ PIPELINE = [
     "insert_kv_cache",
     # A step returns the logits of the rows asked for: select them before the output projection.
     "select_logit_rows",
+    # @step_decode runs one token of one sequence: fix its sizes.
+    "specialize_decode_step",
     # batch = 1 makes some permutes plain reshapes.
     ("canonicalize", "eliminate_common_subexpressions", "eliminate_dead_code"),
     # Memory: plan activation buffers of each entry function.

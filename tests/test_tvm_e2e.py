@@ -63,23 +63,24 @@ def test_quantized_model_matches_transformers_with_dequantized_weights(tmp_path,
 
 def test_one_step_mixes_a_prefill_chunk_with_decodes(compiled):
     """The compiled step serves, in one call, a decode token of each of two sequences and the second chunk of a
-    third sequence's prompt; then @step_decode decodes all three."""
+    third sequence's prompt; then @step_decode (one token of one sequence) decodes each of the three."""
     engine = compiled("llama")
     model = tiny_model("llama")
     a, b, c = [3, 4, 5, 6, 7], [9, 8], [20, 21, 22, 23, 24, 25, 26]
     P = engine.spec.pages_per_seq
     table = np.arange(3 * P, dtype=np.int32).reshape(3, P)
 
-    def step(function, chunks, rows):
+    def step(function, chunks, rows, pages=table):
         ids = np.array([t for _, toks, _ in chunks for t in toks], np.int64)
         return engine.executor.step(function, {
             "token_ids": ids, "positions": np.array([p for _, toks, s in chunks for p in range(s, s + len(toks))]),
             "token_seq": np.array([row for row, toks, _ in chunks for _ in toks], np.int32),
-            "page_table": table, "logit_rows": np.asarray(rows, np.int64)})
+            "page_table": pages, "logit_rows": np.asarray(rows, np.int64)})
 
     step("step", [(0, a, 0), (1, b, 0), (2, c[:3], 0)], [4])
     logits = step("step", [(0, [11], 5), (1, [12], 2), (2, c[3:], 3)], list(range(6)))
-    decode = step("step_decode", [(0, [13], 6), (1, [14], 3), (2, [15], 7)], [0, 1, 2])
+    decode = np.concatenate([step("step_decode", [(0, [token], start)], [0], table[row:row + 1])
+                             for row, token, start in ((0, 13, 6), (1, 14, 3), (2, 15, 7))])
     with torch.no_grad():
         ref_a = model(torch.as_tensor([a + [11, 13]])).logits[0].numpy()
         ref_b = model(torch.as_tensor([b + [12, 14]])).logits[0].numpy()

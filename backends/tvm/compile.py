@@ -14,7 +14,7 @@ ENTRY_FUNCTIONS = (STEP, DECODE_STEP)  # step_decode when the pipeline made one
 
 def compile_module(module, target: str, out_dir: str, options) -> dict:
     from . import llm_lower, quant_lower  # noqa: F401  (registers the fused-op and quantized lowerings)
-    from .build import build
+    from .build import PARALLEL_SUFFIX, build
     from .lower import as_target, lower_functions, weight_names, widened_weight_names
 
     if target not in ("cpu", "cuda"):
@@ -42,6 +42,9 @@ def compile_module(module, target: str, out_dir: str, options) -> dict:
         "weights": {name: weight_names(irmodule, name) for name in functions},
         # kernels one call runs (each a thread-pool hand-off on the CPU): @step_decode's is per decoded token
         "kernel_launches": {name: launches[name] for name in functions if name in launches},
+        # of those, the ones that hand work to the thread pool (a wake-up and a join each)
+        "parallel_launches": {name: launches[name + PARALLEL_SUFFIX] for name in functions
+                              if name + PARALLEL_SUFFIX in launches},
         # f16 block scales the CPU kernels read as f32; the executor widens them when it loads them
         # weights in the kernels' own layouts (files.derived_weights), computed from the module's at compile time
         "derived_weights": sorted(derived),
