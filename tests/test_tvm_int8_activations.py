@@ -15,6 +15,7 @@ from kiln.backends.tvm import int8_kernels, quant_lower  # noqa: F401  (quant_lo
 from kiln.backends.tvm.build import TVMFunction, build
 from kiln.backends.tvm.lower import cpu_target, lower_function, weight_names
 from kiln.ir.graph import Module
+from kiln.ir.interpreter import run_function
 from kiln.ir.quant_ops import pack_int4
 from kiln.ir.types import TensorType
 
@@ -171,3 +172,32 @@ def test_tiny_llama_with_int8_activations_matches_transformers_and_the_reference
     want = reference.generate(prompt, max_new_tokens=12, ignore_eos=True, return_logits=True)
     assert got.token_ids == want.token_ids
     assert relative_error(got.logits, want.logits) <= PREFILL_TOLERANCE
+
+
+@needs_vnni
+@pytest.mark.parametrize("bits,group,offsets", [(8, 32, False), (4, 32, True), (8, 0, False)])
+def test_a_tied_embedding_reads_the_repacked_table(bits, group, offsets):
+    """embedding_q and the logits linear_q over one table: the table is held once, repacked, and the rows
+    gathered from that layout are the table's rows."""
+    rng = np.random.default_rng(bits + group)
+    n, k = 40, 64
+    arrays, w = quantized_weight(rng, n, k, bits, group, offsets, "f16")
+    module = Module()
+    fn = module.add_function("f")
+    ids = fn.add_param("ids", TensorType("i64", (5,)))
+    table = []
+    for i, a in enumerate(arrays):
+        module.add_weight(f"w{i}", a)
+        table.append(fn.emit("weight", name=f"w{i}"))
+    rows = fn.emit("embedding_q", ids, *table, bits=bits, group_size=group)
+    logits = fn.emit("linear_q", rows, *table, bits=bits, group_size=group, activations="int8")
+    fn.set_results([rows, logits])
+    irmodule = lower_function(module, "f", HOST, {})
+    assert all(name.startswith("w0.vnni_") for name in weight_names(irmodule, "f"))
+    token_ids = np.array([0, 39, 7, 400, -3])  # out of range ids clip to the table
+    got_rows, got_logits = TVMFunction.from_module(module, "f", target=HOST)(token_ids)
+    want_rows = w[np.clip(token_ids, 0, n - 1)]
+    np.testing.assert_allclose(got_rows, want_rows, rtol=1e-6, atol=1e-6)
+    # rows of integers times one scale sit on rounding midpoints (q * 127 / max|q|), where float32 and float64
+    # round apart: the logits are checked against the op's numpy reference, which rounds in float32 as kiln does
+    assert relative_error(got_logits, run_function(module, "f", [token_ids])[1]) <= 1e-6

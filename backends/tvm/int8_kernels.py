@@ -108,6 +108,34 @@ def unpack_reference(bits: int, group_size: int, arrays: list, n: int, k: int) -
     return (u - 8) * s if bits == 4 else u * s
 
 
+def embedding_rows(ids: te.Tensor, q: te.Tensor, scale: te.Tensor, offset: te.Tensor | None, bits: int,
+                   group_size: int, n: int, k: int) -> te.Tensor:
+    """out[i, c] = W[clip(ids[i]), c] (f32) read from the repacked layout: a tied embedding table, which the
+    logits projection reads repacked, is then held in memory once."""
+    half = ACTIVATION_BLOCK // 2
+
+    def weight(j, c):
+        g, r = j // GROUP_ROWS, j % GROUP_ROWS
+        b, w = c // ACTIVATION_BLOCK, c % ACTIVATION_BLOCK
+        if bits == 4:
+            word = q[g, b, r * 4 + w // 8]
+            u = ((word >> ((w % 8) * 4).astype("uint32")) & tirx.const(15, "uint32")).astype("float32")
+        else:  # byte (parity, row, i) of the block: element 2i + parity, stored + 128
+            byte = (w % 2) * (GROUP_ROWS * half) + r * half + w // 2
+            word = q[g, b, byte // 4]
+            u = ((word >> ((byte % 4) * 8).astype("uint32")) & tirx.const(255, "uint32")).astype("float32")
+            u = u - tirx.const(128, "float32")
+        s = (scale[g, r] if group_size == 0 else scale[g, b, r]).astype("float32")
+        if offset is not None:
+            return u * s + offset[g, b, r].astype("float32")
+        return (u - tirx.const(8, "float32")) * s if bits == 4 else u * s
+
+    def row(i):
+        return te.max(te.min(ids[i], tirx.const(n - 1, ids.dtype)), tirx.const(0, ids.dtype))
+
+    return te.compute((ids.shape[0], k), lambda i, c: weight(row(i), c), name="embedding_q")
+
+
 # ---------------------------------------------------------------------------------
 # Activations.
 # ---------------------------------------------------------------------------------

@@ -403,7 +403,7 @@ def kv_append_func(num_kv_heads: int, head_dim: int, page_size: int, k_base: int
         row_pos = T.match_buffer(pos_h, (rows,), "int32")
         k_pages = T.match_buffer(kp_h, (num_pages, kv_heads, page, dim), "float32")
         v_pages = T.match_buffer(vp_h, (num_pages, kv_heads, page, dim), "float32")
-        for r in T.parallel(rows):
+        for r in T.serial(rows):  # a few KB per token: cheaper on the calling thread than a pool hand-off
             with T.sblock("paged_kv_append"):
                 T.reads(k[0:rows, 0:kv_heads, 0:dim], v[0:rows, 0:kv_heads, 0:dim],
                         page_table[0:batch, 0:max_pages], row_seq[0:rows], row_pos[0:rows])

@@ -36,7 +36,8 @@ def _takes_vnni(node, target) -> bool:
 
 
 def _vnni_weights(fn, module, target):
-    """Provider of repacked weights: every linear_q {activations=int8} the VNNI kernels run."""
+    """Provider of repacked weights: every linear_q {activations=int8} the VNNI kernels run, and every
+    embedding_q over a table one of them reads (a tied embedding), which then reads the repacked copy."""
     claimed, arrays = set(), {}
     for node in fn.nodes:
         if not _takes_vnni(node, target):
@@ -49,6 +50,9 @@ def _vnni_weights(fn, module, target):
         packed = int8_kernels.repack(node.attrs["bits"], node.attrs["group_size"], data[0], data[1],
                                      data[2] if len(data) == 3 else None)
         arrays.update(zip(names, packed))
+    for node in fn.nodes:
+        if node.op == "embedding_q" and (_vnni_weight_names(node) or [None])[0] in arrays:
+            claimed.add(id(node))
     return claimed, arrays
 
 
@@ -123,11 +127,20 @@ def _lower_embedding_q(ctx, node, inputs):
     if ids_type.dtype != "i64":
         ids = ctx.emit(relax.op.astype(ids, "int64"))
 
-    def kernel(i, q, scale, offset=None):
-        return kernels.embedding_rows(i, q, scale, offset, bits, group_size)
-
-    rows = ctx.emit_te(kernel, ids, *inputs[1:], name="embedding_q")
     k = ctx.out_type().shape[-1]
+    repacked = _vnni_weight_names(node)
+    if repacked is not None and all(name in ctx.weights for name in repacked):  # the tied logits table's copy
+        n = ctx.in_type(1).shape[0]
+
+        def kernel(i, q, scale, offset=None):
+            return int8_kernels.embedding_rows(i, q, scale, offset, bits, group_size, n, k)
+
+        rows = ctx.emit_te(kernel, ids, *(ctx.weights[name] for name in repacked), name="embedding_q")
+    else:
+        def kernel(i, q, scale, offset=None):
+            return kernels.embedding_rows(i, q, scale, offset, bits, group_size)
+
+        rows = ctx.emit_te(kernel, ids, *inputs[1:], name="embedding_q")
     if ids_type.rank != 1:
         rows = ctx.emit(relax.op.reshape(rows, ctx.shape(tuple(ids_type.shape) + (k,))))
     return rows
