@@ -61,8 +61,10 @@ ACTIVATION_MODES = ("float", "int8")  # what quantized linears multiply: x as it
 
 def compile_options(*, max_seq_len=2048, max_num_seqs=4, page_size=16, kv_cache_dtype="f32",
                     kv_cache_budget=None, activation_seq_len=None, quantize=None, quantize_zero_points=True,
-                    quantize_embedding=True, activations="float"):
+                    quantize_embedding=True, activations="float", accuracy_gate="refuse"):
     from kiln.passes import PassOptions
+
+    from .accuracy import check_mode
 
     for name, value in (("max_seq_len", max_seq_len), ("max_num_seqs", max_num_seqs), ("page_size", page_size),
                         ("activation_seq_len", activation_seq_len or 1)):
@@ -79,7 +81,8 @@ def compile_options(*, max_seq_len=2048, max_num_seqs=4, page_size=16, kv_cache_
         raise ConfigError(f"activations must be 'float' (exact) or 'int8' (quantized per block of 32 for integer "
                           f"dot products; quantized weights only), got {activations!r}")
     extra = {"quantize": quantize, "quantize_zero_points": bool(quantize_zero_points),
-             "quantize_embedding": bool(quantize_embedding), "activations": activations}
+             "quantize_embedding": bool(quantize_embedding), "activations": activations,
+             "accuracy_gate": check_mode(accuracy_gate)}
     return PassOptions(max_seq_len=max_seq_len, max_num_seqs=max_num_seqs, page_size=page_size,
                        kv_cache_dtype=kv_cache_dtype,
                        memory_budget_bytes=None if kv_cache_budget is None else int(kv_cache_budget),
@@ -118,6 +121,10 @@ def compile(source, backend: str = "tvm", target: str = "cpu", quantize=None, ma
     (each row quantized per block of 32 first, as llama.cpp and ONNX Runtime's accuracy_level 4 do, so the
     kernels use integer dot products: VNNI on the TVM CPU backend, MatMulNBits accuracy_level 4 on ONNX
     Runtime). The choice is an attribute of each ``linear_q`` in the IR.
+    ``accuracy_gate``: before the artifact is installed, its logits on a short built-in text are compared with
+    the source model's in torch eager (top-1 agreement, mean KL; recorded in the manifest as ``accuracy``).
+    "refuse" (default): below the thresholds of :mod:`kiln.accuracy` the compile raises ConfigError and
+    installs nothing; "warn": it installs with an :class:`kiln.accuracy.AccuracyWarning`; "off": no check.
     """
     from kiln.backends import check_backend
 
@@ -148,10 +155,21 @@ def compile(source, backend: str = "tvm", target: str = "cpu", quantize=None, ma
         holder = tempfile.mkdtemp(prefix=f"{TEMPORARY_PREFIX}{os.getpid()}-")
         path, temporary = os.path.join(holder, "model.kiln"), True
     else:
-        path, temporary = output, False
-    with progress.stage(f"building for {backend}/{target}"):
+        holder, path, temporary = None, output, False
+
+    def accuracy_gate(staged: str) -> dict:
+        from .accuracy import run_gate
+
+        return {"accuracy": run_gate(staged, source_info.model, mode=pass_options.extra["accuracy_gate"],
+                                     backend=backend, target=target, progress=progress)}
+
+    try:
         write_artifact(path, module, source_info, backend=backend, target=target, options=pass_options,
-                       pipeline=manager.pipeline)
+                       pipeline=manager.pipeline, progress=progress, check=accuracy_gate)
+    except BaseException:
+        if holder is not None:
+            shutil.rmtree(holder, ignore_errors=True)
+        raise
     return Artifact(path, temporary)
 
 

@@ -22,73 +22,94 @@ IR = "module.kir"
 
 
 def write_artifact(path: str, module, source, *, backend: str, target: str, options, pipeline,
-                   progress=None) -> str:
+                   progress=None, check=None) -> str:
     """Lower ``module`` with ``backend`` and write the artifact at ``path``; an existing ``path``
-    is replaced only once the new one is complete."""
-    from kiln.backends import backend_version, lowering
-    from kiln.frontend.safetensors_file import write_safetensors
+    is replaced only once the new one is complete. ``check(staged_directory)``, when given, runs on the
+    complete staged artifact before it is installed and returns entries to add to its manifest (the accuracy
+    gate); when it raises, nothing is installed."""
+    from .progress import QUIET
 
+    progress = progress or QUIET
     path = output_path(path)
     tmp = make_staging_directory(path)
     try:
-        lower = lowering(backend)
-        if getattr(lower, "READS_WEIGHTS_FILE", True):  # ONNX Runtime keeps its own external data
-            write_safetensors(os.path.join(tmp, WEIGHTS), module.weight_data)
-        with open(os.path.join(tmp, IR), "w", encoding="utf-8") as f:
-            f.write(print_module(module))
-        lowered = lower.compile_module(module, target, tmp, options)
-        tokenizer_entry, template_file = None, None
-        bundle = source.tokenizer
-        if bundle is not None:
-            with open(os.path.join(tmp, "tokenizer.json"), "w", encoding="utf-8") as f:
-                f.write(bundle.tokenizer_json)
-            tokenizer_entry = {"file": "tokenizer.json", "bos_token_id": bundle.bos_token_id,
-                               "eos_token_ids": list(bundle.eos_token_ids), "add_bos_token": bundle.add_bos_token,
-                               "bos_token": bundle.bos_token, "eos_token": bundle.eos_token}
-            if bundle.chat_template:
-                template_file = "chat_template.jinja"
-                with open(os.path.join(tmp, template_file), "w", encoding="utf-8") as f:
-                    f.write(bundle.chat_template)
-        files = sorted(os.listdir(tmp))
-        assert all(os.path.isfile(os.path.join(tmp, name)) and not os.path.islink(os.path.join(tmp, name))
-                   for name in files), f"an artifact holds only regular files, found {files}"
-        backend_files = dict(lowered.get("files", {}))
-        if WEIGHTS in files:
-            backend_files["weights"] = WEIGHTS
-        model = dict(module.metadata.get("model", {}))
-        config = model.get("config", {})
-        manifest = {
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
-            "kiln_version": __version__,
-            "backend": backend,
-            "backend_version": backend_version(backend),
-            "target": lowered.get("target", target),
-            "backend_info": {**{k: v for k, v in lowered.items() if k not in ("target", "files")},
-                             "files": backend_files},
-            "module": IR,
-            "model": {"name": model.get("name"), "kind": model.get("kind"), "content_hash": model.get("content_hash"),
-                      "vocab_size": _vocab_size(module, config), "config": config},
-            "pipeline": [list(p) if isinstance(p, tuple) else p for p in pipeline],
-            "passes": module.metadata.get("passes", []),
-            "kv_cache": module.metadata["kv_cache"],
-            "step": step_signature(module),
-            "activations": module.metadata.get("activations"),
-            "options": {"max_seq_len": options.max_seq_len, "max_num_seqs": options.max_num_seqs,
-                        "page_size": options.page_size, "kv_cache_dtype": options.kv_cache_dtype,
-                        "quantize": options.extra.get("quantize"), "activations": options.extra.get("activations", "float")},
-            "quantization": module.metadata.get("quantization"),
-            "tokenizer": tokenizer_entry,
-            "chat_template": template_file,
-            "files": {name: _file_entry(os.path.join(tmp, name)) for name in files},
-        }
-        with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=2, sort_keys=True)
+        with progress.stage(f"building for {backend}/{target}"):
+            manifest = _stage(tmp, module, source, backend=backend, target=target, options=options,
+                              pipeline=pipeline)
+        if check is not None:
+            manifest.update(check(tmp))
+            _write_manifest(tmp, manifest)
         install_artifact(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def _stage(tmp: str, module, source, *, backend: str, target: str, options, pipeline) -> dict:
+    """Write every file of the artifact and its manifest into the staging directory ``tmp``; returns the
+    manifest."""
+    from kiln.backends import backend_version, lowering
+    from kiln.frontend.safetensors_file import write_safetensors
+
+    lower = lowering(backend)
+    if getattr(lower, "READS_WEIGHTS_FILE", True):  # ONNX Runtime keeps its own external data
+        write_safetensors(os.path.join(tmp, WEIGHTS), module.weight_data)
+    with open(os.path.join(tmp, IR), "w", encoding="utf-8") as f:
+        f.write(print_module(module))
+    lowered = lower.compile_module(module, target, tmp, options)
+    tokenizer_entry, template_file = None, None
+    bundle = source.tokenizer
+    if bundle is not None:
+        with open(os.path.join(tmp, "tokenizer.json"), "w", encoding="utf-8") as f:
+            f.write(bundle.tokenizer_json)
+        tokenizer_entry = {"file": "tokenizer.json", "bos_token_id": bundle.bos_token_id,
+                           "eos_token_ids": list(bundle.eos_token_ids), "add_bos_token": bundle.add_bos_token,
+                           "bos_token": bundle.bos_token, "eos_token": bundle.eos_token}
+        if bundle.chat_template:
+            template_file = "chat_template.jinja"
+            with open(os.path.join(tmp, template_file), "w", encoding="utf-8") as f:
+                f.write(bundle.chat_template)
+    files = sorted(os.listdir(tmp))
+    assert all(os.path.isfile(os.path.join(tmp, name)) and not os.path.islink(os.path.join(tmp, name))
+               for name in files), f"an artifact holds only regular files, found {files}"
+    backend_files = dict(lowered.get("files", {}))
+    if WEIGHTS in files:
+        backend_files["weights"] = WEIGHTS
+    model = dict(module.metadata.get("model", {}))
+    config = model.get("config", {})
+    manifest = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "kiln_version": __version__,
+        "backend": backend,
+        "backend_version": backend_version(backend),
+        "target": lowered.get("target", target),
+        "backend_info": {**{k: v for k, v in lowered.items() if k not in ("target", "files")},
+                         "files": backend_files},
+        "module": IR,
+        "model": {"name": model.get("name"), "kind": model.get("kind"), "content_hash": model.get("content_hash"),
+                  "vocab_size": _vocab_size(module, config), "config": config},
+        "pipeline": [list(p) if isinstance(p, tuple) else p for p in pipeline],
+        "passes": module.metadata.get("passes", []),
+        "kv_cache": module.metadata["kv_cache"],
+        "step": step_signature(module),
+        "activations": module.metadata.get("activations"),
+        "options": {"max_seq_len": options.max_seq_len, "max_num_seqs": options.max_num_seqs,
+                    "page_size": options.page_size, "kv_cache_dtype": options.kv_cache_dtype,
+                    "quantize": options.extra.get("quantize"), "activations": options.extra.get("activations", "float")},
+        "quantization": module.metadata.get("quantization"),
+        "tokenizer": tokenizer_entry,
+        "chat_template": template_file,
+        "files": {name: _file_entry(os.path.join(tmp, name)) for name in files},
+    }
+    _write_manifest(tmp, manifest)
+    return manifest
+
+
+def _write_manifest(directory: str, manifest: dict) -> None:
+    with open(os.path.join(directory, MANIFEST), "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=2, sort_keys=True)
 
 
 def step_signature(module) -> dict:

@@ -126,6 +126,10 @@ def add_compile_options(parser) -> None:
     group.add_argument("--target", default="cpu", help="cpu (default) or cuda")
     add_quantize_option(group)
     group.add_argument("--threads", type=int, default=None, help="CPU threads for the TVM runtime")
+    group.add_argument("--accuracy-gate", default="refuse", choices=("refuse", "warn", "off"),
+                       help="compare the compiled model with the source (torch eager) on a short built-in text "
+                            "before installing it (top-1 agreement, mean KL): refuse (default) a compile below the "
+                            "thresholds, warn and install it, or off")
     add_plan_options(parser)
 
 
@@ -166,7 +170,8 @@ def plan_kwargs(args) -> dict:
     return {"max_seq_len": args.max_seq_len, "max_num_seqs": args.max_num_seqs, "page_size": args.page_size,
             "kv_cache_dtype": args.kv_cache_dtype,
             "kv_cache_budget": parse_bytes(args.kv_cache_budget) if args.kv_cache_budget else None,
-            "activations": getattr(args, "activations", "float")}
+            "activations": getattr(args, "activations", "float"),
+            "accuracy_gate": getattr(args, "accuracy_gate", "refuse")}
 
 
 def check_compile_args(args) -> None:
@@ -467,6 +472,8 @@ def _artifact_summary(path: str):
     launches = info.manifest["backend_info"].get("kernel_launches")
     if isinstance(launches, dict):
         summary["artifact"]["kernel_launches"] = launches
+    if isinstance(info.manifest.get("accuracy"), dict):
+        summary["artifact"]["accuracy"] = info.manifest["accuracy"]
     return summary, module
 
 
@@ -483,6 +490,10 @@ def format_summary(summary: dict) -> str:
             lines.insert(2, "kernel launches per call: " + ", ".join(
                 f"@{name} {count}" for name, count in sorted(art["kernel_launches"].items())) +
                 " (@step_decode's: per decoded token of one sequence)")
+        if art.get("accuracy"):
+            from .accuracy import describe
+
+            lines.insert(2, describe(art["accuracy"]))
     for name, info in summary["functions"].items():
         params = ", ".join(f"{k}: {v}" for k, v in info["params"].items())
         lines.append(f"  @{name}({params}) -> {', '.join(info['results'])}  [{info['nodes']} nodes]")

@@ -388,8 +388,9 @@ def test_smollm2_int4_artifact_weights_take_under_a_fifth_of_fp32(tmp_path):
     """Measured: int4 0.177 of the fp32 bytes (538 MB), int4-g128 0.163, gguf (Q4_1 + Q8_0 table) 0.180."""
     fp32_bytes = 538_060_160  # 134,515,040 parameters x 4 bytes
     for mode in ("int4", "int4-g128"):
+        # sizes only: int4-g128 fails the accuracy gate on SmolLM2 (top-1 48%, KL 0.93: too aggressive)
         artifact = kiln.compile("smollm2", backend="reference", quantize=mode, max_seq_len=64,
-                                output=tmp_path / mode / "model.kiln")
+                                output=tmp_path / mode / "model.kiln", accuracy_gate="off")
         assert artifact.manifest["quantization"]["fp32_weights_kept"] == []
         assert artifact.manifest["quantization"]["weight_bytes_before"] == fp32_bytes
         assert os.path.getsize(os.path.join(artifact.path, "weights.safetensors")) < fp32_bytes / 5, mode
