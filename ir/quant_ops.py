@@ -161,7 +161,7 @@ def _linear_q_ref(xs, attrs):
     offset = xs[3] if len(xs) == 4 else None
     w = dequantize(q, scale, offset, attrs["bits"], attrs["group_size"])
     a = x.astype(np.float64)
-    if attrs["activations"] == "int8":
+    if attrs.get("activations", "float") == "int8":
         xq, s = quantize_activations(x)
         a = (xq.astype(np.float64).reshape(s.shape + (ACTIVATION_BLOCK,)) * s[..., None]).reshape(x.shape)
     return [np.matmul(a, w.T).astype(x.dtype)]
