@@ -472,6 +472,9 @@ def _artifact_summary(path: str):
     launches = info.manifest["backend_info"].get("kernel_launches")
     if isinstance(launches, dict):
         summary["artifact"]["kernel_launches"] = launches
+    parallel = info.manifest["backend_info"].get("parallel_launches")
+    if isinstance(parallel, dict):
+        summary["artifact"]["parallel_launches"] = parallel
     if isinstance(info.manifest.get("accuracy"), dict):
         summary["artifact"]["accuracy"] = info.manifest["accuracy"]
     return summary, module
@@ -487,8 +490,10 @@ def format_summary(summary: dict) -> str:
         lines.insert(1, f"artifact: {art['backend']} {art['backend_version']}, target {art['target']}, "
                         f"kiln {art['kiln_version']}, {len(art['files'])} files")
         if art.get("kernel_launches"):
+            parallel = art.get("parallel_launches") or {}
             lines.insert(2, "kernel launches per call: " + ", ".join(
-                f"@{name} {count}" for name, count in sorted(art["kernel_launches"].items())) +
+                f"@{name} {count}" + (f" ({parallel[name]} on the thread pool)" if name in parallel else "")
+                for name, count in sorted(art["kernel_launches"].items())) +
                 " (@step_decode's: per decoded token of one sequence)")
         if art.get("accuracy"):
             from .accuracy import describe

@@ -201,3 +201,23 @@ def test_a_tied_embedding_reads_the_repacked_table(bits, group, offsets):
     # rows of integers times one scale sit on rounding midpoints (q * 127 / max|q|), where float32 and float64
     # round apart: the logits are checked against the op's numpy reference, which rounds in float32 as kiln does
     assert relative_error(got_logits, run_function(module, "f", [token_ids])[1]) <= 1e-6
+
+
+def test_inspect_shows_launches_on_the_thread_pool(tmp_path, capsys):
+    from kiln.cli import main
+
+    path = kiln.compile(tiny_model("llama"), backend="tvm", max_seq_len=48, quantize="int4", activations="int8",
+                        output=tmp_path / "a8.kiln").path
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "quantized linears multiply int8 activations (per block of 32): " in out
+    line = next(ln for ln in out.splitlines() if ln.startswith("kernel launches per call"))
+    import json
+    import os
+
+    backend = json.load(open(os.path.join(path, "manifest.json")))["backend_info"]
+    for name, count in backend["kernel_launches"].items():
+        pool = backend["parallel_launches"][name]
+        assert 0 < pool < count and f"@{name} {count} ({pool} on the thread pool)" in line
+    if VNNI:
+        assert backend["derived_weights"] and all(".vnni_" in name for name in backend["derived_weights"])
