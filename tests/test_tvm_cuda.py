@@ -228,27 +228,33 @@ def test_kernels_compile_with_nvcc(arch):
 
 
 @functools.lru_cache(maxsize=None)
-def _optimized_tiny_llama(quantize=None):
+def _optimized_tiny_llama(quantize=None, activations="float"):
     from kiln.passes.manager import PassManager, PassOptions
     from kiln.passes.pipeline import PIPELINE
 
     module = copy_module(captured("llama"))
     PassManager(PIPELINE).run(module, PassOptions(max_seq_len=32, max_num_seqs=2, page_size=8,
-                                                  extra={"quantize": quantize}))
+                                                  extra={"quantize": quantize, "activations": activations}))
     return module
 
 
 @pytest.mark.nvcc
 @needs_nvcc
 # About 25 s per arch (lowering, TVM's CUDA build, nvcc on 2 MB of source): sm_90 runs with -m slow.
-@pytest.mark.parametrize("arch,quantize", [("sm_80", None), ("sm_80", "int4"),
-                                           pytest.param("sm_90", None, marks=pytest.mark.slow),
-                                           pytest.param("sm_90", "int8", marks=pytest.mark.slow)])
-def test_whole_tiny_llama_compiles_with_nvcc(arch, quantize):
+# activations="int8": CUDA has no integer-dot-product kernels; each linear_q dequantizes its int8 rows
+# (int8_kernels.dequantize_rows) before the float kernel, and that must compile too.
+@pytest.mark.parametrize("arch,quantize,activations", [
+    ("sm_80", None, "float"), ("sm_80", "int4", "float"), ("sm_80", "int4", "int8"),
+    pytest.param("sm_90", None, "float", marks=pytest.mark.slow),
+    pytest.param("sm_90", "int8", "float", marks=pytest.mark.slow)])
+def test_whole_tiny_llama_compiles_with_nvcc(arch, quantize, activations):
     from kiln.backends.tvm import llm_lower, quant_lower  # noqa: F401  (register the fused-op lowerings)
     from kiln.backends.tvm.lower import lower_functions
 
-    module = _optimized_tiny_llama(quantize)
+    module = _optimized_tiny_llama(quantize, activations)
+    if activations == "int8":  # the pass marked every linear_q (the tiny Llama's K are multiples of 32)
+        marked = [n for fn in module.functions.values() for n in fn.nodes if n.op == "linear_q"]
+        assert marked and all(n.attrs["activations"] == "int8" for n in marked)
     irmodule = lower_functions(module, ["step", "step_decode"], f"cuda:{arch}")
     source = cuda_source(irmodule, arch)
     assert "paged_attention_decode" in source and "paged_attention_ragged" in source
@@ -256,6 +262,7 @@ def test_whole_tiny_llama_compiles_with_nvcc(arch, quantize):
         ops = {n.op for n in module.functions["step_decode"].nodes}
         assert {"linear_q", "embedding_q"} <= ops and "linear" not in ops
         assert "linear_int" in source and "embedding_q" in source
+    assert ("int8_rows" in source) == (activations == "int8")
     assert len(compile_cuda_source(source, arch)) > 0
 
 
