@@ -51,23 +51,6 @@ PEER_NAMES = {"ort-genai-int4": "ORT GenAI int4", "ort-genai-int8": "ORT GenAI i
 KILN_BACKEND_NAMES = {"tvm": "TVM", "onnxruntime": "ORT"}
 
 
-def kiln_code_tag() -> str:
-    """A hash of kiln's Python sources: artifacts compiled by other code are not reused."""
-    import hashlib
-    import importlib.util
-
-    h = hashlib.sha256()
-    for package in ("kiln", "kiln.frontend", "kiln.ir", "kiln.passes", "kiln.backends", "kiln.runtime"):
-        spec = importlib.util.find_spec(package)
-        for root in (spec.submodule_search_locations or []) if spec else []:
-            for folder, dirs, files in sorted(os.walk(root)):
-                dirs[:] = sorted(d for d in dirs if d != "__pycache__")
-                for name in sorted(f for f in files if f.endswith(".py")):
-                    with open(os.path.join(folder, name), "rb") as f:
-                        h.update(os.path.relpath(os.path.join(folder, name), root).encode() + b"\0" + f.read())
-    return h.hexdigest()[:12]
-
-
 def kiln_artifact(args, backend, quantize, activations="float"):
     """The compiled artifact of one kiln row (compiled here, in the parent, once; cached per kiln source)."""
     import kiln
@@ -165,7 +148,7 @@ def main():
     from kiln.frontend.tokenizer import tokenizer_from_gguf
 
     started = time.perf_counter()
-    args.code_tag = kiln_code_tag()
+    args.code_tag = peers.kiln_code_tag()
     gguf_path = default_model_path()
     bundle = tokenizer_from_gguf(GGUFFile(gguf_path))
     prompt_ids = bundle.tokenizer().encode(PROMPT).ids

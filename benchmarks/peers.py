@@ -61,6 +61,23 @@ def transformers_smollm2(source):
     return model
 
 
+def kiln_code_tag() -> str:
+    """A hash of kiln's Python sources: artifacts compiled by other code are not reused."""
+    import hashlib
+    import importlib.util
+
+    h = hashlib.sha256()
+    for package in ("kiln", "kiln.frontend", "kiln.ir", "kiln.passes", "kiln.backends", "kiln.runtime"):
+        spec = importlib.util.find_spec(package)
+        for root in (spec.submodule_search_locations or []) if spec else []:
+            for folder, dirs, files in sorted(os.walk(root)):
+                dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+                for name in sorted(f for f in files if f.endswith(".py")):
+                    with open(os.path.join(folder, name), "rb") as f:
+                        h.update(os.path.relpath(os.path.join(folder, name), root).encode() + b"\0" + f.read())
+    return h.hexdigest()[:12]
+
+
 def _gguf_tag(gguf_path: str) -> str:
     from kiln.frontend.gguf_file import GGUFFile
 

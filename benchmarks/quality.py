@@ -3,7 +3,10 @@
 Each kiln mode (fp32 = the GGUF dequantized, the GGUF's Q4_1 blocks as they are,
 int8, int4 in groups of 32 and of 128) scores the same text over the same sliding
 windows (kiln.evaluate: every token after the first scored once, up to window - 1
-tokens of context). Per mode: perplexity, top-1 agreement with fp32 (the fraction
+tokens of context). Every quantized mode also runs with int8 activations
+(``activations="int8"``: each linear_q's input rows quantized per block of 32, as
+llama.cpp does; rows labelled "a8"), each checked against the target of staying
+within 1% of fp32's perplexity. Per mode: perplexity, top-1 agreement with fp32 (the fraction
 of scored positions whose argmax equals fp32's) and mean KL(fp32 || mode). When
 llama-cpp-python is installed, llama.cpp scores the same token ids per window on
 the same GGUF; when onnxruntime-genai is installed, so do ONNX Runtime GenAI's own
@@ -12,7 +15,9 @@ Models run in lockstep, one window of logits each at a time.
 
     python benchmarks/quality.py [--text /usr/share/common-licenses/GPL-3] [--window 512] [--stride 256]
         [--max-tokens N] [--modes none gguf int8 int4 int4-g128] [--threads 2] [--recompile]
-        [--ort-genai int4 int8] [--no-llama-cpp]
+        [--activations float int8] [--ort-genai int4 int8] [--no-llama-cpp]
+
+Artifacts are cached per mode, activation mode and hash of kiln's Python sources (a changed kiln is recompiled).
 """
 
 from __future__ import annotations
@@ -30,17 +35,25 @@ DEFAULT_TEXT = "/usr/share/common-licenses/GPL-3"  # Debian's base-files: on eve
 MODE_LABELS = {"none": "kiln fp32 (GGUF dequantized)", "gguf": "kiln gguf (Q4_1 imported)", "int8": "kiln int8",
                "int4": "kiln int4 (g32)", "int4-g128": "kiln int4-g128"}
 TARGETS = {"gguf": 0.005, "int8": 0.01}  # perplexity within this fraction of fp32's
+A8_TARGET = 0.01  # every int8-activation row: perplexity within 1% of fp32's (issue 11)
 LLAMA_CPP = "llama.cpp Q4_1"
 
 
-def kiln_engine(args, mode):
+def label(mode, activations="float"):
+    """The table's name of a kiln row: the mode's label, then "a8" with int8 activations."""
+    return MODE_LABELS[mode] + (" a8" if activations == "int8" else "")
+
+
+def kiln_engine(args, mode, activations="float"):
     import kiln
 
-    path = os.path.join(args.cache, f"kiln-{kiln.__version__}", f"smollm2-{args.backend}-{args.window}-{mode}.kiln")
+    suffix = "-a8" if activations == "int8" else ""
+    path = os.path.join(args.cache, f"kiln-{kiln.__version__}-{args.code_tag}",
+                        f"smollm2-{args.backend}-{args.window}-{mode}{suffix}.kiln")
     if args.recompile or not os.path.exists(os.path.join(path, "manifest.json")):
-        print(f"compiling SmolLM2 with quantize={mode}", file=sys.stderr)
+        print(f"compiling SmolLM2 with quantize={mode} activations={activations}", file=sys.stderr)
         kiln.compile("smollm2", backend=args.backend, quantize=mode, max_seq_len=args.window, max_num_seqs=1,
-                     output=path, progress=True)
+                     output=path, progress=True, activations=activations)
     return kiln.load(path, num_threads=args.threads)
 
 
@@ -82,6 +95,9 @@ def main(argv=None) -> int:
     parser.add_argument("--modes", nargs="+", default=list(MODE_LABELS), choices=list(MODE_LABELS),
                         help="kiln quantize modes; 'none' (fp32) is the reference and always runs")
     parser.add_argument("--backend", default="tvm")
+    parser.add_argument("--activations", nargs="+", default=["float", "int8"], choices=["float", "int8"],
+                        help="activation modes of the quantized kiln modes (int8: rows labelled a8); "
+                             "fp32 always runs with float activations")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp even when installed")
     parser.add_argument("--ort-genai", nargs="*", default=["int4", "int8"], choices=["int4", "int8", "fp32"],
@@ -94,24 +110,29 @@ def main(argv=None) -> int:
     from kiln.frontend.sources import default_model_path
 
     started = time.perf_counter()
+    args.code_tag = peers.kiln_code_tag()
     modes = ["none"] + [m for m in args.modes if m != "none"]
+    # fp32 has no linear_q, so int8 activations apply to the quantized modes only
+    rows = [(mode, act) for mode in modes for act in (["float"] if mode == "none" else args.activations)]
+    if ("none", "float") not in rows:
+        rows.insert(0, ("none", "float"))
     engines, refused = {}, {}
-    for mode in modes:
+    for mode, act in rows:
         try:
-            engines[mode] = kiln_engine(args, mode)
+            engines[(mode, act)] = kiln_engine(args, mode, act)
         except Exception as err:  # noqa: BLE001 - a mode kiln refuses is reported in the table, not fatal
             if mode == "none":
                 raise
-            refused[mode] = f"{type(err).__name__}: {err}"
-            print(f"kiln refused quantize={mode}: {refused[mode]}", file=sys.stderr)
+            refused[(mode, act)] = f"{type(err).__name__}: {err}"
+            print(f"kiln refused quantize={mode} activations={act}: {refused[(mode, act)]}", file=sys.stderr)
     compile_seconds = time.perf_counter() - started
 
     with open(args.text, encoding="utf-8") as f:
-        ids = encode_text(engines["none"], f.read())
+        ids = encode_text(engines[("none", "float")], f.read())
     if args.max_tokens:
         ids = ids[:args.max_tokens]
     windows = sliding_windows(len(ids), args.window, args.stride)
-    fns = {MODE_LABELS[mode]: engine.logits for mode, engine in engines.items()}
+    fns = {label(*row): engine.logits for row, engine in engines.items()}
     llama = None if args.no_llama_cpp else llama_cpp_logits(args, default_model_path())
     if llama is not None:
         fns[LLAMA_CPP] = llama
@@ -144,8 +165,8 @@ def main(argv=None) -> int:
             kl = f"{s.mean_kl:.5f}" if s.mean_kl >= 1e-4 else f"{s.mean_kl:.1e}"
             agree, ratio = f"{s.top1_agreement:.4f}", f"{s.perplexity / fp32.perplexity - 1:+.2%}"
         print(f"| {name} | {s.perplexity:.4f} | {ratio} | {agree} | {kl} | {s.seconds:.0f} |")
-    for mode, why in refused.items():
-        print(f"| {MODE_LABELS[mode]} | refused: {why} | | | | |")
+    for row, why in refused.items():
+        print(f"| {label(*row)} | refused: {why} | | | | |")
     print()
     for mode, bound in TARGETS.items():
         s = stats.get(MODE_LABELS[mode])
@@ -153,6 +174,18 @@ def main(argv=None) -> int:
             gap = s.perplexity / fp32.perplexity - 1
             print(f"{mode}: perplexity {gap:+.3%} from fp32, target within {bound:.1%}: "
                   f"{'met' if abs(gap) <= bound else 'MISSED'}")
+    for mode in modes:
+        s = stats.get(label(mode, "int8"))
+        if s is None:
+            continue
+        gap = s.perplexity / fp32.perplexity - 1
+        floats = stats.get(label(mode))
+        beside = f" ({s.perplexity / floats.perplexity - 1:+.3%} from its float activations)" if floats else ""
+        print(f"{label(mode, 'int8')}: perplexity {gap:+.3%} from fp32{beside}; within {A8_TARGET:.0%} of fp32: "
+              f"{'yes' if abs(gap) <= A8_TARGET else 'no'}")
+    if LLAMA_CPP in stats:  # the peer that quantizes activations to 8 bits too (Q8_1 beside Q4_1 weights)
+        print(f"{LLAMA_CPP} (8-bit activations too): perplexity {stats[LLAMA_CPP].perplexity / fp32.perplexity - 1:+.3%} "
+              f"from fp32")
     print(f"runtime: {time.perf_counter() - started:.0f} s (loading/compiling {compile_seconds:.0f} s, "
           f"scoring {score_seconds:.0f} s)")
     return 0
