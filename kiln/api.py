@@ -56,12 +56,14 @@ class Artifact:
 
 TEMPORARY_PREFIX = "kiln-artifact-"  # kiln-artifact-<pid>-<random>: a compile with no output path
 QUANTIZE_MODES = ("none", "int8", "int4", "int4-g128", "gguf")  # int4: groups of 32; gguf: the file's blocks
-ACTIVATION_MODES = ("float", "int8")  # what quantized linears multiply: x as it is, or x in int8 per block of 32
+# what quantized linears multiply: x as it is, or x in int8 per block of 32; auto picks (resolve_activations)
+ACTIVATION_MODES = ("auto", "float", "int8")
+INTEGER_DOT_BACKENDS = ("tvm", "onnxruntime")  # whose CPU kernels multiply int8 activations as integers
 
 
 def compile_options(*, max_seq_len=2048, max_num_seqs=4, page_size=16, kv_cache_dtype="f32",
                     kv_cache_budget=None, activation_seq_len=None, quantize=None, quantize_zero_points=True,
-                    quantize_embedding=True, activations="float", accuracy_gate="refuse"):
+                    quantize_embedding=True, activations="auto", accuracy_gate="refuse"):
     from kiln.passes import PassOptions
 
     from .accuracy import check_mode
@@ -78,8 +80,8 @@ def compile_options(*, max_seq_len=2048, max_num_seqs=4, page_size=16, kv_cache_
     if quantize not in (None,) + QUANTIZE_MODES:
         raise ConfigError(f"quantize must be None or one of {', '.join(QUANTIZE_MODES)}, got {quantize!r}")
     if activations not in ACTIVATION_MODES:
-        raise ConfigError(f"activations must be 'float' (exact) or 'int8' (quantized per block of 32 for integer "
-                          f"dot products; quantized weights only), got {activations!r}")
+        raise ConfigError(f"activations must be 'auto', 'float' (exact) or 'int8' (quantized per block of 32 for "
+                          f"integer dot products; quantized weights only), got {activations!r}")
     extra = {"quantize": quantize, "quantize_zero_points": bool(quantize_zero_points),
              "quantize_embedding": bool(quantize_embedding), "activations": activations,
              "accuracy_gate": check_mode(accuracy_gate)}
@@ -108,6 +110,19 @@ def resolve_quantize(pass_options, source_info, progress: Progress = QUIET) -> s
     return mode
 
 
+def resolve_activations(pass_options, backend: str, target: str) -> str:
+    """Settle activations="auto" once the quantize mode is known: int8 for quantized weights on a CPU backend
+    whose kernels multiply int8 activations as integers (TVM's VNNI kernels, ONNX Runtime's MatMulNBits), as
+    llama.cpp does (SmolLM2: +0.35-0.77% perplexity over the same weights, see the README's quality table),
+    float otherwise (fp32 weights, CUDA, the numpy reference); returns the mode."""
+    mode = pass_options.extra.get("activations") or "auto"
+    if mode == "auto":
+        quantized = pass_options.extra.get("quantize") not in (None, "none")
+        mode = "int8" if quantized and target == "cpu" and backend in INTEGER_DOT_BACKENDS else "float"
+    pass_options.extra["activations"] = mode
+    return mode
+
+
 def compile(source, backend: str = "tvm", target: str = "cpu", quantize=None, max_seq_len: int = 2048, *,
             output=None, progress: Progress | bool = False, **options) -> Artifact:
     """Compile ``source`` ("smollm2", a .gguf path, a Hugging Face checkpoint dir or a torch.nn.Module).
@@ -117,10 +132,11 @@ def compile(source, backend: str = "tvm", target: str = "cpu", quantize=None, ma
     "gguf" for a quantized GGUF source and "none" otherwise. int4 groups carry an offset (their
     minimum) unless ``quantize_zero_points=False``; the embedding table and the logits projection
     become int8 per row in the int8 / int4 modes unless ``quantize_embedding=False``.
-    ``activations``: "float" (default: quantized linears multiply the activations as they are) or "int8"
-    (each row quantized per block of 32 first, as llama.cpp and ONNX Runtime's accuracy_level 4 do, so the
-    kernels use integer dot products: VNNI on the TVM CPU backend, MatMulNBits accuracy_level 4 on ONNX
-    Runtime). The choice is an attribute of each ``linear_q`` in the IR.
+    ``activations``: "float" (quantized linears multiply the activations as they are), "int8" (each row
+    quantized per block of 32 first, as llama.cpp and ONNX Runtime's accuracy_level 4 do, so the kernels use
+    integer dot products: VNNI on the TVM CPU backend, MatMulNBits accuracy_level 4 on ONNX Runtime) or
+    "auto" (the default: int8 for quantized weights on the CPU with the tvm or onnxruntime backend, else
+    float). The choice is an attribute of each ``linear_q`` in the IR.
     ``accuracy_gate``: before the artifact is installed, its logits on a short built-in text are compared with
     the source model's in torch eager (top-1 agreement, mean KL; recorded in the manifest as ``accuracy``).
     "refuse" (default): below the thresholds of :mod:`kiln.accuracy` the compile raises ConfigError and
@@ -146,6 +162,7 @@ def compile(source, backend: str = "tvm", target: str = "cpu", quantize=None, ma
     progress = Progress() if progress is True else (progress or QUIET)
     module, source_info = capture_source(source, max_seq=max_seq_len, progress=progress)
     resolve_quantize(pass_options, source_info, progress)
+    resolve_activations(pass_options, backend, target)
     manager = optimize(module, pass_options, progress=progress)
     check_fits_in_memory(module, pass_options, target)
     if output is None:

@@ -110,9 +110,10 @@ def add_quantize_option(group) -> None:
                             "int4-g128 (groups of 128) or gguf (keep the GGUF file's Q4_0/Q4_1/Q8_0 blocks)")
 
 
-    group.add_argument("--activations", default="float", choices=("float", "int8"),
-                       help="what quantized linears multiply: float (default, exact) or int8 (each row quantized "
-                            "per block of 32, as llama.cpp does: integer dot products, VNNI on the CPU)")
+    group.add_argument("--activations", default="auto", choices=("auto", "float", "int8"),
+                       help="what quantized linears multiply: float (exact), int8 (each row quantized per block of "
+                            "32, as llama.cpp does: integer dot products, VNNI on the CPU) or auto (default: int8 for "
+                            "quantized weights on the CPU with tvm or onnxruntime, else float)")
 
 
 def quantize_arg(args):
@@ -170,7 +171,7 @@ def plan_kwargs(args) -> dict:
     return {"max_seq_len": args.max_seq_len, "max_num_seqs": args.max_num_seqs, "page_size": args.page_size,
             "kv_cache_dtype": args.kv_cache_dtype,
             "kv_cache_budget": parse_bytes(args.kv_cache_budget) if args.kv_cache_budget else None,
-            "activations": getattr(args, "activations", "float"),
+            "activations": getattr(args, "activations", "auto"),
             "accuracy_gate": getattr(args, "accuracy_gate", "refuse")}
 
 
@@ -441,12 +442,13 @@ def cmd_inspect(args) -> int:
     else:
         from kiln.api import compile_options
 
-        from kiln.api import resolve_quantize
+        from kiln.api import resolve_activations, resolve_quantize
 
         options = compile_options(quantize=quantize_arg(args), **plan_kwargs(args))
         progress = Progress()
         module, source_info = capture_source(args.model, max_seq=args.max_seq_len, progress=progress)
         resolve_quantize(options, source_info, progress)
+        resolve_activations(options, getattr(args, "backend", "tvm"), getattr(args, "target", "cpu"))
         optimize(module, options, print_after=args.print_after, stop_after=args.stop_after, progress=progress)
         summary = summarize(module)
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))

@@ -317,7 +317,8 @@ def test_quantized_model_matches_transformers_with_dequantized_weights(compiled,
     rounding is left and the fp32 tolerance holds (measured: 9.2e-7 int4, 5.6e-7 int8), while quantizing moves
     the logits by 0.16 (int4) and 0.015 (int8). int4 groups of 32 with offsets take the group-sum correction;
     int8 per row runs as two exact int4 MatMulNBits."""
-    run_prompt_and_decode("llama", compiled("llama", quantize=quantize), model=dequantized_tiny_llama(quantize))
+    run_prompt_and_decode("llama", compiled("llama", quantize=quantize, activations="float"),
+                          model=dequantized_tiny_llama(quantize))
 
 
 # Every cached K and V element is rounded to f16: a relative error of at most 2^-11 (half of f16's 2^-10
@@ -529,7 +530,7 @@ def smollm2(tmp_path_factory, request):
     source = smollm2_source()
     path = tmp_path_factory.mktemp("smol") / "smollm2.kiln"
     kiln.compile("smollm2", backend="onnxruntime", max_seq_len=128, max_num_seqs=2, output=path,
-                 quantize=request.param)
+                 quantize=request.param, activations="float")
     from tokenizers import Tokenizer
 
     return path, executor_of(path), Tokenizer.from_str(source.tokenizer.tokenizer_json), request.param

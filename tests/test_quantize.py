@@ -318,6 +318,7 @@ def _compare(tmp_path, mode, **options):
     from kiln.backends.reference.executor import load_executor
 
     model = tiny_model("llama")
+    options = {"activations": "float", **options}
     artifact = kiln.compile(model, backend="tvm", quantize=mode, max_seq_len=48, output=tmp_path / "model.kiln",
                             **options)
     manifest = artifact.manifest

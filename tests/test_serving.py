@@ -245,7 +245,8 @@ def test_smollm2_prompts_together_equal_alone_and_transformers():
     from smollm2 import SMOL_PROMPTS, transformers_smollm2
 
     model = transformers_smollm2()
-    eng = kiln.load(kiln.compile("smollm2", backend="tvm", max_seq_len=256, max_num_seqs=2), token_budget=32)
+    eng = kiln.load(kiln.compile("smollm2", backend="tvm", max_seq_len=256, max_num_seqs=2, activations="float"),
+                    token_budget=32)
     prompts = [eng.tokenizer.encode(t) for t in SMOL_PROMPTS]
     together = [r.token_ids for r in eng.generate(prompts, max_new_tokens=24, ignore_eos=True)]
     for prompt, tokens in zip(prompts, together):

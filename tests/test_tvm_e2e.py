@@ -57,6 +57,7 @@ def test_quantized_model_matches_transformers_with_dequantized_weights(tmp_path,
     """The fused dequantize-matmul kernels compute what transformers computes with the same weights quantized
     and dequantized in torch (tests/tiny_models.py): the same codes, so the fp32 tolerance (measured: 4.9e-7)."""
     engine = kiln.load(kiln.compile(tiny_model("llama"), backend="tvm", max_seq_len=48, quantize=quantize,
+                                    activations="float",
                                     output=tmp_path / "quantized.kiln"))
     assert_engine_matches_transformers(engine, "llama", model=dequantized_tiny_llama(quantize))
 
@@ -116,7 +117,7 @@ def smollm2(tmp_path_factory, request):
     source = smollm2_source()
     path = tmp_path_factory.mktemp("smol") / "smollm2.kiln"
     artifact = kiln.compile("smollm2", backend="tvm", max_seq_len=128, max_num_seqs=1, output=path,
-                            quantize=request.param)
+                            quantize=request.param, activations="float")
     assert artifact.manifest["options"]["quantize"] == request.param
     if request.param == "gguf":  # no fp32 copy of an imported weight: every linear and the table are blocks
         assert artifact.manifest["quantization"]["fp32_weights_kept"] == []
