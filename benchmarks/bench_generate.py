@@ -17,6 +17,7 @@ every kiln row's ratio to each peer.
         [--activations float int8]                                     (kiln rows per activation mode)
         [--peers ort-genai-int4 ort-genai-int8 llama.cpp transformers] [--skip PEER ...]
         [--no-ppl] [--ppl-tokens 2048] [--window 512] [--stride 256] [--text FILE] [--json OUT]
+        [--prompt-tokens N --max-seq-len M]                            (prefill of the text's first N ids)
         [--prepare-only]                                               (compile and build, measure nothing)
 
 kiln's artifacts are cached per hash of kiln's Python sources, so a changed kiln is recompiled.
@@ -130,6 +131,8 @@ def main():
                         help="peers to leave out")
     parser.add_argument("--max-seq-len", type=int, default=512, help="kiln's compiled maximum; llama.cpp's n_ctx")
     parser.add_argument("--no-ppl", action="store_true", help="speed and memory only")
+    parser.add_argument("--prompt-tokens", type=int, help="prompt with the text's first N token ids instead of the "
+                                                               "126-token chat prompt (prefill at length N)")
     parser.add_argument("--text", default=DEFAULT_TEXT, help=f"text scored for perplexity (default {DEFAULT_TEXT})")
     parser.add_argument("--ppl-tokens", type=int, default=2048, help="score the text's first N token ids")
     parser.add_argument("--window", type=int, default=512)
@@ -152,6 +155,11 @@ def main():
     gguf_path = default_model_path()
     bundle = tokenizer_from_gguf(GGUFFile(gguf_path))
     prompt_ids = bundle.tokenizer().encode(PROMPT).ids
+    if args.prompt_tokens:  # a long prompt: the text's first N token ids, the same for every engine
+        prompt_ids = text_ids(bundle, args.text, args.prompt_tokens)
+        if len(prompt_ids) + args.new_tokens > args.max_seq_len:
+            parser.error(f"--prompt-tokens {len(prompt_ids)} + --new-tokens {args.new_tokens} needs --max-seq-len "
+                         f"of at least {len(prompt_ids) + args.new_tokens}")
     ppl_ids = None if args.no_ppl else text_ids(bundle, args.text, args.ppl_tokens)
 
     # Prepare everything first (compiles, builds), so the measurements run back to back.
