@@ -7,7 +7,7 @@ xq = rint(x / s)), and the matmul reads xq * s. Per output row j and block b the
 
 with u the weight's unsigned integers (int4: the nibbles, int8: q + 128) and c the zero-point term
 (Q4_1: the offset m; Q4_0: -8 d; int8: -128 d). ``xq . u`` is ``vpdpbusd`` (u8 x s8 -> i32, 64 bytes at once);
-the second term needs only the activation block sums, computed once per row by :func:`quantize_rows`.
+the second term needs only the activation block sums, computed once per row by :func:`quantize_rows_func`.
 
 Layout, repacked at compile time by :func:`repack` (the weights the kernel reads instead of q / scale / offset):
 four output rows share one 64-byte vector, one 16-byte quarter each, so one load feeds ``vpdpbusd`` for four
@@ -21,7 +21,7 @@ rows and the activations are one 16-byte broadcast (and a software prefetch runs
 - ``scale`` [N/4, K/32, 4] (per block; a group of 64 or 128 repeats its scale) or [N/4, 4] (per row), and
   ``offset`` [N/4, K/32, 4]: in the weight's dtype, so f16 GGUF scales stay f16 in memory.
 
-The activations are laid out to match: :func:`quantize_rows` writes each block's even elements, then its odd
+The activations are laid out to match: :func:`quantize_rows_func` writes each block's even elements, then its odd
 ones. Rows of x are processed ``row_tile`` at a time over one group of weights (1 for decode, 8 for prefill),
 so prefill reads each weight once per eight rows from L1.
 
@@ -163,24 +163,47 @@ def _rounded(x, i, c, inverse, b):
     return te.max(te.min(v, tirx.const(127, "float32")), tirx.const(-127, "float32"))
 
 
-def quantize_rows(x: te.Tensor):
-    """x f32[m, K] -> (xq i8[m, K], scale f32[m, K / 32], block sums times scale f32[m, K / 32]); xq holds each
-    block's even elements, then its odd ones (the order the repacked weights' nibbles come in)."""
-    m, k = x.shape[0], int(x.shape[1])
-    scale, inverse = _row_scales(x, k)
-    half = ACTIVATION_BLOCK // 2
+def quantize_rows_func(k: int, parallel: bool) -> tirx.PrimFunc:
+    """PrimFunc(x f32[m, K] -> xq i8[m, K], scale f32[m, K / 32], block sums times scale f32[m, K / 32]): the
+    int8 rows, xq holding each block's even elements, then its odd ones (the order the repacked weights'
+    nibbles come in). One loop over the rows, in parallel for a prefill's many rows (``parallel``) and on the
+    calling thread for a decode step's one."""
+    blocks, half = k // ACTIVATION_BLOCK, ACTIVATION_BLOCK // 2
 
-    def source(c):  # element of x that position c of the reordered row holds
-        b, w = c // ACTIVATION_BLOCK, c % ACTIVATION_BLOCK
-        return b * ACTIVATION_BLOCK + (w % half) * 2 + w // half
+    @T.macro
+    def quantize_row(x, xq, sx, xs, i, stat):
+        for b in range(blocks):
+            stat[0] = T.float32(0)
+            for e in range(ACTIVATION_BLOCK):
+                stat[0] = T.max(stat[0], T.abs(x[i, b * ACTIVATION_BLOCK + e]))
+            stat[1] = T.Select(stat[0] > T.float32(0), T.float32(127) / stat[0], T.float32(0))
+            stat[2] = T.float32(0)
+            for c in range(ACTIVATION_BLOCK):  # each block's even elements, then its odd ones
+                v = T.meta_var(T.max(T.min(T.nearbyint(x[i, b * ACTIVATION_BLOCK + (c % half) * 2 + c // half]
+                                                       * stat[1]), T.float32(127)), T.float32(-127)))
+                xq[i, b * ACTIVATION_BLOCK + c] = T.Cast("int8", v)
+                stat[2] = stat[2] + v
+            sx[i, b] = stat[0] / T.float32(127)
+            xs[i, b] = stat[2] * (stat[0] / T.float32(127))
 
-    xq = te.compute((m, k), lambda i, c: _rounded(x, i, source(c), inverse, c // ACTIVATION_BLOCK).astype("int8"),
-                    name="xq")
-    e = te.reduce_axis((0, ACTIVATION_BLOCK), name="e")
-    sums = te.compute((m, k // ACTIVATION_BLOCK),
-                      lambda i, b: te.sum(xq[i, b * ACTIVATION_BLOCK + e].astype("float32"), axis=e), name="xsum")
-    scaled = te.compute(sums.shape, lambda i, b: sums[i, b] * scale[i, b], name="xsum_scaled")
-    return xq, scale, scaled
+    rows = T.parallel if parallel else T.serial
+
+    @T.prim_func(private=True, s_tir=True)
+    def quantize(x_h: T.handle, xq_h: T.handle, sx_h: T.handle, xs_h: T.handle):
+        T.func_attr(SCHEDULED)
+        m = T.int64()
+        x = T.match_buffer(x_h, (m, k), "float32")
+        xq = T.match_buffer(xq_h, (m, k), "int8")
+        sx = T.match_buffer(sx_h, (m, blocks), "float32")
+        xs = T.match_buffer(xs_h, (m, blocks), "float32")
+        for i in rows(m):
+            with T.sblock("quantize_rows"):
+                T.reads(x[0:m, 0:k])
+                T.writes(xq[0:m, 0:k], sx[0:m, 0:blocks], xs[0:m, 0:blocks])
+                stat = T.sblock_alloc_buffer((3,), "float32")
+                quantize_row(x, xq, sx, xs, i, stat)
+
+    return quantize
 
 
 def dequantize_rows(x: te.Tensor) -> te.Tensor:

@@ -61,13 +61,18 @@ DERIVED_WEIGHT_PROVIDERS.append(_vnni_weights)
 
 def _emit_vnni(ctx, node, x2, rows, k, n):
     """int8 rows of x2 [rows, K], then the VNNI dot-product kernel over the repacked weight."""
-    parts = ctx.emit_te(int8_kernels.quantize_rows, x2, name="quantize_rows", attrs=int8_kernels.SCHEDULED)
+    small = _linear_row_tile(rows) is None  # a decode step's rows: quantized on the calling thread
+    blocks = k // int8_kernels.ACTIVATION_BLOCK
+    quantize = ctx.bb.add_func(int8_kernels.quantize_rows_func(k, parallel=not small), "quantize_rows")
+    parts = ctx.emit(relax.call_tir(quantize, [x2], [relax.TensorType([ctx.dim(rows), ctx.dim(k)], "int8"),
+                                                     relax.TensorType([ctx.dim(rows), ctx.dim(blocks)], "float32"),
+                                                     relax.TensorType([ctx.dim(rows), ctx.dim(blocks)], "float32")]))
     xq, sx, xs = (ctx.emit(relax.TupleGetItem(parts, i)) for i in range(3))
     names = _vnni_weight_names(node)
     weights = [ctx.weights[name] for name in names]
     if len(weights) == 2:
         weights.append(weights[1])  # no offset: the kernel takes the scale in its place
-    row_tile = 1 if _linear_row_tile(rows) is None else int8_kernels.PREFILL_ROW_TILE
+    row_tile = 1 if small else int8_kernels.PREFILL_ROW_TILE
     func = int8_kernels.matmul_func(n, k, node.attrs["bits"], node.attrs["group_size"], node.inputs[2].type.dtype,
                                     len(node.inputs) == 4, row_tile)
     gvar = ctx.bb.add_func(func, f"linear_q_vnni_int{node.attrs['bits']}")
