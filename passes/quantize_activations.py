@@ -20,6 +20,8 @@ from .manager import PassOptions, register_pass
 def run(module: Module, options: PassOptions) -> bool:
     """Sets activations=int8 on every linear_q that can take it (when asked)."""
     mode = options.extra.get("activations") or "float"
+    if mode == "auto":  # kiln.compile settles auto by backend and target (api.resolve_activations); unsettled: float
+        mode = "float"
     if mode not in ACTIVATIONS:
         raise ConfigError(f"activations must be one of {', '.join(ACTIVATIONS)}, found {mode!r}")
     if mode == "float":
