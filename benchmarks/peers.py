@@ -169,6 +169,7 @@ def build_ort_genai(gguf_path: str, precision: str, cache: str = CACHE, log=sys.
 
 class KilnEngine:
     def __init__(self, spec):
+        os.environ.setdefault("KILN_TVM_RUNTIME_ONLY", "1")  # as `kiln run ARTIFACT`: TVM's runtime library only
         import kiln
 
         self.engine = kiln.load(spec["artifact"], num_threads=spec["threads"], prefix_caching=False)

@@ -226,6 +226,9 @@ def _open_engine(args):
     backend_options = {"num_threads": args.threads} if getattr(args, "threads", None) else {}
     if is_artifact(args.model):
         from kiln.api import load
+        from kiln.backends.tvm.executor import RUNTIME_ONLY_ENV
+
+        os.environ.setdefault(RUNTIME_ONLY_ENV, "1")  # this process only runs the artifact: no TVM compiler
 
         return load(args.model, **backend_options)
     import hashlib

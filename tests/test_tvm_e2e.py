@@ -10,6 +10,7 @@ weights, and greedy output token-identical for 32 new tokens on five prompts, ti
 prompt stopped there; `kiln inspect` counts its parameters as the config does.
 """
 
+import os
 import subprocess
 import sys
 
@@ -196,3 +197,28 @@ def test_smollm2_resident_memory_follows_the_weight_file(smollm2):
 def test_tvm_runtime_never_imports_torch(compiled):
     """tvm_ffi imports torch eagerly when installed; kiln's runtime keeps it out."""
     assert_generates_without_torch(compiled("llama").info.path)
+
+
+def test_runtime_only_tvm_generates_the_same_tokens_and_refuses_to_compile(compiled):
+    """KILN_TVM_RUNTIME_ONLY=1 (what `kiln run ARTIFACT` sets): the artifact runs on TVM's runtime library alone
+    and gives the same tokens; a compile in that process is refused in one line."""
+    path = compiled("llama").info.path
+    want = compiled("llama").generate([1, 2, 3], max_new_tokens=6, ignore_eos=True).token_ids
+    code = (
+        "import sys, kiln\n"
+        "from kiln.ir.errors import ConfigError\n"
+        f"eng = kiln.load({str(path)!r})\n"
+        "assert sys.modules['tvm'].base._RUNTIME_ONLY and 'tvm.relax' not in sys.modules\n"
+        "print(eng.generate([1, 2, 3], max_new_tokens=6, ignore_eos=True).token_ids)\n"
+        "from tiny_models import tiny_model\n"
+        "try:\n"
+        "    kiln.compile(tiny_model('llama'), backend='tvm', max_seq_len=16)\n"
+        "except ConfigError as err:\n"
+        "    print(err)\n"
+    )
+    env = {**os.environ, "KILN_TVM_RUNTIME_ONLY": "1", "PYTHONPATH": os.path.dirname(__file__)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr
+    tokens, refusal = out.stdout.strip().splitlines()
+    assert tokens == str(want)
+    assert "loaded TVM's runtime library only" in refusal
