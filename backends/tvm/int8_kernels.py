@@ -31,6 +31,8 @@ same int8 rows, multiplied in f32.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import tvm
 from tvm import te, tirx
@@ -163,6 +165,7 @@ def _rounded(x, i, c, inverse, b):
     return te.max(te.min(v, tirx.const(127, "float32")), tirx.const(-127, "float32"))
 
 
+@functools.lru_cache(maxsize=None)
 def quantize_rows_func(k: int, parallel: bool) -> tirx.PrimFunc:
     """PrimFunc(x f32[m, K] -> xq i8[m, K], scale f32[m, K / 32], block sums times scale f32[m, K / 32]): the
     int8 rows, xq holding each block's even elements, then its odd ones (the order the repacked weights'
@@ -218,6 +221,7 @@ def dequantize_rows(x: te.Tensor) -> te.Tensor:
 # The dot-product kernel.
 # ---------------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=None)  # parsing TVMScript costs ~0.1 s; a model asks for a few shapes many times
 def matmul_func(n: int, k: int, bits: int, group_size: int, scale_dtype: str, has_offset: bool,
                 row_tile: int) -> tirx.PrimFunc:
     """y f32[m, N] = int8 rows (xq, scale, scaled sums) @ the repacked weight, ``row_tile`` rows per pass."""

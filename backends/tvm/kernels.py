@@ -6,6 +6,7 @@ call it; `schedules.py` turns the resulting PrimFuncs into fast CPU or GPU code.
 
 from __future__ import annotations
 
+import functools
 import math
 
 from tvm import relax, te, tirx
@@ -222,9 +223,23 @@ def exp2(x):
     return poly * tirx.reinterpret("float32", bits)
 
 
+def _specialize_bases(func: tirx.PrimFunc, k_base: int, v_base: int) -> tirx.PrimFunc:
+    """A kernel parsed once with its pool offsets as its last two scalar parameters, those fixed: each layer's
+    kernel reads its pages at constant offsets without parsing its TVMScript again (a parse costs ~0.1 s)."""
+    kb, vb = func.params[-2], func.params[-1]
+    return func.specialize({kb: tirx.IntImm("int64", k_base), vb: tirx.IntImm("int64", v_base)})
+
+
 def _attention_func(kind: str, num_heads: int, num_kv_heads: int, head_dim: int,
                     page_size: int, sm_scale: float | None, k_base: int = 0, v_base: int = 0,
                     window: int | None = None) -> tirx.PrimFunc:
+    return _specialize_bases(_attention_template(kind, num_heads, num_kv_heads, head_dim, page_size, sm_scale,
+                                                 window), k_base, v_base)
+
+
+@functools.lru_cache(maxsize=None)
+def _attention_template(kind: str, num_heads: int, num_kv_heads: int, head_dim: int,
+                        page_size: int, sm_scale: float | None, window: int | None) -> tirx.PrimFunc:
     _check_heads(num_heads, num_kv_heads, head_dim)
     group = num_heads // num_kv_heads
     heads = num_heads
@@ -242,7 +257,8 @@ def _attention_func(kind: str, num_heads: int, num_kv_heads: int, head_dim: int,
     @T.macro
     def attend_row(q: T.Buffer, out: T.Buffer, k_pages: T.Buffer, v_pages: T.Buffer,
                    page_table: T.Buffer, row: T.int64, h: T.int64, seq: T.int64, n_tokens: T.int32,
-                   acc: T.Buffer, qs: T.Buffer, part: T.Buffer, scores: T.Buffer, stat: T.Buffer):
+                   acc: T.Buffer, qs: T.Buffer, part: T.Buffer, scores: T.Buffer, stat: T.Buffer,
+                   k_base: T.int64, v_base: T.int64):
         # out[row, h] = softmax(q[row, h] . K[seq, :n_tokens]) @ V[seq, :n_tokens], online over
         # pages. stat: running max, running sum, page max, rescale factor.
         kvh: T.let[T.int64] = h // group
@@ -290,7 +306,7 @@ def _attention_func(kind: str, num_heads: int, num_kv_heads: int, head_dim: int,
 
     @T.prim_func(s_tir=True)
     def paged_attention_decode(q_h: T.handle, k_h: T.handle, v_h: T.handle, table_h: T.handle,
-                               len_h: T.handle, out_h: T.handle):
+                               len_h: T.handle, out_h: T.handle, k_base: T.int64, v_base: T.int64):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, CPU_ONLY: True})
         batch = T.int64()
         num_pages = T.int64()
@@ -315,11 +331,12 @@ def _attention_func(kind: str, num_heads: int, num_kv_heads: int, head_dim: int,
                 stat = T.sblock_alloc_buffer((4,), "float32")
                 b: T.let[T.int64] = task // heads
                 attend_row(q, out, k_pages, v_pages, page_table, b, task % heads, b, lengths[b],
-                           acc, qs, part, scores, stat)
+                           acc, qs, part, scores, stat, k_base, v_base)
 
     @T.prim_func(s_tir=True)
     def paged_attention_prefill(q_h: T.handle, k_h: T.handle, v_h: T.handle, table_h: T.handle,
-                                seq_h: T.handle, pos_h: T.handle, out_h: T.handle):
+                                seq_h: T.handle, pos_h: T.handle, out_h: T.handle, k_base: T.int64,
+                                v_base: T.int64):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, CPU_ONLY: True})
         rows = T.int64()
         batch = T.int64()
@@ -346,7 +363,8 @@ def _attention_func(kind: str, num_heads: int, num_kv_heads: int, head_dim: int,
                 stat = T.sblock_alloc_buffer((4,), "float32")
                 r: T.let[T.int64] = task % rows
                 attend_row(q, out, k_pages, v_pages, page_table, r, task // rows,
-                           T.Cast("int64", row_seq[r]), row_pos[r] + 1, acc, qs, part, scores, stat)
+                           T.Cast("int64", row_seq[r]), row_pos[r] + 1, acc, qs, part, scores, stat,
+                           k_base, v_base)
 
     return paged_attention_decode if kind == "decode" else paged_attention_prefill
 
@@ -384,13 +402,18 @@ def kv_append_func(num_kv_heads: int, head_dim: int, page_size: int, k_base: int
     k_pages, v_pages): writes row r's K/V at position row_pos[r] of sequence row_seq[r],
     in place (relax.call_tir_inplace with the pages as the in-place arguments).
     """
+    return _specialize_bases(_kv_append_template(num_kv_heads, head_dim, page_size), k_base, v_base)
+
+
+@functools.lru_cache(maxsize=None)
+def _kv_append_template(num_kv_heads: int, head_dim: int, page_size: int) -> tirx.PrimFunc:
     kv_heads = num_kv_heads
     dim = head_dim
     page = page_size
 
     @T.prim_func(s_tir=True)
     def paged_kv_append(k_h: T.handle, v_h: T.handle, table_h: T.handle, seq_h: T.handle,
-                        pos_h: T.handle, kp_h: T.handle, vp_h: T.handle):
+                        pos_h: T.handle, kp_h: T.handle, vp_h: T.handle, k_base: T.int64, v_base: T.int64):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, CPU_ONLY: True})
         rows = T.int64()
         batch = T.int64()
