@@ -44,21 +44,9 @@ RESULT_TAG = "PEER-RESULT "
 
 def transformers_smollm2(source):
     """transformers' LlamaForCausalLM holding the weights kiln's GGUF loader reads from ``source`` (a ModelSource)."""
-    import transformers
+    from kiln.frontend.gguf_model import transformers_llama
 
-    cfg = source.config
-    config = transformers.LlamaConfig(
-        vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"],
-        num_hidden_layers=cfg["num_hidden_layers"], num_attention_heads=cfg["num_attention_heads"],
-        num_key_value_heads=cfg["num_key_value_heads"], rms_norm_eps=cfg["rms_norm_eps"],
-        rope_theta=cfg["rope_theta"], max_position_embeddings=cfg["max_position_embeddings"],
-        tie_word_embeddings=cfg["tie_word_embeddings"], head_dim=cfg["head_dim"],
-        bos_token_id=cfg.get("bos_token_id"), eos_token_id=cfg.get("eos_token_id"))
-    model = transformers.LlamaForCausalLM(config).eval()
-    missing, unexpected = model.load_state_dict(source.model.state_dict(), strict=False)
-    if unexpected or not all("rotary" in m for m in missing):
-        raise RuntimeError(f"the GGUF's weights do not fit LlamaForCausalLM: missing {missing}, unexpected {unexpected}")
-    return model
+    return transformers_llama(source)
 
 
 def kiln_code_tag() -> str:

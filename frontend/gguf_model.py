@@ -190,3 +190,25 @@ def prequantized_from_gguf(source: str | os.PathLike | GGUFFile, config: LlamaCo
     from .gguf_quant import prequantized_weights
 
     return prequantized_weights(_open(source), config)
+
+
+def transformers_llama(source):
+    """transformers' own LlamaForCausalLM (eval mode) holding the weights this loader read into ``source`` (a
+    ModelSource of a GGUF file): the independent reference of tests and benchmarks, and what the speed benchmark
+    saves as a Hugging Face checkpoint. Needs the transformers package."""
+    import transformers
+
+    cfg = source.config
+    config = transformers.LlamaConfig(
+        vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"],
+        num_hidden_layers=cfg["num_hidden_layers"], num_attention_heads=cfg["num_attention_heads"],
+        num_key_value_heads=cfg["num_key_value_heads"], rms_norm_eps=cfg["rms_norm_eps"],
+        rope_theta=cfg["rope_theta"], max_position_embeddings=cfg["max_position_embeddings"],
+        tie_word_embeddings=cfg["tie_word_embeddings"], head_dim=cfg["head_dim"],
+        bos_token_id=cfg.get("bos_token_id"), eos_token_id=cfg.get("eos_token_id"))
+    model = transformers.LlamaForCausalLM(config).eval()
+    missing, unexpected = model.load_state_dict(source.model.state_dict(), strict=False)
+    if unexpected or not all("rotary" in m for m in missing):
+        raise ModelFormatError(f"the GGUF's weights do not fit transformers' LlamaForCausalLM: missing {missing}, "
+                               f"unexpected {unexpected}")
+    return model

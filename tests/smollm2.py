@@ -44,20 +44,9 @@ SMOL_PROMPTS = [
 @functools.lru_cache(maxsize=None)
 def transformers_smollm2():
     """transformers' own LlamaForCausalLM holding the weights kiln's GGUF loader reads (the reference)."""
-    import transformers
+    from kiln.frontend.gguf_model import transformers_llama
 
-    source = smollm2_source()
-    cfg = source.config
-    config = transformers.LlamaConfig(
-        vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"],
-        num_hidden_layers=cfg["num_hidden_layers"], num_attention_heads=cfg["num_attention_heads"],
-        num_key_value_heads=cfg["num_key_value_heads"], rms_norm_eps=cfg["rms_norm_eps"],
-        rope_theta=cfg["rope_theta"], max_position_embeddings=cfg["max_position_embeddings"],
-        tie_word_embeddings=cfg["tie_word_embeddings"], head_dim=cfg["head_dim"])
-    model = transformers.LlamaForCausalLM(config).eval()
-    missing, unexpected = model.load_state_dict(source.model.state_dict(), strict=False)
-    assert not unexpected and all("rotary" in m for m in missing), (missing, unexpected)
-    return model
+    return transformers_llama(smollm2_source())
 
 
 def assert_prefill_logits_match_transformers(engine, tolerance: float, prompts=SMOL_PROMPTS) -> list:
