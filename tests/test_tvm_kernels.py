@@ -202,8 +202,9 @@ def _paged_cache(lengths, num_kv_heads, page, dim, rng):
     return k_pages, v_pages, table, lambda b: (tokens(b, k_pages), tokens(b, v_pages))
 
 
-# (heads, kv heads, head dim, page size): SmolLM2-135M, and plain MHA with small pages.
-ATTENTION_CONFIGS = [(9, 3, 64, 16), (4, 4, 32, 8)]
+# (heads, kv heads, head dim, page size): SmolLM2-135M, plain MHA with small pages, and head sizes that are not
+# multiples of the kernel's 16 lanes (below one chunk, one chunk and a tail, several and a tail, Phi-2's 80).
+ATTENTION_CONFIGS = [(9, 3, 64, 16), (4, 4, 32, 8), (4, 2, 12, 16), (6, 3, 20, 8), (2, 1, 40, 16), (4, 4, 80, 16)]
 
 
 @pytest.fixture(scope="module", params=ATTENTION_CONFIGS, ids=lambda c: "H{}_Hkv{}_D{}_P{}".format(*c))

@@ -12,6 +12,8 @@ from onnx import TensorProto, numpy_helper
 from kiln.ir.errors import ConfigError, UnsupportedOpError
 from kiln.ir.kv_cache import STEP, KVCacheSpec
 
+from .executor import buffer_head_dim
+
 MODEL_FILE = "step.onnx"
 DATA_FILE = "model.onnx.data"
 READS_WEIGHTS_FILE = False  # the weights live in DATA_FILE; the artifact needs no weights.safetensors
@@ -20,7 +22,8 @@ ALIGNMENT = 4096
 
 
 def kv_layers(spec: KVCacheSpec) -> list:
-    """Per layer, the K/V buffers GroupQueryAttention keeps: {num_kv_heads, head_dim, dtype} from the spec."""
+    """Per layer, the K/V buffers GroupQueryAttention keeps: {num_kv_heads, head_dim, dtype} from the spec (head_dim
+    padded to what GroupQueryAttention takes: executor.buffer_head_dim)."""
     layers = []
     for layer in range(spec.num_layers):
         group = spec.groups[spec.locate(layer)[0]]
@@ -31,7 +34,8 @@ def kv_layers(spec: KVCacheSpec) -> list:
         if spec.dtype not in ("f32", "f16"):
             raise UnsupportedOpError(f"ONNX Runtime's GroupQueryAttention keeps an f32 or f16 cache, not {spec.dtype}; "
                                      f"compile with --kv-cache-dtype f32 or f16")
-        layers.append({"num_kv_heads": group.num_kv_heads, "head_dim": group.k_head_dim, "dtype": spec.dtype})
+        layers.append({"num_kv_heads": group.num_kv_heads, "head_dim": buffer_head_dim(group.k_head_dim),
+                       "dtype": spec.dtype})
     return layers
 
 

@@ -40,6 +40,17 @@ _GRAPH_STEP_INPUTS = ("token_ids", "positions", "logit_rows")
 _ATTENTION_INPUTS = ("pad_index", "unpad_index", "seqlens_k", "total_sequence_length")
 _INPUT_DTYPES = {"token_ids": np.int64, "positions": np.int64, "token_seq": np.int32, "page_table": np.int32,
                  "logit_rows": np.int64}
+# ONNX Runtime's GroupQueryAttention takes head sizes that are multiples of 8 on the CPU. A model whose head size
+# is not one keeps zero-padded heads in its buffers: zero columns add nothing to q . k, and the output's padding
+# columns are dropped, so the padded attention computes the model's.
+GQA_HEAD_MULTIPLE = 8
+
+
+def buffer_head_dim(head_dim: int) -> int:
+    """The head size of the K/V buffers (and GroupQueryAttention) for a model head size ``head_dim``."""
+    return -(-head_dim // GQA_HEAD_MULTIPLE) * GQA_HEAD_MULTIPLE
+
+
 _BINDINGS_KEPT = 16  # IO bindings with their K/V views bound, by (rows, first slot): binding costs ~1 ms
 
 
@@ -405,7 +416,8 @@ def _check_backend_info(info, spec: KVCacheSpec) -> list:
                                 f"the KV-cache spec)")
     for index, layer in enumerate(layers):
         group = spec.groups[spec.locate(index)[0]]
-        declared = {"num_kv_heads": group.num_kv_heads, "head_dim": group.k_head_dim, "dtype": spec.dtype}
+        declared = {"num_kv_heads": group.num_kv_heads, "head_dim": buffer_head_dim(group.k_head_dim),
+                    "dtype": spec.dtype}
         if {k: layer[k] for k in declared} != declared or group.v_head_dim != group.k_head_dim:
             raise fail(f"kv_layers[{index}]", f"{declared} (layer {index} of the KV-cache spec)")
     return layers

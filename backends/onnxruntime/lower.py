@@ -31,6 +31,8 @@ from kiln.ir.kv_cache import KVCacheSpec
 from kiln.ir.symbolic import SymExpr
 from kiln.ir.types import TensorType, numpy_dtype, promote
 
+from .executor import buffer_head_dim
+
 OPSET = 23  # RMSNormalization, Gelu with approximate, Reduce* with axes inputs
 MS_DOMAIN = "com.microsoft"
 ONNX_DTYPES = {
@@ -670,12 +672,18 @@ def _lower_paged_attention(ctx, node):
     layer = node.attrs["layer"]
     if layer in ctx.layers:
         raise UnsupportedOpError(f"{ctx.where()}: layer {layer} of the KV cache is attended twice in one call")
-    ctx.layers[layer] = (kv_heads, dim, cache_dtype)
+    gqa_dim = buffer_head_dim(dim)
+    ctx.layers[layer] = (kv_heads, gqa_dim, cache_dtype)
     ctx.attention_tokens = q_type.shape[2]
 
     def padded(index: int) -> tuple:
         flat, tokens = _tokens_flat(ctx, index)  # [1, T, H * D]
         flat = ctx.cast(flat, ctx.in_type(index).dtype, cache_dtype)
+        if gqa_dim != dim:  # zero columns at the end of every head: [1, T, H, D] -> [1, T, H * gqa_dim]
+            heads_here = tokens[2]
+            flat = ctx.add("Reshape", [flat, ctx.const([1, -1, heads_here, dim], "i64")])
+            flat = ctx.add("Pad", [flat, ctx.const([0, 0, 0, 0, 0, 0, 0, gqa_dim - dim], "i64")])
+            flat = ctx.add("Reshape", [flat, ctx.const([1, -1, heads_here * gqa_dim], "i64")])
         rows = ctx.add("Gather", [flat, PAD_INDEX], axis=1)  # [1, batch, seq, H * D]
         return ctx.add("Squeeze", [rows, ctx.const([0], "i64")]), tokens
 
@@ -685,6 +693,9 @@ def _lower_paged_attention(ctx, node):
                   [q, k, v, *past_names(layer), SEQLENS_K, TOTAL_SEQUENCE_LENGTH],
                   [None, *present_names(layer)], domain=MS_DOMAIN, num_heads=heads, kv_num_heads=kv_heads,
                   scale=float(node.attrs["scale"]), local_window_size=-1 if window is None else int(window))[0]
+    if gqa_dim != dim:  # drop the padding columns: [batch, seq, H * gqa_dim] -> [batch, seq, H, D]
+        out = ctx.add("Reshape", [out, ctx.const([0, 0, heads, gqa_dim], "i64")])
+        out = ctx.add("Slice", [out, ctx.const([0], "i64"), ctx.const([dim], "i64"), ctx.const([3], "i64")])
     out = ctx.add("Reshape", [out, ctx.const([1, -1, heads * dim], "i64")])  # [1, batch * seq, H * D]
     out = ctx.cast(ctx.add("Gather", [out, UNPAD_INDEX], axis=1), cache_dtype, q_type.dtype)
     # [1, T, H * D] -> the IR's [1, H, T, D], lazily (the head merge before o_proj cancels it)

@@ -199,8 +199,8 @@ def embedding_rows(ids: te.Tensor, q: te.Tensor, scale: te.Tensor, offset: te.Te
 def _check_heads(num_heads: int, num_kv_heads: int, head_dim: int):
     if num_heads % num_kv_heads:
         raise ConfigError(f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}")
-    if head_dim % REDUCE_LANES:
-        raise ConfigError(f"head_dim={head_dim} must be a multiple of {REDUCE_LANES}")
+    if head_dim < 1:
+        raise ConfigError(f"expected head_dim >= 1, found {head_dim}")
 
 
 _LOG2E = math.log2(math.e)
@@ -247,7 +247,9 @@ def _attention_template(kind: str, num_heads: int, num_kv_heads: int, head_dim: 
     dim = head_dim
     page = page_size
     lanes = REDUCE_LANES
+    # q . k runs in 16-lane chunks; a head size that is not a multiple of 16 ends in a scalar tail.
     chunks = dim // lanes
+    tail = dim % lanes
     # Scores are kept in log2 units so the softmax uses exp2.
     scale = float((dim ** -0.5 if sm_scale is None else sm_scale) * _LOG2E)
     neg_big = -3.0e38
@@ -274,11 +276,19 @@ def _attention_template(kind: str, num_heads: int, num_kv_heads: int, head_dim: 
                 scores[t] = T.float32(neg_big)
                 if t < valid and p * page + t >= n_tokens - span:
                     # q . k in 16-lane partial sums, then folded in halves: no scalar chain.
-                    for l in T.vectorized(lanes):
-                        part[l] = qs[l] * k_pages[pid + k_base, kvh, t, l]
+                    if chunks > 0:
+                        for l in T.vectorized(lanes):
+                            part[l] = qs[l] * k_pages[pid + k_base, kvh, t, l]
+                    else:
+                        for l in T.vectorized(lanes):
+                            part[l] = T.float32(0)
                     for c in T.serial(1, chunks):
                         for l in T.vectorized(lanes):
                             part[l] = part[l] + qs[c * lanes + l] * k_pages[pid + k_base, kvh, t, c * lanes + l]
+                    if tail > 0:
+                        for l in T.serial(tail):
+                            part[l] = part[l] + (qs[chunks * lanes + l]
+                                                 * k_pages[pid + k_base, kvh, t, chunks * lanes + l])
                     for l in T.vectorized(lanes // 2):
                         part[l] = part[l] + part[l + lanes // 2]
                     for l in T.vectorized(lanes // 4):
