@@ -9,6 +9,7 @@ kiln ops through ``ATEN_TABLE``; an op without an entry raises
 
 from __future__ import annotations
 
+import contextlib
 import operator
 import re
 from typing import Any, Callable
@@ -16,7 +17,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from kiln.ir.errors import UnsupportedOpError
+from kiln.ir.errors import ConfigError, UnsupportedOpError
 from kiln.ir.graph import Function, Module, Value
 from kiln.ir.symbolic import sym
 from kiln.ir.types import TensorType, promote
@@ -65,8 +66,46 @@ def export_model(model: torch.nn.Module, *, max_batch: int = 64, max_seq: int = 
     example = torch.zeros((2, 11), dtype=torch.long)
     batch = torch.export.Dim("batch", min=1, max=max_batch)
     seq = torch.export.Dim("seq", min=1, max=max_seq)
-    with torch.no_grad():
+    with torch.no_grad(), static_rotary(model, max_seq):
         return torch.export.export(wrapper, (example,), dynamic_shapes={"input_ids": {0: batch, 1: seq}})
+
+
+@contextlib.contextmanager
+def static_rotary(model: torch.nn.Module, max_seq: int):
+    """Give every rotary embedding of ``model`` fixed frequencies for sequences up to ``max_seq`` while it is
+    exported, or refuse (ConfigError) one whose frequencies would change within that length.
+
+    transformers' dynamic-NTK and longrope rotaries recompute their frequencies from each call's positions
+    (``dynamic_rope_update``), which torch.export cannot trace; up to their length limit those are the
+    frequencies the rotary computed at init (``original_inv_freq``), so for the export the rotary is
+    marked "default" (the update then leaves it alone) and given them. The module is restored afterwards.
+    """
+    from kiln.frontend.llama import LENGTH_DEPENDENT_ROPE_TYPES, LlamaRotaryEmbedding, check_rope_length
+
+    restore = []
+    try:
+        for name, sub in model.named_modules():
+            if isinstance(sub, LlamaRotaryEmbedding):
+                check_rope_length(sub.rope_scaling, sub.max_position_embeddings, max_seq)
+                continue
+            rope_type = getattr(sub, "rope_type", None)
+            if isinstance(rope_type, dict) and set(rope_type.values()) & set(LENGTH_DEPENDENT_ROPE_TYPES):
+                raise ConfigError(f"model config: rope_parameters of {name or 'the model'} give per-layer-type rope "
+                                  f"types {rope_type}; kiln captures dynamic or longrope rope only as the one rope "
+                                  "type of a model")
+            if rope_type not in LENGTH_DEPENDENT_ROPE_TYPES or not hasattr(sub, "original_inv_freq"):
+                continue
+            # Dynamic NTK's limit is the rotary's original_max_seq_len (the config's max_position_embeddings).
+            check_rope_length(sub.config.rope_parameters, sub.original_max_seq_len, max_seq)
+            restore.append((sub, rope_type, sub.inv_freq))
+            sub.rope_type = "default"
+            sub.inv_freq = sub.original_inv_freq.clone()
+        yield
+    finally:
+        # New tensors were assigned, never written in place: the exported program keeps the fixed ones.
+        for sub, rope_type, inv_freq in restore:
+            sub.rope_type = rope_type
+            sub.inv_freq = inv_freq
 
 
 def capture(model: torch.nn.Module, *, max_batch: int = 64, max_seq: int = 4096) -> Module:

@@ -20,8 +20,17 @@ from torch import nn
 from kiln.ir.errors import ConfigError, ModelFormatError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-SUPPORTED_ROPE_TYPES = ("default", "llama3")
+# transformers' rope types kiln computes (rope_type in a config.json's rope_parameters / rope_scaling).
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")
+# kiln's own rope type for GGUF's rope_freqs tensor (how llama.cpp stores Llama 3.1's scaling): the default
+# frequencies divided per dimension by the tensor's values. Never read from a config.json.
+ROPE_FREQS = "rope_freqs"
+# Types whose frequencies transformers recomputes from the length of each sequence.
+LENGTH_DEPENDENT_ROPE_TYPES = ("dynamic", "longrope")
 _LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+# Types that scale relative to the pretraining context, original_max_position_embeddings.
+_ORIGINAL_LENGTH_ROPE_TYPES = ("llama3", "yarn", "longrope")
+_MAX_CONTEXT = 2**30
 
 # Upper bounds far above any released model (largest today: vocab ~262k, width ~53k, ~130 layers,
 # head_dim 512, context ~10M). They refuse a hostile config before anything is sized from it; the
@@ -100,7 +109,7 @@ class LlamaConfig:
             if value is not None and not all(_is_int(i) and 0 <= i < self.vocab_size for i in ids):
                 raise ConfigError(f"model config: expected {name} to be a token id (or list of ids) below vocab_size "
                                   f"{self.vocab_size}, found {value!r}")
-        self.rope_scaling = _check_rope_scaling(self.rope_scaling)
+        self.rope_scaling = _check_rope_scaling(self.rope_scaling, self.head_dim, self.max_position_embeddings)
 
     @property
     def eos_token_ids(self) -> list[int]:
@@ -215,14 +224,21 @@ def _read_rope(d: dict, default_theta: float) -> tuple[float, dict | None]:
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type == "default":
         return theta, None
-    scaling = {k: v for k, v in params.items() if k not in ("rope_theta", "type")}
+    if not isinstance(rope_type, str) or rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ConfigError(f"config.json: rope_type {rope_type!r} is not supported; expected one of "
+                          f"{SUPPORTED_ROPE_TYPES}")
+    scaling = {k: v for k, v in params.items() if k not in ("rope_theta", "type", "partial_rotary_factor")}
     scaling["rope_type"] = rope_type
-    if rope_type == "llama3" and "original_max_position_embeddings" not in scaling and "original_max_position_embeddings" in d:
+    # As transformers 5 reads it, a top-level original_max_position_embeddings (Phi-3 keeps it there) wins over
+    # the rope dict's (and max_position_embeddings stands in for both: _check_rope_scaling).
+    if rope_type in _ORIGINAL_LENGTH_ROPE_TYPES and "original_max_position_embeddings" in d:
         scaling["original_max_position_embeddings"] = d["original_max_position_embeddings"]
     return theta, scaling
 
 
-def _check_rope_scaling(scaling: dict | None) -> dict | None:
+def _check_rope_scaling(scaling: dict | None, head_dim: int, max_position_embeddings: int) -> dict | None:
+    """kiln's spelling of a rope scaling dict: its type's keys only, transformers' defaults filled in (yarn's and
+    longrope's factor and attention factor resolved), every value checked; idempotent."""
     if scaling is None:
         return None
     if not isinstance(scaling, dict):
@@ -230,23 +246,128 @@ def _check_rope_scaling(scaling: dict | None) -> dict | None:
     rope_type = scaling.get("rope_type", scaling.get("type"))
     if rope_type in (None, "default"):
         return None
-    if rope_type not in SUPPORTED_ROPE_TYPES:
+    if not isinstance(rope_type, str) or rope_type not in SUPPORTED_ROPE_TYPES + (ROPE_FREQS,):
         raise ConfigError(
-            f"model config: rope type {rope_type!r} is not supported; expected one of {SUPPORTED_ROPE_TYPES}")
-    missing = [k for k in _LLAMA3_ROPE_KEYS if k not in scaling]
-    if missing:
-        raise ConfigError(f"model config: llama3 rope scaling is missing {missing}")
-    out = {"rope_type": "llama3"}
-    for key in _LLAMA3_ROPE_KEYS:
-        value = scaling[key]
+            f"model config: rope_scaling rope_type {rope_type!r} is not supported; expected one of "
+            f"{SUPPORTED_ROPE_TYPES}")
+    if rope_type in _ORIGINAL_LENGTH_ROPE_TYPES and scaling.get("original_max_position_embeddings") is None:
+        # transformers' default: the model was pretrained on its whole context.
+        scaling = dict(scaling, original_max_position_embeddings=max_position_embeddings)
+    fields = _RopeFields(rope_type, scaling)
+    if rope_type in ("linear", "dynamic"):
+        return {"rope_type": rope_type, "factor": fields.positive("factor")}
+    if rope_type == "llama3":
+        missing = [k for k in _LLAMA3_ROPE_KEYS if k not in scaling]
+        if missing:
+            raise ConfigError(f"model config: llama3 rope scaling is missing {missing}")
+        out = {"rope_type": "llama3", **{key: fields.positive(key) for key in _LLAMA3_ROPE_KEYS[:3]},
+               "original_max_position_embeddings": fields.length("original_max_position_embeddings")}
+        if out["high_freq_factor"] <= out["low_freq_factor"]:
+            raise ConfigError(
+                f"model config: llama3 rope scaling needs high_freq_factor > low_freq_factor, found "
+                f"{out['high_freq_factor']} and {out['low_freq_factor']}")
+        return out
+    if rope_type == ROPE_FREQS:
+        return {"rope_type": ROPE_FREQS, "divisors": fields.positive_list("divisors", head_dim // 2)}
+    original = fields.length("original_max_position_embeddings")
+    # A factor left out (None) is the ratio of the two context lengths, as in transformers.
+    factor = scaling.get("factor")
+    factor = max_position_embeddings / original if factor is None else fields.positive("factor")
+    attention_factor = scaling.get("attention_factor")
+    if rope_type == "yarn":
+        if attention_factor is None:
+            mscale, mscale_all_dim = fields.number("mscale", 0.0), fields.number("mscale_all_dim", 0.0)
+            attention_factor = (_yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
+                                if mscale and mscale_all_dim else _yarn_mscale(factor))
+        else:
+            attention_factor = fields.positive("attention_factor")
+        truncate = scaling.get("truncate", True)
+        if not isinstance(truncate, bool):
+            raise ConfigError(f"model config: yarn rope scaling truncate must be true or false, found {truncate!r}")
+        # transformers reads a missing, null or zero beta as its default (32 and 1).
+        return {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": original,
+                "attention_factor": float(attention_factor), "beta_fast": fields.number("beta_fast", 0.0) or 32.0,
+                "beta_slow": fields.number("beta_slow", 0.0) or 1.0, "truncate": truncate}
+    if attention_factor is None:
+        if factor > 1.0 and original == 1:
+            raise ConfigError("model config: longrope rope scaling with original_max_position_embeddings 1 has no "
+                              "default attention_factor (log 1 = 0); set attention_factor")
+        attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    else:
+        attention_factor = fields.positive("attention_factor")
+    return {"rope_type": "longrope", "short_factor": fields.positive_list("short_factor", head_dim // 2),
+            "long_factor": fields.positive_list("long_factor", head_dim // 2),
+            "original_max_position_embeddings": original, "attention_factor": float(attention_factor)}
+
+
+class _RopeFields:
+    """Typed reads of one rope scaling dict, each refusal naming the type, the key and the value found."""
+
+    def __init__(self, rope_type: str, scaling: dict) -> None:
+        self.rope_type, self.scaling = rope_type, scaling
+
+    def _refuse(self, key: str, expected: str) -> ConfigError:
+        found = repr(self.scaling[key]) if key in self.scaling else "nothing"
+        if len(found) > 80:
+            found = found[:77] + "..."
+        return ConfigError(f"model config: {self.rope_type} rope scaling {key} must be {expected}, found {found}")
+
+    def number(self, key: str, default: float) -> float:
+        value = self.scaling.get(key)
+        if value is None:
+            return default
+        if not _finite(value):
+            raise self._refuse(key, "a finite number")
+        return float(value)
+
+    def positive(self, key: str) -> float:
+        value = self.scaling.get(key)
         if not _finite(value) or value <= 0:
-            raise ConfigError(f"model config: llama3 rope scaling {key} must be a positive finite number, found {value!r}")
-        out[key] = value
-    if out["high_freq_factor"] <= out["low_freq_factor"]:
+            raise self._refuse(key, "a positive finite number")
+        return float(value)
+
+    def length(self, key: str) -> int:
+        value = self.scaling.get(key)
+        if not _is_int(value) or not 0 < value <= _MAX_CONTEXT:
+            raise self._refuse(key, f"a positive integer of at most {_MAX_CONTEXT:,}")
+        return value
+
+    def positive_list(self, key: str, count: int) -> list[float]:
+        values = self.scaling.get(key)
+        if not isinstance(values, list) or len(values) != count or not all(_finite(v) and v > 0 for v in values):
+            raise self._refuse(key, f"a list of {count} positive finite numbers (one per rotary frequency, "
+                                    "head_dim / 2)")
+        return [float(v) for v in values]
+
+
+def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature 0.1 * mscale * ln(factor) + 1 (none for factor <= 1)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def rope_length_limit(rope_scaling: dict | None, max_position_embeddings: int) -> tuple[str, int] | None:
+    """(config field, length) up to which a rope that depends on the sequence length keeps the frequencies
+    transformers computes for short sequences, the ones kiln compiles: dynamic NTK rescales beyond
+    max_position_embeddings, longrope switches to its long factors beyond original_max_position_embeddings.
+    None for a rope that does not depend on the length."""
+    rope_type = (rope_scaling or {}).get("rope_type")
+    if rope_type == "dynamic":
+        return "max_position_embeddings", max_position_embeddings
+    if rope_type == "longrope":
+        return "original_max_position_embeddings", rope_scaling["original_max_position_embeddings"]
+    return None
+
+
+def check_rope_length(rope_scaling: dict | None, max_position_embeddings: int, max_seq_len: int) -> None:
+    """Refuse a compile whose sequences (up to max_seq_len tokens) would reach past the length where the rope's
+    frequencies change (rope_length_limit): a compiled model holds one set of frequencies."""
+    limit = rope_length_limit(rope_scaling, max_position_embeddings)
+    if limit is not None and max_seq_len > limit[1]:
+        field, length = limit
         raise ConfigError(
-            f"model config: llama3 rope scaling needs high_freq_factor > low_freq_factor, found "
-            f"{out['high_freq_factor']} and {out['low_freq_factor']}")
-    return out
+            f"model config: rope_scaling rope_type {rope_scaling['rope_type']!r} changes its frequencies for sequences "
+            f"longer than {field} {length}, and this compile's max_seq_len is {max_seq_len}; kiln compiles one set "
+            f"of frequencies, so compile with --max-seq-len {length} or less")
 
 
 def _qwen2_sliding_window(d: dict, num_layers: int) -> int | None:
@@ -267,13 +388,58 @@ def _qwen2_sliding_window(d: dict, num_layers: int) -> int | None:
         "max_window_layers); kiln supports only one attention kind for all layers")
 
 
-def rope_inverse_frequencies(config: LlamaConfig) -> torch.Tensor:
-    """inv_freq[head_dim/2] as transformers computes it (default or llama3 scaling), in fp32."""
+def rope_parameters(config: LlamaConfig) -> tuple[torch.Tensor, float]:
+    """(inv_freq[head_dim/2] in fp32, attention factor on cos/sin) as transformers computes them for the
+    config's rope scaling; for dynamic NTK and longrope, those of sequences up to rope_length_limit."""
     dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    base = config.rope_theta
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
     scaling = config.rope_scaling
-    if scaling is None:
-        return inv_freq
+    rope_type = scaling["rope_type"] if scaling else "default"
+    if rope_type == "dynamic":
+        # transformers rescales the base for a length L: base * (factor * L / max_pos - (factor - 1)) ** (dim /
+        # (dim - 2)), with L never below max_pos. Up to the limit that is L = max_pos. (A 2-wide head has no
+        # exponent to rescale; transformers divides by zero there.)
+        length, factor = config.max_position_embeddings, scaling["factor"]
+        if dim > 2:
+            base = base * ((factor * length / config.max_position_embeddings) - (factor - 1)) ** (dim / (dim - 2))
+        return 1.0 / (base ** exponents), 1.0
+    inv_freq = 1.0 / (base ** exponents)
+    if rope_type == "default":
+        return inv_freq, 1.0
+    if rope_type == "linear":
+        return inv_freq / scaling["factor"], 1.0
+    if rope_type == ROPE_FREQS:
+        return inv_freq / torch.tensor(scaling["divisors"], dtype=torch.float32), 1.0
+    if rope_type == "longrope":
+        # Short factors: transformers' choice for sequences up to original_max_position_embeddings.
+        short = torch.tensor(scaling["short_factor"], dtype=torch.float32)
+        return 1.0 / (short * base**exponents), scaling["attention_factor"]
+    if rope_type == "yarn":
+        return _yarn_inverse_frequencies(scaling, base, dim), scaling["attention_factor"]
+    return _llama3_inverse_frequencies(scaling, inv_freq), 1.0
+
+
+def _yarn_inverse_frequencies(scaling: dict, base: float, dim: int) -> torch.Tensor:
+    # Dimensions that turn more than beta_fast times over the original context keep their frequency, those that
+    # turn fewer than beta_slow times are divided by the factor, and a linear ramp blends the band between.
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(scaling["original_max_position_embeddings"] / (rotations * 2 * math.pi))) / (
+            2 * math.log(base))
+
+    low, high = correction_dim(scaling["beta_fast"]), correction_dim(scaling["beta_slow"])
+    if scaling["truncate"]:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # transformers' guard against a zero-width ramp
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    pos_freqs = base ** (torch.arange(0, dim, 2).float() / dim)
+    extrapolation = 1 - ramp
+    return (1.0 / (scaling["factor"] * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+
+
+def _llama3_inverse_frequencies(scaling: dict, inv_freq: torch.Tensor) -> torch.Tensor:
     factor = scaling["factor"]
     low_freq_factor = scaling["low_freq_factor"]
     high_freq_factor = scaling["high_freq_factor"]
@@ -304,15 +470,25 @@ class LlamaRMSNorm(nn.Module):
 
 
 class LlamaRotaryEmbedding(nn.Module):
+    """cos/sin from fixed frequencies; capture checks the compile's max_seq_len against the rope's length limit
+    (check_rope_length)."""
+
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
+        inv_freq, self.attention_scaling = rope_parameters(config)
         # Not persistent: transformers' state dicts do not carry it either.
-        self.register_buffer("inv_freq", rope_inverse_frequencies(config), persistent=False)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.rope_scaling = config.rope_scaling
+        self.max_position_embeddings = config.max_position_embeddings
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
         emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype=x.dtype), emb.sin().to(dtype=x.dtype)
+        cos, sin = emb.cos(), emb.sin()
+        if self.attention_scaling != 1.0:
+            # yarn's and longrope's attention factor; fuse_rope takes it into the rope op's scaling.
+            cos, sin = cos * self.attention_scaling, sin * self.attention_scaling
+        return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
