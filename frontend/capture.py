@@ -17,6 +17,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from kiln.frontend.moe import moe_as_custom_ops
 from kiln.ir.errors import ConfigError, UnsupportedOpError
 from kiln.ir.graph import Function, Module, Value
 from kiln.ir.symbolic import sym
@@ -66,7 +67,7 @@ def export_model(model: torch.nn.Module, *, max_batch: int = 64, max_seq: int = 
     example = torch.zeros((2, 11), dtype=torch.long)
     batch = torch.export.Dim("batch", min=1, max=max_batch)
     seq = torch.export.Dim("seq", min=1, max=max_seq)
-    with torch.no_grad(), static_rotary(model, max_seq):
+    with torch.no_grad(), static_rotary(model, max_seq), moe_as_custom_ops(model):
         return torch.export.export(wrapper, (example,), dynamic_shapes={"input_ids": {0: batch, 1: seq}})
 
 
@@ -654,6 +655,23 @@ def _diff(tr, node, x, n=1, dim=-1, prepend=None, append=None):
     lower = tr.emit("slice", full, axis=axis, start=0, end=length - 1)
     return tr.emit("sub", upper, lower)
 
+
+# mixture of experts: frontend/moe.py runs routers and fused experts modules as these custom ops ---------------
+@handles(torch.ops.kiln.moe_route.default)
+def _moe_route(tr, node, logits, correction_bias, top_k, scoring, normalize, num_groups, topk_groups,
+               group_score, scaling):
+    inputs = [tr.tensor(logits)] + ([tr.tensor(correction_bias)] if correction_bias is not None else [])
+    attrs = dict(top_k=int(top_k), scoring=scoring, normalize=bool(normalize), num_groups=int(num_groups),
+                 topk_groups=int(topk_groups), group_score=group_score, scaling=float(scaling))
+    routed = tr.fn.add_node("moe_route", inputs, attrs, name=node.name, meta={"source": source_location(node)})
+    return list(routed.outputs)
+
+
+@handles(torch.ops.kiln.moe_experts.default)
+def _moe_experts(tr, node, x, weights, ids, gate_up, down, activation):
+    dtype = TORCH_DTYPES[node.meta["val"].dtype]
+    return tr.emit("moe_experts", tr.cast(tr.tensor(x), dtype), tr.tensor(weights), tr.tensor(ids),
+                   tr.tensor(gate_up), tr.tensor(down), activation=activation)
 
 def _identity(tr, node, x, *args, **kw):
     return tr.tensor(x)
