@@ -1,7 +1,8 @@
 """Tokenizers for kiln: a `tokenizers` JSON plus the special-token facts the runtime needs.
 
-Built from a GGUF's tokenizer.ggml.* metadata (byte-level BPE, pre-tokenized as
-llama.cpp does for the file's tokenizer.ggml.pre) or read from a Hugging Face directory.
+Built from a GGUF's tokenizer.ggml.* metadata (byte-level BPE pre-tokenized as llama.cpp
+does for the file's tokenizer.ggml.pre, or SentencePiece merged by score with byte
+fallback as llama.cpp does) or read from a Hugging Face directory.
 Every call into `tokenizers` is wrapped so that its errors and Rust panics become one
 ModelFormatError line.
 """
@@ -11,10 +12,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from kiln.frontend.gguf_file import GGUFFile
 from kiln.ir.errors import ModelFormatError
@@ -143,73 +145,63 @@ def tokenizer_from_gguf(gguf_file) -> TokenizerBundle:
     meta = gguf_file.metadata
     where = gguf_file.path
 
-    def fail(key: str, expected: str, found) -> None:
-        raise ModelFormatError(f"{where}: GGUF tokenizer {key}: expected {expected}, found {found}")
+    def fail(key: str, expected: str, found, fix: str = "convert the model again with a current llama.cpp") -> None:
+        raise ModelFormatError(f"{where}: GGUF tokenizer {key}: expected {expected}, found {found}; {fix}")
 
     model = meta.get("tokenizer.ggml.model")
-    if model != "gpt2":
-        fail("tokenizer.ggml.model", "'gpt2' (byte-level BPE; kiln supports no other GGUF vocabulary yet)",
-             repr(model))
+    if model not in ("gpt2", "llama"):
+        fail("tokenizer.ggml.model", "'gpt2' (byte-level BPE) or 'llama' (SentencePiece)", repr(model),
+             "kiln reads no other GGUF vocabulary yet; compile the model's Hugging Face directory instead")
+    sentencepiece = model == "llama"
     tokens = meta.get("tokenizer.ggml.tokens")
-    merges = meta.get("tokenizer.ggml.merges")
     if not tokens:
         fail("tokenizer.ggml.tokens", "a non-empty array of strings", "none")
-    if merges is None:
-        fail("tokenizer.ggml.merges", "an array of 'left right' strings", "none")
-    token_types = meta.get("tokenizer.ggml.token_type") or [TOKEN_NORMAL] * len(tokens)
+    token_types = meta.get("tokenizer.ggml.token_type")
+    if token_types is None and sentencepiece:
+        fail("tokenizer.ggml.token_type", "one type per token (a SentencePiece vocabulary needs them to tell byte "
+             "and control tokens from text)", "none")
+    token_types = token_types or [TOKEN_NORMAL] * len(tokens)
     if len(token_types) != len(tokens):
         fail("tokenizer.ggml.token_type", f"{len(tokens)} entries (one per token)", len(token_types))
-    pre = meta.get("tokenizer.ggml.pre", "default")
-    if pre not in _BYTE_LEVEL_PRE_TOKENIZERS:
-        fail("tokenizer.ggml.pre", f"one of {sorted(_BYTE_LEVEL_PRE_TOKENIZERS)}", repr(pre))
+    tokens = _checked_tokens(tokens, fail)
+    vocab = {token: index for index, token in enumerate(tokens)}
 
-    vocab: dict[str, int] = {}
-    for index, token in enumerate(tokens):
-        if token in vocab:
-            fail("tokenizer.ggml.tokens", "unique tokens", f"{token!r} at ids {vocab[token]} and {index}")
-        vocab[token] = index
-    pairs = []
-    for index, merge in enumerate(merges):
-        parts = merge.split(" ")
-        if len(parts) != 2 or parts[0] not in vocab or parts[1] not in vocab or parts[0] + parts[1] not in vocab:
-            fail("tokenizer.ggml.merges", "'left right' of two vocabulary tokens whose join is a token",
-                 f"{merge!r} at #{index}")
-        pairs.append((parts[0], parts[1]))
-
-    def token_id(key: str) -> int | None:
+    def token_id(key: str, default: int | None = None) -> int | None:
         value = meta.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < len(tokens)):
+        if value is None:
+            return default if default is not None and default < len(tokens) else None
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < len(tokens):
             fail(key, f"a token id below {len(tokens)}", value)
         return value
 
-    bos_id = token_id("tokenizer.ggml.bos_token_id")
+    # A SentencePiece file without these keys gets llama.cpp's defaults for one (<unk>=0, <s>=1, </s>=2,
+    # BOS added); llama.cpp adds no BOS to a BPE vocabulary unless the file asks.
+    bos_id = token_id("tokenizer.ggml.bos_token_id", 1 if sentencepiece else None)
     eos_ids: list[int] = []
-    for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
-        value = token_id(key)
+    for key, default in (("tokenizer.ggml.eos_token_id", 2 if sentencepiece else None),
+                         ("tokenizer.ggml.eot_token_id", None), ("tokenizer.ggml.eom_token_id", None)):
+        value = token_id(key, default)
         if value is not None and value not in eos_ids:
             eos_ids.append(value)
-    # llama.cpp adds no BOS to a BPE vocabulary unless the file asks.
-    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False))
+    add_bos = _flag(meta, "tokenizer.ggml.add_bos_token", sentencepiece, fail)
     if add_bos and bos_id is None:
         fail("tokenizer.ggml.bos_token_id", "a BOS id since add_bos_token is true", "none")
 
-    # Control tokens are matched whole and are special (skipped when decoding without specials);
-    # user-defined ones are matched whole too but are ordinary text.
-    alphabet = set(_byte_alphabet().values())
-    special = [token for token, kind in zip(tokens, token_types) if kind == TOKEN_CONTROL and set(token) <= alphabet]
-    added = [token for token, kind in zip(tokens, token_types) if kind == TOKEN_USER_DEFINED]
+    # llama.cpp honours add_eos_token; kiln does so for SentencePiece files (BPE ones keep what they had).
+    add_eos = sentencepiece and _flag(meta, "tokenizer.ggml.add_eos_token", False, fail)
+    if add_eos and not eos_ids:
+        fail("tokenizer.ggml.eos_token_id", "an EOS id since add_eos_token is true", "none")
+    if sentencepiece:
+        unk_id = token_id("tokenizer.ggml.unknown_token_id", 0)
+        tokenizer = _sentencepiece_tokenizer(meta, tokens, token_types, vocab, unk_id, fail, where)
+    else:
+        tokenizer = _byte_level_tokenizer(meta, tokens, token_types, vocab, fail, where)
     with tokenizers_errors(where, "GGUF tokenizer: tokenizers cannot build it"):
-        tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))
-        tokenizer.pre_tokenizer = pre_tokenizers.Sequence(_BYTE_LEVEL_PRE_TOKENIZERS[pre]())
-        tokenizer.decoder = decoders.ByteLevel()
-        if add_bos:
-            bos = tokens[bos_id]
-            tokenizer.post_processor = processors.TemplateProcessing(
-                single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, bos_id)])
-        else:
+        if add_bos or add_eos:
+            tokenizer.post_processor = _special_template(tokens, bos_id if add_bos else None,
+                                                         eos_ids[0] if add_eos else None)
+        elif not sentencepiece:
             tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
-        tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in special])
-        tokenizer.add_tokens([AddedToken(token, special=False, normalized=False) for token in added])
         tokenizer_json = tokenizer.to_str()
 
     chat_template = _checked_template(meta.get("tokenizer.chat_template"), f"{where}: GGUF tokenizer.chat_template")
@@ -222,6 +214,138 @@ def tokenizer_from_gguf(gguf_file) -> TokenizerBundle:
         bos_token=tokens[bos_id] if bos_id is not None else None,
         eos_token=tokens[eos_ids[0]] if eos_ids else None,
     )
+
+
+def _checked_tokens(tokens: list, fail) -> list[str]:
+    """The token strings, each unique; an empty one is renamed as llama.cpp does, so it cannot clash."""
+    named = []
+    seen: dict[str, int] = {}
+    for index, token in enumerate(tokens):
+        if not isinstance(token, str):
+            fail("tokenizer.ggml.tokens", "an array of strings", f"a {type(token).__name__} at id {index}")
+        token = token or f"[EMPTY_{index}]"
+        if token in seen:
+            fail("tokenizer.ggml.tokens", "unique tokens", f"{token!r} at ids {seen[token]} and {index}")
+        seen[token] = index
+        named.append(token)
+    return named
+
+
+def _flag(meta: dict, key: str, default: bool, fail) -> bool:
+    value = meta.get(key, default)
+    if not isinstance(value, bool):
+        fail(key, "true or false", repr(value))
+    return value
+
+
+def _special_template(tokens: list[str], bos_id: int | None, eos_id: int | None):
+    """A post-processor that puts BOS in front and EOS behind, as llama.cpp's add_special does."""
+    def sequence(name: str, type_id: int) -> list[str]:
+        # The list form keeps a token with spaces whole (tokenizers splits a template string on spaces).
+        return ([f"{tokens[bos_id]}:{type_id}"] if bos_id is not None else []) + [f"${name}:{type_id}"] + \
+            ([f"{tokens[eos_id]}:{type_id}"] if eos_id is not None else [])
+
+    ends = {tokens[i]: i for i in (bos_id, eos_id) if i is not None}
+    return processors.TemplateProcessing(single=sequence("A", 0), pair=sequence("A", 0) + sequence("B", 1),
+                                         special_tokens=list(ends.items()))
+
+
+def _add_whole_tokens(tokenizer: Tokenizer, special: list[str], added: list[str]) -> None:
+    """Tokens matched whole in the text before the model sees it. Special ones are skipped when decoding
+    without specials; added (user-defined) ones are ordinary text."""
+    tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in special])
+    tokenizer.add_tokens([AddedToken(token, special=False, normalized=False) for token in added])
+
+
+def _byte_level_tokenizer(meta: dict, tokens: list[str], token_types: list, vocab: dict[str, int], fail,
+                          where: str) -> Tokenizer:
+    merges = meta.get("tokenizer.ggml.merges")
+    if merges is None:
+        fail("tokenizer.ggml.merges", "an array of 'left right' strings", "none")
+    pre = meta.get("tokenizer.ggml.pre", "default")
+    if pre not in _BYTE_LEVEL_PRE_TOKENIZERS:
+        fail("tokenizer.ggml.pre", f"one of {sorted(_BYTE_LEVEL_PRE_TOKENIZERS)}", repr(pre))
+    pairs = []
+    for index, merge in enumerate(merges):
+        parts = merge.split(" ")
+        if len(parts) != 2 or parts[0] not in vocab or parts[1] not in vocab or parts[0] + parts[1] not in vocab:
+            fail("tokenizer.ggml.merges", "'left right' of two vocabulary tokens whose join is a token",
+                 f"{merge!r} at #{index}")
+        pairs.append((parts[0], parts[1]))
+
+    # A control token spelled outside the byte alphabet is not one this vocabulary can hold (a mislabel);
+    # it stays out, as in transformers' GGUF loader.
+    alphabet = set(_byte_alphabet().values())
+    special = [token for token, kind in zip(tokens, token_types) if kind == TOKEN_CONTROL and set(token) <= alphabet]
+    added = [token for token, kind in zip(tokens, token_types) if kind == TOKEN_USER_DEFINED]
+    with tokenizers_errors(where, "GGUF tokenizer: tokenizers cannot build it"):
+        tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence(_BYTE_LEVEL_PRE_TOKENIZERS[pre]())
+        tokenizer.decoder = decoders.ByteLevel()
+        _add_whole_tokens(tokenizer, special, added)
+    return tokenizer
+
+
+_SPACE = "\u2581"  # SentencePiece's visible space
+_BYTE_TOKENS = [f"<0x{byte:02X}>" for byte in range(256)]
+
+
+def _sentencepiece_tokenizer(meta: dict, tokens: list[str], token_types: list, vocab: dict[str, int],
+                             unk_id: int | None, fail, where: str) -> Tokenizer:
+    """llama.cpp's SPM tokenizer as a `tokenizers` pipeline.
+
+    llama.cpp escapes spaces as U+2581, puts one in front of every text fragment (unless
+    add_space_prefix is false), splits the fragment into characters and, over the whole fragment,
+    keeps joining the adjacent pair whose join is the best-scoring token; characters left outside
+    the vocabulary become <0xXX> byte tokens. That is BPE without a pre-tokenizer, with one merge
+    per split of each token into two tokens, ranked by the joined token's score, and byte fallback.
+    One difference remains: a character that is no token itself but sits inside one falls back to
+    bytes at once here, where llama.cpp could still join it; SentencePiece makes no such pieces.
+    """
+    scores = meta.get("tokenizer.ggml.scores")
+    if scores is None:
+        fail("tokenizer.ggml.scores", "one score per token for tokenizer.ggml.model 'llama' (SentencePiece merges "
+             "follow them)", "none")
+    if len(scores) != len(tokens):
+        fail("tokenizer.ggml.scores", f"{len(tokens)} entries (one per token)", len(scores))
+    for index, score in enumerate(scores):
+        if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+            fail("tokenizer.ggml.scores", "finite numbers", f"{score!r} at id {index}")
+    missing = [token for token in _BYTE_TOKENS if token not in vocab]
+    if missing:
+        fail("tokenizer.ggml.tokens", "the 256 byte tokens <0x00>..<0xFF> that SentencePiece falls back to for "
+             "characters outside the vocabulary", f"{len(missing)} missing, the first {missing[0]}",
+             "kiln supports SentencePiece vocabularies with byte fallback only")
+    for token in _BYTE_TOKENS:
+        if token_types[vocab[token]] != TOKEN_BYTE:
+            fail("tokenizer.ggml.token_type", f"{TOKEN_BYTE} (byte) for the byte tokens",
+                 f"{token_types[vocab[token]]!r} for {token} at id {vocab[token]}")
+    add_space_prefix = _flag(meta, "tokenizer.ggml.add_space_prefix", True, fail)
+
+    # Ties between different tokens of equal score go to the lower id (llama.cpp takes the leftmost pair);
+    # SentencePiece scores are distinct for the pieces a model merges, so this rarely shows.
+    ranked = []
+    for token_id, token in enumerate(tokens):
+        for cut in range(1, len(token)):
+            left, right = token[:cut], token[cut:]
+            if left in vocab and right in vocab:
+                ranked.append((-scores[token_id], token_id, cut, left, right))
+    ranked.sort()
+    merges = [(left, right) for _, _, _, left, right in ranked]
+
+    # llama.cpp matches control and unknown tokens whole when it parses specials, user-defined ones always.
+    special = [token for token, kind in zip(tokens, token_types) if kind in (TOKEN_CONTROL, TOKEN_UNKNOWN)]
+    added = [token for token, kind in zip(tokens, token_types) if kind == TOKEN_USER_DEFINED]
+    with tokenizers_errors(where, "GGUF tokenizer: tokenizers cannot build it"):
+        tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=None if unk_id is None else tokens[unk_id],
+                                         fuse_unk=False, byte_fallback=True))
+        escape = normalizers.Replace(" ", _SPACE)
+        tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend(_SPACE), escape]) if add_space_prefix else escape
+        # llama.cpp drops the one space it added from the first token when decoding.
+        unescape = [decoders.Replace(_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+        tokenizer.decoder = decoders.Sequence(unescape + [decoders.Strip(" ", 1, 0)] if add_space_prefix else unescape)
+        _add_whole_tokens(tokenizer, special, added)
+    return tokenizer
 
 
 def _checked_template(template, where: str) -> str | None:
