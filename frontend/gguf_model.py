@@ -6,14 +6,17 @@ back in Hugging Face order (llama.cpp's converter interleaves them for its rope)
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 
 import numpy as np
 import torch
+from gguf import GGMLQuantizationType
 
 from kiln.frontend.gguf_file import DEQUANTIZABLE, GGUFFile
-from kiln.frontend.llama import LlamaConfig, LlamaForCausalLM, check_llama_tensors, llama_from_state_dict
+from kiln.frontend.llama import (ROPE_FREQS, LlamaConfig, LlamaForCausalLM, check_llama_tensors,
+                                 llama_from_state_dict)
 from kiln.frontend.tokenizer import TokenizerBundle, check_tokenizer_fits, tokenizer_from_gguf
 from kiln.ir.errors import ConfigError, ModelFormatError
 
@@ -39,6 +42,12 @@ _BLOCK_NAMES = {
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
+# Llama 3.1's rope scaling as llama.cpp stores it: per-dimension divisors of the rope frequencies.
+ROPE_FREQS_TENSOR = "rope_freqs.weight"
+# yarn keys llama.cpp's converter may write, with the values llama.cpp uses for a llama model whatever they say.
+_YARN_DEFAULTS = {"yarn_beta_fast": 32.0, "yarn_beta_slow": 1.0, "yarn_attn_factor": 1.0, "yarn_ext_factor": 1.0,
+                  "yarn_log_multiplier": 0.0}
+_FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
 # A layer index of more than 9 digits names no real layer (and int() refuses 4300+ digits outright).
 _BLOCK_PATTERN = re.compile(r"blk\.(\d{1,9})\.(.+)")
 
@@ -89,11 +98,7 @@ def config_from_gguf(gguf_file: GGUFFile) -> LlamaConfig:
     if isinstance(num_kv_heads, bool) or not isinstance(num_kv_heads, int):
         raise ModelFormatError(f"{gguf_file.path}: GGUF {arch}.attention.head_count_kv: expected one integer for all "
                                f"layers, found {type(num_kv_heads).__name__}")
-    scaling = get("rope.scaling.type", "none")
-    if scaling not in ("none", None) or "rope_freqs.weight" in gguf_file.tensors:
-        found = repr(scaling) if scaling not in ("none", None) else "a rope_freqs tensor (Llama 3.1 scaling)"
-        raise ModelFormatError(f"{gguf_file.path}: GGUF rope scaling: expected none, found {found}; kiln does not "
-                               "load scaled rope from GGUF yet (use the Hugging Face checkpoint)")
+    rope_scaling = _rope_scaling_from_metadata(gguf_file, get)
 
     tokens = meta.get("tokenizer.ggml.tokens")
     vocab_size = get("vocab_size")
@@ -114,6 +119,7 @@ def config_from_gguf(gguf_file: GGUFFile) -> LlamaConfig:
             rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
             rope_theta=float(get("rope.freq_base", 10000.0)),
             max_position_embeddings=get("context_length", 2048),
+            rope_scaling=rope_scaling,
             tie_word_embeddings="output.weight" not in gguf_file.tensors,
             bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
             eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
@@ -128,7 +134,61 @@ def config_from_gguf(gguf_file: GGUFFile) -> LlamaConfig:
     if rope_dims != config.head_dim:
         raise ModelFormatError(f"{gguf_file.path}: GGUF {arch}.rope.dimension_count: expected the head size "
                                f"{config.head_dim} (rope over whole heads), found {rope_dims}")
+    if ROPE_FREQS_TENSOR in gguf_file.tensors:
+        config = _with_rope_freqs(gguf_file, config)
     return config
+
+
+def _rope_scaling_from_metadata(gguf_file: GGUFFile, get) -> dict | None:
+    """kiln's rope_scaling for the file's rope.scaling.* keys as llama.cpp reads them for a llama model: none,
+    linear (factor) or yarn (factor, original_context_length). yarn's other keys, which llama.cpp ignores for
+    llama models while transformers would honour them, are refused unless they hold the defaults."""
+    arch = gguf_file.architecture
+    kind = get("rope.scaling.type", "none")
+    if kind not in ("none", "linear", "yarn"):
+        raise ModelFormatError(f"{gguf_file.path}: GGUF {arch}.rope.scaling.type: expected 'none', 'linear' or "
+                               f"'yarn', found {kind!r}; use the Hugging Face checkpoint for other rope scaling")
+    attention_factor = get("rope.scaling.attn_factor", 1.0)
+    if attention_factor != 1.0:
+        raise ModelFormatError(f"{gguf_file.path}: GGUF {arch}.rope.scaling.attn_factor: expected 1.0, found "
+                               f"{attention_factor!r}; kiln does not scale llama attention by it")
+    if kind == "none":
+        return None
+    factor = get("rope.scaling.factor")
+    if factor is None:
+        raise ModelFormatError(f"{gguf_file.path}: GGUF {arch}.rope.scaling.factor is missing; expected it with "
+                               f"rope.scaling.type {kind!r}")
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": factor}
+    for key, default in _YARN_DEFAULTS.items():
+        value = get(f"rope.scaling.{key}", default)
+        if value != default:
+            raise ModelFormatError(
+                f"{gguf_file.path}: GGUF {arch}.rope.scaling.{key}: expected {default} (llama.cpp's value for llama "
+                f"models, which ignores the key), found {value!r}; use the Hugging Face checkpoint")
+    original = get("rope.scaling.original_context_length")
+    if original is None:
+        raise ModelFormatError(f"{gguf_file.path}: GGUF {arch}.rope.scaling.original_context_length is missing; "
+                               "expected it with rope.scaling.type 'yarn'")
+    return {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": original}
+
+
+def _with_rope_freqs(gguf_file: GGUFFile, config: LlamaConfig) -> LlamaConfig:
+    """The config with the rope_freqs tensor's values as per-dimension divisors of the rope frequencies
+    (llama.cpp's Llama 3.1 scaling: it divides each frequency by its entry)."""
+    info = gguf_file.tensors[ROPE_FREQS_TENSOR]
+    expected = (config.head_dim // 2,)
+    if config.rope_scaling is not None:
+        raise ModelFormatError(f"{gguf_file.path}: GGUF has both a {ROPE_FREQS_TENSOR} tensor and rope.scaling.type "
+                               f"{config.rope_scaling['rope_type']!r}; kiln loads one rope scaling at a time")
+    if tuple(info.shape) != expected or info.ggml_type not in _FLOAT_TYPES:
+        raise ModelFormatError(f"{gguf_file.path}: GGUF tensor {ROPE_FREQS_TENSOR!r}: expected shape {list(expected)} "
+                               f"(head_dim / 2) of a float type, found {list(info.shape)} of {info.ggml_type.name}")
+    divisors = gguf_file.dequantize(ROPE_FREQS_TENSOR).tolist()
+    try:
+        return dataclasses.replace(config, rope_scaling={"rope_type": ROPE_FREQS, "divisors": divisors})
+    except ConfigError as err:
+        raise ModelFormatError(f"{gguf_file.path}: GGUF tensor {ROPE_FREQS_TENSOR!r} is unusable: {err}") from None
 
 
 def check_gguf_tensors(gguf_file: GGUFFile, config: LlamaConfig) -> None:
@@ -137,6 +197,8 @@ def check_gguf_tensors(gguf_file: GGUFFile, config: LlamaConfig) -> None:
     shapes: dict[str, tuple[int, ...]] = {}
     sources: dict[str, str] = {}
     for name, info in gguf_file.tensors.items():
+        if name == ROPE_FREQS_TENSOR:
+            continue  # read into the config's rope scaling (config_from_gguf checks it)
         hf_name = hf_tensor_name(name)
         if hf_name is None:
             raise ModelFormatError(f"{gguf_file.path}: GGUF tensor {name!r}: expected a llama tensor "
@@ -157,6 +219,8 @@ def state_dict_from_gguf(gguf_file: GGUFFile, config: LlamaConfig) -> dict[str, 
     """fp32 tensors under transformers' names, q/k rows in Hugging Face order (after check_gguf_tensors)."""
     tensors = {}
     for name in gguf_file.tensors:
+        if name == ROPE_FREQS_TENSOR:
+            continue
         hf_name = hf_tensor_name(name)
         values = gguf_file.dequantize(name)
         if ".q_proj." in hf_name:
@@ -199,11 +263,17 @@ def transformers_llama(source):
     import transformers
 
     cfg = source.config
+    scaling = cfg.get("rope_scaling") or {}
+    if scaling.get("rope_type") == ROPE_FREQS:
+        raise ConfigError(f"{source.name}: the GGUF's {ROPE_FREQS_TENSOR} tensor has no transformers equivalent; "
+                          "compare with the model's Hugging Face checkpoint (llama3 rope scaling) instead")
     config = transformers.LlamaConfig(
         vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"],
         num_hidden_layers=cfg["num_hidden_layers"], num_attention_heads=cfg["num_attention_heads"],
         num_key_value_heads=cfg["num_key_value_heads"], rms_norm_eps=cfg["rms_norm_eps"],
-        rope_theta=cfg["rope_theta"], max_position_embeddings=cfg["max_position_embeddings"],
+        # kiln spells linear and yarn scaling with transformers' own keys.
+        rope_parameters={"rope_theta": cfg["rope_theta"], "rope_type": "default", **scaling},
+        max_position_embeddings=cfg["max_position_embeddings"],
         tie_word_embeddings=cfg["tie_word_embeddings"], head_dim=cfg["head_dim"],
         bos_token_id=cfg.get("bos_token_id"), eos_token_id=cfg.get("eos_token_id"))
     model = transformers.LlamaForCausalLM(config).eval()
