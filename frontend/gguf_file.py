@@ -26,8 +26,13 @@ SUPPORTED_VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4  # GGML_MAX_DIMS
 MAX_ARRAY_NESTING = 4
+# Floats, the legacy Q*_0 / Q*_1 and the K-quant types (Q4_K_M, Q5_K_M, Q6_K files hold those);
+# the IQ and TQ types, whose blocks index codebooks, are not read yet.
 DEQUANTIZABLE = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16,
-                 GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1)
+                 GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1,
+                 GGMLQuantizationType.Q5_0, GGMLQuantizationType.Q5_1, GGMLQuantizationType.Q2_K,
+                 GGMLQuantizationType.Q3_K, GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_K,
+                 GGMLQuantizationType.Q6_K)
 
 # struct format of each fixed-size scalar value type (all little-endian).
 _SCALAR_FORMATS = {
@@ -368,12 +373,13 @@ class GGUFFile:
         return flat.reshape((*outer, info.row_bytes))
 
     def dequantize(self, name: str) -> np.ndarray:
-        """The tensor as float32 in numpy order, for F32/F16/BF16/Q8_0/Q4_0/Q4_1."""
+        """The tensor as float32 in numpy order, for the DEQUANTIZABLE types (blocks by the gguf package)."""
         info = self._info(name)
         if info.ggml_type not in DEQUANTIZABLE:
             raise ModelFormatError(
                 f"{self.path}: tensor {name!r} has ggml type {info.ggml_type.name}; kiln dequantizes only "
-                f"{', '.join(t.name for t in DEQUANTIZABLE)}; convert the model with one of those")
+                f"{', '.join(t.name for t in DEQUANTIZABLE)}; quantize the original model to one of those "
+                "(llama.cpp's llama-quantize, e.g. Q4_K_M)")
         raw = self.raw(name)
         if info.ggml_type == GGMLQuantizationType.F32:
             return np.array(raw.view("<f4"), dtype=np.float32).reshape(info.shape)
