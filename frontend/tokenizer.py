@@ -323,7 +323,7 @@ def _sentencepiece_tokenizer(meta: dict, tokens: list[str], token_types: list, v
     add_space_prefix = _flag(meta, "tokenizer.ggml.add_space_prefix", True, fail)
 
     # Ties between different tokens of equal score go to the lower id (llama.cpp takes the leftmost pair);
-    # SentencePiece scores are distinct for the pieces a model merges, so this rarely shows.
+    # a BPE-trained SentencePiece model gives every piece a score of its own, so this rarely shows.
     ranked = []
     for token_id, token in enumerate(tokens):
         for cut in range(1, len(token)):
@@ -336,14 +336,16 @@ def _sentencepiece_tokenizer(meta: dict, tokens: list[str], token_types: list, v
     # llama.cpp matches control and unknown tokens whole when it parses specials, user-defined ones always.
     special = [token for token, kind in zip(tokens, token_types) if kind in (TOKEN_CONTROL, TOKEN_UNKNOWN)]
     added = [token for token, kind in zip(tokens, token_types) if kind == TOKEN_USER_DEFINED]
+    unk_token = None if unk_id is None else tokens[unk_id]
     with tokenizers_errors(where, "GGUF tokenizer: tokenizers cannot build it"):
-        tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=None if unk_id is None else tokens[unk_id],
-                                         fuse_unk=False, byte_fallback=True))
-        escape = normalizers.Replace(" ", _SPACE)
-        tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend(_SPACE), escape]) if add_space_prefix else escape
+        tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk_token, fuse_unk=False,
+                                         byte_fallback=True))
+        prefix = [normalizers.Prepend(_SPACE)] if add_space_prefix else []
+        tokenizer.normalizer = normalizers.Sequence(prefix + [normalizers.Replace(" ", _SPACE)])
         # llama.cpp drops the one space it added from the first token when decoding.
-        unescape = [decoders.Replace(_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
-        tokenizer.decoder = decoders.Sequence(unescape + [decoders.Strip(" ", 1, 0)] if add_space_prefix else unescape)
+        strip = [decoders.Strip(" ", 1, 0)] if add_space_prefix else []
+        tokenizer.decoder = decoders.Sequence([decoders.Replace(_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+                                              + strip)
         _add_whole_tokens(tokenizer, special, added)
     return tokenizer
 

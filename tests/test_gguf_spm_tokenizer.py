@@ -13,13 +13,16 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from kiln.frontend.tokenizer import TOKEN_BYTE, TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_USER_DEFINED, \
-    check_tokenizer_fits, tokenizer_from_gguf
+from kiln.frontend.tokenizer import TokenizerBundle, check_tokenizer_fits, tokenizer_from_gguf
 from kiln.ir.errors import ModelFormatError
 from kiln.runtime.chat_template import render_chat
 from kiln.runtime.detokenize import IncrementalDetokenizer
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is the reference tokenizer")
+
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, BYTE = (int(gguf.TokenType.NORMAL), int(gguf.TokenType.UNKNOWN),
+                                                int(gguf.TokenType.CONTROL), int(gguf.TokenType.USER_DEFINED),
+                                                int(gguf.TokenType.BYTE))
 
 SPACE = "\u2581"
 SPECIALS = ["<unk>", "<s>", "</s>"]
@@ -70,7 +73,7 @@ def build_vocabulary(seed: int = 0) -> tuple[list[str], list[float], list[int]]:
     piece_scores = list(HAND_PIECES.values()) + list(-rng.permutation(len(pieces) - len(HAND_PIECES)) - 10.0)
     tokens = SPECIALS + BYTE_TOKENS + ALPHABET + pieces
     scores = [0.0] * (len(SPECIALS) + 256) + [-1000.0 - i for i in range(len(ALPHABET))] + piece_scores
-    types = [TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_CONTROL] + [TOKEN_BYTE] * 256 + [TOKEN_NORMAL] * (len(ALPHABET) + len(pieces))
+    types = [UNKNOWN, CONTROL, CONTROL] + [BYTE] * 256 + [NORMAL] * (len(ALPHABET) + len(pieces))
     return tokens, [float(s) for s in scores], types
 
 
@@ -137,7 +140,7 @@ class Pair:
     def llama_text(self, ids: list[int]) -> str:
         """llama.cpp's own detokenize (not llama-cpp-python's per-piece join), specials left out."""
         tokens = (llama_cpp.llama_token * max(len(ids), 1))(*ids)
-        size = 16 * len(ids) + 16
+        size = 32 * len(ids) + 16  # a piece here is at most 7 characters of at most 3 bytes
         buffer = ctypes.create_string_buffer(size)
         written = llama_cpp.llama_detokenize(self.vocab, tokens, len(ids), buffer, size, False, False)
         assert 0 <= written <= size
@@ -161,7 +164,7 @@ def llama2(tmp_path_factory, vocabulary):
 def no_prefix(tmp_path_factory, vocabulary):
     """Gemma's layout: no space prefix, and a user-defined and an extra control token."""
     tokens, scores, types = vocabulary
-    tokens, scores, types = tokens + ["<tool>", "<|end|>"], scores + [0.0, 0.0], types + [TOKEN_USER_DEFINED, TOKEN_CONTROL]
+    tokens, scores, types = tokens + ["<tool>", "<|end|>"], scores + [0.0, 0.0], types + [USER_DEFINED, CONTROL]
     return Pair(write_gguf(tmp_path_factory.mktemp("spm") / "gemma.gguf", tokens, scores, types,
                            add_bos=False, add_space_prefix=False))
 
@@ -278,6 +281,22 @@ def test_no_prefix_bundle_matches_llama_cpp(no_prefix):
     assert no_prefix.bundle.bos_token_id == llama_cpp.llama_vocab_bos(no_prefix.vocab)
 
 
+def test_missing_special_ids_take_llama_cpp_defaults(tmp_path, vocabulary):
+    pair = Pair(write_gguf(tmp_path / "old.gguf", *vocabulary, bos=None, eos=None, unk=None))
+    assert pair.bundle.bos_token_id == llama_cpp.llama_vocab_bos(pair.vocab) == 1
+    assert pair.bundle.eos_token_ids == [llama_cpp.llama_vocab_eos(pair.vocab)] == [2]
+    assert pair.bundle.add_bos_token is llama_cpp.llama_vocab_get_add_bos(pair.vocab) is True
+    assert pair.kiln.encode("hello 🦀").ids == pair.llama_ids("hello 🦀", add_bos=True)
+
+
+def test_empty_token_is_renamed_as_llama_cpp_does(tmp_path, vocabulary):
+    tokens, scores, types = vocabulary
+    pair = Pair(write_gguf(tmp_path / "empty.gguf", tokens + [""], scores + [-5000.0], types + [NORMAL]))
+    empty_id = len(tokens)
+    assert pair.kiln.id_to_token(empty_id) == llama_cpp.llama_vocab_get_text(pair.vocab, empty_id).decode()
+    assert pair.kiln.encode("hello world").ids == pair.llama_ids("hello world", add_bos=True)
+
+
 def test_add_eos_token(tmp_path, vocabulary):
     pair = Pair(write_gguf(tmp_path / "eos.gguf", *vocabulary, add_eos=True))
     for text in ("", "hello world", "🦀"):
@@ -286,8 +305,6 @@ def test_add_eos_token(tmp_path, vocabulary):
 
 
 def test_bundle_json_round_trip(llama2):
-    from kiln.frontend.tokenizer import TokenizerBundle
-
     again = TokenizerBundle.from_dict(llama2.bundle.to_dict()).tokenizer()
     assert again.encode("naïve 日本 🦀").ids == llama2.kiln.encode("naïve 日本 🦀").ids
 
@@ -306,7 +323,7 @@ def _bad(vocabulary, **changes):
     (lambda v: _bad(v, tokens=SPECIALS + v[0][259:], scores=v[1][:3] + v[1][259:], types=v[2][:3] + v[2][259:]),
      "tokenizer.ggml.tokens"),  # no byte tokens
     (lambda v: _bad(v, tokens=v[0][:3] + ["<0x00>"] * 2 + v[0][5:]), "tokenizer.ggml.tokens"),  # duplicates
-    (lambda v: _bad(v, types=v[2][:10] + [TOKEN_NORMAL] + v[2][11:]), "tokenizer.ggml.token_type"),  # byte typed normal
+    (lambda v: _bad(v, types=v[2][:10] + [NORMAL] + v[2][11:]), "tokenizer.ggml.token_type"),  # byte typed normal
     (lambda v: _bad(v, raw={"tokenizer.ggml.tokens": ("add_array", list(range(len(v[0]))))}), "tokenizer.ggml.tokens"),
     (lambda v: _bad(v, raw={"tokenizer.ggml.scores": ("add_array", ["x"] * len(v[0]))}), "tokenizer.ggml.scores"),
     (lambda v: _bad(v, raw={"tokenizer.ggml.add_space_prefix": ("add_uint8", 1)}), "tokenizer.ggml.add_space_prefix"),
