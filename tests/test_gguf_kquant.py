@@ -276,41 +276,46 @@ HIDDEN, FFN, LAYERS, HEADS, KV_HEADS, VOCAB = 256, 512, 2, 4, 2, 259  # K-quant 
 PROMPT = [0, 5, 77, 120, 3, 200, 255, 17, 42, 99, 140, 64]
 
 
-@pytest.fixture(scope="module")
-def fp32_gguf(tmp_path_factory):
+def write_tiny_llama(path, tie: bool) -> str:
     import torch
     import transformers
 
     config = transformers.LlamaConfig(
         vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
         num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=256, rms_norm_eps=1e-5,
-        rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=0, eos_token_id=1)
+        rope_theta=10000.0, tie_word_embeddings=tie, bos_token_id=0, eos_token_id=1)
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.add_(torch.randn_like(p) * 0.5)
-    return write_llama_gguf(tmp_path_factory.mktemp("kquant") / "f32.gguf", model)
+    return str(write_llama_gguf(path, model))
 
 
 @pytest.fixture(scope="module")
-def quantized_gguf(fp32_gguf):
-    """ftype name -> a GGUF that llama.cpp's own quantizer (llama_model_quantize) made from the fp32 one."""
+def quantized_gguf(tmp_path_factory):
+    """(ftype name, tied) -> a GGUF that llama.cpp's own quantizer (llama_model_quantize) made from a tiny
+    fp32 Llama (tied: no output tensor, the embedding table is the logits projection)."""
+    folder = tmp_path_factory.mktemp("kquant")
     made = {}
 
-    def make(ftype: str) -> str:
-        if ftype not in made:
+    def make(ftype: str, tie: bool = False) -> str:
+        if (ftype, tie) not in made:
             _ggml()
             import llama_cpp
 
+            name = "tied" if tie else "untied"
+            source = folder / f"{name}-f32.gguf"
+            if not source.exists():
+                write_tiny_llama(source, tie)
             params = llama_cpp.llama_model_quantize_default_params()
             params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
             params.nthread = 1
-            path = str(fp32_gguf).replace("f32.gguf", f"{ftype}.gguf")
-            assert llama_cpp.llama_model_quantize(str(fp32_gguf).encode(), path.encode(), ctypes.byref(params)) == 0
-            made[ftype] = path
-        return made[ftype]
+            path = str(folder / f"{name}-{ftype}.gguf")
+            assert llama_cpp.llama_model_quantize(str(source).encode(), path.encode(), ctypes.byref(params)) == 0
+            made[ftype, tie] = path
+        return made[ftype, tie]
 
     return make
 
@@ -371,12 +376,13 @@ def compiled(path, backend, activations, tmp_path):
 LLAMA_CPP_TOLERANCE = 0.1
 
 
-@pytest.mark.parametrize("backend", ["tvm", "onnxruntime"])
-def test_q4_k_m_matches_transformers_and_llama_cpp(quantized_gguf, tmp_path, backend):
-    """Q4_K_M (Q4_K, with Q6_K for the logits and some attn_v / ffn_down): every weight arrives as the
-    file's blocks (Q4_K as int4 groups of 32 with offsets, Q6_K as int8 groups of 16), no fp32 copy;
-    float activations give transformers' logits to fp32 rounding."""
-    path = quantized_gguf("Q4_K_M")
+@pytest.mark.parametrize("backend,tie", [("tvm", False), ("onnxruntime", False), ("tvm", True)])
+def test_q4_k_m_matches_transformers_and_llama_cpp(quantized_gguf, tmp_path, backend, tie):
+    """Q4_K_M (Q4_K, with Q6_K for the logits and some attn_v / ffn_down; tied, the Q6_K table serves the
+    embedding and the logits): every weight arrives as the file's blocks (Q4_K as int4 groups of 32 with
+    offsets, Q6_K as int8 groups of 16), no fp32 copy; float activations give transformers' logits to fp32
+    rounding (measured: 8e-7 TVM, 1.4e-6 ONNX Runtime)."""
+    path = quantized_gguf("Q4_K_M", tie)
     types = tensor_types(path)
     counts = {t: sum(v == t for v in types.values()) for t in (Q.Q4_K, Q.Q6_K)}
     assert counts[Q.Q4_K] + counts[Q.Q6_K] == len(types) and counts[Q.Q6_K] >= 1
