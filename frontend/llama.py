@@ -109,7 +109,8 @@ class LlamaConfig:
             if value is not None and not all(_is_int(i) and 0 <= i < self.vocab_size for i in ids):
                 raise ConfigError(f"model config: expected {name} to be a token id (or list of ids) below vocab_size "
                                   f"{self.vocab_size}, found {value!r}")
-        self.rope_scaling = _check_rope_scaling(self.rope_scaling, self.head_dim, self.max_position_embeddings)
+        self.rope_scaling = _check_rope_scaling(self.rope_scaling, self.head_dim, self.max_position_embeddings,
+                                                self.rope_theta)
 
     @property
     def eos_token_ids(self) -> list[int]:
@@ -236,7 +237,8 @@ def _read_rope(d: dict, default_theta: float) -> tuple[float, dict | None]:
     return theta, scaling
 
 
-def _check_rope_scaling(scaling: dict | None, head_dim: int, max_position_embeddings: int) -> dict | None:
+def _check_rope_scaling(scaling: dict | None, head_dim: int, max_position_embeddings: int,
+                        rope_theta: float) -> dict | None:
     """kiln's spelling of a rope scaling dict: its type's keys only, transformers' defaults filled in (yarn's and
     longrope's factor and attention factor resolved), every value checked; idempotent."""
     if scaling is None:
@@ -277,17 +279,26 @@ def _check_rope_scaling(scaling: dict | None, head_dim: int, max_position_embedd
     if rope_type == "yarn":
         if attention_factor is None:
             mscale, mscale_all_dim = fields.number("mscale", 0.0), fields.number("mscale_all_dim", 0.0)
-            attention_factor = (_yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
-                                if mscale and mscale_all_dim else _yarn_mscale(factor))
+            attention_factor = _yarn_mscale(factor)
+            if mscale and mscale_all_dim:
+                numerator, denominator = _yarn_mscale(factor, mscale), _yarn_mscale(factor, mscale_all_dim)
+                if not (numerator > 0 and denominator > 0):
+                    raise ConfigError(f"model config: yarn rope scaling mscale {mscale} and mscale_all_dim "
+                                      f"{mscale_all_dim} give a non-positive attention factor; fix them")
+                attention_factor = numerator / denominator
         else:
             attention_factor = fields.positive("attention_factor")
         truncate = scaling.get("truncate", True)
         if not isinstance(truncate, bool):
             raise ConfigError(f"model config: yarn rope scaling truncate must be true or false, found {truncate!r}")
+        if rope_theta == 1.0:
+            raise ConfigError("model config: yarn rope scaling needs a rope_theta other than 1 (its ramp divides by "
+                              "log rope_theta), found 1.0")
         # transformers reads a missing, null or zero beta as its default (32 and 1).
         return {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": original,
-                "attention_factor": float(attention_factor), "beta_fast": fields.number("beta_fast", 0.0) or 32.0,
-                "beta_slow": fields.number("beta_slow", 0.0) or 1.0, "truncate": truncate}
+                "attention_factor": float(attention_factor),
+                "beta_fast": fields.positive("beta_fast") if scaling.get("beta_fast") else 32.0,
+                "beta_slow": fields.positive("beta_slow") if scaling.get("beta_slow") else 1.0, "truncate": truncate}
     if attention_factor is None:
         if factor > 1.0 and original == 1:
             raise ConfigError("model config: longrope rope scaling with original_max_position_embeddings 1 has no "

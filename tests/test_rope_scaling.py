@@ -146,6 +146,8 @@ def test_module_is_restored_after_capture():
     ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 0},
      "yarn rope scaling original_max_position_embeddings must be a positive integer"),
     ({"rope_type": "yarn", "factor": 4.0, "truncate": "no"}, "yarn rope scaling truncate must be true or false"),
+    ({"rope_type": "yarn", "factor": 4.0, "beta_fast": -1}, "yarn rope scaling beta_fast must be a positive finite "
+                                                            "number, found -1"),
 ])
 def test_unsupported_or_bad_scaling_is_refused(rope, fragment):
     d = dict(model_type="llama", vocab_size=VOCAB, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
