@@ -153,6 +153,9 @@ def _check_heads(op, q, k, v, attrs):
         raise fail(op, f"q and k head dims differ: {q} vs {k}")
     if attrs["window"] is not None and attrs["window"] < 1:
         raise fail(op, f"window must be >= 1 or none, found {attrs['window']}")
+    softcap = attrs.get("softcap")
+    if softcap is not None and not (isinstance(softcap, float) and softcap > 0):
+        raise fail(op, f"softcap must be a positive float or none, found {softcap!r}")
 
 
 def _attention_infer(types, attrs, module):
@@ -163,14 +166,17 @@ def _attention_infer(types, attrs, module):
     return [TensorType(q.dtype, (q.shape[0], q.shape[1], q.shape[2], v.shape[3]))]
 
 
-def attention_reference(q, k, v, key_positions, query_positions, scale, window):
+def attention_reference(q, k, v, key_positions, query_positions, scale, window, softcap=None):
     """Grouped attention of q [H, Sq, D] over k/v [Hkv, Sk, D]; a key is visible when
-    0 <= key_pos <= query_pos (and query_pos - key_pos < window)."""
+    0 <= key_pos <= query_pos (and query_pos - key_pos < window). With ``softcap`` c the scaled
+    scores s become c * tanh(s / c) before the mask (Gemma-2's attention-logit soft-capping)."""
     heads, kv_heads = q.shape[0], k.shape[0]
     rep = heads // kv_heads
     k64 = np.repeat(k.astype(np.float64), rep, axis=0)
     v64 = np.repeat(v.astype(np.float64), rep, axis=0)
     scores = np.matmul(q.astype(np.float64), np.swapaxes(k64, -1, -2)) * scale
+    if softcap is not None:
+        scores = softcap * np.tanh(scores / softcap)
     qp = np.asarray(query_positions)[:, None]
     kp = np.asarray(key_positions)[None, :]
     visible = (kp <= qp) & (kp >= 0)
@@ -189,16 +195,16 @@ def _attention_ref(xs, attrs):
     q, k, v = xs
     seq = q.shape[2]
     positions = np.arange(seq)
-    out = np.stack([attention_reference(q[b], k[b], v[b], positions, positions, attrs["scale"], attrs["window"])
-                    for b in range(q.shape[0])])
+    out = np.stack([attention_reference(q[b], k[b], v[b], positions, positions, attrs["scale"], attrs["window"],
+                                        attrs.get("softcap")) for b in range(q.shape[0])])
     return [out]
 
 
-_ATTN_ATTRS = {"num_heads": REQUIRED, "num_kv_heads": REQUIRED, "scale": REQUIRED, "window": None}
+_ATTN_ATTRS = {"num_heads": REQUIRED, "num_kv_heads": REQUIRED, "scale": REQUIRED, "window": None, "softcap": None}
 
 define_op("attention", infer=_attention_infer, reference=_attention_ref, attrs=dict(_ATTN_ATTRS), inputs=3,
           doc="causal grouped-query attention over q [b, H, s, D], k/v [b, Hkv, s, D] (query head h reads "
-              "KV head h // (H / Hkv)); optional sliding window")
+              "KV head h // (H / Hkv)); optional sliding window and soft-capping of the scores (c * tanh(s / c))")
 
 
 def _paged_attention_infer(types, attrs, module):
@@ -250,7 +256,7 @@ def _paged_attention_ref(xs, attrs):
         keys = np.concatenate([k_pool[index, p] for p in pages], axis=1)[:, :length]
         values = np.concatenate([v_pool[index, p] for p in pages], axis=1)[:, :length]
         out[0][:, rows] = attention_reference(q[0][:, rows], keys, values, np.arange(length), positions[rows],
-                                              attrs["scale"], attrs["window"])
+                                              attrs["scale"], attrs["window"], attrs.get("softcap"))
     return [out, k_pool, v_pool]
 
 

@@ -1,5 +1,7 @@
 """Fuse attention: ATen SDPA and eager ``softmax(q @ k^T * scale + mask) @ v`` -> one grouped ``attention`` op.
 
+Soft-capped scores (``cap * tanh(q @ k^T * scale / cap)``, Gemma-2) fuse with the op's ``softcap``.
+
 The K/V head repetition (``repeat_kv``: expand + reshape, or a broadcast
 single head) is absorbed, so MHA, GQA and MQA become one op with
 ``num_heads`` / ``num_kv_heads``. A mask is accepted only when it is proven
@@ -182,7 +184,8 @@ def _match_eager(node: Node):
     scores, mask = soft.inputs[0], None
     add = producer(scores, "add")
     if add is not None:
-        pair = operands(add, lambda v: producer(v, "matmul", "mul", "div") is not None and v.type.dtype != "bool")
+        pair = operands(add, lambda v: producer(v, "matmul", "mul", "div", "tanh") is not None
+                        and v.type.dtype != "bool")
         if pair is None:
             return None
         scores, mask = pair
@@ -195,17 +198,20 @@ def _match_eager(node: Node):
         if mask is None:
             return None
         scores = where.inputs[1]
-    scale = 1.0
-    while True:
-        scaled = producer(scores, "mul", "div")
-        if scaled is None:
-            break
-        pair = operands(scaled, lambda v: scalar_value(v) is not None)
-        if pair is None or (scaled.op == "div" and pair[0] is not scaled.inputs[1]):
+    scale, scores = _peel_scalar_factors(scores)
+    softcap = None
+    capped = producer(scores, "tanh")
+    if capped is not None:
+        # Soft-capping (Gemma-2): cap * tanh(inner * qk) with the scalar factors outside (cap) and inside
+        # (inner) the tanh; as the op states it, c * tanh(s / c) with c = cap and s = inner * cap * qk.
+        if scale is None or scale <= 0:
             return None
-        factor = float(scalar_value(pair[0]))
-        scale *= factor if scaled.op == "mul" else 1.0 / factor
-        scores = pair[1]
+        inner, scores = _peel_scalar_factors(capped.inputs[0])
+        if inner is None:
+            return None
+        softcap, scale = scale, inner * scale
+    if scale is None:
+        return None
     qk = producer(scores, "matmul")
     if qk is None:
         return None
@@ -219,7 +225,23 @@ def _match_eager(node: Node):
     k_perm = p[:2] + (p[3], p[2])
     k = perm.inputs[0] if k_perm == (0, 1, 2, 3) else \
         node.function.emit("permute", perm.inputs[0], perm=k_perm, insert_before=node)
-    return q, k, node.inputs[1], mask, scale
+    return q, k, node.inputs[1], mask, scale, softcap
+
+
+def _peel_scalar_factors(scores: Value):
+    """(product of the scalar factors scores is multiplied or divided by, what they multiply), or (None, _)
+    when a multiplication or division is not by a scalar."""
+    scale = 1.0
+    while True:
+        scaled = producer(scores, "mul", "div")
+        if scaled is None:
+            return scale, scores
+        pair = operands(scaled, lambda v: scalar_value(v) is not None)
+        if pair is None or (scaled.op == "div" and pair[0] is not scaled.inputs[1]):
+            return None, scores
+        factor = float(scalar_value(pair[0]))
+        scale *= factor if scaled.op == "mul" else 1.0 / factor
+        scores = pair[1]
 
 
 def _fuse_one(fn: Function, node: Node, module: Module, max_seq: int, reasons: list) -> bool:
@@ -239,11 +261,12 @@ def _try_fuse(fn: Function, node: Node, module: Module, max_seq: int, reasons: l
         mask = node.inputs[3] if len(node.inputs) == 4 else None
         causal = node.attrs["is_causal"]
         scale = node.attrs["scale"]
+        softcap = None
     else:
         parts = _match_eager(node)
         if parts is None:
             return False
-        q, k, v, mask, scale = parts
+        q, k, v, mask, scale, softcap = parts
         causal = False
     where = f"{format_node(node)}" + (f" ({node.meta['source']})" if node.meta.get("source") else "")
     if q.type.rank != 4:
@@ -272,7 +295,7 @@ def _try_fuse(fn: Function, node: Node, module: Module, max_seq: int, reasons: l
     fused = fn.add_node("attention", [q, ks[0], vs[0]],
                         {"num_heads": num_heads, "num_kv_heads": ks[1],
                          "scale": float(scale) if scale is not None else 1.0 / math.sqrt(head_dim),
-                         "window": window},
+                         "window": window, "softcap": softcap},
                         before=node, name="attention", meta=node.meta)
     fn.replace_all_uses(node.output, fused.output)
     return True

@@ -287,7 +287,8 @@ def test_eager_attention_over_repeat_kv():
     assert run_pass(PASS, module) is True
     (fused,) = [n for n in module.functions["f"].nodes if n.op == "attention"]
     assert [v.name for v in fused.inputs] == ["q", "k", "v"]
-    assert fused.attrs == {"num_heads": 4, "num_kv_heads": 2, "scale": 0.25, "window": None}
+    assert fused.attrs == {"num_heads": 4, "num_kv_heads": 2, "scale": 0.25, "window": None,
+                           "softcap": None}
     check_same_results(before, module)
 
 

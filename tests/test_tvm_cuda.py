@@ -46,6 +46,8 @@ CONFIGS = {
     "mha4_d32": dict(heads=4, kv_heads=4, dim=32, page=8, layer=0, window=None),
     # a sliding window that starts neither on a page nor on a tile boundary
     "gqa4x2_d32_window13": dict(heads=4, kv_heads=2, dim=32, page=8, layer=0, window=13),
+    # a head size below one warp, soft-capped scores (Gemma-2's c * tanh(s / c), c small enough to matter)
+    "gqa6x2_d12_softcap": dict(heads=6, kv_heads=2, dim=12, page=8, layer=1, window=None, softcap=0.7),
 }
 
 
@@ -95,6 +97,8 @@ def _reference(q, cache, table, k_base, v_base, row_seq, row_pos, cfg):
         values = _gather(cache, v_base, table, seq, visible, page).astype("float64")
         for h in range(heads):
             scores = keys[:, h // group] @ q[r, h].astype("float64") * scale
+            if cfg.get("softcap") is not None:
+                scores = cfg["softcap"] * np.tanh(scores / cfg["softcap"])
             weights = np.exp(scores - scores.max())
             out[r, h] = weights / weights.sum() @ values[:, h // group]
     return out
@@ -166,7 +170,7 @@ def _kernel(kind, cfg, bases, bind_threads):
     make = (cuda_attention.attention_decode_cuda_func if kind == "decode"
             else cuda_attention.attention_prefill_cuda_func)
     return make(cfg["heads"], cfg["kv_heads"], cfg["dim"], cfg["page"], None, k_base, v_base, cfg["window"],
-                bind_threads=bind_threads)
+                cfg.get("softcap"), bind_threads=bind_threads)
 
 
 CASES = {"decode": decode_case, "prefill": prefill_case, "append": append_case}

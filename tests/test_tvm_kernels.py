@@ -173,9 +173,12 @@ def test_int8_linear_matches_numpy(row_tile):
 
 # ----------------------------------------------------------------------------- attention
 
-def _reference_attention(q, keys, values, sm_scale):
-    """numpy softmax(q k^T * scale) v for one head: q[r, D], keys/values [t, D], mask via -inf."""
+def _reference_attention(q, keys, values, sm_scale, softcap=None):
+    """numpy softmax(q k^T * scale) v for one head: q[r, D], keys/values [t, D], mask via -inf; soft-capped
+    scores are c * tanh(s / c)."""
     scores = (q.astype(np.float64) @ keys.T.astype(np.float64)) * sm_scale
+    if softcap is not None:
+        scores = softcap * np.tanh(scores / softcap)
     scores -= scores.max(axis=-1, keepdims=True)
     probs = np.exp(scores)
     probs /= probs.sum(axis=-1, keepdims=True)
@@ -202,21 +205,23 @@ def _paged_cache(lengths, num_kv_heads, page, dim, rng):
     return k_pages, v_pages, table, lambda b: (tokens(b, k_pages), tokens(b, v_pages))
 
 
-# (heads, kv heads, head dim, page size): SmolLM2-135M, plain MHA with small pages, and head sizes that are not
-# multiples of the kernel's 16 lanes (below one chunk, one chunk and a tail, several and a tail, Phi-2's 80).
-ATTENTION_CONFIGS = [(9, 3, 64, 16), (4, 4, 32, 8), (4, 2, 12, 16), (6, 3, 20, 8), (2, 1, 40, 16), (4, 4, 80, 16)]
+# (heads, kv heads, head dim, page size, soft cap): SmolLM2-135M, plain MHA with small pages, head sizes that are
+# not multiples of the kernel's 16 lanes (below one chunk, one chunk and a tail, several and a tail, Phi-2's 80),
+# and soft-capped scores (Gemma-2's c * tanh(s / c), c small enough to change every row).
+ATTENTION_CONFIGS = [(9, 3, 64, 16, None), (4, 4, 32, 8, None), (4, 2, 12, 16, None), (6, 3, 20, 8, None),
+                     (2, 1, 40, 16, None), (4, 4, 80, 16, None), (4, 2, 32, 16, 0.7)]
 
 
-@pytest.fixture(scope="module", params=ATTENTION_CONFIGS, ids=lambda c: "H{}_Hkv{}_D{}_P{}".format(*c))
+@pytest.fixture(scope="module", params=ATTENTION_CONFIGS, ids=lambda c: "H{}_Hkv{}_D{}_P{}_cap{}".format(*c))
 def attention_builds(request):
-    heads, kv_heads, dim, page = request.param
-    decode = schedules.build_cpu(kernels.attention_decode_func(heads, kv_heads, dim, page))
-    prefill = schedules.build_cpu(kernels.attention_prefill_func(heads, kv_heads, dim, page))
+    heads, kv_heads, dim, page, softcap = request.param
+    decode = schedules.build_cpu(kernels.attention_decode_func(heads, kv_heads, dim, page, softcap=softcap))
+    prefill = schedules.build_cpu(kernels.attention_prefill_func(heads, kv_heads, dim, page, softcap=softcap))
     return request.param, decode, prefill
 
 
 def test_attention_decode_matches_numpy(attention_builds):
-    (heads, kv_heads, dim, page), decode, _ = attention_builds
+    (heads, kv_heads, dim, page, softcap), decode, _ = attention_builds
     rng = _rng(5)
     lengths = [1, page, page + 1, 3 * page + 5, 70]
     k_pages, v_pages, table, tokens = _paged_cache(lengths, kv_heads, page, dim, rng)
@@ -227,12 +232,12 @@ def test_attention_decode_matches_numpy(attention_builds):
     for b in range(len(lengths)):
         keys, values = tokens(b)
         for h in range(heads):
-            ref = _reference_attention(q[b, h][None], keys[h // group], values[h // group], dim ** -0.5)
+            ref = _reference_attention(q[b, h][None], keys[h // group], values[h // group], dim ** -0.5, softcap)
             _close(out[b, h], ref[0])
 
 
 def test_attention_prefill_is_causal_over_packed_sequences(attention_builds):
-    (heads, kv_heads, dim, page), _, prefill = attention_builds
+    (heads, kv_heads, dim, page, softcap), _, prefill = attention_builds
     rng = _rng(6)
     # Sequence 0: 5 new tokens after 12 cached; sequence 1: 20 new tokens, nothing cached.
     cached, new = [12, 0], [5, 20]
@@ -247,7 +252,7 @@ def test_attention_prefill_is_causal_over_packed_sequences(attention_builds):
         keys, values = tokens(b)
         for h in range(heads):
             ref = _reference_attention(q[r, h][None], keys[h // group, :pos + 1],
-                                       values[h // group, :pos + 1], dim ** -0.5)
+                                       values[h // group, :pos + 1], dim ** -0.5, softcap)
             _close(out[r, h], ref[0])
 
 

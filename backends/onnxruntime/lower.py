@@ -692,7 +692,8 @@ def _lower_paged_attention(ctx, node):
     out = ctx.add("GroupQueryAttention",
                   [q, k, v, *past_names(layer), SEQLENS_K, TOTAL_SEQUENCE_LENGTH],
                   [None, *present_names(layer)], domain=MS_DOMAIN, num_heads=heads, kv_num_heads=kv_heads,
-                  scale=float(node.attrs["scale"]), local_window_size=-1 if window is None else int(window))[0]
+                  scale=float(node.attrs["scale"]), local_window_size=-1 if window is None else int(window),
+                  softcap=float(node.attrs.get("softcap") or 0.0))[0]
     if gqa_dim != dim:  # drop the padding columns: [batch, seq, H * gqa_dim] -> [batch, seq, H, D]
         out = ctx.add("Reshape", [out, ctx.const([0, 0, heads, gqa_dim], "i64")])
         out = ctx.add("Slice", [out, ctx.const([0], "i64"), ctx.const([dim], "i64"), ctx.const([3], "i64")])
@@ -714,7 +715,7 @@ def _attention_mask(ctx, sq, sk, window) -> str:
     return mask
 
 
-def _plain_attention(ctx, q, k, v, q_type, k_type, scale, causal, window, mask=None, mask_type=None):
+def _plain_attention(ctx, q, k, v, q_type, k_type, scale, causal, window, mask=None, mask_type=None, softcap=None):
     rank = q_type.rank
     dtype = q_type.dtype
     heads, kv_heads = q_type.shape[-3], k_type.shape[-3]
@@ -725,6 +726,9 @@ def _plain_attention(ctx, q, k, v, q_type, k_type, scale, causal, window, mask=N
     swap = list(range(rank - 2)) + [rank - 1, rank - 2]
     scores = ctx.add("MatMul", [q, ctx.add("Transpose", [k], perm=swap)])
     scores = ctx.add("Mul", [scores, ctx.const(scale, dtype)])
+    if softcap is not None:
+        scores = ctx.add("Mul", [ctx.add("Tanh", [ctx.add("Div", [scores, ctx.const(softcap, dtype)])]),
+                                 ctx.const(softcap, dtype)])
     ninf = ctx.const(-math.inf, dtype)
     if causal:
         scores = ctx.add("Where", [_attention_mask(ctx, q_type.shape[-2], k_type.shape[-2], window), scores, ninf])
@@ -761,7 +765,7 @@ def _lower_sdpa(ctx, node):
 @lowering("attention")
 def _lower_attention(ctx, node):
     return _plain_attention(ctx, ctx.input(0), ctx.input(1), ctx.input(2), ctx.in_type(0), ctx.in_type(1),
-                            node.attrs["scale"], True, node.attrs["window"])
+                            node.attrs["scale"], True, node.attrs["window"], softcap=node.attrs.get("softcap"))
 
 
 # the function walk ------------------------------------------------------------------------

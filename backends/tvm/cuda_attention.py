@@ -59,15 +59,19 @@ def _check(num_heads: int, num_kv_heads: int, head_dim: int, page_size: int, win
 
 def _attention_cuda_func(kind: str, num_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
                          sm_scale: float | None, k_base: int, v_base: int, window: int | None,
-                         bind_threads: bool) -> tirx.PrimFunc:
+                         bind_threads: bool, softcap: float | None = None) -> tirx.PrimFunc:
     _check(num_heads, num_kv_heads, head_dim, page_size, window)
     heads, kv_heads, dim, page = num_heads, num_kv_heads, head_dim, page_size
     group = heads // kv_heads
     threads = _block_threads(dim)
     block_loop, thread_loop, shared, lanes = _loops(bind_threads, threads)
     dim_steps = (dim + threads - 1) // threads
-    # Scores in log2 units so the softmax is exp2.
-    scale = float((dim ** -0.5 if sm_scale is None else sm_scale) * _LOG2E)
+    # Scores in log2 units so the softmax is exp2; soft-capped scores c * tanh(s / c) scale q by 1 / c for the
+    # tanh and take the log2 units after it.
+    capped = softcap is not None
+    sm = dim ** -0.5 if sm_scale is None else sm_scale
+    scale = float(sm / softcap) if capped else float(sm * _LOG2E)
+    cap = float(softcap * _LOG2E) if capped else 1.0
     span = window if window is not None else _NO_WINDOW
 
     @T.macro
@@ -99,7 +103,10 @@ def _attention_cuda_func(kind: str, num_heads: int, num_kv_heads: int, head_dim:
                         tmp[0] = tmp[0] + qs[d] * k_pages[
                             T.Cast("int64", page_table[seq, (start + tile * threads + tx) // page]) + k_base,
                             kvh, (start + tile * threads + tx) % page, d]
-                    scores[tx] = tmp[0]
+                    if capped:
+                        scores[tx] = T.float32(cap) * T.tanh(tmp[0])
+                    else:
+                        scores[tx] = tmp[0]
             # new running max (each thread the same), rescale factor, probabilities of the tile
             for tx in thread_loop(threads):
                 tmp[0] = stat[tx % lanes, 0]
@@ -201,7 +208,8 @@ def _attention_cuda_func(kind: str, num_heads: int, num_kv_heads: int, head_dim:
 
 def attention_decode_cuda_func(num_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
                                sm_scale: float | None = None, k_base: int = 0, v_base: int = 0,
-                               window: int | None = None, *, bind_threads: bool = True) -> tirx.PrimFunc:
+                               window: int | None = None, softcap: float | None = None, *,
+                               bind_threads: bool = True) -> tirx.PrimFunc:
     """PrimFunc(q[b, H, D], k_pages, v_pages, page_table[b, P_max], lengths[b], out[b, H, D]) for CUDA.
 
     As kernels.attention_decode_func: query b attends to the first lengths[b] tokens of sequence b
@@ -210,19 +218,20 @@ def attention_decode_cuda_func(num_heads: int, num_kv_heads: int, head_dim: int,
     (sequence, query head).
     """
     return _attention_cuda_func("decode", num_heads, num_kv_heads, head_dim, page_size, sm_scale, k_base,
-                                v_base, window, bind_threads)
+                                v_base, window, bind_threads, softcap)
 
 
 def attention_prefill_cuda_func(num_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
                                 sm_scale: float | None = None, k_base: int = 0, v_base: int = 0,
-                                window: int | None = None, *, bind_threads: bool = True) -> tirx.PrimFunc:
+                                window: int | None = None, softcap: float | None = None, *,
+                                bind_threads: bool = True) -> tirx.PrimFunc:
     """PrimFunc(q[s, H, D], k_pages, v_pages, page_table[b, P_max], row_seq[s], row_pos[s], out[s, H, D]).
 
     As kernels.attention_prefill_func: row r attends to positions 0..row_pos[r] (within the window)
     of sequence row_seq[r]; a row with row_pos < 0 gets zeros. One thread block per (row, query head).
     """
     return _attention_cuda_func("prefill", num_heads, num_kv_heads, head_dim, page_size, sm_scale, k_base,
-                                v_base, window, bind_threads)
+                                v_base, window, bind_threads, softcap)
 
 
 def kv_append_cuda_func(num_kv_heads: int, head_dim: int, page_size: int, k_base: int, v_base: int, *,

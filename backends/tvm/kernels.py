@@ -232,14 +232,15 @@ def _specialize_bases(func: tirx.PrimFunc, k_base: int, v_base: int) -> tirx.Pri
 
 def _attention_func(kind: str, num_heads: int, num_kv_heads: int, head_dim: int,
                     page_size: int, sm_scale: float | None, k_base: int = 0, v_base: int = 0,
-                    window: int | None = None) -> tirx.PrimFunc:
+                    window: int | None = None, softcap: float | None = None) -> tirx.PrimFunc:
     return _specialize_bases(_attention_template(kind, num_heads, num_kv_heads, head_dim, page_size, sm_scale,
-                                                 window), k_base, v_base)
+                                                 window, softcap), k_base, v_base)
 
 
 @functools.lru_cache(maxsize=None)
 def _attention_template(kind: str, num_heads: int, num_kv_heads: int, head_dim: int,
-                        page_size: int, sm_scale: float | None, window: int | None) -> tirx.PrimFunc:
+                        page_size: int, sm_scale: float | None, window: int | None,
+                        softcap: float | None = None) -> tirx.PrimFunc:
     _check_heads(num_heads, num_kv_heads, head_dim)
     group = num_heads // num_kv_heads
     heads = num_heads
@@ -250,8 +251,12 @@ def _attention_template(kind: str, num_heads: int, num_kv_heads: int, head_dim: 
     # q . k runs in 16-lane chunks; a head size that is not a multiple of 16 ends in a scalar tail.
     chunks = dim // lanes
     tail = dim % lanes
-    # Scores are kept in log2 units so the softmax uses exp2.
-    scale = float((dim ** -0.5 if sm_scale is None else sm_scale) * _LOG2E)
+    # Scores are kept in log2 units so the softmax uses exp2. Soft-capped scores c * tanh(s / c) scale q by
+    # 1 / c for the tanh and take the log2 units after it.
+    capped = softcap is not None
+    sm = dim ** -0.5 if sm_scale is None else sm_scale
+    scale = float(sm / softcap) if capped else float(sm * _LOG2E)
+    cap = float(softcap * _LOG2E) if capped else 1.0
     neg_big = -3.0e38
     # Keys older than `span` positions before the query are outside a sliding window.
     span = window if window is not None else 2 ** 30
@@ -295,7 +300,10 @@ def _attention_template(kind: str, num_heads: int, num_kv_heads: int, head_dim: 
                         part[l] = part[l] + part[l + lanes // 4]
                     for l in T.vectorized(lanes // 8):
                         part[l] = part[l] + part[l + lanes // 8]
-                    scores[t] = part[0] + part[1]
+                    if capped:
+                        scores[t] = T.float32(cap) * T.tanh(part[0] + part[1])
+                    else:
+                        scores[t] = part[0] + part[1]
             stat[2] = stat[0]
             for t in T.serial(page):
                 stat[2] = T.max(stat[2], scores[t])
@@ -381,7 +389,7 @@ def _attention_template(kind: str, num_heads: int, num_kv_heads: int, head_dim: 
 
 def attention_decode_func(num_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
                           sm_scale: float | None = None, k_base: int = 0, v_base: int = 0,
-                          window: int | None = None) -> tirx.PrimFunc:
+                          window: int | None = None, softcap: float | None = None) -> tirx.PrimFunc:
     """PrimFunc(q[b, H, D], k_pages, v_pages, page_table[b, P_max], lengths[b], out[b, H, D]).
 
     Query b attends to the first lengths[b] tokens of sequence b. One parallel task
@@ -389,12 +397,12 @@ def attention_decode_func(num_heads: int, num_kv_heads: int, head_dim: int, page
     so a thread mostly rereads that head's K/V from L2. Already scheduled for CPU.
     """
     return _attention_func("decode", num_heads, num_kv_heads, head_dim, page_size, sm_scale, k_base, v_base,
-                           window)
+                           window, softcap)
 
 
 def attention_prefill_func(num_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
                            sm_scale: float | None = None, k_base: int = 0, v_base: int = 0,
-                           window: int | None = None) -> tirx.PrimFunc:
+                           window: int | None = None, softcap: float | None = None) -> tirx.PrimFunc:
     """PrimFunc(q[s, H, D], k_pages, v_pages, page_table[b, P_max], row_seq[s], row_pos[s],
     out[s, H, D]): causal attention for query rows of several sequences packed together.
 
@@ -403,7 +411,7 @@ def attention_prefill_func(num_heads: int, num_kv_heads: int, head_dim: int, pag
     sequence of s new tokens after c cached ones: row_seq = 0, row_pos = c..c+s-1.
     """
     return _attention_func("prefill", num_heads, num_kv_heads, head_dim, page_size, sm_scale, k_base, v_base,
-                           window)
+                           window, softcap)
 
 
 def kv_append_func(num_kv_heads: int, head_dim: int, page_size: int, k_base: int = 0,

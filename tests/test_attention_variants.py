@@ -1,0 +1,64 @@
+"""Attention variants against transformers on both backends: Gemma-2's soft-capping (attention scores
+c * tanh(s / c) and the final logits likewise) with its alternating sliding-window and global layers.
+
+The caps are set small enough that every score and logit is bent by them: the test first shows transformers'
+outputs move by far more than the tolerance when the caps are removed, so a kernel that ignored them would fail.
+"""
+
+import functools
+
+import pytest
+
+import kiln
+
+from tiny_models import FP32_TOLERANCE, QK_SCALE, _QK_WEIGHTS, assert_engine_matches_transformers, relative_error
+
+PROMPT = [5, 17, 99, 3, 42, 7, 64, 2, 11, 23]
+
+
+@functools.lru_cache(maxsize=None)
+def gemma2(attn_cap=1.0, final_cap=2.0):
+    import torch
+    import transformers
+
+    config = transformers.Gemma2Config(
+        vocab_size=131, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=128, sliding_window=4,
+        attn_logit_softcapping=attn_cap, final_logit_softcapping=final_cap)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if _QK_WEIGHTS.search(name):
+                param.mul_(QK_SCALE)
+    return model
+
+
+def test_the_caps_matter_on_this_model():
+    import torch
+
+    with torch.no_grad():
+        capped = gemma2()(torch.as_tensor([PROMPT])).logits[0].numpy()
+        attn_only = gemma2(None, 2.0)(torch.as_tensor([PROMPT])).logits[0].numpy()
+        final_only = gemma2(1.0, None)(torch.as_tensor([PROMPT])).logits[0].numpy()
+    assert relative_error(attn_only, capped) > 1000 * FP32_TOLERANCE
+    assert relative_error(final_only, capped) > 1000 * FP32_TOLERANCE
+
+
+@pytest.mark.parametrize("backend", ["tvm", "onnxruntime"])
+def test_gemma2_soft_capping_matches_transformers(tmp_path, backend):
+    model = gemma2()
+    engine = kiln.load(kiln.compile(model, backend=backend, max_seq_len=48, output=tmp_path / "model.kiln"))
+    assert_engine_matches_transformers(engine, "gemma2", prompt=PROMPT, model=model)
+
+
+def test_soft_capping_is_fused_into_attention():
+    from kiln.driver import optimize
+    from kiln.frontend.capture import capture
+    from kiln.passes import PassOptions
+
+    module = capture(gemma2(), max_seq=48)
+    optimize(module, PassOptions(max_seq_len=48))
+    caps = {node.attrs["softcap"] for fn in module.functions.values() for node in fn.nodes
+            if node.op == "paged_attention"}
+    assert caps == {1.0}
