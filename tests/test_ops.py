@@ -531,8 +531,9 @@ add("paged_attention",
     {"num_heads": 4, "num_kv_heads": 2, "scale": 0.3, "layer": 1, "index": 1}, torch_fn=_paged_attention_torch)
 
 # ops exercised by dedicated tests below rather than by the table (linear_q and embedding_q: in
-# tests/test_quantize.py, references vs a torch dequantize over int8 / int4 / group / offset / f16 cases)
-SPECIAL = {"weight", "linear_q", "embedding_q"}
+# tests/test_quantize.py, references vs a torch dequantize over int8 / int4 / group / offset / f16 cases;
+# moe_route and moe_experts: in tests/test_moe.py, references vs transformers' routers and experts)
+SPECIAL = {"weight", "linear_q", "embedding_q", "moe_route", "moe_experts"}
 
 
 def test_table_covers_every_op():

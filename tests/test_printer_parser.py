@@ -50,6 +50,10 @@ def build_every_op_module() -> Module:
     module.add_weight("fc2.qweight", type=T("u32", 4, 1))  # int4: 8 nibbles per word, one group of 8
     module.add_weight("fc2.scales", type=T("f32", 4, 1))
     module.add_weight("fc2.zeros", type=T("f32", 4, 1))
+    module.add_weight("router", type=T("f32", 4, 8))  # 4 experts in 2 groups, hidden 8, expert width 6
+    module.add_weight("router.bias", type=T("f32", 4))
+    module.add_weight("experts.gate_up", type=T("f32", 4, 12, 8))
+    module.add_weight("experts.down", type=T("f32", 4, 8, 6))
 
     fn = module.add_function("forward")
     ids = fn.add_param("input_ids", T("i64", batch, seq))
@@ -110,8 +114,15 @@ def build_every_op_module() -> Module:
     mlp = fn.emit("gated_mlp", h, fn.emit("weight", name="mlp.gate"), fn.emit("weight", name="mlp.up"),
                   fn.emit("weight", name="mlp.down"), activation="silu")
     attn = fn.emit("attention", roped, k, k, num_heads=2, num_kv_heads=1, scale=0.5, window=3)
+    tokens_h = fn.emit("reshape", h, shape=(batch * seq, 8))
+    routed = fn.add_node("moe_route", [fn.emit("linear", tokens_h, fn.emit("weight", name="router")),
+                                       fn.emit("weight", name="router.bias")],
+                         {"top_k": 2, "scoring": "sigmoid", "normalize": True, "num_groups": 2, "topk_groups": 1,
+                          "group_score": "top2_sum", "scaling": 2.5}, name="routed")
+    moe = fn.emit("moe_experts", tokens_h, *routed.outputs, fn.emit("weight", name="experts.gate_up"),
+                  fn.emit("weight", name="experts.down"), activation="silu")
     fn.set_results([g, half, picked, filled, ar1, ar2, means, maxes, mins, sm, cs, flat_t, expanded, sliced, joined,
-                    indexed, scores, lin, lin_q, emb_q, ln, att1, att2, rms, *resid.outputs, mlp, attn, *consts])
+                    indexed, scores, lin, lin_q, emb_q, ln, att1, att2, rms, *resid.outputs, mlp, attn, moe, *consts])
 
     # the ragged step over named pools (V's head size differs from K's)
     st = module.add_function("step")
