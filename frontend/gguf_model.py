@@ -250,7 +250,8 @@ def load_gguf(source: str | os.PathLike | GGUFFile) -> tuple[LlamaForCausalLM, L
 
 
 def prequantized_from_gguf(source: str | os.PathLike | GGUFFile, config: LlamaConfig) -> dict:
-    """{transformers weight name: QuantizedWeight} of the file's Q4_0 / Q4_1 / Q8_0 tensors, as stored."""
+    """{transformers weight name: QuantizedWeight} of the file's Q4_0 / Q4_1 / Q8_0 / Q5_0 / Q4_K / Q6_K tensors, as
+    stored."""
     from .gguf_quant import prequantized_weights
 
     return prequantized_weights(_open(source), config)

@@ -102,7 +102,8 @@ def resolve_quantize(pass_options, source_info, progress: Progress = QUIET) -> s
     if mode is None:
         mode = "gguf" if blocks else "none"
     if mode == "gguf" and not blocks:
-        raise ConfigError(f"quantize='gguf' keeps a GGUF file's Q4_0 / Q4_1 / Q8_0 blocks, but {source_info.name!r} "
+        raise ConfigError(f"quantize='gguf' keeps a GGUF file's Q4_0 / Q4_1 / Q8_0 / Q5_0 / Q4_K / Q6_K blocks, but "
+                          f"{source_info.name!r} "
                           f"{'holds none' if source_info.kind == 'gguf' else 'is not a GGUF file'}; "
                           "use none, int8, int4 or int4-g128")
     pass_options.extra["quantize"] = mode
@@ -128,7 +129,7 @@ def compile(source, backend: str = "tvm", target: str = "cpu", quantize=None, ma
     """Compile ``source`` ("smollm2", a .gguf path, a Hugging Face checkpoint dir or a torch.nn.Module).
 
     ``quantize``: "none" (fp32), "int8" (per output channel), "int4" (groups of 32), "int4-g128", or
-    "gguf" (a quantized GGUF file's Q4_0 / Q4_1 / Q8_0 blocks as they are). None (the default) is
+    "gguf" (a quantized GGUF file's Q4_0 / Q4_1 / Q8_0 / Q5_0 / Q4_K / Q6_K blocks as they are). None (the default) is
     "gguf" for a quantized GGUF source and "none" otherwise. int4 groups carry an offset (their
     minimum) unless ``quantize_zero_points=False``; the embedding table and the logits projection
     become int8 per row in the int8 / int4 modes unless ``quantize_embedding=False``.

@@ -107,7 +107,8 @@ def add_quantize_option(group) -> None:
     group.add_argument("--quantize", default="auto", choices=QUANTIZE_CHOICES,
                        help="weight-only quantization: auto (default: gguf for a quantized GGUF file, else none), "
                             "none (fp32), int8 (per output channel), int4 (groups of 32, with offsets), "
-                            "int4-g128 (groups of 128) or gguf (keep the GGUF file's Q4_0/Q4_1/Q8_0 blocks)")
+                            "int4-g128 (groups of 128) or gguf (keep the GGUF file's Q4_0/Q4_1/Q8_0/Q5_0/Q4_K/Q6_K "
+                            "blocks)")
 
 
     group.add_argument("--activations", default="auto", choices=("auto", "float", "int8"),

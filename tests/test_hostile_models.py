@@ -298,7 +298,7 @@ GGUF_TENSOR_CASES = {
     # int() refuses more than 4300 digits with a ValueError; no real layer index has more than a few.
     "layer-index-of-5000-digits": ({f"blk.{'9' * 5000}.ffn_up.weight": f32((FFN, WIDTH))}, [], ["unknown name"]),
     "shape-vs-heads": ({"blk.0.attn_k.weight": f32((2 * HEAD_DIM, WIDTH))}, [], ["k_proj", "[4, 8]", "[8, 8]"]),
-    "type-kiln-cannot-read": ({"blk.0.ffn_up.weight": ((FFN, 256), Q.Q6_K, b"\0" * (FFN * 210))}, [], ["Q6_K"]),
+    "type-kiln-cannot-read": ({"blk.0.ffn_up.weight": ((FFN, 256), Q.IQ4_XS, b"\0" * (FFN * 136))}, [], ["IQ4_XS"]),
 }
 
 

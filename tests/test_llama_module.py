@@ -94,7 +94,7 @@ def test_config_round_trip_and_old_rope_spelling():
 @pytest.mark.parametrize("change, fragment", [
     ({"model_type": "gpt2"}, "model_type"),
     ({"hidden_act": "gelu"}, "hidden_act"),
-    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "yarn"),
+    ({"rope_scaling": {"rope_type": "proportional"}}, "proportional"),
     ({"rope_scaling": {"rope_type": "llama3", "factor": 4.0}}, "missing"),
     ({"num_key_value_heads": 3}, "num_key_value_heads"),
     ({"vocab_size": None}, "vocab_size"),

@@ -270,7 +270,7 @@ def test_gguf_add_bos_and_user_defined_tokens(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, fragment", [
-    ({"model": "llama"}, "tokenizer.ggml.model"),
+    ({"model": "t5"}, "tokenizer.ggml.model"),
     ({"pre": "mystery"}, "tokenizer.ggml.pre"),
     ({"pre": None}, "tokenizer.ggml.pre"),
     ({"merges": ("a c",)}, "merges"),
