@@ -132,3 +132,23 @@ define_op("moe_experts", infer=_experts_infer,
           reference=lambda xs, a: [experts(*xs, a["activation"])], attrs={"activation": REQUIRED}, inputs=5,
           doc="x [T, H], weights [T, k], ids [T, k], w_gate_up [E, 2I, H], w_down [E, H, I] -> [T, H]: "
               "sum over j of weights[t, j] * down_e(act(gate_e x) * up_e x) with e = ids[t, j]")
+
+
+def expert_reads(function) -> dict | None:
+    """What the moe_experts of ``function`` hold and read (for ``kiln inspect``): MoE layers, top-k, experts,
+    all expert-weight bytes, and the bytes one decoded token reads (top-k experts per layer), or None."""
+    from .types import numpy_dtype
+
+    layers = [node for node in function.nodes if node.op == "moe_experts"]
+    if not layers:
+        return None
+    total = read = 0
+    for node in layers:
+        stacked = sum(int(np.prod(v.type.shape)) * np.dtype(numpy_dtype(v.type.dtype)).itemsize
+                      for v in node.inputs[3:])
+        experts, top_k = node.inputs[3].type.shape[0], node.inputs[1].type.shape[1]
+        total += stacked
+        read += stacked * top_k // experts
+    first = layers[0]
+    return {"layers": len(layers), "top_k": first.inputs[1].type.shape[1], "experts": first.inputs[3].type.shape[0],
+            "expert_weight_bytes": total, "expert_bytes_per_decoded_token": read}

@@ -514,6 +514,11 @@ def format_summary(summary: dict) -> str:
     unfused = summary.get("unfused_attention") or []
     lines.append("attention: all fused" if not unfused else f"attention: {len(unfused)} left unfused:")
     lines.extend(f"  - {reason}" for reason in unfused)
+    moe = summary.get("experts")
+    if moe:
+        lines.append(f"experts: {moe['layers']} MoE layers, top-{moe['top_k']} of {moe['experts']}; expert weights "
+                     f"{moe['expert_weight_bytes'] / 2**20:.2f} MiB, read per decoded token "
+                     f"{moe['expert_bytes_per_decoded_token'] / 2**20:.2f} MiB")
     kv = summary.get("kv_cache")
     if kv:
         lines.extend(KVCacheSpec.from_json(kv).describe())

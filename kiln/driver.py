@@ -6,6 +6,7 @@ import collections
 from typing import Any
 
 from kiln.ir.graph import Module
+from kiln.ir.moe_ops import expert_reads
 from kiln.ir.symbolic import symbols_of
 
 from .progress import QUIET, Progress
@@ -74,6 +75,7 @@ def summarize(module: Module) -> dict:
         "quantization": module.metadata.get("quantization"),
         "activations_quantized": module.metadata.get("activations_quantized"),
         "activations": _activation_summary(module.metadata.get("activations")),
+        "experts": expert_reads(module.functions[entry]),
         "passes": module.metadata.get("passes", []),
     }
 
