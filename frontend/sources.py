@@ -81,10 +81,16 @@ def content_hash(source) -> str:
                     hash_file(os.path.join(path, name), h)
             return h.hexdigest()
         return hash_file(path)
+    import torch
+
     h = hashlib.sha256(type(source).__qualname__.encode())
     for name, tensor in source.state_dict().items():
         h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        # Raw bytes (numpy has no bfloat16), with the dtype and shape: equal bytes of another type or shape
+        # are another model.
+        data = tensor.detach().cpu().contiguous()
+        h.update(f"{data.dtype}{tuple(data.shape)}".encode())
+        h.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
