@@ -59,11 +59,13 @@ QUANTIZE_MODES = ("none", "int8", "int4", "int4-g128", "gguf")  # int4: groups o
 # what quantized linears multiply: x as it is, or x in int8 per block of 32; auto picks (resolve_activations)
 ACTIVATION_MODES = ("auto", "float", "int8")
 INTEGER_DOT_BACKENDS = ("tvm", "onnxruntime")  # whose CPU kernels multiply int8 activations as integers
+# what the model computes in; auto is f32, the one dtype every backend's kernels take (resolve_dtype)
+COMPUTE_DTYPES = ("auto", "f32", "f16", "bf16")
 
 
 def compile_options(*, max_seq_len=2048, max_num_seqs=4, page_size=16, kv_cache_dtype="f32",
                     kv_cache_budget=None, activation_seq_len=None, quantize=None, quantize_zero_points=True,
-                    quantize_embedding=True, activations="auto", accuracy_gate="refuse"):
+                    quantize_embedding=True, activations="auto", accuracy_gate="refuse", dtype="auto"):
     from kiln.passes import PassOptions
 
     from .accuracy import check_mode
@@ -82,7 +84,10 @@ def compile_options(*, max_seq_len=2048, max_num_seqs=4, page_size=16, kv_cache_
     if activations not in ACTIVATION_MODES:
         raise ConfigError(f"activations must be 'auto', 'float' (exact) or 'int8' (quantized per block of 32 for "
                           f"integer dot products; quantized weights only), got {activations!r}")
-    extra = {"quantize": quantize, "quantize_zero_points": bool(quantize_zero_points),
+    if dtype not in COMPUTE_DTYPES:
+        raise ConfigError(f"dtype must be one of {', '.join(COMPUTE_DTYPES)} (the compute dtype; auto is f32), "
+                          f"got {dtype!r}")
+    extra = {"dtype": dtype, "quantize": quantize, "quantize_zero_points": bool(quantize_zero_points),
              "quantize_embedding": bool(quantize_embedding), "activations": activations,
              "accuracy_gate": check_mode(accuracy_gate)}
     return PassOptions(max_seq_len=max_seq_len, max_num_seqs=max_num_seqs, page_size=page_size,
@@ -124,6 +129,20 @@ def resolve_activations(pass_options, backend: str, target: str) -> str:
     return mode
 
 
+def resolve_dtype(pass_options, backend: str, target: str) -> str:
+    """Settle the compute dtype: "auto" is f32 on every backend and target, f16 / bf16 weights widened once at
+    compile time (exact), as llama.cpp computes in f32 from f16 weights on the CPU. No backend computes in
+    f16 / bf16 yet (the TVM attention kernels and the ONNX Runtime lowering take f32 activations), so those are
+    refused in one line; returns the dtype."""
+    dtype = pass_options.extra.get("dtype") or "auto"
+    if dtype in ("f16", "bf16"):
+        raise ConfigError(f"dtype {dtype!r} asks for {dtype} compute, but the {backend} backend computes in f32 on "
+                          f"{target} (its kernels take f32 activations; {dtype} weights are widened to f32 at "
+                          f"compile time); use dtype 'auto' or 'f32'")
+    pass_options.extra["dtype"] = "f32"
+    return "f32"
+
+
 def compile(source, backend: str = "tvm", target: str = "cpu", quantize=None, max_seq_len: int = 2048, *,
             output=None, progress: Progress | bool = False, **options) -> Artifact:
     """Compile ``source`` ("smollm2", a .gguf path, a Hugging Face checkpoint dir or a torch.nn.Module).
@@ -142,6 +161,9 @@ def compile(source, backend: str = "tvm", target: str = "cpu", quantize=None, ma
     the source model's in torch eager (top-1 agreement, mean KL; recorded in the manifest as ``accuracy``).
     "refuse" (default): below the thresholds of :mod:`kiln.accuracy` the compile raises ConfigError and
     installs nothing; "warn": it installs with an :class:`kiln.accuracy.AccuracyWarning`; "off": no check.
+    ``dtype``: the compute dtype, "auto" (the default) or "f32": f16 / bf16 weights (a half-precision module,
+    checkpoint or GGUF) are widened to f32 once at compile time and the model computes in f32. "f16" and "bf16"
+    are refused: no backend computes in half precision yet.
     """
     from kiln.backends import check_backend
 
@@ -158,6 +180,7 @@ def compile(source, backend: str = "tvm", target: str = "cpu", quantize=None, ma
     if unknown:
         raise ConfigError(f"unknown compile option {', '.join(unknown)}; expected one of {', '.join(known)}")
     pass_options = compile_options(max_seq_len=max_seq_len, quantize=quantize, **options)
+    resolve_dtype(pass_options, backend, target)
     if output is not None:
         output = output_path(output)  # refused before any work when it is not free or an artifact
     progress = Progress() if progress is True else (progress or QUIET)

@@ -115,6 +115,9 @@ def add_quantize_option(group) -> None:
                        help="what quantized linears multiply: float (exact), int8 (each row quantized per block of "
                             "32, as llama.cpp does: integer dot products, VNNI on the CPU) or auto (default: int8 for "
                             "quantized weights on the CPU with tvm or onnxruntime, else float)")
+    group.add_argument("--dtype", default="auto", choices=("auto", "f32", "f16", "bf16"),
+                       help="compute dtype: auto (default) and f32 widen f16/bf16 weights to f32 at compile time "
+                            "and compute in f32; f16 and bf16 are refused (no backend computes in them yet)")
 
 
 def quantize_arg(args):
@@ -172,7 +175,7 @@ def plan_kwargs(args) -> dict:
     return {"max_seq_len": args.max_seq_len, "max_num_seqs": args.max_num_seqs, "page_size": args.page_size,
             "kv_cache_dtype": args.kv_cache_dtype,
             "kv_cache_budget": parse_bytes(args.kv_cache_budget) if args.kv_cache_budget else None,
-            "activations": getattr(args, "activations", "auto"),
+            "activations": getattr(args, "activations", "auto"), "dtype": getattr(args, "dtype", "auto"),
             "accuracy_gate": getattr(args, "accuracy_gate", "refuse")}
 
 
@@ -446,9 +449,10 @@ def cmd_inspect(args) -> int:
     else:
         from kiln.api import compile_options
 
-        from kiln.api import resolve_activations, resolve_quantize
+        from kiln.api import resolve_activations, resolve_dtype, resolve_quantize
 
         options = compile_options(quantize=quantize_arg(args), **plan_kwargs(args))
+        resolve_dtype(options, getattr(args, "backend", "tvm"), getattr(args, "target", "cpu"))
         progress = Progress()
         module, source_info = capture_source(args.model, max_seq=args.max_seq_len, progress=progress)
         resolve_quantize(options, source_info, progress)

@@ -4,6 +4,8 @@ A tuple is a group the manager repeats until no pass in it changes anything.
 """
 
 PIPELINE = [
+    # f16 / bf16 weights and values become f32 (the compute dtype, PassOptions.extra["dtype"]).
+    "set_compute_dtype",
     # Cleanup: fold constants, one canonical form, no shared or dead code.
     ("fold_constants", "canonicalize", "eliminate_common_subexpressions", "eliminate_dead_code"),
     # Fusions: attention (with its mask proven), RoPE, norms, gated MLPs.

@@ -1,0 +1,44 @@
+"""Compute dtype: a model captured with f16 / bf16 weights computes in f32 (``PassOptions.extra["dtype"]``).
+
+The half weights are widened once, here (exactly: every f16 and bf16 value is an f32 value), and every half
+value and dtype attribute becomes f32, so the graph computes what torch computes from ``model.float()``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kiln.ir.graph import Module
+
+from .manager import register_pass
+
+HALF_DTYPES = ("f16", "bf16")
+
+
+@register_pass("set_compute_dtype")
+def run(module: Module, options) -> bool:
+    """rewrites f16 / bf16 weights, values and dtype attributes into f32 when the compute dtype is f32."""
+    # "auto" and "f32" (and no option, a pass run alone) compute in f32; a half dtype keeps the captured graph.
+    if options.extra.get("dtype") in HALF_DTYPES:
+        return False
+    changed = False
+    for name, type_ in list(module.weights.items()):
+        if type_.dtype in HALF_DTYPES:
+            module.weights[name] = type_.with_dtype("f32")
+            if name in module.weight_data:
+                module.weight_data[name] = np.asarray(module.weight_data[name], dtype=np.float32)
+            changed = True
+    for fn in module.functions.values():
+        for value in fn.params:
+            if value.type.dtype in HALF_DTYPES:
+                value.type = value.type.with_dtype("f32")
+                changed = True
+        for node in fn.nodes:
+            if node.attrs.get("dtype") in HALF_DTYPES:
+                node.attrs["dtype"] = "f32"
+                changed = True
+            for value in node.outputs:
+                if value.type.dtype in HALF_DTYPES:
+                    value.type = value.type.with_dtype("f32")
+                    changed = True
+    return changed
