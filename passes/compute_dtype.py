@@ -41,4 +41,11 @@ def run(module: Module, options) -> bool:
                 if value.type.dtype in HALF_DTYPES:
                     value.type = value.type.with_dtype("f32")
                     changed = True
+        # A cast between f32 and a half dtype is now f32 -> f32: dropped here, before constant folding can
+        # turn one of a weight into a second copy, so the graph is the one captured from model.float().
+        for node in list(fn.nodes):
+            if node.op == "cast" and node.inputs[0].type == node.output.type:
+                fn.replace_all_uses(node.output, node.inputs[0])
+                fn.erase(node)
+                changed = True
     return changed
