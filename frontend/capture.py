@@ -420,6 +420,39 @@ def _expand(tr, node, x, sizes, *args, **kw):
     return tr.emit("expand", tr.tensor(x), shape=tr.meta_type(node).shape)
 
 
+@handles(aten.repeat.default)
+def _repeat(tr, node, x, repeats):
+    """x.repeat(r0, r1, ...) (torch.tile): a unit axis before every axis of x, expanded to r_i, then merged."""
+    v = tr.tensor(x)
+    shape = (1,) * (len(repeats) - v.type.rank) + tuple(v.type.shape)
+    spread = tuple(d for dim in shape for d in (1, dim))
+    v = tr.emit("reshape", v, shape=spread)
+    v = tr.emit("expand", v, shape=tuple(d for r, dim in zip(repeats, shape) for d in (tr.dim(r), dim)))
+    return tr.emit("reshape", v, shape=tr.meta_type(node).shape)
+
+
+@handles(aten.repeat_interleave.self_int)
+def _repeat_interleave(tr, node, x, repeats, dim=None, output_size=None):
+    """Each element repeated ``repeats`` times along ``dim`` (x flattened when dim is None): a unit axis after
+    ``dim``, expanded to ``repeats``, then merged."""
+    v = tr.tensor(x)
+    if dim is None:
+        v = tr.emit("reshape", v, shape=(_numel(v),))
+        dim = 0
+    dim = dim % v.type.rank
+    shape = tuple(v.type.shape)
+    v = tr.emit("reshape", v, shape=shape[:dim + 1] + (1,) + shape[dim + 1:])
+    v = tr.emit("expand", v, shape=shape[:dim + 1] + (tr.dim(repeats),) + shape[dim + 1:])
+    return tr.emit("reshape", v, shape=tr.meta_type(node).shape)
+
+
+def _numel(v: Value):
+    total = 1
+    for d in v.type.shape:
+        total = total * d
+    return total
+
+
 @handles(aten.transpose.int)
 def _transpose(tr, node, x, d0, d1):
     v = tr.tensor(x)
@@ -484,6 +517,17 @@ def _cat(tr, node, tensors, dim=0):
     return tr.emit("concat", *[tr.cast(v, dtype) for v in values], axis=dim % rank)
 
 
+@handles(aten.stack.default)
+def _stack(tr, node, tensors, dim=0):
+    """torch.stack: each tensor with a unit axis at ``dim``, concatenated along it."""
+    values = [tr.tensor(t) for t in tensors]
+    dim = dim % (values[0].type.rank + 1)
+    dtype = TORCH_DTYPES[node.meta["val"].dtype]
+    parts = [tr.emit("reshape", tr.cast(v, dtype), shape=v.type.shape[:dim] + (1,) + v.type.shape[dim:])
+             for v in values]
+    return parts[0] if len(parts) == 1 else tr.emit("concat", *parts, axis=dim)
+
+
 def _split_pieces(tr, node, x, sizes, dim):
     v = tr.tensor(x)
     axis = dim % v.type.rank
@@ -527,6 +571,20 @@ def _addmm(tr, node, bias, a, b, beta=1, alpha=1):
     if beta != 1 or alpha != 1:
         raise tr.unsupported("addmm with alpha/beta other than 1")
     return tr.emit("add", tr.emit("matmul", tr.tensor(a), tr.tensor(b)), tr.tensor(bias))
+
+
+@handles(aten.baddbmm.default)
+def _baddbmm(tr, node, bias, a, b, beta=1, alpha=1):
+    """beta * bias + alpha * (a @ b) (BLOOM adds its ALiBi biases to the attention scores this way)."""
+    product = tr.emit("matmul", tr.tensor(a), tr.tensor(b))
+    if alpha != 1:
+        product = tr.emit("mul", product, tr.scalar(alpha, product.type.dtype))
+    added = tr.tensor(bias)
+    if beta == 0:
+        return product
+    if beta != 1:
+        added = tr.emit("mul", added, tr.scalar(beta, added.type.dtype))
+    return tr.emit("add", added, product)
 
 
 @handles(aten.mm.default, aten.bmm.default, aten.matmul.default)

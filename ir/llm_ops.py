@@ -156,6 +156,10 @@ def _check_heads(op, q, k, v, attrs):
     softcap = attrs.get("softcap")
     if softcap is not None and not (isinstance(softcap, float) and softcap > 0):
         raise fail(op, f"softcap must be a positive float or none, found {softcap!r}")
+    alibi = attrs.get("alibi")
+    if alibi is not None and not (isinstance(alibi, (tuple, list)) and len(alibi) == heads
+                                  and all(isinstance(x, float) and math.isfinite(x) for x in alibi)):
+        raise fail(op, f"alibi must be none or {heads} finite slopes (one per query head), found {alibi!r}")
 
 
 def _attention_infer(types, attrs, module):
@@ -166,10 +170,11 @@ def _attention_infer(types, attrs, module):
     return [TensorType(q.dtype, (q.shape[0], q.shape[1], q.shape[2], v.shape[3]))]
 
 
-def attention_reference(q, k, v, key_positions, query_positions, scale, window, softcap=None):
+def attention_reference(q, k, v, key_positions, query_positions, scale, window, softcap=None, alibi=None):
     """Grouped attention of q [H, Sq, D] over k/v [Hkv, Sk, D]; a key is visible when
     0 <= key_pos <= query_pos (and query_pos - key_pos < window). With ``softcap`` c the scaled
-    scores s become c * tanh(s / c) before the mask (Gemma-2's attention-logit soft-capping)."""
+    scores s become c * tanh(s / c) before the mask (Gemma-2's attention-logit soft-capping); with
+    ``alibi`` (one slope per query head) head h's scores get slope_h * (key_pos - query_pos) added (ALiBi)."""
     heads, kv_heads = q.shape[0], k.shape[0]
     rep = heads // kv_heads
     k64 = np.repeat(k.astype(np.float64), rep, axis=0)
@@ -179,6 +184,8 @@ def attention_reference(q, k, v, key_positions, query_positions, scale, window, 
         scores = softcap * np.tanh(scores / softcap)
     qp = np.asarray(query_positions)[:, None]
     kp = np.asarray(key_positions)[None, :]
+    if alibi is not None:
+        scores = scores + np.asarray(alibi, np.float64)[:, None, None] * (kp - qp)[None]
     visible = (kp <= qp) & (kp >= 0)
     if window is not None:
         visible &= (qp - kp) < window
@@ -196,15 +203,17 @@ def _attention_ref(xs, attrs):
     seq = q.shape[2]
     positions = np.arange(seq)
     out = np.stack([attention_reference(q[b], k[b], v[b], positions, positions, attrs["scale"], attrs["window"],
-                                        attrs.get("softcap")) for b in range(q.shape[0])])
+                                        attrs.get("softcap"), attrs.get("alibi")) for b in range(q.shape[0])])
     return [out]
 
 
-_ATTN_ATTRS = {"num_heads": REQUIRED, "num_kv_heads": REQUIRED, "scale": REQUIRED, "window": None, "softcap": None}
+_ATTN_ATTRS = {"num_heads": REQUIRED, "num_kv_heads": REQUIRED, "scale": REQUIRED, "window": None, "softcap": None,
+               "alibi": None}
 
 define_op("attention", infer=_attention_infer, reference=_attention_ref, attrs=dict(_ATTN_ATTRS), inputs=3,
           doc="causal grouped-query attention over q [b, H, s, D], k/v [b, Hkv, s, D] (query head h reads "
-              "KV head h // (H / Hkv)); optional sliding window and soft-capping of the scores (c * tanh(s / c))")
+              "KV head h // (H / Hkv)); optional sliding window, soft-capping of the scores (c * tanh(s / c)) "
+              "and ALiBi slopes (head h's scores get alibi[h] * (key_pos - query_pos))")
 
 
 def _paged_attention_infer(types, attrs, module):
@@ -256,7 +265,8 @@ def _paged_attention_ref(xs, attrs):
         keys = np.concatenate([k_pool[index, p] for p in pages], axis=1)[:, :length]
         values = np.concatenate([v_pool[index, p] for p in pages], axis=1)[:, :length]
         out[0][:, rows] = attention_reference(q[0][:, rows], keys, values, np.arange(length), positions[rows],
-                                              attrs["scale"], attrs["window"], attrs.get("softcap"))
+                                              attrs["scale"], attrs["window"], attrs.get("softcap"),
+                                              attrs.get("alibi"))
     return [out, k_pool, v_pool]
 
 

@@ -1,11 +1,14 @@
 """Fuse attention: ATen SDPA and eager ``softmax(q @ k^T * scale + mask) @ v`` -> one grouped ``attention`` op.
 
-Soft-capped scores (``cap * tanh(q @ k^T * scale / cap)``, Gemma-2) fuse with the op's ``softcap``.
+Soft-capped scores (``cap * tanh(q @ k^T * scale / cap)``, Gemma-2) fuse with the op's ``softcap``; ALiBi
+position biases (BLOOM, which also computes attention on [batch * heads, seq, head_dim] views) with its ``alibi``
+slopes, proven like the mask below.
 
 The K/V head repetition (``repeat_kv``: expand + reshape, or a broadcast
 single head) is absorbed, so MHA, GQA and MQA become one op with
 ``num_heads`` / ``num_kv_heads``. A mask is accepted only when it is proven
-causal or sliding-window: its subgraph depends on sequence positions alone, so
+causal or sliding-window (plus, for ALiBi, biases linear in the key's distance
+from the query): its subgraph depends on sequence positions alone, so
 it is evaluated and compared with the expected mask for every length from 1 to
 256 and at sampled lengths up to the captured maximum (powers of two and their
 neighbours, and the maximum itself), for batch 1 and 2. An attention that
@@ -109,17 +112,6 @@ def _check_evaluation_fits(nodes, max_seq: int) -> None:
                           f"lower --max-seq-len")
 
 
-def _keep_matrix(mask: np.ndarray):
-    """Boolean keep-matrix of a bool or additive float mask; None if it has other values."""
-    if mask.dtype == np.bool_:
-        return mask
-    keep = mask == 0
-    blocked = mask <= np.finfo(np.float32).min / 2
-    if not np.all(keep | blocked):
-        return None
-    return keep
-
-
 def _expected(n: int, window):
     i = np.arange(n)[:, None]
     j = np.arange(n)[None, :]
@@ -139,27 +131,45 @@ def check_lengths(max_seq: int) -> list:
     return sorted(lengths)
 
 
-def prove_mask(mask: Value, module: Module, max_seq: int):
-    """Returns ("ok", window) with window None for plain causal, or ("fail", reason)."""
-    nodes = _backward_slice(mask)
-    if nodes is None:
-        return "fail", "the mask depends on the input tokens, not only on positions"
-    symbols = mask.type.symbols
-    if not symbols <= {"batch", "seq"}:
-        return "fail", f"the mask depends on unknown sizes {sorted(symbols - {'batch', 'seq'})}"
-    _check_evaluation_fits(nodes, max_seq)
-    window = "unknown"
+def prove_bias(terms: list, num_heads: int, module: Module, max_seq: int):
+    """The sum of ``terms`` (values added to the scores: boolean or additive masks, position biases; each
+    [b, H | 1, s | 1, s], or flat [b * H, s | 1, s] when its flag says so) is proven to be a causal or
+    sliding-window mask plus, optionally, ALiBi biases slope_h * (key - query) (up to a constant per row, which
+    softmax ignores). Returns ("ok", window, slopes) with window None for plain causal and slopes None without
+    ALiBi, or ("fail", reason)."""
+    slices = []
+    for value, _ in terms:
+        nodes = _backward_slice(value)
+        if nodes is None:
+            return "fail", "the mask depends on the input tokens, not only on positions"
+        if not value.type.symbols <= {"batch", "seq"}:
+            return "fail", f"the mask depends on unknown sizes {sorted(value.type.symbols - {'batch', 'seq'})}"
+        _check_evaluation_fits(nodes, max_seq)
+        slices.append(nodes)
+    window, slopes = "unknown", None
     for batch in (1, 2):
         for n in check_lengths(max_seq) if batch == 1 else [1, 2, 7, min(max_seq, 64)]:
             env = {"batch": batch, "seq": n}
-            value = _evaluate(nodes, mask, env, module)
-            keep = _keep_matrix(value)
-            if keep is None:
-                return "fail", "the mask holds values other than 0 and -inf"
-            full = np.broadcast_to(keep, keep.shape[:-2] + (n, n)) if keep.ndim >= 2 else None
-            if full is None or keep.shape[-1] != n:
-                return "fail", f"the mask has shape {list(keep.shape)} at length {n}"
-            rows = full.reshape(-1, n, n)
+            total = np.zeros((1, 1, 1, n))
+            for (value, flat), nodes in zip(terms, slices):
+                part = _evaluate(nodes, value, env, module)
+                if part.dtype == np.bool_:
+                    part = np.where(part, 0.0, -np.inf)
+                part = part.astype(np.float64)
+                if flat:
+                    if part.ndim != 3 or part.shape[0] % num_heads:
+                        return "fail", f"a flat score bias has shape {list(part.shape)} at length {n}"
+                    part = part.reshape(part.shape[0] // num_heads, num_heads, *part.shape[1:])
+                part = np.where(part <= np.finfo(np.float32).min / 2, -np.inf, part)
+                if part.ndim > 4 or part.shape[-1] != n:
+                    return "fail", f"the mask has shape {list(part.shape)} at length {n}"
+                try:
+                    total = total + part.reshape((1,) * (4 - part.ndim) + part.shape)
+                except ValueError:
+                    return "fail", f"the mask has shape {list(part.shape)} at length {n}"
+            full = np.broadcast_to(total, total.shape[:2] + (n, n))
+            keep = np.isfinite(full)
+            rows = keep.reshape(-1, n, n)
             if window == "unknown":
                 visible = int(rows[0, n - 1].sum())
                 if visible != n:
@@ -170,62 +180,143 @@ def prove_mask(mask: Value, module: Module, max_seq: int):
             if not np.all(rows == expected[None]):
                 kind = "causal" if window in ("unknown", None) else f"sliding-window ({window})"
                 return "fail", f"the mask differs from a {kind} mask at length {n}"
-    return "ok", None if window == "unknown" else window
+            status, slopes = _alibi_slopes(full, keep, num_heads, slopes, n)
+            if status != "ok":
+                return "fail", status
+    return "ok", None if window == "unknown" else window, slopes
+
+
+def _alibi_slopes(full: np.ndarray, keep: np.ndarray, num_heads: int, slopes, n: int):
+    """("ok", slopes) when the finite values of ``full`` [b, H | 1, n, n] are slope_h * (key - query) plus a
+    constant per row for every row (slopes None when they are all zero), consistent with ``slopes`` found at
+    other lengths; else (reason, None)."""
+    if n < 2:
+        return "ok", slopes
+    diagonal = np.diagonal(full, axis1=2, axis2=3)[..., None]  # each row's value at key == query (always kept)
+    relative = np.where(keep, full - diagonal, 0.0)
+    scale = max(float(np.abs(relative).max()), 1.0)
+    if np.abs(relative).max() == 0:
+        return ("ok", slopes) if slopes is None else (f"the position bias vanishes at length {n}", None)
+    distance = np.arange(n)[None, :] - np.arange(n)[:, None]  # key - query
+    per_head = relative[..., 1, 0] / -1.0  # row 1, key 0: slope * (0 - 1)
+    found = np.broadcast_to(per_head, full.shape[:2])
+    if not np.allclose(found, found[:1], rtol=0, atol=1e-6 * scale):
+        return f"the position bias differs between sequences of the batch at length {n}", None
+    found = np.broadcast_to(found[0], (num_heads,))
+    predicted = found[None, :, None, None] * distance[None, None]
+    if not np.allclose(np.where(keep, predicted, 0.0), relative, rtol=1e-5, atol=1e-6 * scale):
+        return (f"the scores get a bias that is neither a mask nor linear in the key's distance (ALiBi) at "
+                f"length {n}"), None
+    found = tuple(float(x) for x in found)
+    if slopes is not None and not np.allclose(found, slopes, rtol=1e-5, atol=1e-7):
+        return f"the ALiBi slopes change with the length (at {n})", None
+    return "ok", slopes if slopes is not None else found
 
 
 # rewriting ----------------------------------------------------------------------------
+def _unflatten_heads(value: Value, num_heads: int | None = None):
+    """x [b * H, ...] made by reshaping a 4-D [b, H, ...] -> that 4-D value, or None (BLOOM computes attention
+    with batch and heads merged)."""
+    shaping = producer(value, "reshape")
+    if shaping is None or value.type.rank != 3:
+        return None
+    source = shaping.inputs[0]
+    shape = source.type.shape
+    if source.type.rank != 4 or shape[2:] != value.type.shape[1:] or (num_heads and shape[1] != num_heads):
+        return None
+    return source if shape[0] * shape[1] == value.type.shape[0] else None
+
+
+def _additive_terms(scores: Value, num_heads: int):
+    """What is added up into the [b, H, s, s] scores: (value, flat) pairs, flat marking a [b * H, ...] value
+    reshaped to the scores' shape on the way; None when a reshape on the way is not that."""
+    terms, stack = [], [(scores, False)]
+    while stack:
+        value, flat = stack.pop()
+        add = producer(value, "add")
+        if add is not None and value.type.dtype != "bool":
+            stack.extend((v, flat) for v in add.inputs)
+            continue
+        shaping = producer(value, "reshape")
+        if not flat and shaping is not None and value.type.rank == 4 and shaping.inputs[0].type.rank == 3:
+            inner = shaping.inputs[0]
+            if (value.type.shape[1] == num_heads and inner.type.shape[1:] == value.type.shape[2:]
+                    and inner.type.shape[0] == value.type.shape[0] * num_heads and producer(inner, "add")):
+                stack.append((inner, True))
+                continue
+        terms.append((value, flat))
+    return terms
+
+
 def _match_eager(node: Node):
-    """matmul(softmax(S), v) with S = q @ k^T * scale (+ mask | where(mask, ., -inf)) -> parts, or None."""
-    soft = producer(node.inputs[0], "softmax", "cast")
+    """matmul(softmax(S), v) with S = q @ k^T * scale (soft-capped or not) plus masks and position biases (or
+    where(mask, ., -inf)) -> (q, k, v, bias terms, scale, softcap), or None. Also BLOOM's form, where the
+    matmuls run on [b * H, s, D] views of the 4-D tensors."""
+    probs, values = node.inputs
+    flat = node.output.type.rank == 3
+    if flat:
+        probs, values = _unflatten_heads(probs), _unflatten_heads(values)
+        if probs is None or values is None:
+            return None
+    soft = producer(probs, "softmax", "cast")
     if soft is not None and soft.op == "cast":
         soft = producer(soft.inputs[0], "softmax")
-    if soft is None or soft.attrs["axis"] not in (-1, soft.output.type.rank - 1):
+    if soft is None or soft.attrs["axis"] not in (-1, soft.output.type.rank - 1) or soft.output.type.rank != 4:
         return None
-    scores, mask = soft.inputs[0], None
-    add = producer(scores, "add")
-    if add is not None:
-        pair = operands(add, lambda v: producer(v, "matmul", "mul", "div", "tanh") is not None
-                        and v.type.dtype != "bool")
-        if pair is None:
-            return None
-        scores, mask = pair
-    where = producer(scores, "where")
+    num_heads = soft.output.type.shape[1]
+    terms = _additive_terms(soft.inputs[0], num_heads)
+    candidates = [(i, _scores_source(v, f, node)) for i, (v, f) in enumerate(terms) if v.type.dtype != "bool"]
+    candidates = [(i, c) for i, c in candidates if c is not None]
+    if len(candidates) != 1:
+        return None
+    index, (q, k, scale, softcap, masks) = candidates[0]
+    return q, k, values, terms[:index] + terms[index + 1:] + masks, scale, softcap
+
+
+def _scores_source(value: Value, flat: bool, anchor: Node):
+    """The scaled (soft-capped or not) q @ k^T a scores term is: (q, k, scale, softcap, masks) with q and k
+    [b, H, s, D] (the 4-D sources of a flat term's operands) and masks the booleans of where(mask, ., -inf); or
+    None. A permute k needs is emitted before ``anchor``."""
+    masks = []
+    where = producer(value, "where")
     if where is not None:
         fill = scalar_value(where.inputs[2])
         if fill is None or fill > np.finfo(np.float32).min / 2:
             return None
-        mask = where.inputs[0] if mask is None else None
-        if mask is None:
-            return None
-        scores = where.inputs[1]
-    scale, scores = _peel_scalar_factors(scores)
+        masks.append((where.inputs[0], False))
+        value = where.inputs[1]
+    scale, value = _peel_scalar_factors(value)
     softcap = None
-    capped = producer(scores, "tanh")
+    capped = producer(value, "tanh")
     if capped is not None:
         # Soft-capping (Gemma-2): cap * tanh(inner * qk) with the scalar factors outside (cap) and inside
         # (inner) the tanh; as the op states it, c * tanh(s / c) with c = cap and s = inner * cap * qk.
         if scale is None or scale <= 0:
             return None
-        inner, scores = _peel_scalar_factors(capped.inputs[0])
+        inner, value = _peel_scalar_factors(capped.inputs[0])
         if inner is None:
             return None
         softcap, scale = scale, inner * scale
-    if scale is None:
-        return None
-    qk = producer(scores, "matmul")
-    if qk is None:
+    qk = producer(value, "matmul")
+    if scale is None or qk is None:
         return None
     q, kt = qk.inputs
+    if flat:  # q [b * H, s, D] @ k^T [b * H, D, s], k^T a transpose of a [b * H, s, D] view of k
+        transposed = producer(kt, "permute")
+        if transposed is None or tuple(transposed.attrs["perm"]) != (0, 2, 1):
+            return None
+        q, k = _unflatten_heads(q), _unflatten_heads(transposed.inputs[0])
+        return None if q is None or k is None else (q, k, scale, softcap, masks)
     perm = producer(kt, "permute")
-    if perm is None or kt.type.rank != 4:
+    if perm is None or q.type.rank != 4 or kt.type.rank != 4:
         return None
     # k^T = x.permute(p) means k = x.permute(p with its last two axes swapped); canonicalize composes
     # GPT-2's k.permute(0, 2, 1, 3).transpose(-1, -2) into one permute (0, 2, 3, 1)
     p = tuple(perm.attrs["perm"])
     k_perm = p[:2] + (p[3], p[2])
     k = perm.inputs[0] if k_perm == (0, 1, 2, 3) else \
-        node.function.emit("permute", perm.inputs[0], perm=k_perm, insert_before=node)
-    return q, k, node.inputs[1], mask, scale, softcap
+        anchor.function.emit("permute", perm.inputs[0], perm=k_perm, insert_before=anchor)
+    return q, k, scale, softcap, masks
 
 
 def _peel_scalar_factors(scores: Value):
@@ -258,7 +349,7 @@ def _fuse_one(fn: Function, node: Node, module: Module, max_seq: int, reasons: l
 def _try_fuse(fn: Function, node: Node, module: Module, max_seq: int, reasons: list) -> bool:
     if node.op == "sdpa":
         q, k, v = node.inputs[:3]
-        mask = node.inputs[3] if len(node.inputs) == 4 else None
+        biases = [(node.inputs[3], False)] if len(node.inputs) == 4 else []
         causal = node.attrs["is_causal"]
         scale = node.attrs["scale"]
         softcap = None
@@ -266,7 +357,7 @@ def _try_fuse(fn: Function, node: Node, module: Module, max_seq: int, reasons: l
         parts = _match_eager(node)
         if parts is None:
             return False
-        q, k, v, mask, scale, softcap = parts
+        q, k, v, biases, scale, softcap = parts
         causal = False
     where = f"{format_node(node)}" + (f" ({node.meta['source']})" if node.meta.get("source") else "")
     if q.type.rank != 4:
@@ -278,13 +369,13 @@ def _try_fuse(fn: Function, node: Node, module: Module, max_seq: int, reasons: l
     if ks is None or vs is None or ks[1] != vs[1] or num_heads % ks[1]:
         reasons.append(f"{where}: cannot see how K/V heads map to query heads")
         return False
-    window = None
-    if mask is not None:
-        status, detail = prove_mask(mask, module, max_seq)
-        if status != "ok":
-            reasons.append(f"{where}: {detail}")
+    window = slopes = None
+    if biases:
+        proof = prove_bias(biases, num_heads, module, max_seq)
+        if proof[0] != "ok":
+            reasons.append(f"{where}: {proof[1]}")
             return False
-        window = detail
+        window, slopes = proof[1], proof[2]
     elif not causal:
         reasons.append(f"{where}: attention without a mask is not causal (bidirectional attention is not "
                        f"supported)")
@@ -295,9 +386,12 @@ def _try_fuse(fn: Function, node: Node, module: Module, max_seq: int, reasons: l
     fused = fn.add_node("attention", [q, ks[0], vs[0]],
                         {"num_heads": num_heads, "num_kv_heads": ks[1],
                          "scale": float(scale) if scale is not None else 1.0 / math.sqrt(head_dim),
-                         "window": window, "softcap": softcap},
+                         "window": window, "softcap": softcap, "alibi": slopes},
                         before=node, name="attention", meta=node.meta)
-    fn.replace_all_uses(node.output, fused.output)
+    out = fused.output
+    if node.output.type.rank == 3:  # BLOOM's [b * H, s, D] form: the same values, viewed as it expects
+        out = fn.emit("reshape", out, shape=node.output.type.shape, insert_before=node)
+    fn.replace_all_uses(node.output, out)
     return True
 
 

@@ -1,11 +1,14 @@
-"""Attention variants against transformers on both backends: Gemma-2's soft-capping (attention scores
+"""Attention variants against transformers on both backends: BLOOM's ALiBi position biases (proven from the
+graph, scores computed on [batch * heads, seq, seq] views) and Gemma-2's soft-capping (attention scores
 c * tanh(s / c) and the final logits likewise) with its alternating sliding-window and global layers.
 
-The caps are set small enough that every score and logit is bent by them: the test first shows transformers'
-outputs move by far more than the tolerance when the caps are removed, so a kernel that ignored them would fail.
+Each variant is set up to matter: the tests first show transformers' outputs move by far more than the tolerance
+when the biases or caps are removed, so a kernel that ignored them would fail.
 """
 
 import functools
+
+import numpy as np
 
 import pytest
 
@@ -62,3 +65,54 @@ def test_soft_capping_is_fused_into_attention():
     caps = {node.attrs["softcap"] for fn in module.functions.values() for node in fn.nodes
             if node.op == "paged_attention"}
     assert caps == {1.0}
+
+
+# ALiBi ------------------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def bloom():
+    import torch
+    import transformers
+
+    config = transformers.BloomConfig(vocab_size=131, hidden_size=64, n_layer=2, n_head=4)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("query_key_value.weight"):
+                param.mul_(QK_SCALE)
+    return model
+
+
+def test_the_alibi_biases_matter_on_this_model(monkeypatch):
+    import torch
+    from transformers.models.bloom import modeling_bloom
+
+    with torch.no_grad():
+        biased = bloom()(torch.as_tensor([PROMPT])).logits[0].numpy()
+        monkeypatch.setattr(modeling_bloom, "_get_alibi_slopes", lambda heads, device: torch.zeros(heads))
+        unbiased = bloom()(torch.as_tensor([PROMPT])).logits[0].numpy()
+    assert relative_error(unbiased, biased) > 1000 * FP32_TOLERANCE
+
+
+@pytest.mark.parametrize("backend", ["tvm", "onnxruntime"])
+def test_bloom_alibi_matches_transformers(tmp_path, backend):
+    model = bloom()
+    engine = kiln.load(kiln.compile(model, backend=backend, max_seq_len=48, output=tmp_path / "model.kiln"))
+    assert_engine_matches_transformers(engine, "bloom", prompt=PROMPT, model=model)
+
+
+def test_alibi_slopes_are_proven_and_fused_as_transformers_computes_them():
+    """BLOOM adds its biases to [batch * heads, seq, seq] scores (baddbmm); the fused attention carries the slopes
+    transformers' own _get_alibi_slopes gives."""
+    from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
+
+    from kiln.driver import optimize
+    from kiln.frontend.capture import capture
+    from kiln.passes import PassOptions
+
+    module = capture(bloom(), max_seq=48)
+    optimize(module, PassOptions(max_seq_len=48))
+    slopes = {node.attrs["alibi"] for fn in module.functions.values() for node in fn.nodes
+              if node.op == "paged_attention"}
+    assert len(slopes) == 1
+    np.testing.assert_allclose(slopes.pop(), _get_alibi_slopes(4, "cpu").numpy(), rtol=1e-6)

@@ -67,3 +67,33 @@ def test_unsupported_op_names_op_node_and_source_line():
     assert "graph node %sort" in message
     assert "test_capture.py" in message and "torch.sort(h, dim=-1)" in message
     assert "\n" not in message
+
+
+class _TilesAndStacks(torch.nn.Module):
+    """repeat, repeat_interleave (with and without a dim), stack and baddbmm with alpha/beta: the ops BLOOM, GPT-J
+    and Cohere build their position terms from."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(50, 8)
+
+    def forward(self, input_ids):
+        h = self.embed(input_ids)  # [b, s, 8]
+        tiled = h.repeat(2, 1, 1)  # [2b, s, 8]
+        pairs = torch.stack([-h[..., 1::2], h[..., ::2]], dim=-1).flatten(-2)  # GPT-J's rotate_every_two
+        spread = torch.repeat_interleave(h[..., :4], 2, dim=-1)  # [b, s, 8]
+        flat = torch.repeat_interleave(h[0, 0, :3], 2)  # [6]
+        scores = torch.baddbmm(tiled[:, :, :1], tiled, tiled.transpose(1, 2), beta=0.5, alpha=0.25)
+        return (scores.sum(-1, keepdim=True)[: h.shape[0]] + pairs * spread) * flat.sum(-1)
+
+
+def test_tiles_stacks_and_baddbmm_capture():
+    torch.manual_seed(2)
+    model = _TilesAndStacks().eval()
+    module = capture(model, max_seq=16)
+    ids = np.array([[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]])
+    with torch.no_grad():
+        ref = model(torch.as_tensor(ids)).numpy()
+    (out,) = run_function(module, "forward", [ids])
+    assert out.shape == ref.shape
+    assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()

@@ -288,7 +288,7 @@ def test_eager_attention_over_repeat_kv():
     (fused,) = [n for n in module.functions["f"].nodes if n.op == "attention"]
     assert [v.name for v in fused.inputs] == ["q", "k", "v"]
     assert fused.attrs == {"num_heads": 4, "num_kv_heads": 2, "scale": 0.25, "window": None,
-                           "softcap": None}
+                           "softcap": None, "alibi": None}
     check_same_results(before, module)
 
 
@@ -371,7 +371,39 @@ def test_mask_with_other_values_stays_unfused():
     %mask = where(%causal, %zero, %bias) : f32[seq, seq]
     %o = sdpa(%q, %k, %v, %mask) : {OUT}"""
     (reason,) = unfused(module_text(QKV, body))
-    assert "values other than 0 and -inf" in reason
+    assert "differs from a causal mask" in reason
+
+
+# ALiBi: a causal mask plus slope_h * key position for head h (slopes 0.125 * (h + 1)), added up before SDPA.
+def alibi_body(bias_of_key: str = "%kf") -> str:
+    return ADDITIVE + f"""
+    %heads = arange() {{end=4}} : i64[4]
+    %hf = cast(%heads) {{dtype="f32"}} : f32[4]
+    %one = constant() {{value=1.0, dtype="f32"}} : f32[]
+    %h1 = add(%hf, %one) : f32[4]
+    %eighth = constant() {{value=0.125, dtype="f32"}} : f32[]
+    %slope = mul(%h1, %eighth) : f32[4]
+    %slope3 = reshape(%slope) {{shape=[4, 1, 1]}} : f32[4, 1, 1]
+    %kf = cast(%key) {{dtype="f32"}} : f32[1, seq]
+    %kf2 = mul(%kf, %kf) : f32[1, seq]
+    %bias = mul(%slope3, {bias_of_key}) : f32[4, 1, seq]
+    %total = add(%mask, %bias) : f32[4, seq, seq]
+    %o = sdpa(%q, %k, %v, %total) : {OUT}"""
+
+
+def test_alibi_biases_fuse_with_their_slopes():
+    before = module_text(QKV, alibi_body())
+    module = parse_module(before)
+    assert run_pass(PASS, module) is True
+    (fused,) = [n for n in module.functions["f"].nodes if n.op == "attention"]
+    assert fused.attrs["alibi"] == pytest.approx((0.125, 0.25, 0.375, 0.5), rel=1e-7)
+    assert fused.attrs["window"] is None
+    check_same_results(before, module)
+
+
+def test_a_bias_not_linear_in_the_key_position_stays_unfused():
+    (reason,) = unfused(module_text(QKV, alibi_body("%kf2")))
+    assert "neither a mask nor linear" in reason
 
 
 @pytest.mark.parametrize("text", [

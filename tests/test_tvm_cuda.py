@@ -48,6 +48,9 @@ CONFIGS = {
     "gqa4x2_d32_window13": dict(heads=4, kv_heads=2, dim=32, page=8, layer=0, window=13),
     # a head size below one warp, soft-capped scores (Gemma-2's c * tanh(s / c), c small enough to matter)
     "gqa6x2_d12_softcap": dict(heads=6, kv_heads=2, dim=12, page=8, layer=1, window=None, softcap=0.7),
+    # ALiBi biases over a window (BLOOM's slopes for 4 heads)
+    "mha4_d16_alibi_window13": dict(heads=4, kv_heads=4, dim=16, page=8, layer=0, window=13,
+                                    alibi=(0.25, 0.0625, 0.015625, 0.00390625)),
 }
 
 
@@ -99,6 +102,8 @@ def _reference(q, cache, table, k_base, v_base, row_seq, row_pos, cfg):
             scores = keys[:, h // group] @ q[r, h].astype("float64") * scale
             if cfg.get("softcap") is not None:
                 scores = cfg["softcap"] * np.tanh(scores / cfg["softcap"])
+            if cfg.get("alibi") is not None:
+                scores = scores + cfg["alibi"][h] * (visible - pos)
             weights = np.exp(scores - scores.max())
             out[r, h] = weights / weights.sum() @ values[:, h // group]
     return out
@@ -170,7 +175,7 @@ def _kernel(kind, cfg, bases, bind_threads):
     make = (cuda_attention.attention_decode_cuda_func if kind == "decode"
             else cuda_attention.attention_prefill_cuda_func)
     return make(cfg["heads"], cfg["kv_heads"], cfg["dim"], cfg["page"], None, k_base, v_base, cfg["window"],
-                cfg.get("softcap"), bind_threads=bind_threads)
+                cfg.get("softcap"), cfg.get("alibi"), bind_threads=bind_threads)
 
 
 CASES = {"decode": decode_case, "prefill": prefill_case, "append": append_case}

@@ -173,12 +173,15 @@ def test_int8_linear_matches_numpy(row_tile):
 
 # ----------------------------------------------------------------------------- attention
 
-def _reference_attention(q, keys, values, sm_scale, softcap=None):
-    """numpy softmax(q k^T * scale) v for one head: q[r, D], keys/values [t, D], mask via -inf; soft-capped
-    scores are c * tanh(s / c)."""
+def _reference_attention(q, keys, values, sm_scale, softcap=None, slope=None):
+    """numpy softmax(q k^T * scale) v for one head: q[r, D] (the last r positions), keys/values [t, D], mask via
+    -inf; soft-capped scores are c * tanh(s / c); ALiBi adds slope * (key position - query position)."""
     scores = (q.astype(np.float64) @ keys.T.astype(np.float64)) * sm_scale
     if softcap is not None:
         scores = softcap * np.tanh(scores / softcap)
+    if slope is not None:
+        query = np.arange(len(keys) - len(q), len(keys))[:, None]
+        scores = scores + slope * (np.arange(len(keys))[None, :] - query)
     scores -= scores.max(axis=-1, keepdims=True)
     probs = np.exp(scores)
     probs /= probs.sum(axis=-1, keepdims=True)
@@ -208,20 +211,29 @@ def _paged_cache(lengths, num_kv_heads, page, dim, rng):
 # (heads, kv heads, head dim, page size, soft cap): SmolLM2-135M, plain MHA with small pages, head sizes that are
 # not multiples of the kernel's 16 lanes (below one chunk, one chunk and a tail, several and a tail, Phi-2's 80),
 # and soft-capped scores (Gemma-2's c * tanh(s / c), c small enough to change every row).
+# The last config adds ALiBi biases (BLOOM's slopes for 4 heads: 2^-2, 2^-4, 2^-6, 2^-8).
 ATTENTION_CONFIGS = [(9, 3, 64, 16, None), (4, 4, 32, 8, None), (4, 2, 12, 16, None), (6, 3, 20, 8, None),
-                     (2, 1, 40, 16, None), (4, 4, 80, 16, None), (4, 2, 32, 16, 0.7)]
+                     (2, 1, 40, 16, None), (4, 4, 80, 16, None), (4, 2, 32, 16, 0.7), (4, 4, 16, 8, "alibi")]
+ALIBI_SLOPES = (0.25, 0.0625, 0.015625, 0.00390625)
 
 
-@pytest.fixture(scope="module", params=ATTENTION_CONFIGS, ids=lambda c: "H{}_Hkv{}_D{}_P{}_cap{}".format(*c))
+@pytest.fixture(scope="module", params=ATTENTION_CONFIGS, ids=lambda c: "H{}_Hkv{}_D{}_P{}_{}".format(*c))
 def attention_builds(request):
-    heads, kv_heads, dim, page, softcap = request.param
-    decode = schedules.build_cpu(kernels.attention_decode_func(heads, kv_heads, dim, page, softcap=softcap))
-    prefill = schedules.build_cpu(kernels.attention_prefill_func(heads, kv_heads, dim, page, softcap=softcap))
+    heads, kv_heads, dim, page, variant = request.param
+    options = {"alibi": ALIBI_SLOPES} if variant == "alibi" else {"softcap": variant}
+    decode = schedules.build_cpu(kernels.attention_decode_func(heads, kv_heads, dim, page, **options))
+    prefill = schedules.build_cpu(kernels.attention_prefill_func(heads, kv_heads, dim, page, **options))
     return request.param, decode, prefill
 
 
+def _variant(variant):
+    """(soft cap, per-head ALiBi slopes) of a config's last field."""
+    return (None, ALIBI_SLOPES) if variant == "alibi" else (variant, (None,) * 16)
+
+
 def test_attention_decode_matches_numpy(attention_builds):
-    (heads, kv_heads, dim, page, softcap), decode, _ = attention_builds
+    (heads, kv_heads, dim, page, variant), decode, _ = attention_builds
+    softcap, slopes = _variant(variant)
     rng = _rng(5)
     lengths = [1, page, page + 1, 3 * page + 5, 70]
     k_pages, v_pages, table, tokens = _paged_cache(lengths, kv_heads, page, dim, rng)
@@ -232,12 +244,14 @@ def test_attention_decode_matches_numpy(attention_builds):
     for b in range(len(lengths)):
         keys, values = tokens(b)
         for h in range(heads):
-            ref = _reference_attention(q[b, h][None], keys[h // group], values[h // group], dim ** -0.5, softcap)
+            ref = _reference_attention(q[b, h][None], keys[h // group], values[h // group], dim ** -0.5, softcap,
+                                       slopes[h])
             _close(out[b, h], ref[0])
 
 
 def test_attention_prefill_is_causal_over_packed_sequences(attention_builds):
-    (heads, kv_heads, dim, page, softcap), _, prefill = attention_builds
+    (heads, kv_heads, dim, page, variant), _, prefill = attention_builds
+    softcap, slopes = _variant(variant)
     rng = _rng(6)
     # Sequence 0: 5 new tokens after 12 cached; sequence 1: 20 new tokens, nothing cached.
     cached, new = [12, 0], [5, 20]
@@ -252,7 +266,7 @@ def test_attention_prefill_is_causal_over_packed_sequences(attention_builds):
         keys, values = tokens(b)
         for h in range(heads):
             ref = _reference_attention(q[r, h][None], keys[h // group, :pos + 1],
-                                       values[h // group, :pos + 1], dim ** -0.5, softcap)
+                                       values[h // group, :pos + 1], dim ** -0.5, softcap, slopes[h])
             _close(out[r, h], ref[0])
 
 

@@ -689,8 +689,11 @@ def _lower_paged_attention(ctx, node):
 
     (q, tokens), (k, _), (v, _) = (padded(i) for i in range(3))
     window = node.attrs["window"]
+    extra = []
+    if node.attrs.get("alibi") is not None:  # inputs 7-9 (rotary inside GQA) unused, 10 is attention_bias
+        extra = ["", "", "", _alibi_bias(ctx, node.attrs["alibi"], cache_dtype)]
     out = ctx.add("GroupQueryAttention",
-                  [q, k, v, *past_names(layer), SEQLENS_K, TOTAL_SEQUENCE_LENGTH],
+                  [q, k, v, *past_names(layer), SEQLENS_K, TOTAL_SEQUENCE_LENGTH, *extra],
                   [None, *present_names(layer)], domain=MS_DOMAIN, num_heads=heads, kv_num_heads=kv_heads,
                   scale=float(node.attrs["scale"]), local_window_size=-1 if window is None else int(window),
                   softcap=float(node.attrs.get("softcap") or 0.0))[0]
@@ -701,6 +704,22 @@ def _lower_paged_attention(ctx, node):
     out = ctx.cast(ctx.add("Gather", [out, UNPAD_INDEX], axis=1), cache_dtype, q_type.dtype)
     # [1, T, H * D] -> the IR's [1, H, T, D], lazily (the head merge before o_proj cancels it)
     return [_from_tokens_flat(ctx, out, tokens), ctx.raw(3), ctx.raw(4)]
+
+
+def _alibi_bias(ctx, slopes, dtype: str) -> str:
+    """GroupQueryAttention's attention_bias [batch, H, seq, total] for ALiBi on the padded view: slope_h * (key
+    position - the query's position), the query positions gathered from the step's positions like q. Built once per
+    call and shared by every layer with the same slopes."""
+    def build():
+        positions = ctx.add("Squeeze", [ctx.add("Gather", [ctx.input(6), PAD_INDEX], axis=1),
+                                        ctx.const([0], "i64")])  # [batch, seq]
+        total = ctx.add("Cast", [TOTAL_SEQUENCE_LENGTH], to=TensorProto.INT64)
+        keys = ctx.add("Range", [ctx.const(0, "i64"), total, ctx.const(1, "i64")])  # [total]
+        distance = ctx.add("Sub", [keys, ctx.add("Unsqueeze", [positions, ctx.const([2], "i64")])])
+        distance = ctx.add("Unsqueeze", [ctx.add("Cast", [distance], to=TensorProto.FLOAT), ctx.const([1], "i64")])
+        bias = ctx.add("Mul", [distance, ctx.const(np.asarray(slopes, np.float32).reshape(1, -1, 1, 1), "f32")])
+        return ctx.cast(bias, "f32", dtype)
+    return ctx.cached(("alibi", tuple(slopes), dtype), build)
 
 
 def _attention_mask(ctx, sq, sk, window) -> str:
@@ -715,7 +734,8 @@ def _attention_mask(ctx, sq, sk, window) -> str:
     return mask
 
 
-def _plain_attention(ctx, q, k, v, q_type, k_type, scale, causal, window, mask=None, mask_type=None, softcap=None):
+def _plain_attention(ctx, q, k, v, q_type, k_type, scale, causal, window, mask=None, mask_type=None, softcap=None,
+                     alibi=None):
     rank = q_type.rank
     dtype = q_type.dtype
     heads, kv_heads = q_type.shape[-3], k_type.shape[-3]
@@ -729,6 +749,14 @@ def _plain_attention(ctx, q, k, v, q_type, k_type, scale, causal, window, mask=N
     if softcap is not None:
         scores = ctx.add("Mul", [ctx.add("Tanh", [ctx.add("Div", [scores, ctx.const(softcap, dtype)])]),
                                  ctx.const(softcap, dtype)])
+    if alibi is not None:  # slope_h * (key - query) for the top-left aligned positions the causal mask uses
+        sq, sk = q_type.shape[-2], k_type.shape[-2]
+        query = ctx.add("Range", [ctx.const(0, "i64"), ctx.dim_scalar(sq), ctx.const(1, "i64")])
+        key = ctx.add("Range", [ctx.const(0, "i64"), ctx.dim_scalar(sk), ctx.const(1, "i64")])
+        distance = ctx.add("Sub", [key, ctx.add("Unsqueeze", [query, ctx.const([1], "i64")])])
+        distance = ctx.cast(distance, "i64", dtype)
+        slopes = ctx.const(np.asarray(alibi, numpy_dtype(dtype)).reshape(-1, 1, 1), dtype)
+        scores = ctx.add("Add", [scores, ctx.add("Mul", [distance, slopes])])
     ninf = ctx.const(-math.inf, dtype)
     if causal:
         scores = ctx.add("Where", [_attention_mask(ctx, q_type.shape[-2], k_type.shape[-2], window), scores, ninf])
@@ -765,7 +793,8 @@ def _lower_sdpa(ctx, node):
 @lowering("attention")
 def _lower_attention(ctx, node):
     return _plain_attention(ctx, ctx.input(0), ctx.input(1), ctx.input(2), ctx.in_type(0), ctx.in_type(1),
-                            node.attrs["scale"], True, node.attrs["window"], softcap=node.attrs.get("softcap"))
+                            node.attrs["scale"], True, node.attrs["window"], softcap=node.attrs.get("softcap"),
+                            alibi=node.attrs.get("alibi"))
 
 
 # the function walk ------------------------------------------------------------------------

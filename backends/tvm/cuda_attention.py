@@ -15,6 +15,8 @@ from tvm.script import tirx as T
 
 from kiln.ir.errors import ConfigError
 
+from .kernels import head_slope
+
 # A thread block serves one (query row, query head): a tile of `threads` keys is scored at a time
 # (one key per thread) and each thread owns head_dim / threads output columns. threads follows
 # head_dim so both phases keep every thread busy: 32 <= threads <= 128.
@@ -59,7 +61,8 @@ def _check(num_heads: int, num_kv_heads: int, head_dim: int, page_size: int, win
 
 def _attention_cuda_func(kind: str, num_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
                          sm_scale: float | None, k_base: int, v_base: int, window: int | None,
-                         bind_threads: bool, softcap: float | None = None) -> tirx.PrimFunc:
+                         bind_threads: bool, softcap: float | None = None,
+                         alibi: tuple | None = None) -> tirx.PrimFunc:
     _check(num_heads, num_kv_heads, head_dim, page_size, window)
     heads, kv_heads, dim, page = num_heads, num_kv_heads, head_dim, page_size
     group = heads // kv_heads
@@ -72,6 +75,9 @@ def _attention_cuda_func(kind: str, num_heads: int, num_kv_heads: int, head_dim:
     sm = dim ** -0.5 if sm_scale is None else sm_scale
     scale = float(sm / softcap) if capped else float(sm * _LOG2E)
     cap = float(softcap * _LOG2E) if capped else 1.0
+    # ALiBi: head h's scores get alibi[h] * (key_pos - query_pos), in log2 units like the rest.
+    biased = alibi is not None
+    slopes = [float(x * _LOG2E) for x in alibi] if biased else []
     span = window if window is not None else _NO_WINDOW
 
     @T.macro
@@ -82,6 +88,7 @@ def _attention_cuda_func(kind: str, num_heads: int, num_kv_heads: int, head_dim:
         # online over tiles of `threads` keys. Every thread keeps the same running max, sum and
         # rescale factor (stat) and its own columns of the output (acc), in registers.
         kvh: T.let[T.int64] = h // group
+        slope: T.let[T.float32] = head_slope(h, slopes)
         start: T.let[T.int32] = T.max(n_tokens - span, 0)
         count: T.let[T.int32] = T.max(n_tokens - start, 0)
         for tx in thread_loop(threads):
@@ -107,6 +114,9 @@ def _attention_cuda_func(kind: str, num_heads: int, num_kv_heads: int, head_dim:
                         scores[tx] = T.float32(cap) * T.tanh(tmp[0])
                     else:
                         scores[tx] = tmp[0]
+                    if biased:
+                        scores[tx] = scores[tx] + slope * T.Cast("float32", start + tile * threads + tx
+                                                                 - (n_tokens - 1))
             # new running max (each thread the same), rescale factor, probabilities of the tile
             for tx in thread_loop(threads):
                 tmp[0] = stat[tx % lanes, 0]
@@ -208,8 +218,8 @@ def _attention_cuda_func(kind: str, num_heads: int, num_kv_heads: int, head_dim:
 
 def attention_decode_cuda_func(num_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
                                sm_scale: float | None = None, k_base: int = 0, v_base: int = 0,
-                               window: int | None = None, softcap: float | None = None, *,
-                               bind_threads: bool = True) -> tirx.PrimFunc:
+                               window: int | None = None, softcap: float | None = None,
+                               alibi: tuple | None = None, *, bind_threads: bool = True) -> tirx.PrimFunc:
     """PrimFunc(q[b, H, D], k_pages, v_pages, page_table[b, P_max], lengths[b], out[b, H, D]) for CUDA.
 
     As kernels.attention_decode_func: query b attends to the first lengths[b] tokens of sequence b
@@ -218,20 +228,20 @@ def attention_decode_cuda_func(num_heads: int, num_kv_heads: int, head_dim: int,
     (sequence, query head).
     """
     return _attention_cuda_func("decode", num_heads, num_kv_heads, head_dim, page_size, sm_scale, k_base,
-                                v_base, window, bind_threads, softcap)
+                                v_base, window, bind_threads, softcap, alibi)
 
 
 def attention_prefill_cuda_func(num_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
                                 sm_scale: float | None = None, k_base: int = 0, v_base: int = 0,
-                                window: int | None = None, softcap: float | None = None, *,
-                                bind_threads: bool = True) -> tirx.PrimFunc:
+                                window: int | None = None, softcap: float | None = None,
+                                alibi: tuple | None = None, *, bind_threads: bool = True) -> tirx.PrimFunc:
     """PrimFunc(q[s, H, D], k_pages, v_pages, page_table[b, P_max], row_seq[s], row_pos[s], out[s, H, D]).
 
     As kernels.attention_prefill_func: row r attends to positions 0..row_pos[r] (within the window)
     of sequence row_seq[r]; a row with row_pos < 0 gets zeros. One thread block per (row, query head).
     """
     return _attention_cuda_func("prefill", num_heads, num_kv_heads, head_dim, page_size, sm_scale, k_base,
-                                v_base, window, bind_threads, softcap)
+                                v_base, window, bind_threads, softcap, alibi)
 
 
 def kv_append_cuda_func(num_kv_heads: int, head_dim: int, page_size: int, k_base: int, v_base: int, *,

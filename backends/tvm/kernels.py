@@ -223,6 +223,15 @@ def exp2(x):
     return poly * tirx.reinterpret("float32", bits)
 
 
+def head_slope(head, slopes: list):
+    """slopes[head] for a loop variable ``head``: a chain of selects over the constant per-head slopes (0 when
+    there are none), bound once per (row, head) outside the key loop."""
+    value = tirx.const(0.0, "float32")
+    for index in range(len(slopes) - 1, -1, -1):
+        value = tirx.Select(head == index, tirx.const(slopes[index], "float32"), value)
+    return value
+
+
 def _specialize_bases(func: tirx.PrimFunc, k_base: int, v_base: int) -> tirx.PrimFunc:
     """A kernel parsed once with its pool offsets as its last two scalar parameters, those fixed: each layer's
     kernel reads its pages at constant offsets without parsing its TVMScript again (a parse costs ~0.1 s)."""
@@ -232,15 +241,17 @@ def _specialize_bases(func: tirx.PrimFunc, k_base: int, v_base: int) -> tirx.Pri
 
 def _attention_func(kind: str, num_heads: int, num_kv_heads: int, head_dim: int,
                     page_size: int, sm_scale: float | None, k_base: int = 0, v_base: int = 0,
-                    window: int | None = None, softcap: float | None = None) -> tirx.PrimFunc:
+                    window: int | None = None, softcap: float | None = None,
+                    alibi: tuple | None = None) -> tirx.PrimFunc:
     return _specialize_bases(_attention_template(kind, num_heads, num_kv_heads, head_dim, page_size, sm_scale,
-                                                 window, softcap), k_base, v_base)
+                                                 window, softcap, None if alibi is None else tuple(alibi)),
+                             k_base, v_base)
 
 
 @functools.lru_cache(maxsize=None)
 def _attention_template(kind: str, num_heads: int, num_kv_heads: int, head_dim: int,
                         page_size: int, sm_scale: float | None, window: int | None,
-                        softcap: float | None = None) -> tirx.PrimFunc:
+                        softcap: float | None = None, alibi: tuple | None = None) -> tirx.PrimFunc:
     _check_heads(num_heads, num_kv_heads, head_dim)
     group = num_heads // num_kv_heads
     heads = num_heads
@@ -257,6 +268,9 @@ def _attention_template(kind: str, num_heads: int, num_kv_heads: int, head_dim: 
     sm = dim ** -0.5 if sm_scale is None else sm_scale
     scale = float(sm / softcap) if capped else float(sm * _LOG2E)
     cap = float(softcap * _LOG2E) if capped else 1.0
+    # ALiBi: head h's scores get alibi[h] * (key_pos - query_pos), in log2 units like the rest.
+    biased = alibi is not None
+    slopes = [float(x * _LOG2E) for x in alibi] if biased else []
     neg_big = -3.0e38
     # Keys older than `span` positions before the query are outside a sliding window.
     span = window if window is not None else 2 ** 30
@@ -269,6 +283,7 @@ def _attention_template(kind: str, num_heads: int, num_kv_heads: int, head_dim: 
         # out[row, h] = softmax(q[row, h] . K[seq, :n_tokens]) @ V[seq, :n_tokens], online over
         # pages. stat: running max, running sum, page max, rescale factor.
         kvh: T.let[T.int64] = h // group
+        slope: T.let[T.float32] = head_slope(h, slopes)
         stat[0] = T.float32(neg_big)
         stat[1] = T.float32(0)
         for d in T.vectorized(dim):
@@ -304,6 +319,8 @@ def _attention_template(kind: str, num_heads: int, num_kv_heads: int, head_dim: 
                         scores[t] = T.float32(cap) * T.tanh(part[0] + part[1])
                     else:
                         scores[t] = part[0] + part[1]
+                    if biased:
+                        scores[t] = scores[t] + slope * T.Cast("float32", p * page + t - (n_tokens - 1))
             stat[2] = stat[0]
             for t in T.serial(page):
                 stat[2] = T.max(stat[2], scores[t])
@@ -389,7 +406,8 @@ def _attention_template(kind: str, num_heads: int, num_kv_heads: int, head_dim: 
 
 def attention_decode_func(num_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
                           sm_scale: float | None = None, k_base: int = 0, v_base: int = 0,
-                          window: int | None = None, softcap: float | None = None) -> tirx.PrimFunc:
+                          window: int | None = None, softcap: float | None = None,
+                          alibi: tuple | None = None) -> tirx.PrimFunc:
     """PrimFunc(q[b, H, D], k_pages, v_pages, page_table[b, P_max], lengths[b], out[b, H, D]).
 
     Query b attends to the first lengths[b] tokens of sequence b. One parallel task
@@ -397,12 +415,13 @@ def attention_decode_func(num_heads: int, num_kv_heads: int, head_dim: int, page
     so a thread mostly rereads that head's K/V from L2. Already scheduled for CPU.
     """
     return _attention_func("decode", num_heads, num_kv_heads, head_dim, page_size, sm_scale, k_base, v_base,
-                           window, softcap)
+                           window, softcap, alibi)
 
 
 def attention_prefill_func(num_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
                            sm_scale: float | None = None, k_base: int = 0, v_base: int = 0,
-                           window: int | None = None, softcap: float | None = None) -> tirx.PrimFunc:
+                           window: int | None = None, softcap: float | None = None,
+                           alibi: tuple | None = None) -> tirx.PrimFunc:
     """PrimFunc(q[s, H, D], k_pages, v_pages, page_table[b, P_max], row_seq[s], row_pos[s],
     out[s, H, D]): causal attention for query rows of several sequences packed together.
 
@@ -411,7 +430,7 @@ def attention_prefill_func(num_heads: int, num_kv_heads: int, head_dim: int, pag
     sequence of s new tokens after c cached ones: row_seq = 0, row_pos = c..c+s-1.
     """
     return _attention_func("prefill", num_heads, num_kv_heads, head_dim, page_size, sm_scale, k_base, v_base,
-                           window, softcap)
+                           window, softcap, alibi)
 
 
 def kv_append_func(num_kv_heads: int, head_dim: int, page_size: int, k_base: int = 0,

@@ -130,17 +130,18 @@ def _lower_paged_attention(ctx, node, inputs):
                                             [k_flat.ty, v_flat.ty]))
     k_flat, v_flat = ctx.emit(relax.TupleGetItem(pools, 0)), ctx.emit(relax.TupleGetItem(pools, 1))
     scale, window, softcap = node.attrs["scale"], node.attrs["window"], node.attrs.get("softcap")
+    alibi = node.attrs.get("alibi")
     if ctx.function.name == DECODE_STEP:
         # @step_decode: token t is the one new token of page-table row t, so its sequence length is pos + 1
         if "lengths" not in shared:
             shared["lengths"] = ctx.emit(relax.op.add(row_pos, relax.const(1, "int32")))
         lengths = shared["lengths"]
-        gvar = _add_func(bb, decode_func(heads, kv_heads, dim, page, scale, base, base, window, softcap),
+        gvar = _add_func(bb, decode_func(heads, kv_heads, dim, page, scale, base, base, window, softcap, alibi),
                          f"paged_attention_decode_l{layer}")
         out = ctx.emit(relax.call_tir(gvar, [token_rows(q, heads), k_flat, v_flat, page_table, lengths],
                                       relax.TensorType([t, heads, dim], "float32")))
     else:
-        gvar = _add_func(bb, ragged_func(heads, kv_heads, dim, page, scale, base, base, window, softcap),
+        gvar = _add_func(bb, ragged_func(heads, kv_heads, dim, page, scale, base, base, window, softcap, alibi),
                          f"paged_attention_ragged_l{layer}")
         out = ctx.emit(relax.call_tir(gvar, [token_rows(q, heads), k_flat, v_flat, page_table, token_seq, row_pos],
                                       relax.TensorType([t, heads, dim], "float32")))
