@@ -1,26 +1,29 @@
-"""Load a llama-architecture GGUF as kiln's torch LlamaForCausalLM, its config and tokenizer.
-
-Tensors are dequantized to fp32, renamed to transformers' names, and q/k rows are put
-back in Hugging Face order (llama.cpp's converter interleaves them for its rope).
-"""
+"""Load a GGUF as a torch module, its config and tokenizer: llama and qwen2 as kiln's own LlamaForCausalLM,
+the other architectures as transformers' classes (gguf_architectures). Tensors are dequantized to fp32,
+renamed to transformers' names, and llama's q/k rows put back in Hugging Face order (llama.cpp's converter
+interleaves them for its rope)."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
 import re
+from typing import Any
 
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType
 
+from kiln.frontend.gguf_architectures import ARCHITECTURES, architecture_of
 from kiln.frontend.gguf_file import DEQUANTIZABLE, GGUFFile
 from kiln.frontend.llama import (ROPE_FREQS, LlamaConfig, LlamaForCausalLM, check_llama_tensors,
                                  llama_from_state_dict)
 from kiln.frontend.tokenizer import TokenizerBundle, check_tokenizer_fits, tokenizer_from_gguf
 from kiln.ir.errors import ConfigError, ModelFormatError
 
-SUPPORTED_ARCHITECTURES = ("llama",)
+# Built as kiln's own LlamaForCausalLM; the rest as transformers' classes. A llama file with experts is Mixtral.
+NATIVE_ARCHITECTURES = ("llama", "qwen2")
+SUPPORTED_ARCHITECTURES = NATIVE_ARCHITECTURES + tuple(ARCHITECTURES)
 
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -53,7 +56,7 @@ _BLOCK_PATTERN = re.compile(r"blk\.(\d{1,9})\.(.+)")
 
 
 def hf_tensor_name(gguf_name: str) -> str | None:
-    """transformers' name for a llama GGUF tensor name, or None if kiln has no place for it."""
+    """transformers' name for a llama / qwen2 GGUF tensor name, or None if kiln has no place for it."""
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
     match = _BLOCK_PATTERN.fullmatch(gguf_name)
@@ -75,15 +78,23 @@ def unpermute_rope_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
             .reshape(weight.shape))
 
 
-def config_from_gguf(gguf_file: GGUFFile) -> LlamaConfig:
-    """The model config a llama GGUF's metadata gives, checked for type, range and consistency
-    (head counts against the width, head and rope sizes); the tensors are checked by check_gguf_tensors."""
-    meta = gguf_file.metadata
+def check_architecture(gguf_file: GGUFFile) -> str:
     arch = gguf_file.architecture
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ModelFormatError(
-            f"{gguf_file.path}: GGUF general.architecture is {arch!r}; kiln loads only {SUPPORTED_ARCHITECTURES} "
-            "GGUF files (use the Hugging Face checkpoint for other models)")
+            f"{gguf_file.path}: GGUF general.architecture is {arch!r}; kiln loads only "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)} GGUF files (use the Hugging Face checkpoint for other models)")
+    return arch
+
+
+def config_from_gguf(gguf_file: GGUFFile) -> LlamaConfig:
+    """The model config a llama or qwen2 GGUF's metadata gives, checked for type, range and consistency
+    (head counts against the width, head and rope sizes); the tensors are checked by check_gguf_tensors."""
+    meta = gguf_file.metadata
+    arch = check_architecture(gguf_file)
+    if arch not in NATIVE_ARCHITECTURES:
+        raise ModelFormatError(f"{gguf_file.path}: GGUF general.architecture {arch!r} is built by transformers, "
+                               "not as kiln's LlamaForCausalLM; load it with load_gguf")
 
     def get(key: str, default=None, required: bool = False):
         full = f"{arch}.{key}"
@@ -98,6 +109,11 @@ def config_from_gguf(gguf_file: GGUFFile) -> LlamaConfig:
     if isinstance(num_kv_heads, bool) or not isinstance(num_kv_heads, int):
         raise ModelFormatError(f"{gguf_file.path}: GGUF {arch}.attention.head_count_kv: expected one integer for all "
                                f"layers, found {type(num_kv_heads).__name__}")
+    # qwen2 is llama with q/k/v biases; llama.cpp's rope scaling keys are read for llama files only.
+    qwen2 = arch == "qwen2"
+    if qwen2 and get("rope.scaling.type", "none") != "none":
+        raise ModelFormatError(f"{gguf_file.path}: GGUF {arch}.rope.scaling.type: expected 'none' (kiln reads rope "
+                               f"scaling from llama GGUF files only), found {get('rope.scaling.type')!r}")
     rope_scaling = _rope_scaling_from_metadata(gguf_file, get)
 
     tokens = meta.get("tokenizer.ggml.tokens")
@@ -121,9 +137,10 @@ def config_from_gguf(gguf_file: GGUFFile) -> LlamaConfig:
             max_position_embeddings=get("context_length", 2048),
             rope_scaling=rope_scaling,
             tie_word_embeddings="output.weight" not in gguf_file.tensors,
+            attention_bias=qwen2,
             bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
             eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
-            model_type="llama",
+            model_type=arch,
         )
     except ConfigError as err:
         raise ModelFormatError(f"{gguf_file.path}: GGUF metadata gives an unusable config: {err}") from None
@@ -134,7 +151,7 @@ def config_from_gguf(gguf_file: GGUFFile) -> LlamaConfig:
     if rope_dims != config.head_dim:
         raise ModelFormatError(f"{gguf_file.path}: GGUF {arch}.rope.dimension_count: expected the head size "
                                f"{config.head_dim} (rope over whole heads), found {rope_dims}")
-    if ROPE_FREQS_TENSOR in gguf_file.tensors:
+    if ROPE_FREQS_TENSOR in gguf_file.tensors and not qwen2:
         config = _with_rope_freqs(gguf_file, config)
     return config
 
@@ -197,11 +214,11 @@ def check_gguf_tensors(gguf_file: GGUFFile, config: LlamaConfig) -> None:
     shapes: dict[str, tuple[int, ...]] = {}
     sources: dict[str, str] = {}
     for name, info in gguf_file.tensors.items():
-        if name == ROPE_FREQS_TENSOR:
+        if name == ROPE_FREQS_TENSOR and config.model_type == "llama":
             continue  # read into the config's rope scaling (config_from_gguf checks it)
         hf_name = hf_tensor_name(name)
         if hf_name is None:
-            raise ModelFormatError(f"{gguf_file.path}: GGUF tensor {name!r}: expected a llama tensor "
+            raise ModelFormatError(f"{gguf_file.path}: GGUF tensor {name!r}: expected a {config.model_type} tensor "
                                    "(token_embd, blk.N.attn_*/ffn_*, output_norm, output), found an unknown name")
         if hf_name in sources:
             raise ModelFormatError(f"{gguf_file.path}: GGUF tensors {sources[hf_name]!r} and {name!r} are the same "
@@ -215,6 +232,15 @@ def check_gguf_tensors(gguf_file: GGUFFile, config: LlamaConfig) -> None:
     check_llama_tensors(config, shapes, where=f"{gguf_file.path}: GGUF")
 
 
+def _rope_heads(hf_name: str, config: LlamaConfig) -> int | None:
+    """The head count whose q/k rows llama.cpp's converter interleaved (llama only; qwen2 keeps HF order)."""
+    if config.model_type != "llama":
+        return None
+    if ".q_proj." in hf_name:
+        return config.num_attention_heads
+    return config.num_key_value_heads if ".k_proj." in hf_name else None
+
+
 def state_dict_from_gguf(gguf_file: GGUFFile, config: LlamaConfig) -> dict[str, torch.Tensor]:
     """fp32 tensors under transformers' names, q/k rows in Hugging Face order (after check_gguf_tensors)."""
     tensors = {}
@@ -223,10 +249,9 @@ def state_dict_from_gguf(gguf_file: GGUFFile, config: LlamaConfig) -> dict[str, 
             continue
         hf_name = hf_tensor_name(name)
         values = gguf_file.dequantize(name)
-        if ".q_proj." in hf_name:
-            values = unpermute_rope_rows(values, config.num_attention_heads)
-        elif ".k_proj." in hf_name:
-            values = unpermute_rope_rows(values, config.num_key_value_heads)
+        heads = _rope_heads(hf_name, config)
+        if heads is not None:
+            values = unpermute_rope_rows(values, heads)
         if not values.flags.writeable:
             values = values.copy()
         tensors[hf_name] = torch.from_numpy(np.ascontiguousarray(values))
@@ -237,10 +262,20 @@ def _open(source: str | os.PathLike | GGUFFile) -> GGUFFile:
     return source if isinstance(source, GGUFFile) else GGUFFile(source)
 
 
-def load_gguf(source: str | os.PathLike | GGUFFile) -> tuple[LlamaForCausalLM, LlamaConfig, TokenizerBundle]:
-    """Read a llama GGUF (a path or an open GGUFFile) into kiln's fp32 torch module, its config and its
-    tokenizer. Metadata, tensors and tokenizer are all checked before any tensor is dequantized."""
+def load_gguf(source: str | os.PathLike | GGUFFile) -> tuple[torch.nn.Module, Any, TokenizerBundle]:
+    """Read a GGUF (a path or an open GGUFFile) into an fp32 torch module, its config and its tokenizer: kiln's
+    LlamaForCausalLM and LlamaConfig for llama and qwen2, transformers' model and config for the other
+    SUPPORTED_ARCHITECTURES. Metadata, tensors and tokenizer are all checked before any tensor is dequantized."""
     gguf_file = _open(source)
+    check_architecture(gguf_file)
+    arch = architecture_of(gguf_file)
+    if arch is not None:
+        from .gguf_architectures import load
+
+        tokenizer = tokenizer_from_gguf(gguf_file)
+        model, config = load(gguf_file, arch, check_tokenizer=lambda vocab: check_tokenizer_fits(
+            tokenizer, vocab, gguf_file.path))
+        return model, config, tokenizer
     config = config_from_gguf(gguf_file)
     check_gguf_tensors(gguf_file, config)
     tokenizer = tokenizer_from_gguf(gguf_file)
@@ -249,12 +284,24 @@ def load_gguf(source: str | os.PathLike | GGUFFile) -> tuple[LlamaForCausalLM, L
     return model, config, tokenizer
 
 
-def prequantized_from_gguf(source: str | os.PathLike | GGUFFile, config: LlamaConfig) -> dict:
-    """{transformers weight name: QuantizedWeight} of the file's Q4_0 / Q4_1 / Q8_0 / Q5_0 / Q4_K / Q6_K tensors, as
-    stored."""
+def prequantized_from_gguf(source: str | os.PathLike | GGUFFile, config) -> dict:
+    """{module weight name: QuantizedWeight} of the file's Q4_0 / Q4_1 / Q8_0 / Q5_0 / Q4_K / Q6_K tensors, as
+    stored; ``config`` is what load_gguf returned for the file."""
+    from .gguf_architectures import prequantized
     from .gguf_quant import prequantized_weights
 
-    return prequantized_weights(_open(source), config)
+    gguf_file = _open(source)
+    if not isinstance(config, LlamaConfig):
+        return prequantized(gguf_file, config)
+    targets = {}
+    for name in gguf_file.tensors:
+        hf_name = hf_tensor_name(name)
+        if hf_name is not None:
+            targets[name] = ((hf_name,), _rope_heads(hf_name, config))
+    # No output tensor: the logits projection is the embedding table (tied); capture may name it either way.
+    if "token_embd.weight" in targets and "output.weight" not in gguf_file.tensors:
+        targets["token_embd.weight"] = (("model.embed_tokens.weight", hf_tensor_name("output.weight")), None)
+    return prequantized_weights(gguf_file, targets)
 
 
 def transformers_llama(source):

@@ -31,7 +31,7 @@ from gguf import GGMLQuantizationType
 from kiln.ir.quant_ops import QuantizedWeight, pack_int4
 
 from .gguf_file import GGUFFile
-from .gguf_model import hf_tensor_name, unpermute_rope_rows
+from .gguf_model import unpermute_rope_rows
 
 Q = GGMLQuantizationType
 
@@ -143,26 +143,19 @@ def permute_rows(weight: QuantizedWeight, order: np.ndarray) -> QuantizedWeight:
                            None if weight.offset is None else weight.offset[order])
 
 
-def prequantized_weights(gguf_file: GGUFFile, config) -> dict:
-    """{transformers weight name: QuantizedWeight} for every 2-D tensor of an IMPORTABLE type in the file.
-
-    q/k projections get the same row un-permutation the fp32 path applies (``unpermute_rope_rows``).
+def prequantized_weights(gguf_file: GGUFFile, targets: dict) -> dict:
+    """{module weight name: QuantizedWeight} for every 2-D tensor of an IMPORTABLE type named in ``targets``:
+    GGUF name -> (the module names it becomes (tied aliases too), and its head count when llama.cpp's converter
+    interleaved its rows for rope, else None). Such rows get the fp32 path's un-permutation (``unpermute_rope_rows``).
     """
     out = {}
-    for name, info in gguf_file.tensors.items():
+    for name, (module_names, rope_heads) in targets.items():
+        info = gguf_file.tensors[name]
         if info.ggml_type not in IMPORTABLE or len(info.shape) != 2:
             continue
-        target = hf_tensor_name(name)
-        if target is None:
-            continue
         weight = import_blocks(gguf_file.raw(name), info.ggml_type)
-        heads = (config.num_attention_heads if ".q_proj." in target
-                 else config.num_key_value_heads if ".k_proj." in target else None)
-        if heads is not None:
-            order = unpermute_rope_rows(np.arange(info.shape[0]), heads)
-            weight = permute_rows(weight, order)
-        out[target] = weight
-    # No output tensor: the logits projection is the embedding table (tied); capture may name it either way.
-    if "model.embed_tokens.weight" in out and "output.weight" not in gguf_file.tensors:
-        out[hf_tensor_name("output.weight")] = out["model.embed_tokens.weight"]
+        if rope_heads is not None:
+            weight = permute_rows(weight, unpermute_rope_rows(np.arange(info.shape[0]), rope_heads))
+        for module_name in module_names:
+            out[module_name] = weight
     return out

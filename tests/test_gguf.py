@@ -496,8 +496,8 @@ def test_gguf_model_refusals(tmp_path):
     from kiln.frontend.gguf_model import load_gguf
 
     reference = tiny_transformers_llama(True)
-    path = write_llama_gguf(tmp_path / "qwen.gguf", reference, arch="qwen2")
-    with pytest.raises(ModelFormatError, match="'qwen2'"):
+    path = write_llama_gguf(tmp_path / "mamba.gguf", reference, arch="mamba")
+    with pytest.raises(ModelFormatError, match="general.architecture is 'mamba'; kiln loads only llama, qwen2"):
         load_gguf(path)
     path = write_llama_gguf(tmp_path / "extra.gguf", reference, extra_tensors=[("blk.0.mystery.weight", np.zeros(4, np.float32))])
     with pytest.raises(ModelFormatError, match="mystery"):
