@@ -255,7 +255,7 @@ class _Translator:
                         d = val.shape[axis]
                         if isinstance(d, torch.SymInt) and d.node.expr.is_Symbol:
                             self.symbols[d.node.expr] = sym(label)
-                    self.values[node] = self.fn.add_param("input_ids", self.meta_type(node))
+                    self.values[node] = self.fn.add_param(node.name, self.meta_type(node))  # the forward argument's name
                 else:
                     raise self.unsupported(f"unexpected graph input {node.name}")
             elif node.op == "call_function":
@@ -415,7 +415,7 @@ handles(aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten
         aten.unflatten.int)(_reshape_to_meta)
 
 
-@handles(aten.expand.default)
+@handles(aten.expand.default, aten.expand_as.default)
 def _expand(tr, node, x, sizes, *args, **kw):
     return tr.emit("expand", tr.tensor(x), shape=tr.meta_type(node).shape)
 
@@ -636,6 +636,27 @@ def _softmax(tr, node, x, dim, *args, **kw):
     v = tr.tensor(x)
     out_dtype = TORCH_DTYPES[node.meta["val"].dtype]
     return tr.emit("softmax", tr.cast(v, out_dtype), axis=dim % v.type.rank)
+
+
+@handles(aten.clamp.default, aten.clamp_min.default, aten.clamp_max.default)
+def _clamp(tr, node, x, low=None, high=None):
+    if node.target == aten.clamp_max.default:
+        low, high = None, low
+    out = tr.tensor(x)
+    dtype = out.type.dtype
+    for bound, op in ((low, "maximum"), (high, "minimum")):
+        if bound is not None:
+            out = tr.emit(op, out, tr.scalar(bound, dtype))
+    return out
+
+
+@handles(aten.linalg_vector_norm.default)
+def _vector_norm(tr, node, x, ord=2, dim=None, keepdim=False, dtype=None):
+    if ord != 2 or dtype is not None:
+        raise tr.unsupported(f"only the Euclidean norm (ord 2, the input's dtype) is supported, found ord {ord!r}")
+    v = tr.tensor(x)
+    axes = tuple(range(v.type.rank)) if not dim else tuple(d % v.type.rank for d in dim)
+    return tr.emit("sqrt", tr.emit("sum", tr.emit("mul", v, v), axes=axes, keepdims=bool(keepdim)))
 
 
 @handles(aten.cumsum.default)
