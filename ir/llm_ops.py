@@ -61,24 +61,29 @@ define_op("add_rms_norm", infer=_add_rms_norm_infer, reference=_add_rms_norm_ref
 
 
 # RoPE ---------------------------------------------------------------------------
-def rope_cos_sin(positions, inv_freq, scaling):
-    """cos/sin tables [P, S, rotary_dim] as transformers computes them in float32."""
+def rope_cos_sin(positions, inv_freq, scaling, interleaved=False):
+    """cos/sin tables [P, S, rotary_dim] as transformers computes them in float32: each frequency for both
+    features of its pair (i and i + rotary_dim / 2, or 2i and 2i + 1 when ``interleaved``)."""
     freqs = positions.astype(np.float32)[..., None] * inv_freq.astype(np.float32)
-    emb = np.concatenate([freqs, freqs], axis=-1)
+    emb = np.repeat(freqs, 2, axis=-1) if interleaved else np.concatenate([freqs, freqs], axis=-1)
     return (np.cos(emb) * np.float32(scaling)).astype(np.float32), (np.sin(emb) * np.float32(scaling)).astype(np.float32)
 
 
 def _rope_ref(xs, attrs):
     x, positions, inv_freq = xs
     rd, seq_axis = attrs["rotary_dim"], attrs["seq_axis"]
-    cos, sin = rope_cos_sin(positions, inv_freq, attrs["scaling"])
+    interleaved = attrs.get("interleaved", False)
+    cos, sin = rope_cos_sin(positions, inv_freq, attrs["scaling"], interleaved)
     # cos: [P, S, rd] -> broadcast against x (rank 4, batch first, head_dim last)
     shape = [cos.shape[0], 1, 1, rd]
     shape[seq_axis] = cos.shape[1]
     cos, sin = cos.reshape(shape), sin.reshape(shape)
     rot, rest = x[..., :rd], x[..., rd:]
     half = rd // 2
-    rotated = np.concatenate([-rot[..., half:], rot[..., :half]], axis=-1)
+    if interleaved:  # GPT-J / Cohere: pairs (2i, 2i + 1) -> (-x[2i + 1], x[2i])
+        rotated = np.stack([-rot[..., 1::2], rot[..., ::2]], axis=-1).reshape(rot.shape)
+    else:
+        rotated = np.concatenate([-rot[..., half:], rot[..., :half]], axis=-1)
     out = (rot * cos.astype(x.dtype) + rotated * sin.astype(x.dtype)).astype(x.dtype)
     return [np.concatenate([out, rest], axis=-1) if rest.shape[-1] else out]
 
@@ -100,8 +105,9 @@ def _rope_infer(types, attrs, module):
 
 
 define_op("rope", infer=_rope_infer, reference=_rope_ref,
-          attrs={"rotary_dim": REQUIRED, "seq_axis": 2, "scaling": 1.0}, inputs=3,
-          doc="rotate-half RoPE on the first rotary_dim features; cos/sin from positions * inv_freq")
+          attrs={"rotary_dim": REQUIRED, "seq_axis": 2, "scaling": 1.0, "interleaved": False}, inputs=3,
+          doc="RoPE on the first rotary_dim features, rotating feature pairs (i, i + rotary_dim / 2) (rotate-half) "
+              "or, interleaved, (2i, 2i + 1) (GPT-J, Cohere); cos/sin from positions * inv_freq")
 
 
 # gated MLP ------------------------------------------------------------------------

@@ -398,6 +398,13 @@ def _rope_torch(t, a):
     x, positions, inv_freq = t
     rd = a["rotary_dim"]
     freqs = positions.float()[..., None] * inv_freq.float()[None, None, :]
+    if a.get("interleaved"):  # GPT-J / Cohere: tables repeat_interleave'd, pairs (2i, 2i + 1) rotated
+        emb = torch.repeat_interleave(freqs, 2, dim=-1)
+        cos = (emb.cos() * a["scaling"]).to(x.dtype).unsqueeze(1 if a["seq_axis"] == 2 else 2)
+        sin = (emb.sin() * a["scaling"]).to(x.dtype).unsqueeze(1 if a["seq_axis"] == 2 else 2)
+        rot, rest = x[..., :rd], x[..., rd:]
+        every_two = torch.stack((-rot[..., 1::2], rot[..., ::2]), dim=-1).flatten(-2)
+        return torch.cat([rot * cos + every_two * sin, rest], dim=-1)
     emb = torch.cat([freqs, freqs], dim=-1)
     cos = (emb.cos() * a["scaling"]).to(x.dtype).unsqueeze(1 if a["seq_axis"] == 2 else 2)
     sin = (emb.sin() * a["scaling"]).to(x.dtype).unsqueeze(1 if a["seq_axis"] == 2 else 2)
@@ -468,7 +475,9 @@ for _x, _pos, _attrs, _dtype in [
         ((1, 2, 3, 8), (1, 3), {"rotary_dim": 8, "scaling": 0.75}, "f32"),
         ((b, 2, s, 8), (b, s), {"rotary_dim": 4}, "f32"),
         ((b, s, 2, 8), (1, s), {"rotary_dim": 8, "seq_axis": 1}, "f32"),
-        ((1, 2, 4, 8), (1, 4), {"rotary_dim": 8}, "f16")]:
+        ((1, 2, 4, 8), (1, 4), {"rotary_dim": 8}, "f16"),
+        ((2, 4, 5, 16), (2, 5), {"rotary_dim": 16, "interleaved": True}, "f32"),
+        ((2, 5, 4, 16), (1, 5), {"rotary_dim": 8, "seq_axis": 1, "interleaved": True}, "f32")]:
     add("rope", [(_dtype, _x), ("i64", _pos, ints(0, 2000)), ("f32", (_attrs["rotary_dim"] // 2,), inv_freq_values)],
         _attrs, torch_fn=_rope_torch)
 add("rope", [("f32", (1, 2, 3, 8)), ("i32", (1, 3), ints(0, 50)), ("f32", (4,), inv_freq_values)],

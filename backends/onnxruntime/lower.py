@@ -621,7 +621,8 @@ def _lower_rope(ctx, node):
     flat, tokens = _tokens_flat(ctx, 0, seq_axis)
     width = tokens[2] * tokens[3]
     rows = ctx.add("Reshape", [flat, ctx.const([-1, 1, width], "i64")])
-    out = ctx.add("RotaryEmbedding", [rows, positions, cos, sin], domain=MS_DOMAIN, interleaved=0, num_heads=heads,
+    out = ctx.add("RotaryEmbedding", [rows, positions, cos, sin], domain=MS_DOMAIN,
+                  interleaved=int(node.attrs.get("interleaved", False)), num_heads=heads,
                   rotary_embedding_dim=rotary_dim)
     shape = ctx.const([tokens[0], -1, width], "i64") if isinstance(tokens[0], int) else \
         ctx.cached(("shape of", flat), lambda: ctx.add("Shape", [flat]))

@@ -37,18 +37,26 @@ def _lower_add_rms_norm(ctx, node, inputs):
 @lowering("rope")
 def _lower_rope(ctx, node, inputs):
     rotary_dim, seq_axis, scaling = node.attrs["rotary_dim"], node.attrs["seq_axis"], node.attrs["scaling"]
+    interleaved = node.attrs.get("interleaved", False)
     half = rotary_dim // 2
     per_batch = ctx.in_type(1).shape[0] != 1
 
     def te_rope(x, positions, inv_freq):
         def body(b, i1, i2, d):
             s = i2 if seq_axis == 2 else i1
-            j = tirx.min(tirx.if_then_else(d < half, d, d - half), half - 1)
+            if interleaved:  # pairs (2i, 2i + 1): frequency i, partner d ^ 1, the even one negated
+                j = tirx.min(d // 2, half - 1)
+                first = d % 2 == 0
+                partner = tirx.min(tirx.if_then_else(first, d + 1, d - 1), rotary_dim - 1)
+            else:
+                j = tirx.min(tirx.if_then_else(d < half, d, d - half), half - 1)
+                first = d < half
+                partner = tirx.min(tirx.if_then_else(d < half, d + half, d - half), rotary_dim - 1)
             freq = positions[b if per_batch else 0, s].astype("float32") * inv_freq[j]
             cos = tirx.cos(freq) * tirx.const(scaling, "float32")
             sin = tirx.sin(freq) * tirx.const(scaling, "float32")
-            other = x[b, i1, i2, tirx.min(tirx.if_then_else(d < half, d + half, d - half), rotary_dim - 1)]
-            rotated = tirx.if_then_else(d < half, -other, other)
+            other = x[b, i1, i2, partner]
+            rotated = tirx.if_then_else(first, -other, other)
             value = x[b, i1, i2, d] * cos.astype(x.dtype) + rotated * sin.astype(x.dtype)
             return tirx.if_then_else(d < rotary_dim, value, x[b, i1, i2, d])
 
