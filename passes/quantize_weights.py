@@ -17,6 +17,8 @@ rounded values, so the kernels reproduce exactly what the quantizer chose.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from kiln.ir.errors import ConfigError
@@ -93,6 +95,24 @@ def fitting_group(k: int, group_size: int) -> int | None:
     return None
 
 
+# fuse_gated_mlp's name for rows start:end of a weight (a fused gate_up projection cut in two, as Phi-3's).
+_ROW_SLICE = re.compile(r"(.+)\[(\d+):(\d+)\]")
+
+
+def _prequantized_rows(prequantized: dict, name: str) -> QuantizedWeight | None:
+    """The file's blocks for weight ``name``, or the rows of them a row-slice name selects (rows are
+    independent in every format)."""
+    if name in prequantized:
+        return prequantized[name]
+    match = _ROW_SLICE.fullmatch(name)
+    whole = prequantized.get(match.group(1)) if match else None
+    if whole is None:
+        return None
+    rows = slice(int(match.group(2)), int(match.group(3)))
+    return QuantizedWeight(whole.bits, whole.group_size, whole.q[rows], whole.scale[rows],
+                           None if whole.offset is None else whole.offset[rows])
+
+
 class _Quantizer:
     """Decides each weight's format once, quantizes it once and emits the weight nodes that read it."""
 
@@ -112,7 +132,7 @@ class _Quantizer:
         if data is None or t is None or t.rank != 2 or not is_float(t.dtype) or not t.is_static:
             return None
         if self.mode == GGUF:
-            return self.prequantized.get(name)
+            return _prequantized_rows(self.prequantized, name)
         if role in ("embedding", "output"):
             return quantize_int8(data) if self.quantize_embedding else None
         bits, group_size = MODES[self.mode]
