@@ -56,11 +56,12 @@ def kiln_artifact(args, backend, quantize, activations="float"):
     """The compiled artifact of one kiln row (compiled here, in the parent, once; cached per kiln source)."""
     import kiln
 
-    suffix = "-a8" if activations == "int8" else ""
+    suffix = ("-a8" if activations == "int8" else "") + ("-kv16" if args.kv_cache_dtype == "f16" else "")
     path = os.path.join(peers.CACHE, f"kiln-{kiln.__version__}-{args.code_tag}",
                         f"smollm2-{backend}-{args.max_seq_len}-{quantize}{suffix}.kiln")
     if args.recompile or not os.path.exists(os.path.join(path, "manifest.json")):
-        options = {"activations": activations, "accuracy_gate": "warn"}  # quality is measured here too
+        options = {"activations": activations, "accuracy_gate": "warn",  # quality is measured here too
+                   "kv_cache_dtype": args.kv_cache_dtype}
         kiln.compile("smollm2", backend=backend, quantize=quantize, max_seq_len=args.max_seq_len,
                      max_num_seqs=1, output=path, progress=True, **options)
     return path
@@ -130,6 +131,8 @@ def main():
     parser.add_argument("--skip", nargs="*", default=[], choices=PEERS + EXTRA_PEERS + ["ort-genai"],
                         help="peers to leave out")
     parser.add_argument("--max-seq-len", type=int, default=512, help="kiln's compiled maximum; llama.cpp's n_ctx")
+    parser.add_argument("--kv-cache-dtype", default="f32", choices=["f32", "f16"],
+                        help="kiln's KV-cache dtype (llama.cpp keeps an f16 cache by default)")
     parser.add_argument("--no-ppl", action="store_true", help="speed and memory only")
     parser.add_argument("--prompt-tokens", type=int, help="prompt with the text's first N token ids instead of the "
                                                                "126-token chat prompt (prefill at length N)")

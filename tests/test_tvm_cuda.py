@@ -51,6 +51,8 @@ CONFIGS = {
     # ALiBi biases over a window (BLOOM's slopes for 4 heads)
     "mha4_d16_alibi_window13": dict(heads=4, kv_heads=4, dim=16, page=8, layer=0, window=13,
                                     alibi=(0.25, 0.0625, 0.015625, 0.00390625)),
+    # an f16 cache, widened to f32 as it is read and rounded as it is written
+    "gqa9x3_d64_f16": dict(heads=9, kv_heads=3, dim=64, page=16, layer=1, window=None, cache_dtype="float16"),
 }
 
 
@@ -64,7 +66,8 @@ def _paged_cache(rng, cfg, lengths, layers=2):
     need = [(n + page - 1) // page for n in lengths]
     pages = sum(need) + 2
     nan_page = pages - 1
-    cache = rng.standard_normal((layers * 2 * pages, kv_heads, page, dim)).astype("float32")
+    cache = rng.standard_normal((layers * 2 * pages, kv_heads, page, dim)).astype(cfg.get("cache_dtype", "float32"))
+    cache = cache.astype("float32")  # values an f16 cache holds exactly, so the reference reads what the kernel reads
     k_base, v_base = 2 * cfg["layer"] * pages, (2 * cfg["layer"] + 1) * pages
     cache[k_base + nan_page] = np.nan
     cache[v_base + nan_page] = np.nan
@@ -171,11 +174,12 @@ def _kernel(kind, cfg, bases, bind_threads):
     k_base, v_base = bases
     if kind == "append":
         return cuda_attention.kv_append_cuda_func(cfg["kv_heads"], cfg["dim"], cfg["page"], k_base, v_base,
+                                                  cfg.get("cache_dtype", "float32"),
                                                   bind_threads=bind_threads)
     make = (cuda_attention.attention_decode_cuda_func if kind == "decode"
             else cuda_attention.attention_prefill_cuda_func)
     return make(cfg["heads"], cfg["kv_heads"], cfg["dim"], cfg["page"], None, k_base, v_base, cfg["window"],
-                cfg.get("softcap"), cfg.get("alibi"), bind_threads=bind_threads)
+                cfg.get("softcap"), cfg.get("alibi"), cfg.get("cache_dtype", "float32"), bind_threads=bind_threads)
 
 
 CASES = {"decode": decode_case, "prefill": prefill_case, "append": append_case}
@@ -183,6 +187,12 @@ CASES = {"decode": decode_case, "prefill": prefill_case, "append": append_case}
 
 def _run_and_check(kind, cfg, target, device, bind_threads):
     bases, arrays, expected = CASES[kind](cfg)
+    cache_dtype = cfg.get("cache_dtype", "float32")
+    if cache_dtype != "float32":  # the pools (two inputs of attention, the last two of append) in the cache's dtype
+        pools = (5, 6) if kind == "append" else (1, 2)
+        arrays = [a.astype(cache_dtype) if i in pools else a for i, a in enumerate(arrays)]
+        if kind == "append":
+            expected = tuple(e.astype(cache_dtype) for e in expected)
     func = _kernel(kind, cfg, bases, bind_threads)
     run = build(tvm.IRModule({"main": func}), target)["main"]
     tensors = [tvm.runtime.tensor(a, device) for a in arrays]

@@ -63,6 +63,17 @@ def test_quantized_model_matches_transformers_with_dequantized_weights(tmp_path,
     assert_engine_matches_transformers(engine, "llama", model=dequantized_tiny_llama(quantize))
 
 
+def test_f16_kv_cache_matches_transformers_within_its_rounding(tmp_path):
+    """An f16 KV cache: K/V rounded to f16 (a relative step of 2^-11, so each element moves by up to 2.4e-4 of
+    itself) as they are written, read back as f32. Measured 3.9e-4 of the largest logit from transformers' f32
+    cache on the tiny Llama (the f32 cache: 1e-5); 2e-3 allows that and catches a cache read at the wrong place,
+    which moves the logits by O(1). Greedy tokens stay identical."""
+    engine = kiln.load(kiln.compile(tiny_model("llama"), backend="tvm", max_seq_len=48, kv_cache_dtype="f16",
+                                    output=tmp_path / "f16.kiln"))
+    assert engine.info.manifest["kv_cache"]["dtype"] == "f16"
+    assert_engine_matches_transformers(engine, "llama", tolerance=2e-3)
+
+
 def test_one_step_mixes_a_prefill_chunk_with_decodes(compiled):
     """The compiled step serves, in one call, a decode token of each of two sequences and the second chunk of a
     third sequence's prompt; then @step_decode (one token of one sequence) decodes each of the three."""

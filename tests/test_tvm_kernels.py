@@ -211,16 +211,18 @@ def _paged_cache(lengths, num_kv_heads, page, dim, rng):
 # (heads, kv heads, head dim, page size, soft cap): SmolLM2-135M, plain MHA with small pages, head sizes that are
 # not multiples of the kernel's 16 lanes (below one chunk, one chunk and a tail, several and a tail, Phi-2's 80),
 # and soft-capped scores (Gemma-2's c * tanh(s / c), c small enough to change every row).
-# The last config adds ALiBi biases (BLOOM's slopes for 4 heads: 2^-2, 2^-4, 2^-6, 2^-8).
+# Then ALiBi biases (BLOOM's slopes for 4 heads: 2^-2, 2^-4, 2^-6, 2^-8), and an f16 cache (read as f32).
 ATTENTION_CONFIGS = [(9, 3, 64, 16, None), (4, 4, 32, 8, None), (4, 2, 12, 16, None), (6, 3, 20, 8, None),
-                     (2, 1, 40, 16, None), (4, 4, 80, 16, None), (4, 2, 32, 16, 0.7), (4, 4, 16, 8, "alibi")]
+                     (2, 1, 40, 16, None), (4, 4, 80, 16, None), (4, 2, 32, 16, 0.7), (4, 4, 16, 8, "alibi"),
+                     (9, 3, 64, 16, "f16")]
 ALIBI_SLOPES = (0.25, 0.0625, 0.015625, 0.00390625)
 
 
 @pytest.fixture(scope="module", params=ATTENTION_CONFIGS, ids=lambda c: "H{}_Hkv{}_D{}_P{}_{}".format(*c))
 def attention_builds(request):
     heads, kv_heads, dim, page, variant = request.param
-    options = {"alibi": ALIBI_SLOPES} if variant == "alibi" else {"softcap": variant}
+    options = ({"alibi": ALIBI_SLOPES} if variant == "alibi" else {"cache_dtype": "float16"} if variant == "f16"
+               else {"softcap": variant})
     decode = schedules.build_cpu(kernels.attention_decode_func(heads, kv_heads, dim, page, **options))
     prefill = schedules.build_cpu(kernels.attention_prefill_func(heads, kv_heads, dim, page, **options))
     return request.param, decode, prefill
@@ -228,7 +230,14 @@ def attention_builds(request):
 
 def _variant(variant):
     """(soft cap, per-head ALiBi slopes) of a config's last field."""
-    return (None, ALIBI_SLOPES) if variant == "alibi" else (variant, (None,) * 16)
+    return (None, ALIBI_SLOPES) if variant == "alibi" else (None if variant == "f16" else variant, (None,) * 16)
+
+
+def _pages_for(variant, k_pages, v_pages):
+    """The pages the kernel reads: f16 copies for an f16 cache (the reference then reads the same rounded values)."""
+    if variant != "f16":
+        return k_pages, v_pages
+    return k_pages.astype(np.float16), v_pages.astype(np.float16)
 
 
 def test_attention_decode_matches_numpy(attention_builds):
@@ -237,7 +246,10 @@ def test_attention_decode_matches_numpy(attention_builds):
     rng = _rng(5)
     lengths = [1, page, page + 1, 3 * page + 5, 70]
     k_pages, v_pages, table, tokens = _paged_cache(lengths, kv_heads, page, dim, rng)
+    if variant == "f16":  # the reference reads the f16-rounded values the kernel reads
+        k_pages[:], v_pages[:] = k_pages.astype(np.float16), v_pages.astype(np.float16)
     q = rng.standard_normal((len(lengths), heads, dim), dtype=np.float32)
+    k_pages, v_pages = _pages_for(variant, k_pages, v_pages)
     out = _run(decode, q, k_pages, v_pages, table, np.array(lengths, np.int32),
                np.zeros_like(q))[-1].numpy()
     group = heads // kv_heads
@@ -257,10 +269,13 @@ def test_attention_prefill_is_causal_over_packed_sequences(attention_builds):
     cached, new = [12, 0], [5, 20]
     lengths = [c + n for c, n in zip(cached, new)]
     k_pages, v_pages, table, tokens = _paged_cache(lengths, kv_heads, page, dim, rng)
+    if variant == "f16":
+        k_pages[:], v_pages[:] = k_pages.astype(np.float16), v_pages.astype(np.float16)
     row_seq = np.repeat(np.arange(2, dtype=np.int32), new)
     row_pos = np.concatenate([np.arange(c, c + n, dtype=np.int32) for c, n in zip(cached, new)])
     q = rng.standard_normal((len(row_seq), heads, dim), dtype=np.float32)
-    out = _run(prefill, q, k_pages, v_pages, table, row_seq, row_pos, np.zeros_like(q))[-1].numpy()
+    out = _run(prefill, q, *_pages_for(variant, k_pages, v_pages), table, row_seq, row_pos,
+               np.zeros_like(q))[-1].numpy()
     group = heads // kv_heads
     for r, (b, pos) in enumerate(zip(row_seq, row_pos)):
         keys, values = tokens(b)
@@ -381,3 +396,26 @@ def test_attention_is_cpu_only_for_dlight():
     # Attention comes pre-scheduled for the CPU; the GPU path must say so, not crash.
     with pytest.raises(ConfigError, match="CPU-only"):
         schedules.build_cuda_source(kernels.attention_decode_func(4, 2, 16, 4), "sm_80")
+
+
+@pytest.mark.parametrize("cache_dtype", ["float32", "float16"])
+def test_kv_append_writes_rows_rounded_to_the_cache_dtype(cache_dtype):
+    """Row r's K/V land at (page_table[row_seq[r], pos // P] + base, :, pos % P) of the pools, as numpy rounds them
+    to the cache's dtype; every other slot is left as it was."""
+    kv_heads, dim, page = 2, 12, 4
+    rng = _rng(7)
+    fn = schedules.build_cpu(kernels.kv_append_func(kv_heads, dim, page, 1, 9, cache_dtype=cache_dtype))
+    table = np.array([[3, 0, 5], [1, 2, 4]], np.int32)
+    row_seq = np.array([0, 0, 1, 1, 0], np.int32)
+    row_pos = np.array([0, 5, 2, 9, 11], np.int32)
+    k = rng.standard_normal((5, kv_heads, dim), dtype=np.float32)
+    v = rng.standard_normal((5, kv_heads, dim), dtype=np.float32)
+    k_pages = rng.standard_normal((16, kv_heads, page, dim)).astype(cache_dtype)
+    v_pages = rng.standard_normal((16, kv_heads, page, dim)).astype(cache_dtype)
+    expected_k, expected_v = k_pages.copy(), v_pages.copy()
+    for r, (seq, pos) in enumerate(zip(row_seq, row_pos)):
+        expected_k[1 + table[seq, pos // page], :, pos % page] = k[r].astype(cache_dtype)
+        expected_v[9 + table[seq, pos // page], :, pos % page] = v[r].astype(cache_dtype)
+    tensors = _run(fn, k, v, table, row_seq, row_pos, k_pages, v_pages)
+    np.testing.assert_array_equal(tensors[-2].numpy(), expected_k)
+    np.testing.assert_array_equal(tensors[-1].numpy(), expected_v)

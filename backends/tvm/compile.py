@@ -25,9 +25,9 @@ def compile_module(module, target: str, out_dir: str, options) -> dict:
     if target not in ("cpu", "cuda"):
         raise ConfigError(f"unknown target {target!r}; expected cpu or cuda")
     kv_dtype = KVCacheSpec.from_json(module.metadata["kv_cache"]).dtype
-    if kv_dtype != "f32":  # refused before lowering starts, so no half-built TVM module is left behind
-        raise ConfigError(f"the TVM backend's attention kernels take an f32 KV cache, not {kv_dtype}; use "
-                          f"--kv-cache-dtype f32 or --backend onnxruntime")
+    if kv_dtype not in ("f32", "f16"):  # refused before lowering starts, so no half-built TVM module is left behind
+        raise ConfigError(f"the TVM backend's attention kernels take an f32 or f16 KV cache, not {kv_dtype}; use "
+                          f"--kv-cache-dtype f32 or f16")
     functions = [name for name in ENTRY_FUNCTIONS if name in module.functions]
     derived: dict = {}
     irmodule = lower_functions(module, functions, target, derived)

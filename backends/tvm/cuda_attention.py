@@ -62,7 +62,7 @@ def _check(num_heads: int, num_kv_heads: int, head_dim: int, page_size: int, win
 def _attention_cuda_func(kind: str, num_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
                          sm_scale: float | None, k_base: int, v_base: int, window: int | None,
                          bind_threads: bool, softcap: float | None = None,
-                         alibi: tuple | None = None) -> tirx.PrimFunc:
+                         alibi: tuple | None = None, cache_dtype: str = "float32") -> tirx.PrimFunc:
     _check(num_heads, num_kv_heads, head_dim, page_size, window)
     heads, kv_heads, dim, page = num_heads, num_kv_heads, head_dim, page_size
     group = heads // kv_heads
@@ -107,9 +107,9 @@ def _attention_cuda_func(kind: str, num_heads: int, num_kv_heads: int, head_dim:
                     key_page[tx] = page_table[seq, (start + tile * threads + tx) // page]
                     tmp[0] = T.float32(0)
                     for d in T.serial(dim):
-                        tmp[0] = tmp[0] + qs[d] * k_pages[
+                        tmp[0] = tmp[0] + qs[d] * T.Cast("float32", k_pages[
                             T.Cast("int64", page_table[seq, (start + tile * threads + tx) // page]) + k_base,
-                            kvh, (start + tile * threads + tx) % page, d]
+                            kvh, (start + tile * threads + tx) % page, d])
                     if capped:
                         scores[tx] = T.float32(cap) * T.tanh(tmp[0])
                     else:
@@ -136,9 +136,9 @@ def _attention_cuda_func(kind: str, num_heads: int, num_kv_heads: int, head_dim:
                     if i * threads + tx < dim:
                         tmp[0] = acc[tx % lanes, i] * stat[tx % lanes, 2]
                         for j in T.serial(T.min(count - tile * threads, threads)):
-                            tmp[0] = tmp[0] + probs[j] * v_pages[
+                            tmp[0] = tmp[0] + probs[j] * T.Cast("float32", v_pages[
                                 T.Cast("int64", key_page[j]) + v_base, kvh,
-                                (start + tile * threads + j) % page, i * threads + tx]
+                                (start + tile * threads + j) % page, i * threads + tx])
                         acc[tx % lanes, i] = tmp[0]
         # a row that sees no key (a padding row) gets zeros rather than 0 / 0
         for tx in thread_loop(threads):
@@ -156,8 +156,8 @@ def _attention_cuda_func(kind: str, num_heads: int, num_kv_heads: int, head_dim:
         num_pages = T.int64()
         max_pages = T.int64()
         q = T.match_buffer(q_h, (batch, heads, dim), "float32")
-        k_pages = T.match_buffer(k_h, (num_pages, kv_heads, page, dim), "float32")
-        v_pages = T.match_buffer(v_h, (num_pages, kv_heads, page, dim), "float32")
+        k_pages = T.match_buffer(k_h, (num_pages, kv_heads, page, dim), cache_dtype)
+        v_pages = T.match_buffer(v_h, (num_pages, kv_heads, page, dim), cache_dtype)
         page_table = T.match_buffer(table_h, (batch, max_pages), "int32")
         lengths = T.match_buffer(len_h, (batch,), "int32")
         out = T.match_buffer(out_h, (batch, heads, dim), "float32")
@@ -188,8 +188,8 @@ def _attention_cuda_func(kind: str, num_heads: int, num_kv_heads: int, head_dim:
         num_pages = T.int64()
         max_pages = T.int64()
         q = T.match_buffer(q_h, (rows, heads, dim), "float32")
-        k_pages = T.match_buffer(k_h, (num_pages, kv_heads, page, dim), "float32")
-        v_pages = T.match_buffer(v_h, (num_pages, kv_heads, page, dim), "float32")
+        k_pages = T.match_buffer(k_h, (num_pages, kv_heads, page, dim), cache_dtype)
+        v_pages = T.match_buffer(v_h, (num_pages, kv_heads, page, dim), cache_dtype)
         page_table = T.match_buffer(table_h, (batch, max_pages), "int32")
         row_seq = T.match_buffer(seq_h, (rows,), "int32")
         row_pos = T.match_buffer(pos_h, (rows,), "int32")
@@ -219,7 +219,8 @@ def _attention_cuda_func(kind: str, num_heads: int, num_kv_heads: int, head_dim:
 def attention_decode_cuda_func(num_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
                                sm_scale: float | None = None, k_base: int = 0, v_base: int = 0,
                                window: int | None = None, softcap: float | None = None,
-                               alibi: tuple | None = None, *, bind_threads: bool = True) -> tirx.PrimFunc:
+                               alibi: tuple | None = None, cache_dtype: str = "float32", *,
+                               bind_threads: bool = True) -> tirx.PrimFunc:
     """PrimFunc(q[b, H, D], k_pages, v_pages, page_table[b, P_max], lengths[b], out[b, H, D]) for CUDA.
 
     As kernels.attention_decode_func: query b attends to the first lengths[b] tokens of sequence b
@@ -228,23 +229,25 @@ def attention_decode_cuda_func(num_heads: int, num_kv_heads: int, head_dim: int,
     (sequence, query head).
     """
     return _attention_cuda_func("decode", num_heads, num_kv_heads, head_dim, page_size, sm_scale, k_base,
-                                v_base, window, bind_threads, softcap, alibi)
+                                v_base, window, bind_threads, softcap, alibi, cache_dtype)
 
 
 def attention_prefill_cuda_func(num_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
                                 sm_scale: float | None = None, k_base: int = 0, v_base: int = 0,
                                 window: int | None = None, softcap: float | None = None,
-                                alibi: tuple | None = None, *, bind_threads: bool = True) -> tirx.PrimFunc:
+                                alibi: tuple | None = None, cache_dtype: str = "float32", *,
+                                bind_threads: bool = True) -> tirx.PrimFunc:
     """PrimFunc(q[s, H, D], k_pages, v_pages, page_table[b, P_max], row_seq[s], row_pos[s], out[s, H, D]).
 
     As kernels.attention_prefill_func: row r attends to positions 0..row_pos[r] (within the window)
     of sequence row_seq[r]; a row with row_pos < 0 gets zeros. One thread block per (row, query head).
     """
     return _attention_cuda_func("prefill", num_heads, num_kv_heads, head_dim, page_size, sm_scale, k_base,
-                                v_base, window, bind_threads, softcap, alibi)
+                                v_base, window, bind_threads, softcap, alibi, cache_dtype)
 
 
-def kv_append_cuda_func(num_kv_heads: int, head_dim: int, page_size: int, k_base: int, v_base: int, *,
+def kv_append_cuda_func(num_kv_heads: int, head_dim: int, page_size: int, k_base: int, v_base: int,
+                        cache_dtype: str = "float32", *,
                         bind_threads: bool = True) -> tirx.PrimFunc:
     """PrimFunc(k[r, Hkv, D], v[r, Hkv, D], page_table[b, P], row_seq[r], row_pos[r], k_pages[n, Hkv, P, D],
     v_pages[n, Hkv, P, D]).
@@ -273,8 +276,8 @@ def kv_append_cuda_func(num_kv_heads: int, head_dim: int, page_size: int, k_base
         page_table = T.match_buffer(table_h, (batch, max_pages), "int32")
         row_seq = T.match_buffer(seq_h, (rows,), "int32")
         row_pos = T.match_buffer(pos_h, (rows,), "int32")
-        k_pages = T.match_buffer(kp_h, (num_pages, kv_heads, page, dim), "float32")
-        v_pages = T.match_buffer(vp_h, (num_pages, kv_heads, page, dim), "float32")
+        k_pages = T.match_buffer(kp_h, (num_pages, kv_heads, page, dim), cache_dtype)
+        v_pages = T.match_buffer(vp_h, (num_pages, kv_heads, page, dim), cache_dtype)
         for bx in block_loop((rows * per_row + threads - 1) // threads):
             with T.sblock("paged_kv_append_cuda"):
                 T.reads(k[0:rows, 0:kv_heads, 0:dim], v[0:rows, 0:kv_heads, 0:dim],
@@ -289,7 +292,7 @@ def kv_append_cuda_func(num_kv_heads: int, head_dim: int, page_size: int, k_base
                         d: T.let[T.int64] = index % dim
                         pos: T.let[T.int32] = row_pos[r]
                         pid: T.let[T.int64] = T.Cast("int64", page_table[row_seq[r], pos // page])
-                        k_pages[pid + k_base, h, pos % page, d] = k[r, h, d]
-                        v_pages[pid + v_base, h, pos % page, d] = v[r, h, d]
+                        k_pages[pid + k_base, h, pos % page, d] = T.Cast(cache_dtype, k[r, h, d])
+                        v_pages[pid + v_base, h, pos % page, d] = T.Cast(cache_dtype, v[r, h, d])
 
     return paged_kv_append_cuda

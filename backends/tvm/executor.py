@@ -17,6 +17,9 @@ from kiln.ir.errors import ArtifactError
 from kiln.ir.kv_cache import DECODE_STEP, STEP, STEP_INPUTS, KVCacheSpec
 
 
+_POOL_DTYPES = {"f32": "float32", "f16": "float16"}
+
+
 class _NoTorch:
     """Import hook that hides torch: tvm_ffi imports torch eagerly when it is installed, and the
     runtime must not load it (it costs seconds and memory, and an artifact must run without it)."""
@@ -89,8 +92,9 @@ class TVMExecutor:
                                 f"lists; recompile the artifact")
         self.functions = {name: self.vm[name] for name in functions}
         spec = KVCacheSpec.from_json(info.manifest["kv_cache"])
-        if spec.dtype != "f32" or any(g.kind != "kv" for g in spec.groups):
-            raise ArtifactError(f"{info.path}: the TVM backend's kernels take an f32 K/V cache, the manifest declares "
+        if spec.dtype not in _POOL_DTYPES or (spec.dtype != "f32" and any(g.kind != "kv" for g in spec.groups)):
+            raise ArtifactError(f"{info.path}: the TVM backend's kernels take an f32 or f16 K/V cache or an f32 latent "
+                                f"cache, the manifest declares "
                                 f"{spec.dtype} {'/'.join(sorted({g.kind for g in spec.groups}))}; recompile the "
                                 f"artifact")
         self.pool_names = [pool.name for pool in spec.pools()]
@@ -123,7 +127,9 @@ class TVMExecutor:
         self.pools = {}
         try:
             for pool in spec.pools():
-                self.pools[pool.name] = tvm.runtime.tensor(np.zeros(pool.shape, dtype=np.float32), self.device)
+                # Left unwritten: the kernels read only the slots of tokens they wrote, so the memory of a page
+                # is touched (and resident) once a token lands in it, not at load.
+                self.pools[pool.name] = tvm.runtime.empty(pool.shape, _POOL_DTYPES[spec.dtype], self.device)
         except MemoryError:
             raise ArtifactError(f"{info.path}: cannot allocate the KV cache of {spec.total_bytes:,} bytes; "
                                 f"recompile with a smaller --max-num-seqs, --max-seq-len or --kv-cache-budget") \

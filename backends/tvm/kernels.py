@@ -242,16 +242,17 @@ def _specialize_bases(func: tirx.PrimFunc, k_base: int, v_base: int) -> tirx.Pri
 def _attention_func(kind: str, num_heads: int, num_kv_heads: int, head_dim: int,
                     page_size: int, sm_scale: float | None, k_base: int = 0, v_base: int = 0,
                     window: int | None = None, softcap: float | None = None,
-                    alibi: tuple | None = None) -> tirx.PrimFunc:
+                    alibi: tuple | None = None, cache_dtype: str = "float32") -> tirx.PrimFunc:
     return _specialize_bases(_attention_template(kind, num_heads, num_kv_heads, head_dim, page_size, sm_scale,
-                                                 window, softcap, None if alibi is None else tuple(alibi)),
-                             k_base, v_base)
+                                                 window, softcap, None if alibi is None else tuple(alibi),
+                                                 cache_dtype), k_base, v_base)
 
 
 @functools.lru_cache(maxsize=None)
 def _attention_template(kind: str, num_heads: int, num_kv_heads: int, head_dim: int,
                         page_size: int, sm_scale: float | None, window: int | None,
-                        softcap: float | None = None, alibi: tuple | None = None) -> tirx.PrimFunc:
+                        softcap: float | None = None, alibi: tuple | None = None,
+                        cache_dtype: str = "float32") -> tirx.PrimFunc:
     _check_heads(num_heads, num_kv_heads, head_dim)
     group = num_heads // num_kv_heads
     heads = num_heads
@@ -298,17 +299,19 @@ def _attention_template(kind: str, num_heads: int, num_kv_heads: int, head_dim: 
                     # q . k in 16-lane partial sums, then folded in halves: no scalar chain.
                     if chunks > 0:
                         for l in T.vectorized(lanes):
-                            part[l] = qs[l] * k_pages[pid + k_base, kvh, t, l]
+                            part[l] = qs[l] * T.Cast("float32", k_pages[pid + k_base, kvh, t, l])
                     else:
                         for l in T.vectorized(lanes):
                             part[l] = T.float32(0)
                     for c in T.serial(1, chunks):
                         for l in T.vectorized(lanes):
-                            part[l] = part[l] + qs[c * lanes + l] * k_pages[pid + k_base, kvh, t, c * lanes + l]
+                            part[l] = part[l] + qs[c * lanes + l] * T.Cast("float32", k_pages[pid + k_base, kvh, t,
+                                                                                          c * lanes + l])
                     if tail > 0:
                         for l in T.serial(tail):
                             part[l] = part[l] + (qs[chunks * lanes + l]
-                                                 * k_pages[pid + k_base, kvh, t, chunks * lanes + l])
+                                                 * T.Cast("float32", k_pages[pid + k_base, kvh, t,
+                                                                             chunks * lanes + l]))
                     for l in T.vectorized(lanes // 2):
                         part[l] = part[l] + part[l + lanes // 2]
                     for l in T.vectorized(lanes // 4):
@@ -335,7 +338,7 @@ def _attention_template(kind: str, num_heads: int, num_kv_heads: int, head_dim: 
                 acc[d] = acc[d] * stat[3]
             for t in T.serial(valid):
                 for d in T.vectorized(dim):
-                    acc[d] = acc[d] + scores[t] * v_pages[pid + v_base, kvh, t, d]
+                    acc[d] = acc[d] + scores[t] * T.Cast("float32", v_pages[pid + v_base, kvh, t, d])
         for d in T.vectorized(dim):
             out[row, h, d] = acc[d] / stat[1]
 
@@ -347,8 +350,8 @@ def _attention_template(kind: str, num_heads: int, num_kv_heads: int, head_dim: 
         num_pages = T.int64()
         max_pages = T.int64()
         q = T.match_buffer(q_h, (batch, heads, dim), "float32")
-        k_pages = T.match_buffer(k_h, (num_pages, kv_heads, page, dim), "float32")
-        v_pages = T.match_buffer(v_h, (num_pages, kv_heads, page, dim), "float32")
+        k_pages = T.match_buffer(k_h, (num_pages, kv_heads, page, dim), cache_dtype)
+        v_pages = T.match_buffer(v_h, (num_pages, kv_heads, page, dim), cache_dtype)
         page_table = T.match_buffer(table_h, (batch, max_pages), "int32")
         lengths = T.match_buffer(len_h, (batch,), "int32")
         out = T.match_buffer(out_h, (batch, heads, dim), "float32")
@@ -378,8 +381,8 @@ def _attention_template(kind: str, num_heads: int, num_kv_heads: int, head_dim: 
         num_pages = T.int64()
         max_pages = T.int64()
         q = T.match_buffer(q_h, (rows, heads, dim), "float32")
-        k_pages = T.match_buffer(k_h, (num_pages, kv_heads, page, dim), "float32")
-        v_pages = T.match_buffer(v_h, (num_pages, kv_heads, page, dim), "float32")
+        k_pages = T.match_buffer(k_h, (num_pages, kv_heads, page, dim), cache_dtype)
+        v_pages = T.match_buffer(v_h, (num_pages, kv_heads, page, dim), cache_dtype)
         page_table = T.match_buffer(table_h, (batch, max_pages), "int32")
         row_seq = T.match_buffer(seq_h, (rows,), "int32")
         row_pos = T.match_buffer(pos_h, (rows,), "int32")
@@ -407,7 +410,7 @@ def _attention_template(kind: str, num_heads: int, num_kv_heads: int, head_dim: 
 def attention_decode_func(num_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
                           sm_scale: float | None = None, k_base: int = 0, v_base: int = 0,
                           window: int | None = None, softcap: float | None = None,
-                          alibi: tuple | None = None) -> tirx.PrimFunc:
+                          alibi: tuple | None = None, cache_dtype: str = "float32") -> tirx.PrimFunc:
     """PrimFunc(q[b, H, D], k_pages, v_pages, page_table[b, P_max], lengths[b], out[b, H, D]).
 
     Query b attends to the first lengths[b] tokens of sequence b. One parallel task
@@ -415,13 +418,13 @@ def attention_decode_func(num_heads: int, num_kv_heads: int, head_dim: int, page
     so a thread mostly rereads that head's K/V from L2. Already scheduled for CPU.
     """
     return _attention_func("decode", num_heads, num_kv_heads, head_dim, page_size, sm_scale, k_base, v_base,
-                           window, softcap, alibi)
+                           window, softcap, alibi, cache_dtype)
 
 
 def attention_prefill_func(num_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
                            sm_scale: float | None = None, k_base: int = 0, v_base: int = 0,
                            window: int | None = None, softcap: float | None = None,
-                           alibi: tuple | None = None) -> tirx.PrimFunc:
+                           alibi: tuple | None = None, cache_dtype: str = "float32") -> tirx.PrimFunc:
     """PrimFunc(q[s, H, D], k_pages, v_pages, page_table[b, P_max], row_seq[s], row_pos[s],
     out[s, H, D]): causal attention for query rows of several sequences packed together.
 
@@ -430,20 +433,21 @@ def attention_prefill_func(num_heads: int, num_kv_heads: int, head_dim: int, pag
     sequence of s new tokens after c cached ones: row_seq = 0, row_pos = c..c+s-1.
     """
     return _attention_func("prefill", num_heads, num_kv_heads, head_dim, page_size, sm_scale, k_base, v_base,
-                           window, softcap, alibi)
+                           window, softcap, alibi, cache_dtype)
 
 
 def kv_append_func(num_kv_heads: int, head_dim: int, page_size: int, k_base: int = 0,
-                   v_base: int = 0) -> tirx.PrimFunc:
+                   v_base: int = 0, cache_dtype: str = "float32") -> tirx.PrimFunc:
     """PrimFunc(k[s, Hkv, D], v[s, Hkv, D], page_table[b, P_max], row_seq[s], row_pos[s],
     k_pages, v_pages): writes row r's K/V at position row_pos[r] of sequence row_seq[r],
-    in place (relax.call_tir_inplace with the pages as the in-place arguments).
+    in place (relax.call_tir_inplace with the pages as the in-place arguments), rounded to the pages' dtype.
     """
-    return _specialize_bases(_kv_append_template(num_kv_heads, head_dim, page_size), k_base, v_base)
+    return _specialize_bases(_kv_append_template(num_kv_heads, head_dim, page_size, cache_dtype), k_base, v_base)
 
 
 @functools.lru_cache(maxsize=None)
-def _kv_append_template(num_kv_heads: int, head_dim: int, page_size: int) -> tirx.PrimFunc:
+def _kv_append_template(num_kv_heads: int, head_dim: int, page_size: int,
+                        cache_dtype: str = "float32") -> tirx.PrimFunc:
     kv_heads = num_kv_heads
     dim = head_dim
     page = page_size
@@ -461,8 +465,8 @@ def _kv_append_template(num_kv_heads: int, head_dim: int, page_size: int) -> tir
         page_table = T.match_buffer(table_h, (batch, max_pages), "int32")
         row_seq = T.match_buffer(seq_h, (rows,), "int32")
         row_pos = T.match_buffer(pos_h, (rows,), "int32")
-        k_pages = T.match_buffer(kp_h, (num_pages, kv_heads, page, dim), "float32")
-        v_pages = T.match_buffer(vp_h, (num_pages, kv_heads, page, dim), "float32")
+        k_pages = T.match_buffer(kp_h, (num_pages, kv_heads, page, dim), cache_dtype)
+        v_pages = T.match_buffer(vp_h, (num_pages, kv_heads, page, dim), cache_dtype)
         for r in T.serial(rows):  # a few KB per token: cheaper on the calling thread than a pool hand-off
             with T.sblock("paged_kv_append"):
                 T.reads(k[0:rows, 0:kv_heads, 0:dim], v[0:rows, 0:kv_heads, 0:dim],
@@ -473,8 +477,8 @@ def _kv_append_template(num_kv_heads: int, head_dim: int, page_size: int) -> tir
                 pid: T.let[T.int64] = T.Cast("int64", page_table[row_seq[r], pos // page])
                 for h in T.serial(kv_heads):
                     for d in T.vectorized(dim):
-                        k_pages[pid + k_base, h, pos % page, d] = k[r, h, d]
-                        v_pages[pid + v_base, h, pos % page, d] = v[r, h, d]
+                        k_pages[pid + k_base, h, pos % page, d] = T.Cast(cache_dtype, k[r, h, d])
+                        v_pages[pid + v_base, h, pos % page, d] = T.Cast(cache_dtype, v[r, h, d])
 
     return paged_kv_append
 

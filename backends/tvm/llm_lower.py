@@ -84,13 +84,18 @@ def _add_func(bb, func, name: str):
     return bb.add_func(func.with_attr("global_symbol", name), name)
 
 
+# The KV-cache dtypes the attention kernels read (and widen to f32) and the K/V append writes (rounding).
+CACHE_DTYPES = {"f32": "float32", "f16": "float16"}
+
+
 @lowering("paged_attention")
 def _lower_paged_attention(ctx, node, inputs):
     q, k, v, k_pool, v_pool, page_table, positions, token_seq = inputs
     q_type, k_type, v_type, pool_type = ctx.in_type(0), ctx.in_type(1), ctx.in_type(2), ctx.in_type(3)
-    if pool_type.dtype != "f32" or q_type.dtype != "f32":
-        raise UnsupportedOpError(f"paged_attention: the TVM backend's attention kernels take f32 q and cache, "
-                                 f"found {q_type.dtype} and {pool_type.dtype}; use --kv-cache-dtype f32")
+    if pool_type.dtype not in CACHE_DTYPES or q_type.dtype != "f32":
+        raise UnsupportedOpError(f"paged_attention: the TVM backend's attention kernels take f32 q and an f32 or f16 "
+                                 f"cache, found {q_type.dtype} and {pool_type.dtype}; use --kv-cache-dtype f32 or f16")
+    cache_dtype = CACHE_DTYPES[pool_type.dtype]
     if k_type.shape[3] != v_type.shape[3]:
         raise UnsupportedOpError(f"paged_attention: the TVM backend's attention kernels take equal K and V head "
                                  f"sizes, found {k_type.shape[3]} and {v_type.shape[3]}")
@@ -131,7 +136,7 @@ def _lower_paged_attention(ctx, node, inputs):
     if "row_pos" not in shared:
         shared["row_pos"] = ctx.emit(relax.op.reshape(relax.op.astype(positions, "int32"), [t]))
     row_pos = shared["row_pos"]
-    append = _add_func(bb, append_func(kv_heads, dim, page, base, base), f"paged_kv_append_l{layer}")
+    append = _add_func(bb, append_func(kv_heads, dim, page, base, base, cache_dtype), f"paged_kv_append_l{layer}")
     k_flat, v_flat = flat(k_pool), flat(v_pool)
     pools = ctx.emit(relax.call_tir_inplace(append, [token_rows(k, kv_heads, 1), token_rows(v, kv_heads, 2), page_table,
                                                      token_seq, row_pos, k_flat, v_flat], [5, 6],
@@ -144,13 +149,13 @@ def _lower_paged_attention(ctx, node, inputs):
         if "lengths" not in shared:
             shared["lengths"] = ctx.emit(relax.op.add(row_pos, relax.const(1, "int32")))
         lengths = shared["lengths"]
-        gvar = _add_func(bb, decode_func(heads, kv_heads, dim, page, scale, base, base, window, softcap, alibi),
-                         f"paged_attention_decode_l{layer}")
+        kernel = decode_func(heads, kv_heads, dim, page, scale, base, base, window, softcap, alibi, cache_dtype)
+        gvar = _add_func(bb, kernel, f"paged_attention_decode_l{layer}")
         out = ctx.emit(relax.call_tir(gvar, [token_rows(q, heads), k_flat, v_flat, page_table, lengths],
                                       relax.TensorType([t, heads, dim], "float32")))
     else:
-        gvar = _add_func(bb, ragged_func(heads, kv_heads, dim, page, scale, base, base, window, softcap, alibi),
-                         f"paged_attention_ragged_l{layer}")
+        kernel = ragged_func(heads, kv_heads, dim, page, scale, base, base, window, softcap, alibi, cache_dtype)
+        gvar = _add_func(bb, kernel, f"paged_attention_ragged_l{layer}")
         out = ctx.emit(relax.call_tir(gvar, [token_rows(q, heads), k_flat, v_flat, page_table, token_seq, row_pos],
                                       relax.TensorType([t, heads, dim], "float32")))
     out = ctx.emit(relax.op.permute_dims(relax.op.reshape(out, [1, t, heads, dim]), [0, 2, 1, 3]))
