@@ -32,3 +32,12 @@ PIPELINE = [
     # Memory: plan activation buffers of each entry function.
     "plan_activation_memory",
 ]
+
+# Encoder-only embedding models (kiln/embedding.py): no KV cache and no step; attention stays one sdpa per
+# layer over the padding mask, and the entry is renamed @embed by the driver.
+EMBEDDING_PIPELINE = [
+    ("fold_constants", "canonicalize", "eliminate_common_subexpressions", "eliminate_dead_code"),
+    # q/k/v projections of one activation as one wide matmul.
+    "merge_sibling_linears",
+    ("canonicalize", "eliminate_common_subexpressions", "eliminate_dead_code"),
+]

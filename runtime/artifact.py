@@ -383,6 +383,10 @@ def _check_manifest(path: str, manifest: dict) -> None:
         raise fail("model.vocab_size", "a positive integer", vocab)
     if not isinstance(manifest.get("module"), str):
         raise fail("module", "a file name", manifest.get("module"))
+    if manifest.get("embedding") is not None:  # an encoder: no KV cache nor step (runtime/embedding.py)
+        from .embedding import check_embedding_manifest
+
+        return check_embedding_manifest(manifest, fail)
     try:
         spec = KVCacheSpec.from_json(manifest.get("kv_cache"))
     except ValueError as err:

@@ -122,7 +122,13 @@ class Engine:
 
     @classmethod
     def from_path(cls, path: str, **options) -> "Engine":
-        return cls(open_artifact(path), **options)
+        """An Engine for a causal LM's artifact; an embedding model's gives an :class:`EmbeddingEngine`."""
+        info = open_artifact(path)
+        if info.manifest.get("embedding") is not None:
+            from .embedding import EmbeddingEngine
+
+            return EmbeddingEngine(info, **options)
+        return cls(info, **options)
 
     def close(self) -> None:
         """Stop the loop (requests still running fail with a one-line error) and release what the backend
@@ -214,6 +220,11 @@ class Engine:
             return request.result().logits
         finally:
             request.cancel()
+
+    def embed(self, texts, **kwargs):
+        """Refused: a causal LM's artifact has no embedding entry (compile a sentence-transformers or BERT model)."""
+        raise ConfigError(f"this artifact is a causal language model ({self.manifest['model'].get('name')}), which "
+                          f"has no embedding entry; compile a sentence-transformers or BERT directory to embed text")
 
     def chat(self, messages: list, *, add_generation_prompt: bool = True, stream: bool = False, **kwargs):
         """Apply the model's chat template (in jinja2's sandbox) and generate the reply. The previous turns'

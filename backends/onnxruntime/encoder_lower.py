@@ -1,0 +1,40 @@
+"""Lowering side of the ONNX Runtime backend for embedding models: ``@embed`` -> embed.onnx beside one
+external data file. Attention is the generic ``sdpa`` lowering (MatMul, Where over the padding mask, Softmax):
+an encoder keeps no KV cache, so GroupQueryAttention is not involved."""
+
+from __future__ import annotations
+
+import os
+
+import onnx
+
+from kiln.ir.errors import ConfigError
+
+from .compile import DATA_FILE, _tensor, _write_data
+
+MODEL_FILE = "embed.onnx"
+OUTPUT = "embeddings"
+
+
+def compile_embedding(module, function: str, target: str, out_dir: str) -> dict:
+    """Lower ``@function`` into ``out_dir``; returns the manifest's backend_info."""
+    from . import moe_lower, quant_lower  # noqa: F401  (registers every lowering the table may need)
+    from .lower import LOGITS, lower_function, make_model
+
+    if target not in ("cpu", "cuda"):
+        raise ConfigError(f"unknown target {target!r}; expected cpu or cuda")
+    lowered = lower_function(module, function, {})
+    graph = lowered.graph
+    # the lowering names its one result for the step; an embedding model's is the sentence vectors
+    for node in graph.node:
+        node.output[:] = [OUTPUT if name == LOGITS else name for name in node.output]
+    graph.output[0].name = OUTPUT
+    offsets = _write_data(os.path.join(out_dir, DATA_FILE), lowered.initializers)
+    for name, array in lowered.initializers.items():
+        graph.initializer.append(_tensor(name, array, offsets.get(name)))
+    path = os.path.join(out_dir, MODEL_FILE)
+    with open(path, "wb") as f:
+        f.write(make_model(graph).SerializeToString())
+    onnx.checker.check_model(path, full_check=False)
+    return {"target": target, "files": {"model": MODEL_FILE, "data": DATA_FILE}, "inputs": lowered.inputs,
+            "output": OUTPUT}
