@@ -184,6 +184,19 @@ def compile(source, backend: str = "tvm", target: str = "cpu", quantize=None, ma
     if output is not None:
         output = output_path(output)  # refused before any work when it is not free or an artifact
     progress = Progress() if progress is True else (progress or QUIET)
+    from .embedding import compile_embedding, is_embedding_source
+
+    if is_embedding_source(source):  # an encoder: an @embed entry and no KV cache (kiln/embedding.py)
+        holder = None if output is not None else tempfile.mkdtemp(prefix=f"{TEMPORARY_PREFIX}{os.getpid()}-")
+        try:
+            path = compile_embedding(source, backend=backend, target=target, quantize=quantize,
+                                     max_seq_len=max_seq_len, output=output or os.path.join(holder, "model.kiln"),
+                                     pass_options=pass_options, progress=progress)
+        except BaseException:
+            if holder is not None:
+                shutil.rmtree(holder, ignore_errors=True)
+            raise
+        return Artifact(path, temporary=holder is not None)
     module, source_info = capture_source(source, max_seq=max_seq_len, progress=progress)
     resolve_quantize(pass_options, source_info, progress)
     resolve_activations(pass_options, backend, target)

@@ -84,7 +84,17 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--max-tokens", type=int, default=None, help="score only the text's first N tokens")
     add_compile_options(ppl)
 
-    for p in (compile_, run, chat, inspect, eval_, ppl):
+    embed = sub.add_parser("embed", help="embed texts as vectors (an embedding model)",
+                           description="Print one vector per TEXT (or per non-empty line of standard input) from an "
+                                       "embedding model: a sentence-transformers or BERT directory (compiled on "
+                                       "first use into the cache) or an embedding artifact.")
+    embed.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    embed.add_argument("texts", metavar="TEXT", nargs="*", help="texts to embed (read from stdin, one per line, "
+                                                                "when none)")
+    embed.add_argument("--json", action="store_true", help='print {"model": ..., "embeddings": [[...], ...]}')
+    add_compile_options(embed)
+
+    for p in (compile_, run, chat, inspect, eval_, ppl, embed):
         p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     return parser
 
@@ -381,6 +391,25 @@ def check_prompt_text(prompt: str, what: str) -> None:
                          f"text") from None
 
 
+def cmd_embed(args) -> int:
+    """kiln embed: one line of space-separated floats per text, in order (or one JSON object with --json)."""
+    check_compile_args(args)
+    texts = args.texts or [line for line in read_stdin_prompt().splitlines() if line.strip()]
+    if not texts:
+        raise UsageError("give a TEXT to embed or pipe texts on standard input, one per line")
+    for number, text in enumerate(texts, 1):
+        check_prompt_text(text, f"text {number}")
+    with open_engine(args) as engine:
+        vectors = engine.embed(texts)
+        name = engine.manifest["model"].get("name")
+    if args.json:
+        print(json.dumps({"model": name, "embeddings": vectors.tolist()}))
+    else:
+        for vector in vectors:
+            print(" ".join(f"{value:.8g}" for value in vector))
+    return 0
+
+
 def cmd_chat(args) -> int:
     from kiln.ir.errors import KilnError
 
@@ -523,6 +552,13 @@ def format_summary(summary: dict) -> str:
         lines.append(f"experts: {moe['layers']} MoE layers, top-{moe['top_k']} of {moe['experts']}; expert weights "
                      f"{moe['expert_weight_bytes'] / 2**20:.2f} MiB, read per decoded token "
                      f"{moe['expert_bytes_per_decoded_token'] / 2**20:.2f} MiB")
+    mla = summary.get("latent_attention")
+    if mla:
+        lines.append(f"latent attention (MLA): {mla['layers']} layers cache one latent of {mla['latent_dim']} "
+                     f"({mla['value_dim']} + rope {mla['latent_dim'] - mla['value_dim']}) per token, "
+                     f"{mla['bytes_per_token']:,} bytes per token; multi-head attention with the same "
+                     f"{mla['num_heads']} heads (K {mla['expanded_k_dim']} + V {mla['expanded_v_dim']}) would cache "
+                     f"{mla['mha_bytes_per_token']:,} ({mla['mha_bytes_per_token'] / mla['bytes_per_token']:.1f}x)")
     kv = summary.get("kv_cache")
     if kv:
         lines.extend(KVCacheSpec.from_json(kv).describe())
@@ -613,7 +649,8 @@ def cmd_eval_ppl(args) -> int:
     return 0
 
 
-COMMANDS = {"compile": cmd_compile, "run": cmd_run, "chat": cmd_chat, "inspect": cmd_inspect, "eval": cmd_eval}
+COMMANDS = {"compile": cmd_compile, "run": cmd_run, "chat": cmd_chat, "inspect": cmd_inspect, "eval": cmd_eval,
+            "embed": cmd_embed}
 
 
 class Terminated(BaseException):
