@@ -437,14 +437,19 @@ def load(gguf_file: GGUFFile, arch: Architecture, check_tokenizer: Callable[[int
 
 
 def prequantized(gguf_file: GGUFFile, config) -> dict:
-    """{module weight name: QuantizedWeight} of the file's importable blocks. Expert stacks (3-D) and GPT-2's
-    transposed Conv1D weights (the file's rows are the module's columns) stay on the fp32 path."""
+    """{module weight name: QuantizedWeight} of the file's importable 2-D blocks (expert stacks stay on the fp32
+    path). GPT-2's Conv1D weights are [in, out] in the module and [out, in] in the file: the blocks go under the
+    name passes.canonicalize gives the [out, in] copy the linear reads, ``<name>.T``."""
     from .gguf_quant import prequantized_weights
 
     arch = architecture_of(gguf_file)
     heads = {"rope_q": config.num_attention_heads, "rope_k": getattr(config, "num_key_value_heads", None)}
     targets = {}
     for placement in plan_from_config(gguf_file, arch, config).placements:
-        if len(placement.sources) == 1 and placement.transform in ("", "rope_q", "rope_k"):
+        if len(placement.sources) != 1:
+            continue
+        if placement.transform in ("", "rope_q", "rope_k"):
             targets[placement.sources[0]] = (placement.names, heads.get(placement.transform))
+        elif placement.transform == "transpose":
+            targets[placement.sources[0]] = (tuple(f"{name}.T" for name in placement.names), None)
     return prequantized_weights(gguf_file, targets)
