@@ -17,6 +17,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from kiln.frontend.mla import mla_as_custom_ops
 from kiln.frontend.moe import moe_as_custom_ops
 from kiln.ir.errors import ConfigError, UnsupportedOpError
 from kiln.ir.graph import Function, Module, Value
@@ -67,7 +68,7 @@ def export_model(model: torch.nn.Module, *, max_batch: int = 64, max_seq: int = 
     example = torch.zeros((2, 11), dtype=torch.long)
     batch = torch.export.Dim("batch", min=1, max=max_batch)
     seq = torch.export.Dim("seq", min=1, max=max_seq)
-    with torch.no_grad(), static_rotary(model, max_seq), moe_as_custom_ops(model):
+    with torch.no_grad(), static_rotary(model, max_seq), moe_as_custom_ops(model), mla_as_custom_ops(model):
         return torch.export.export(wrapper, (example,), dynamic_shapes={"input_ids": {0: batch, 1: seq}})
 
 
@@ -751,6 +752,15 @@ def _moe_experts(tr, node, x, weights, ids, gate_up, down, activation):
     dtype = TORCH_DTYPES[node.meta["val"].dtype]
     return tr.emit("moe_experts", tr.cast(tr.tensor(x), dtype), tr.tensor(weights), tr.tensor(ids),
                    tr.tensor(gate_up), tr.tensor(down), activation=activation)
+
+
+# DeepSeek's latent attention: frontend/mla.py runs it absorbed around this custom op ----------------------------
+@handles(torch.ops.kiln.latent_attention.default)
+def _latent_attention(tr, node, q, latent, scale, value_dim, expanded_k_dim, expanded_v_dim):
+    query = tr.tensor(q)
+    return tr.emit("latent_attention", query, tr.tensor(latent), num_heads=query.type.shape[1], scale=float(scale),
+                   value_dim=int(value_dim), expanded_k_dim=int(expanded_k_dim), expanded_v_dim=int(expanded_v_dim))
+
 
 def _identity(tr, node, x, *args, **kw):
     return tr.tensor(x)

@@ -27,7 +27,9 @@ KINDS = ("kv", "latent")
 DTYPES = ("f32", "f16", "bf16")
 # written out here rather than taken from ir.types, so the checker shares no arithmetic with anyone
 _ELEMENT_BYTES = {"f32": 4, "f16": 2, "bf16": 2}
-ATTENTION_OPS = ("attention", "paged_attention")
+ATTENTION_OPS = ("attention", "paged_attention", "latent_attention", "paged_latent_attention")
+# the cache-reading ops: their pool operands (operand index, pool kind) in the order of their pool outputs
+PAGED_POOL_OPERANDS = {"paged_attention": ((3, "k"), (4, "v")), "paged_latent_attention": ((2, "latent"),)}
 POOL_PREFIXES = ("k_cache_", "v_cache_", "latent_cache_")
 
 
@@ -238,12 +240,31 @@ class KVCacheSpecError(AssertionError):
     """A spec that does not fit its module (a bug in the planner or a pass, never the user's fault)."""
 
 
+def group_key(group: CacheGroup) -> tuple:
+    """What one token of a group's layers keeps, without the layers: (kind, num_kv_heads, k_head_dim, v_head_dim,
+    window) for ``kv``, (kind, latent_dim, window) for ``latent``."""
+    if group.kind == "latent":
+        return ("latent", group.latent_dim, group.window)
+    return (group.kind, group.num_kv_heads, group.k_head_dim, group.v_head_dim, group.window)
+
+
+def group_of_key(key: tuple, layers: tuple) -> CacheGroup:
+    """The group of ``layers`` whose cache entries are ``key`` (:func:`group_key`'s form)."""
+    if key[0] == "latent":
+        return CacheGroup("latent", layers, latent_dim=key[1], window=key[2])
+    kind, heads, k_dim, v_dim, window = key
+    return CacheGroup(kind, layers, num_kv_heads=heads, k_head_dim=k_dim, v_head_dim=v_dim, window=window)
+
+
 def attention_layers(module: Module, function: str) -> list:
-    """The fused attentions of ``@function`` in order, as (node, group key) with the key
-    (kind, num_kv_heads, k_head_dim, v_head_dim, window)."""
+    """The fused attentions of ``@function`` in order, as (node, group key) with the key in :func:`group_key`'s
+    form: (kind, num_kv_heads, k_head_dim, v_head_dim, window), or (kind, latent_dim, window) for latent
+    attention (DeepSeek's MLA: no window)."""
     out = []
     for node in module.functions[function].nodes:
-        if node.op in ATTENTION_OPS:
+        if node.op in ("latent_attention", "paged_latent_attention"):
+            out.append((node, ("latent", node.inputs[1].type.shape[-1], None)))
+        elif node.op in ATTENTION_OPS:
             k, v = node.inputs[1].type.shape, node.inputs[2].type.shape
             out.append((node, ("kv", k[1], k[3], v[3], node.attrs["window"])))
     return out
@@ -284,7 +305,7 @@ def check_kv_cache_spec(spec: KVCacheSpec, module: Module) -> None:
         expect("num_layers", len(nodes), len(owner), f"one per attention in @{name}")
         fn = module.functions[name]
         cache_params = {p.name: p for p in fn.params if p.name.startswith(POOL_PREFIXES)}
-        if any(node.op == "paged_attention" for node, _ in nodes):
+        if any(node.op in PAGED_POOL_OPERANDS for node, _ in nodes):
             expect("pools", sorted(pools), sorted(cache_params), f"the cache parameters of @{name}")
             for pname, param in cache_params.items():
                 pool = pools[pname]
@@ -294,26 +315,28 @@ def check_kv_cache_spec(spec: KVCacheSpec, module: Module) -> None:
         for position, (node, key) in enumerate(nodes):
             group = spec.groups[owner[position]]
             where = f"{node.op} %{node.outputs[0].name} (layer {position}) in @{name}"
-            expect("group", (group.kind, group.num_kv_heads, group.k_head_dim, group.v_head_dim, group.window), key,
-                   f"kind, KV heads, K/V head sizes and window of {where}")
-            if node.op != "paged_attention":
+            expect("group", group_key(group), key, ("kind, latent width" if group.kind == "latent" else
+                                                     "kind, KV heads, K/V head sizes") + f" and window of {where}")
+            if node.op not in PAGED_POOL_OPERANDS:
                 continue
             index = group.layers.index(position)
             expect("layer", position, node.attrs["layer"], f"the layer attribute of {where}")
             expect("pool index", index, node.attrs["index"], f"{where}'s place in group {owner[position]}")
-            for operand, kind in zip(node.inputs[3:5], ("k", "v")):
-                root = operand
-                while root.producer is not None and root.producer.op == "paged_attention":
-                    root = root.producer.inputs[3 if kind == "k" else 4]
-                expect("pool", f"{kind}_cache_{owner[position]}", root.name, f"the {kind.upper()} pool {where} reads")
+            for operand, kind in PAGED_POOL_OPERANDS[node.op]:
+                root = node.inputs[operand]
+                while root.producer is not None and root.producer.op == node.op:
+                    root = root.producer.inputs[operand]
+                expect("pool", f"{kind}_cache_{owner[position]}", root.name,
+                       f"the {kind.upper() if kind in ('k', 'v') else kind} pool {where} reads")
                 slot = (root.name, index)
                 if slot in written:
                     raise KVCacheSpecError(f"KV-cache spec: {where} writes {root.name}[{index}], which another "
                                            f"attention of @{name} writes too")
                 written.add(slot)
-        if written and len(written) != 2 * len(owner):
-            raise KVCacheSpecError(f"KV-cache spec: @{name} writes {len(written) // 2} of the cache's {len(owner)} "
-                                   f"layers")
+        slots = sum(2 if spec.groups[group].kind == "kv" else 1 for group in owner.values())
+        if written and len(written) != slots:
+            raise KVCacheSpecError(f"KV-cache spec: @{name} writes {len(written)} of the cache's {slots} (pool, "
+                                   f"layer) slots")
 
     per_token = 0
     for pool in pools.values():

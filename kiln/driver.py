@@ -6,6 +6,7 @@ import collections
 from typing import Any
 
 from kiln.ir.graph import Module
+from kiln.ir.mla_ops import latent_cache_reads
 from kiln.ir.moe_ops import expert_reads
 from kiln.ir.symbolic import symbols_of
 
@@ -76,6 +77,7 @@ def summarize(module: Module) -> dict:
         "activations_quantized": module.metadata.get("activations_quantized"),
         "activations": _activation_summary(module.metadata.get("activations")),
         "experts": expert_reads(module.functions[entry]),
+        "latent_attention": latent_cache_reads(module.functions[entry]),
         "passes": module.metadata.get("passes", []),
     }
 

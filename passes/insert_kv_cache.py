@@ -6,9 +6,10 @@ of sequences, flat and unpadded, so one call can hold a prefill chunk of one seq
 tokens of others. The captured ``[batch, seq]`` graph runs as one row (``batch = 1``, ``seq = tokens``):
 projections and MLPs see every token at once, and every fused ``attention`` becomes ``paged_attention``,
 which writes each token's K (after RoPE) and V into its sequence's pages and attends over that
-sequence's cached tokens. RoPE and learned position embeddings read ``positions`` instead of
-``arange(seq)``. ``logit_rows`` selects which tokens' logits are returned (``select_logit_rows`` moves the
-selection above the output projection). A copy, ``step_decode``, has the same signature for steps of
+sequence's cached tokens (``latent_attention`` becomes ``paged_latent_attention`` over one latent
+pool). RoPE and learned position embeddings read ``positions`` instead of ``arange(seq)``.
+``logit_rows`` selects which tokens' logits are returned (``select_logit_rows`` moves the selection
+above the output projection). A copy, ``step_decode``, has the same signature for steps of
 one token per sequence, which backends may build with small-row kernels.
 """
 
@@ -75,17 +76,18 @@ def _build_step(module: Module, spec: KVCacheSpec) -> Function:
     pools = {name: params[name] for name, _ in step_inputs(spec)[5:]}
     layer = 0
     for node in list(fn.nodes):
-        if node.op != "attention":
+        if node.op not in ("attention", "latent_attention"):
             continue
         group, index = spec.locate(layer)
-        k_name, v_name = spec.pool_names(layer)
-        q, k, v = node.inputs
-        paged = fn.add_node("paged_attention", [q, k, v, pools[k_name], pools[v_name], params["page_table"],
-                                                positions, params["token_seq"]],
+        names = spec.pool_names(layer)
+        # attention(q, k, v) reads a K and a V pool; latent_attention(q, latent) one latent pool
+        paged = fn.add_node(f"paged_{node.op}", list(node.inputs) + [pools[name] for name in names] +
+                            [params["page_table"], positions, params["token_seq"]],
                             {**node.attrs, "layer": layer, "index": index}, before=node, name=f"attention_{layer}",
                             meta=node.meta)
         fn.replace_all_uses(node.output, paged.outputs[0])
-        pools[k_name], pools[v_name] = paged.outputs[1], paged.outputs[2]
+        for name, updated in zip(names, paged.outputs[1:]):
+            pools[name] = updated
         layer += 1
     logits = fn.results[0]
     if len(fn.results) != 1 or logits.type.rank != 3 or logits.type.shape[:2] != (1, tokens):

@@ -26,7 +26,8 @@ NOT_ACTIVATIONS = ("weight", "constant")
 
 # (op, output index) -> input index whose storage that output updates in place. Such an output is
 # the same buffer as its input: no bytes of its own (the KV cache stays in the runtime's pages).
-IN_PLACE_OUTPUTS = {("paged_attention", 1): 3, ("paged_attention", 2): 4}  # the K and V pools
+IN_PLACE_OUTPUTS = {("paged_attention", 1): 3, ("paged_attention", 2): 4,  # the K and V pools
+                    ("paged_latent_attention", 1): 2}  # the latent pool
 
 
 class Buffer(NamedTuple):

@@ -1,10 +1,11 @@
 """Plan the KV cache: the fused attentions -> a :class:`KVCacheSpec` (layer groups, pages, dtype) in the metadata.
 
 Layers whose cache entries have one shape (K/V heads, K and V head sizes, window) form a group that
-shares one K and one V pool. Without a memory budget the pool holds ``max_num_seqs`` sequences of
-``max_seq_len`` tokens' worth of pages, shared by as many sequences as the runtime admits (pages are
-handed out as tokens arrive); with a budget, as many whole pages as fit. A pool that cannot hold one
-sequence of ``max_seq_len`` tokens is refused with the numbers. The spec goes into
+shares one K and one V pool; latent attentions (DeepSeek's MLA) of one latent width share one latent
+pool. Without a memory budget the pool holds ``max_num_seqs`` sequences of ``max_seq_len`` tokens'
+worth of pages, shared by as many sequences as the runtime admits (pages are handed out as tokens
+arrive); with a budget, as many whole pages as fit. A pool that cannot hold one sequence of
+``max_seq_len`` tokens is refused with the numbers. The spec goes into
 ``module.metadata["kv_cache"]`` and is proven by ``ir.kv_cache.check_kv_cache_spec``, which derives
 what the cache must hold from the module's attention ops, not from the spec.
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 from kiln.ir.errors import ConfigError
 from kiln.ir.graph import Module
-from kiln.ir.kv_cache import CacheGroup, KVCacheSpec, attention_layers, check_kv_cache_spec
+from kiln.ir.kv_cache import KVCacheSpec, attention_layers, check_kv_cache_spec, group_of_key
 
 from .manager import PassOptions, register_pass
 
@@ -30,9 +31,7 @@ def make_spec(module: Module, function: str, options: PassOptions) -> KVCacheSpe
     grouped: dict = {}
     for position, (_, key) in enumerate(layers):
         grouped.setdefault(key, []).append(position)
-    groups = tuple(CacheGroup(kind, tuple(members), num_kv_heads=heads, k_head_dim=k_dim, v_head_dim=v_dim,
-                              window=window)
-                   for (kind, heads, k_dim, v_dim, window), members in grouped.items())
+    groups = tuple(group_of_key(key, tuple(members)) for key, members in grouped.items())
     sizing = KVCacheSpec(page_size, 1, options.kv_cache_dtype, groups, options.max_seq_len, options.max_num_seqs,
                          options.memory_budget_bytes)
     pages_per_seq = sizing.pages_per_seq

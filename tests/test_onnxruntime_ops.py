@@ -7,7 +7,8 @@ import numpy as np
 import onnx
 import pytest
 
-from kiln.backends.onnxruntime import moe_lower  # noqa: F401  (registers moe_route / moe_experts)
+from kiln.backends.onnxruntime import mla_lower, moe_lower  # noqa: F401  (registers the latent attention and
+# MoE lowerings)
 from kiln.backends.onnxruntime import quant_lower  # noqa: F401  (registers linear_q / embedding_q)
 from kiln.backends.onnxruntime.lower import LOGITS, LOWERINGS, lower_function, make_model
 from kiln.passes import run_pass

@@ -121,8 +121,11 @@ def build_every_op_module() -> Module:
                           "group_score": "top2_sum", "scaling": 2.5}, name="routed")
     moe = fn.emit("moe_experts", tokens_h, *routed.outputs, fn.emit("weight", name="experts.gate_up"),
                   fn.emit("weight", name="experts.down"), activation="silu")
+    mla = fn.emit("latent_attention", q, fn.emit("slice", h, axis=2, end=4, value_name="latent"), num_heads=2,
+                  scale=0.25, value_dim=3, expanded_k_dim=5, expanded_v_dim=6)
     fn.set_results([g, half, picked, filled, ar1, ar2, means, maxes, mins, sm, cs, flat_t, expanded, sliced, joined,
-                    indexed, scores, lin, lin_q, emb_q, ln, att1, att2, rms, *resid.outputs, mlp, attn, moe, *consts])
+                    indexed, scores, lin, lin_q, emb_q, ln, att1, att2, rms, *resid.outputs, mlp, attn, moe, mla,
+                    *consts])
 
     # the ragged step over named pools (V's head size differs from K's)
     st = module.add_function("step")
@@ -145,6 +148,18 @@ def build_every_op_module() -> Module:
     flat = st.emit("reshape", st.emit("permute", paged.outputs[0], perm=(0, 2, 1, 3)), shape=(1, tokens, 4))
     picked = st.emit("select_rows", flat, logit_rows, value_name="picked")
     st.set_results([st.emit("reshape", picked, shape=(rows, 4), value_name="logits"), *paged.outputs[1:]])
+
+    # DeepSeek's latent attention over its one pool
+    ls = module.add_function("latent_step")
+    q2 = ls.add_param("q", T("f32", 1, 2, tokens, 4))
+    latent = ls.add_param("latent", T("f32", 1, tokens, 4))
+    latent_pool = ls.add_param("latent_cache_0", T("f32", 1, 6, 4, 4))
+    table2, positions2 = ls.add_param("page_table", T("i32", seqs, 3)), ls.add_param("positions", T("i64", 1, tokens))
+    token_seq2 = ls.add_param("token_seq", T("i32", tokens))
+    paged_latent = ls.add_node("paged_latent_attention", [q2, latent, latent_pool, table2, positions2, token_seq2],
+                               {"num_heads": 2, "scale": 0.5, "value_dim": 2, "expanded_k_dim": 3,
+                                "expanded_v_dim": 2, "layer": 0, "index": 0}, name="attention_0")
+    ls.set_results(list(paged_latent.outputs))
 
     dec = module.add_function("decode.step")
     tok = dec.add_param("tok", T("i64", batch, 1))

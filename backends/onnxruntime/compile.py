@@ -40,7 +40,7 @@ def kv_layers(spec: KVCacheSpec) -> list:
 
 
 def compile_module(module, target: str, out_dir: str, options) -> dict:
-    from . import moe_lower  # noqa: F401  (registers moe_route / moe_experts)
+    from . import mla_lower, moe_lower  # noqa: F401  (registers the latent attention and MoE lowerings)
     from .quant_lower import accuracy_level  # (importing it registers linear_q / embedding_q)
     from .lower import LOGITS, lower_function, make_model
 

@@ -18,7 +18,8 @@ def compile_module(module, target: str, out_dir: str, options) -> dict:
     if tvm.base._RUNTIME_ONLY:
         raise ConfigError("this process loaded TVM's runtime library only (KILN_TVM_RUNTIME_ONLY=1, set by kiln run "
                           "ARTIFACT), which cannot compile; compile in another process or unset the variable")
-    from . import llm_lower, moe_lower, quant_lower  # noqa: F401  (registers the fused-op, MoE and quantized lowerings)
+    from . import llm_lower, mla_lower, moe_lower, quant_lower  # noqa: F401  (registers the fused-op, MLA, MoE and
+    # quantized lowerings)
     from .build import PARALLEL_SUFFIX, build
     from .lower import as_target, lower_functions, weight_names, widened_weight_names
 
