@@ -84,8 +84,8 @@ class SentenceEmbedder(torch.nn.Module):
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
-    """sentence-transformers' Pooling for one mode (its clamps included, so vectors agree bit for bit in
-    intent): hidden [batch, seq, width], attention_mask [batch, seq] of 0/1."""
+    """sentence-transformers' Pooling for one mode, its clamps and padding fill included: hidden [batch, seq,
+    width], attention_mask [batch, seq] of 0/1."""
     if pooling == "cls":
         return hidden[:, 0]
     mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
@@ -100,8 +100,9 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> to
 class LoadedEmbedder:
     module: SentenceEmbedder
     spec: EmbeddingSpec
-    config: dict[str, Any]
+    config: dict[str, Any]  # config.json as it is
     tokenizer: Any  # kiln.frontend.tokenizer.TokenizerBundle
+    vocab_size: int  # rows of the token embedding (config.json's, or transformers' default)
 
 
 def load_embedding_model(path) -> LoadedEmbedder:
@@ -115,7 +116,7 @@ def load_embedding_model(path) -> LoadedEmbedder:
     else:
         model_dir, pooling, normalize, source = root, "mean", False, "bert"
     bert, config = _load_bert(model_dir)
-    max_seq_len = config.get("max_position_embeddings")
+    max_seq_len = bert.config.max_position_embeddings  # transformers' default where config.json has none
     st_config = model_dir / "sentence_bert_config.json"
     if os.path.lexists(st_config):
         limit = _read_json_object(st_config, "sentence_bert_config.json").get("max_seq_length", max_seq_len)
@@ -128,10 +129,10 @@ def load_embedding_model(path) -> LoadedEmbedder:
     from kiln.frontend.tokenizer import check_tokenizer_fits, tokenizer_from_hf_dir
 
     tokenizer = tokenizer_from_hf_dir(model_dir)
-    check_tokenizer_fits(tokenizer, config["vocab_size"], str(model_dir))
+    check_tokenizer_fits(tokenizer, bert.config.vocab_size, str(model_dir))
     spec = EmbeddingSpec(pooling=pooling, normalize=normalize, max_seq_len=max_seq_len,
-                         hidden_size=config["hidden_size"], source=source)
-    return LoadedEmbedder(SentenceEmbedder(bert, spec).eval(), spec, config, tokenizer)
+                         hidden_size=bert.config.hidden_size, source=source)
+    return LoadedEmbedder(SentenceEmbedder(bert, spec).eval(), spec, config, tokenizer, bert.config.vocab_size)
 
 
 def _read_modules(root: Path, modules) -> tuple[Path, str, bool]:

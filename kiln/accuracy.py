@@ -243,6 +243,13 @@ def describe(record) -> str | None:
         return None
     if "skipped" in record:
         return f"accuracy: not checked ({record['skipped']})"
+    if "min_cosine" in record:  # an embedding model's gate (kiln/embedding.py)
+        try:
+            failed = "" if record["passed"] else " FAILED, installed with --accuracy-gate warn"
+            return (f"accuracy vs torch eager on {record['texts']} texts: lowest cosine {record['min_cosine']:.7f} "
+                    f"(gate: >= {record['threshold']}){failed}")
+        except (KeyError, TypeError, ValueError):
+            return "accuracy: unreadable entry in the manifest"
     try:
         kl = "not finite" if record["mean_kl"] is None else f"{record['mean_kl']:.4g}"
         limits = record["thresholds"]

@@ -475,6 +475,14 @@ def cmd_inspect(args) -> int:
                              f"to compile")
     if is_artifact(args.model):
         summary, module = _artifact_summary(args.model)
+    elif _is_embedding_source(args.model):  # an encoder: @embed through kiln/embedding.py's pipeline
+        from kiln.api import compile_options
+
+        from .embedding import capture_embedding
+
+        module = capture_embedding(args.model, max_seq_len=args.max_seq_len, pass_options=compile_options(),
+                                   progress=Progress(), print_after=args.print_after, stop_after=args.stop_after)[0]
+        summary = summarize(module)
     else:
         from kiln.api import compile_options
 
@@ -494,6 +502,12 @@ def cmd_inspect(args) -> int:
 
         print(print_module(module), end="")
     return 0
+
+
+def _is_embedding_source(model: str) -> bool:
+    from .embedding import is_embedding_source
+
+    return is_embedding_source(model)
 
 
 def _artifact_summary(path: str):

@@ -34,31 +34,13 @@ def compile_embedding(source, *, backend: str, target: str, quantize, max_seq_le
                       progress: Progress = QUIET) -> str:
     """Compile the embedding model at ``source`` into the artifact directory ``output``; returns it.
     ``pass_options`` are kiln.compile's checked options: only max_seq_len and the accuracy gate apply."""
-    from kiln.frontend.sentence_transformers import capture_embedder, load_embedding_model
-    from kiln.frontend.sources import content_hash
-
-    from .driver import optimize
-
     if backend not in EMBEDDING_BACKENDS:
         raise ConfigError(f"embedding models compile for {' or '.join(EMBEDDING_BACKENDS)}, not {backend!r}")
     if quantize not in (None, "none"):
         raise ConfigError(f"embedding models compile in fp32; quantize {quantize!r} is not supported for them")
-    with progress.stage("loading embedding model"):
-        loaded = load_embedding_model(source)
-    spec = loaded.spec
-    length = min(spec.max_seq_len, max_seq_len)
-    if length < 2:
-        raise ConfigError(f"an embedding model takes at least 2 tokens ([CLS] and [SEP]); max_seq_len is {length}")
-    with progress.stage("capturing with torch.export"):
-        module = capture_embedder(loaded.module, max_seq=length)
-    name = os.path.basename(os.path.normpath(os.fspath(source)))
-    module.metadata["model"] = {"name": name, "kind": spec.source, "content_hash": content_hash(os.fspath(source)),
-                                "config": loaded.config}
-    from kiln.passes.pipeline import EMBEDDING_PIPELINE
-
-    manager = optimize(module, pass_options, pipeline=EMBEDDING_PIPELINE, progress=progress)
-    module.functions[EMBED] = module.functions.pop("forward")
-    module.functions[EMBED].name = EMBED
+    module, loaded, manager = capture_embedding(source, max_seq_len=max_seq_len, pass_options=pass_options,
+                                                progress=progress)
+    spec, length = loaded.spec, module.metadata["capture"]["max_seq"]
     embedding = {**spec.to_json(), "max_seq_len": length, "function": EMBED, "inputs": list(EMBED_INPUTS)}
 
     def gate(staged: str) -> dict:
@@ -66,7 +48,36 @@ def compile_embedding(source, *, backend: str, target: str, quantize, max_seq_le
                                                backend=backend, target=target, progress=progress)}
 
     return write_embedding_artifact(output, module, loaded.tokenizer, embedding, backend=backend, target=target,
-                             pipeline=manager.pipeline, progress=progress, check=gate)
+                                    pipeline=manager.pipeline, progress=progress, check=gate)
+
+
+def capture_embedding(source, *, max_seq_len: int, pass_options, progress: Progress = QUIET, print_after=None,
+                      stop_after=None):
+    """Load, capture and optimize the embedding model at ``source`` for texts of up to ``max_seq_len`` tokens
+    (fewer when the model's own limit is lower); returns (module with @embed, the loaded model, the
+    PassManager)."""
+    from kiln.frontend.sentence_transformers import capture_embedder, load_embedding_model
+    from kiln.frontend.sources import content_hash
+    from kiln.passes.pipeline import EMBEDDING_PIPELINE
+
+    from .driver import optimize
+
+    with progress.stage("loading embedding model"):
+        loaded = load_embedding_model(source)
+    length = min(loaded.spec.max_seq_len, max_seq_len)
+    if length < 2:
+        raise ConfigError(f"an embedding model takes at least 2 tokens ([CLS] and [SEP]); max_seq_len is {length}")
+    with progress.stage("capturing with torch.export"):
+        module = capture_embedder(loaded.module, max_seq=length)
+    name = os.path.basename(os.path.normpath(os.fspath(source)))
+    module.metadata["model"] = {"name": name, "kind": loaded.spec.source,
+                                "content_hash": content_hash(os.fspath(source)), "vocab_size": loaded.vocab_size,
+                                "config": loaded.config}
+    manager = optimize(module, pass_options, pipeline=EMBEDDING_PIPELINE, print_after=print_after,
+                       stop_after=stop_after, progress=progress)
+    module.functions[EMBED] = module.functions.pop("forward")
+    module.functions[EMBED].name = EMBED
+    return module, loaded, manager
 
 
 def write_embedding_artifact(path: str, module, tokenizer, embedding: dict, *, backend: str, target: str, pipeline,
@@ -105,7 +116,7 @@ def write_embedding_artifact(path: str, module, tokenizer, embedding: dict, *, b
             "backend_info": {**{k: v for k, v in lowered.items() if k not in ("target", "files")},
                              "files": backend_files},
             "module": IR,
-            "model": {**model, "vocab_size": model["config"]["vocab_size"]},
+            "model": model,
             "pipeline": [list(p) if isinstance(p, tuple) else p for p in pipeline],
             "passes": module.metadata.get("passes", []),
             "embedding": embedding,

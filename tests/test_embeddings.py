@@ -239,6 +239,11 @@ def test_cli_embed(tmp_path):
     out = kiln_cli("embed", artifact, *TEXTS[:2], "--json")
     assert out.returncode == 0, out.stderr
     assert_close(np.array(json.loads(out.stdout)["embeddings"], np.float32), expected)
+    for inspected in (artifact, model):
+        out = kiln_cli("inspect", inspected)
+        assert out.returncode == 0 and "@embed(input_ids: i64[batch, seq], attention_mask: i64[batch, seq]) -> " \
+            "f32[batch, 32]" in out.stdout, out.stderr
+    assert "lowest cosine" in kiln_cli("inspect", artifact).stdout  # the gate's record
     _rewrite(os.path.join(model, "1_Pooling", "config.json"), lambda c: {**c, "pooling_mode_lasttoken": True})
     out = kiln_cli("embed", model, "hi", env={"KILN_CACHE_DIR": os.fspath(tmp_path / "cache")})
     assert out.returncode == 2 and "Traceback" not in out.stderr

@@ -18,7 +18,6 @@ OUTPUT = "embeddings"
 
 def compile_embedding(module, function: str, target: str, out_dir: str) -> dict:
     """Lower ``@function`` into ``out_dir``; returns the manifest's backend_info."""
-    from . import moe_lower, quant_lower  # noqa: F401  (registers every lowering the table may need)
     from .lower import LOGITS, lower_function, make_model
 
     if target not in ("cpu", "cuda"):
