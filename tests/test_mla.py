@@ -1,5 +1,6 @@
 """DeepSeek's multi-head latent attention (MLA): latent_attention's and paged_latent_attention's numpy references
-against torch's attention over the expanded per-head K/V (the up-projections applied, as transformers does); tiny
+and the TVM lowering (two sequences in shuffled pages, ragged and decode kernels) against torch's attention over
+the expanded per-head K/V (the up-projections applied, as transformers does); tiny
 DeepSeek-V2 and V3 (odd widths: latent 26 = 20 + rope 6) captured and compiled for the reference and TVM backends
 against transformers (prefill and every decode step within 1e-5 of the largest logit, greedy tokens identical);
 the cache spec (one latent pool, (kv_lora_rank + rope) * 4 bytes per layer per token); `kiln inspect`'s line;
@@ -89,33 +90,74 @@ def test_latent_attention_reference_is_the_expanded_attention():
     assert relative_error(out[0] @ w_uv.transpose(0, 2, 1), expected) <= FP32_TOLERANCE
 
 
-def test_paged_latent_attention_reference_writes_the_pool_and_attends_per_sequence():
-    """Two sequences in shuffled pages of 4: sequence 0 brings 3 new tokens after 5 cached ones, sequence 1 its
-    first 6; each token's output is the expanded attention over its own sequence, and the pool holds every
-    latent at its page and offset."""
-    rng = np.random.default_rng(1)
-    page_size, pages = 4, 10
+PAGE_SIZE, PAGES = 4, 10
+
+
+def _paged_case(seed: int, rows: list):
+    """Two sequences in shuffled pages of 4 (sequence 0 of 8 tokens, sequence 1 of 6) and the new tokens ``rows``
+    [(sequence, position)], each sequence's earlier tokens already in layer 1 of a two-layer pool. Returns
+    (cases, the op's inputs, its attributes)."""
+    rng = np.random.default_rng(seed)
     cases = [_expanded_case(rng, 8), _expanded_case(rng, 6)]
-    scale = cases[0][4]
     table = np.array([[7, 2, 9], [4, 0, 5]], np.int32)
-    pool = np.zeros((2, pages, page_size, RANK + ROPE), np.float32)
-    for pos in range(5):  # sequence 0's cached tokens, written beforehand
-        pool[1, table[0, pos // page_size], pos % page_size] = cases[0][1][pos]
-    rows = [(0, pos) for pos in range(5, 8)] + [(1, pos) for pos in range(6)]
-    order = rng.permutation(len(rows))
-    rows = [rows[i] for i in order]
+    pool = np.zeros((2, PAGES, PAGE_SIZE, RANK + ROPE), np.float32)
+    for seq, (_, latent, *_) in enumerate(cases):
+        for pos in range(min(p for s, p in rows if s == seq)):
+            pool[1, table[seq, pos // PAGE_SIZE], pos % PAGE_SIZE] = latent[pos]
     q = np.stack([cases[seq][0][:, pos] for seq, pos in rows], axis=1)[None]
     new = np.stack([cases[seq][1][pos] for seq, pos in rows])[None]
     positions = np.array([[pos for _, pos in rows]], np.int64)
     token_seq = np.array([seq for seq, _ in rows], np.int32)
-    out, updated = OPS["paged_latent_attention"].reference([q, new, pool, table, positions, token_seq],
-                                                           _attrs(scale, layer=3, index=1))
+    return cases, [q, new, pool, table, positions, token_seq], _attrs(cases[0][4], layer=3, index=1)
+
+
+def _check_paged(cases, rows, out, pool):
+    """Each new token's output (V up-projection applied) is the expanded attention over its own sequence, and
+    the pool's layer 1 holds its latent at its page and offset; layer 0 is untouched."""
+    table = np.array([[7, 2, 9], [4, 0, 5]], np.int32)
     for row, (seq, pos) in enumerate(rows):
         _, latent, w_uv, expected, _ = cases[seq]
-        got = np.einsum("hr,hvr->hv", out[0, :, row], w_uv)  # the V up-projection, per head
+        got = np.einsum("hr,hvr->hv", out[0, :, row], w_uv)
         assert relative_error(got, expected[:, pos]) <= FP32_TOLERANCE, (seq, pos)
-        np.testing.assert_array_equal(updated[1, table[seq, pos // page_size], pos % page_size], latent[pos])
-    np.testing.assert_array_equal(updated[0], 0)  # another layer's slots are untouched
+        np.testing.assert_array_equal(pool[1, table[seq, pos // PAGE_SIZE], pos % PAGE_SIZE], latent[pos])
+    np.testing.assert_array_equal(pool[0], 0)
+
+
+# sequence 0's last 3 tokens after 5 cached and sequence 1's first 6, interleaved; then one decode token each
+RAGGED_ROWS = [(1, 0), (0, 5), (1, 1), (1, 2), (0, 6), (1, 3), (0, 7), (1, 4), (1, 5)]
+DECODE_ROWS = [(0, 7), (1, 5)]
+
+
+@pytest.mark.parametrize("rows", [RAGGED_ROWS, DECODE_ROWS], ids=["ragged", "decode"])
+def test_paged_latent_attention_reference_writes_the_pool_and_attends_per_sequence(rows):
+    cases, inputs, attrs = _paged_case(1, rows)
+    out, pool = OPS["paged_latent_attention"].reference(inputs, attrs)
+    _check_paged(cases, rows, out, pool)
+
+
+@pytest.mark.parametrize("rows", [RAGGED_ROWS, DECODE_ROWS], ids=["ragged", "decode"])
+def test_tvm_paged_latent_attention_matches_the_expanded_attention(rows):
+    """The TVM CPU lowering (latent append, then the paged kernels with the latent pages as K and V) on the same
+    batch: the ragged kernel in @step, the decode kernel in @step_decode (one token per sequence)."""
+    pytest.importorskip("tvm")
+    from kiln.backends.tvm import mla_lower  # noqa: F401  (registers the lowering)
+    from kiln.backends.tvm.build import TVMFunction
+    from kiln.ir.graph import Module
+    from kiln.ir.symbolic import sym
+    from kiln.ir.types import TensorType
+
+    cases, inputs, attrs = _paged_case(2, rows)
+    name = "step_decode" if rows is DECODE_ROWS else "step"
+    module = Module()
+    fn = module.add_function(name)
+    tokens = sym("tokens")
+    types = [("q", ("f32", (1, HEADS, tokens, RANK + ROPE))), ("latent", ("f32", (1, tokens, RANK + ROPE))),
+             ("latent_cache_0", ("f32", inputs[2].shape)), ("page_table", ("i32", (sym("seqs"), 3))),
+             ("positions", ("i64", (1, tokens))), ("token_seq", ("i32", (tokens,)))]
+    params = [fn.add_param(param, TensorType(*t)) for param, t in types]
+    fn.set_results(list(fn.add_node("paged_latent_attention", params, attrs).outputs))
+    out, pool = TVMFunction.from_module(module, name)(*inputs)
+    _check_paged(cases, rows, out, pool)
 
 
 # capture ------------------------------------------------------------------------------------------------------
