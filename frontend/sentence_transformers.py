@@ -1,10 +1,6 @@
-"""Encoder-only embedding models: a sentence-transformers directory or a Hugging Face BERT checkpoint becomes a
-torch module from (token ids, attention mask) to one pooled, optionally L2-normalised vector per sentence.
-
-The directory's modules.json, ``1_Pooling/config.json`` and ``2_Normalize`` say how to pool; a plain BERT checkpoint
-is mean-pooled without normalisation, as sentence-transformers itself treats one. Nothing is unpickled and no code
-from the directory is imported: BERT is transformers' built-in class over weights read by kiln's safetensors reader.
-"""
+"""Embedding models: a sentence-transformers directory (modules.json, 1_Pooling, 2_Normalize) or a plain BERT
+checkpoint (mean pooling, as sentence-transformers treats one) -> a torch module from token ids and a mask to one
+pooled vector per sentence. Nothing is unpickled and no code from the directory is imported."""
 
 from __future__ import annotations
 

@@ -1,9 +1,6 @@
-"""Running an embedding artifact: texts -> WordPiece ids (truncated at the model's length) -> padded batches ->
-the backend's ``@embed`` -> one vector per text. Imports numpy, tokenizers and the backend's runtime only.
-
-:class:`EmbeddingEngine` is what :func:`kiln.load` returns for an artifact whose manifest has an ``embedding``
-field; its generation methods refuse in one line, as :meth:`Engine.embed` does for a causal LM.
-"""
+"""Running an embedding artifact: texts -> WordPiece ids truncated at the model's length -> padded batches ->
+the backend's ``@embed`` -> one vector per text. :class:`EmbeddingEngine` is what :func:`kiln.load` gives for
+such an artifact; its generation methods refuse in one line. Imports numpy, tokenizers and the backend only."""
 
 from __future__ import annotations
 
