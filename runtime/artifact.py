@@ -127,6 +127,7 @@ _SAFETENSORS_DTYPES = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "U16": "uint
                        "U32": "uint32", "I32": "int32", "F32": "float32", "U64": "uint64", "I64": "int64",
                        "F64": "float64", "BF16": "bfloat16"}
 MAX_SAFETENSORS_HEADER = 100 * 2**20
+_SKIP_CHUNK = 2**20
 
 
 def _read_safetensors(stream, size: int, convert, wanted, fail) -> dict:
@@ -170,16 +171,26 @@ def _read_safetensors(stream, size: int, convert, wanted, fail) -> dict:
     if missing:
         raise fail(f"missing the tensors {sorted(missing)[:5]}")
     tensors = {}
+    scratch = None
     for begin, end, tensor_name, dtype, shape in entries:
         if begin != position or end > data_size:
             raise fail(f"tensor {tensor_name!r} occupies bytes [{begin}, {end}) of a {data_size}-byte data section "
                        f"where [{position}, ...) was expected")
+        position = end
+        if wanted is not None and tensor_name not in wanted:
+            # hashed through one small buffer: a tensor-sized array per skipped tensor would leave the process
+            # holding heap memory it no longer uses (glibc raises its mmap threshold after a large free)
+            scratch = scratch if scratch is not None else memoryview(bytearray(_SKIP_CHUNK))
+            remaining = end - begin
+            while remaining:
+                step = min(remaining, _SKIP_CHUNK)
+                stream.readinto(scratch[:step])
+                remaining -= step
+            continue
         array = np.empty(shape, dtype=dtype)
         if array.size:
             stream.readinto(array.reshape(-1).view(np.uint8))
-        position = end
-        if wanted is None or tensor_name in wanted:
-            tensors[tensor_name] = convert(tensor_name, array)
+        tensors[tensor_name] = convert(tensor_name, array)
     if position != data_size:
         raise fail(f"{data_size - position} bytes after the last tensor")
     return tensors
