@@ -279,10 +279,8 @@ class Placement:
 
 @dataclass
 class Plan:
-    """What a GGUF file becomes: a transformers config and where every tensor goes."""
+    """What a GGUF file becomes: a transformers model class and where each of its tensors comes from."""
 
-    arch: Architecture
-    config: Any  # transformers PretrainedConfig
     model_class: type
     placements: list[Placement]
 
@@ -339,7 +337,7 @@ def plan_from_config(gguf_file: GGUFFile, arch: Architecture, config) -> Plan:
             raise ModelFormatError(f"{gguf_file.path}: {model_class.__name__} weight {names[0]!r} has no GGUF "
                                    f"tensor name in gguf-py's {gguf_file.architecture} map; kiln cannot load it")
         placements.append(placement)
-    return Plan(arch, config, model_class, placements)
+    return Plan(model_class, placements)
 
 
 def _place(name: str, names: tuple, shape: tuple, tensor_map, arch: Architecture, transposed: set) -> Placement | None:

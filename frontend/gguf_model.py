@@ -15,9 +15,10 @@ import torch
 from gguf import GGMLQuantizationType
 
 from kiln.frontend.gguf_architectures import ARCHITECTURES, architecture_of
+from kiln.frontend.gguf_architectures import load as load_with_transformers
+from kiln.frontend.gguf_architectures import prequantized as prequantized_with_transformers
 from kiln.frontend.gguf_file import DEQUANTIZABLE, GGUFFile
-from kiln.frontend.llama import (ROPE_FREQS, LlamaConfig, LlamaForCausalLM, check_llama_tensors,
-                                 llama_from_state_dict)
+from kiln.frontend.llama import ROPE_FREQS, LlamaConfig, check_llama_tensors, llama_from_state_dict
 from kiln.frontend.tokenizer import TokenizerBundle, check_tokenizer_fits, tokenizer_from_gguf
 from kiln.ir.errors import ConfigError, ModelFormatError
 
@@ -270,10 +271,8 @@ def load_gguf(source: str | os.PathLike | GGUFFile) -> tuple[torch.nn.Module, An
     check_architecture(gguf_file)
     arch = architecture_of(gguf_file)
     if arch is not None:
-        from .gguf_architectures import load
-
         tokenizer = tokenizer_from_gguf(gguf_file)
-        model, config = load(gguf_file, arch, check_tokenizer=lambda vocab: check_tokenizer_fits(
+        model, config = load_with_transformers(gguf_file, arch, check_tokenizer=lambda vocab: check_tokenizer_fits(
             tokenizer, vocab, gguf_file.path))
         return model, config, tokenizer
     config = config_from_gguf(gguf_file)
@@ -287,12 +286,11 @@ def load_gguf(source: str | os.PathLike | GGUFFile) -> tuple[torch.nn.Module, An
 def prequantized_from_gguf(source: str | os.PathLike | GGUFFile, config) -> dict:
     """{module weight name: QuantizedWeight} of the file's Q4_0 / Q4_1 / Q8_0 / Q5_0 / Q4_K / Q6_K tensors, as
     stored; ``config`` is what load_gguf returned for the file."""
-    from .gguf_architectures import prequantized
     from .gguf_quant import prequantized_weights
 
     gguf_file = _open(source)
     if not isinstance(config, LlamaConfig):
-        return prequantized(gguf_file, config)
+        return prequantized_with_transformers(gguf_file, config)
     targets = {}
     for name in gguf_file.tensors:
         hf_name = hf_tensor_name(name)
