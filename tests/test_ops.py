@@ -853,3 +853,15 @@ def test_tensor_type_values():
         TensorType("f32", (2.0,))
     with pytest.raises(ValueError):
         TensorType("f32", (-1,))
+
+
+@pytest.mark.parametrize("module", ["kiln.ir.core_ops", "kiln.ir.llm_ops", "kiln.ir.quant_ops", "kiln.ir.moe_ops",
+                                    "kiln.ir.mla_ops"])
+def test_each_op_module_imports_first(module):
+    """A fresh process importing one op module before anything else (kiln.driver imports kiln.ir.mla_ops) gets
+    the whole registry, not a circular import of half-initialized modules."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
