@@ -94,7 +94,25 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--json", action="store_true", help='print {"model": ..., "embeddings": [[...], ...]}')
     add_compile_options(embed)
 
-    for p in (compile_, run, chat, inspect, eval_, ppl, embed):
+    serve = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API",
+                           description="Serve MODEL (compiled on first use into the cache, as for run) over HTTP: "
+                                       "/v1/completions, /v1/chat/completions, /v1/embeddings (an embedding model), "
+                                       "/v1/models, /health and /metrics. Ctrl-C drains running requests and exits.")
+    serve.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
+                                                           "only)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0 picks a free one)")
+    serve.add_argument("--api-key", default=os.environ.get("KILN_API_KEY"),
+                       help="require 'Authorization: Bearer KEY' on every route but /health (default: $KILN_API_KEY)")
+    serve.add_argument("--max-queued", type=int, default=64,
+                       help="requests that may wait beyond those running; past it the server answers 503 with "
+                            "Retry-After (default 64)")
+    serve.add_argument("--model-name", help="the model's name in the API (default: MODEL's file or directory name)")
+    serve.add_argument("--drain-timeout", type=float, default=30.0,
+                       help="seconds Ctrl-C waits for running requests before cancelling them (default 30)")
+    add_compile_options(serve)
+
+    for p in (compile_, run, chat, inspect, eval_, ppl, embed, serve):
         p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     return parser
 
@@ -663,8 +681,36 @@ def cmd_eval_ppl(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    """kiln serve: the HTTP server until Ctrl-C or SIGTERM, which drain running requests (up to --drain-timeout)
+    and end with status 0, as uvicorn's own command does."""
+    check_compile_args(args)
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port must be in 0..65535, got {args.port}")
+    if args.max_queued < 0:
+        raise UsageError(f"--max-queued must be 0 or more, got {args.max_queued}")
+    if not (math.isfinite(args.drain_timeout) and args.drain_timeout >= 0):
+        raise UsageError(f"--drain-timeout must be a finite number of seconds >= 0, got {args.drain_timeout}")
+    if args.api_key is not None and not args.api_key.strip():
+        raise UsageError("--api-key (or KILN_API_KEY) is empty; give a key or leave it unset")
+    try:
+        from .server import serve
+    except ImportError as err:
+        raise UsageError(f"kiln serve needs FastAPI, uvicorn and prometheus_client ({err}); install them with: "
+                         f"pip install 'kiln[serve]'") from None
+    name = args.model_name or os.path.splitext(os.path.basename(os.path.normpath(args.model)))[0]
+    with open_engine(args) as engine:
+        try:
+            serve(engine, host=args.host, port=args.port, model_name=name, api_key=args.api_key,
+                  max_queued=args.max_queued, drain_timeout=args.drain_timeout)
+        except (KeyboardInterrupt, Terminated):
+            pass  # the server has drained; the engine closes on the way out
+    print("kiln: stopped serving", file=sys.stderr)
+    return 0
+
+
 COMMANDS = {"compile": cmd_compile, "run": cmd_run, "chat": cmd_chat, "inspect": cmd_inspect, "eval": cmd_eval,
-            "embed": cmd_embed}
+            "embed": cmd_embed, "serve": cmd_serve}
 
 
 class Terminated(BaseException):
