@@ -203,7 +203,7 @@ def test_cache_spec_keeps_one_latent_per_token(tmp_path):
                                                                              width))]
 
 
-@pytest.mark.parametrize("backend", ["reference", "tvm"])
+@pytest.mark.parametrize("backend", ["reference", "tvm", "onnxruntime"])
 @pytest.mark.parametrize("name", ["deepseek_v2", "deepseek_v3"])
 def test_tiny_deepseek_matches_transformers(tmp_path, backend, name):
     if backend == "tvm":
@@ -234,7 +234,8 @@ def test_inspect_shows_latent_bytes_against_multi_head_attention(tmp_path, capsy
             f"({mha / latent:.1f}x)") in capsys.readouterr().out.splitlines()
 
 
-def test_onnxruntime_refuses_the_latent_cache_in_one_line(tmp_path):
-    with pytest.raises(UnsupportedOpError, match="keeps a latent cache") as error:
-        _compile("deepseek_v2", "onnxruntime", tmp_path)
-    assert "\n" not in str(error.value)
+def test_onnxruntime_keeps_one_shared_buffer_per_latent_layer(tmp_path):
+    """GroupQueryAttention with one KV head over the latent (padded from 26 to GroupQueryAttention's multiple of 8):
+    one buffer per layer, bound as both K and V."""
+    backend = _compile("deepseek_v3", "onnxruntime", tmp_path).manifest["backend_info"]
+    assert backend["kv_layers"] == [{"num_kv_heads": 1, "head_dim": 32, "dtype": "f32", "shared": True}] * 2

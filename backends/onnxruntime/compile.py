@@ -12,7 +12,7 @@ from onnx import TensorProto, numpy_helper
 from kiln.ir.errors import ConfigError, UnsupportedOpError
 from kiln.ir.kv_cache import STEP, KVCacheSpec
 
-from .executor import buffer_head_dim
+from .executor import kv_buffers
 
 MODEL_FILE = "step.onnx"
 DATA_FILE = "model.onnx.data"
@@ -22,21 +22,17 @@ ALIGNMENT = 4096
 
 
 def kv_layers(spec: KVCacheSpec) -> list:
-    """Per layer, the K/V buffers GroupQueryAttention keeps: {num_kv_heads, head_dim, dtype} from the spec (head_dim
-    padded to what GroupQueryAttention takes: executor.buffer_head_dim)."""
-    layers = []
+    """Per layer, the buffers GroupQueryAttention keeps (executor.kv_buffers), refusing caches it cannot keep."""
     for layer in range(spec.num_layers):
         group = spec.groups[spec.locate(layer)[0]]
-        if group.kind != "kv" or group.k_head_dim != group.v_head_dim:
-            what = "a latent cache" if group.kind != "kv" else f"K head dim {group.k_head_dim} != V {group.v_head_dim}"
-            raise UnsupportedOpError(f"layer {layer} keeps {what}; ONNX Runtime's GroupQueryAttention needs K and V "
-                                     f"of one head size; use the tvm or reference backend")
-        if spec.dtype not in ("f32", "f16"):
-            raise UnsupportedOpError(f"ONNX Runtime's GroupQueryAttention keeps an f32 or f16 cache, not {spec.dtype}; "
-                                     f"compile with --kv-cache-dtype f32 or f16")
-        layers.append({"num_kv_heads": group.num_kv_heads, "head_dim": buffer_head_dim(group.k_head_dim),
-                       "dtype": spec.dtype})
-    return layers
+        if group.kind == "kv" and group.k_head_dim != group.v_head_dim:
+            raise UnsupportedOpError(f"layer {layer} keeps K head dim {group.k_head_dim} != V {group.v_head_dim}; ONNX "
+                                     f"Runtime's GroupQueryAttention needs K and V of one head size; use the tvm or "
+                                     f"reference backend")
+    if spec.dtype not in ("f32", "f16"):
+        raise UnsupportedOpError(f"ONNX Runtime's GroupQueryAttention keeps an f32 or f16 cache, not {spec.dtype}; "
+                                 f"compile with --kv-cache-dtype f32 or f16")
+    return kv_buffers(spec)
 
 
 def compile_module(module, target: str, out_dir: str, options) -> dict:
@@ -49,7 +45,7 @@ def compile_module(module, target: str, out_dir: str, options) -> dict:
     layers = kv_layers(KVCacheSpec.from_json(module.metadata["kv_cache"]))
     lowered = lower_function(module, STEP, {})
     buffers = [{"num_kv_heads": h, "head_dim": d, "dtype": t} for _, (h, d, t) in sorted(lowered.layers.items())]
-    if buffers != layers:
+    if buffers != [{k: v for k, v in layer.items() if k != "shared"} for layer in layers]:
         raise AssertionError(f"@{STEP} attends over K/V buffers {buffers}, the KV-cache spec declares {layers}")
     offsets = _write_data(os.path.join(out_dir, DATA_FILE), lowered.initializers)
     graph = lowered.graph

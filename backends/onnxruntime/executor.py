@@ -51,6 +51,21 @@ def buffer_head_dim(head_dim: int) -> int:
     return -(-head_dim // GQA_HEAD_MULTIPLE) * GQA_HEAD_MULTIPLE
 
 
+def kv_buffers(spec: KVCacheSpec) -> list:
+    """Per layer, the buffers GroupQueryAttention keeps: {num_kv_heads, head_dim, dtype} for a K and a V buffer, or,
+    for a latent (MLA) layer, one buffer of one head holding the latent, bound as both K and V ("shared")."""
+    layers = []
+    for layer in range(spec.num_layers):
+        group = spec.groups[spec.locate(layer)[0]]
+        if group.kind == "latent":
+            layers.append({"num_kv_heads": 1, "head_dim": buffer_head_dim(group.latent_dim), "dtype": spec.dtype,
+                           "shared": True})
+        else:
+            layers.append({"num_kv_heads": group.num_kv_heads, "head_dim": buffer_head_dim(group.k_head_dim),
+                           "dtype": spec.dtype})
+    return layers
+
+
 _BINDINGS_KEPT = 16  # IO bindings with their K/V views bound, by (rows, first slot): binding costs ~1 ms
 
 
@@ -181,10 +196,12 @@ class ORTExecutor:
             for layer in self.layers:
                 shape = (self.slots.num_slots, layer["num_kv_heads"], self.max_seq_len, layer["head_dim"])
                 dtype = _NUMPY[layer["dtype"]]
+                count = 1 if layer.get("shared") else 2  # a latent layer's one buffer is its K and its V
                 if self.device == "cpu":
-                    pair = (np.zeros(shape, dtype), np.zeros(shape, dtype))
+                    buffers = [np.zeros(shape, dtype) for _ in range(count)]
                 else:
-                    pair = tuple(ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, "cuda", 0) for _ in range(2))
+                    buffers = [ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, "cuda", 0) for _ in range(count)]
+                pair = (buffers[0], buffers[-1])
                 self.buffers.append(pair)
         except MemoryError:
             self.close()
@@ -414,11 +431,8 @@ def _check_backend_info(info, spec: KVCacheSpec) -> list:
                     for k in ("num_kv_heads", "head_dim")) for layer in layers)):
         raise fail("kv_layers", f"a list of {spec.num_layers} {{num_kv_heads, head_dim, dtype}} (one per layer of "
                                 f"the KV-cache spec)")
-    for index, layer in enumerate(layers):
-        group = spec.groups[spec.locate(index)[0]]
-        declared = {"num_kv_heads": group.num_kv_heads, "head_dim": buffer_head_dim(group.k_head_dim),
-                    "dtype": spec.dtype}
-        if {k: layer[k] for k in declared} != declared or group.v_head_dim != group.k_head_dim:
+    for index, (layer, declared) in enumerate(zip(layers, kv_buffers(spec))):
+        if layer != declared:
             raise fail(f"kv_layers[{index}]", f"{declared} (layer {index} of the KV-cache spec)")
     return layers
 

@@ -47,8 +47,9 @@ SEQLENS_K = "seqlens_k"  # i32[batch]: each row's total length after this call, 
 TOTAL_SEQUENCE_LENGTH = "total_sequence_length"  # i32 scalar: the largest total length in the batch
 ATTENTION_INPUTS = (PAD_INDEX, UNPAD_INDEX, SEQLENS_K, TOTAL_SEQUENCE_LENGTH)
 LOGITS = "logits"
-# paged_attention's operands the executor consumes instead of the graph: the pools, page_table, token_seq
-_EXECUTOR_OPERANDS = {3: "KV pool", 4: "KV pool", 5: "page table", 7: "token_seq"}
+# The operands of the paged attention ops the executor consumes instead of the graph: the pools, page_table,
+# token_seq (op -> input index -> what; lowerings of other paged ops add theirs).
+EXECUTOR_OPERANDS = {"paged_attention": {3: "KV pool", 4: "KV pool", 5: "page table", 7: "token_seq"}}
 
 
 def past_names(layer: int) -> tuple:
@@ -657,16 +658,33 @@ def _from_tokens_flat(ctx, flat: str, tokens: tuple, seq_axis: int = 2):
 def _lower_paged_attention(ctx, node):
     """GroupQueryAttention on the padded view: q/k/v [1, T, H * D] -> [batch, seq, H * D] through pad_index, the
     layer's K/V buffers as past and present, the output back to [1, T, H * D] through unpad_index."""
-    for index, what in _EXECUTOR_OPERANDS.items():
-        if not isinstance(ctx.raw(index), ExecutorOperand):
-            raise UnsupportedOpError(f"{ctx.where()}: expected the step's {what} as operand {index}, found a computed "
-                                     f"value; expected the IR of kiln's pipeline")
+    check_executor_operands(ctx, EXECUTOR_OPERANDS[node.op])
     q_type, k_type, v_type = ctx.in_type(0), ctx.in_type(1), ctx.in_type(2)
-    cache_dtype = ctx.in_type(3).dtype
-    heads, kv_heads, dim = node.attrs["num_heads"], node.attrs["num_kv_heads"], q_type.shape[3]
+    kv_heads, dim = node.attrs["num_kv_heads"], q_type.shape[3]
     if v_type.shape[3] != dim:
         raise UnsupportedOpError(f"{ctx.where()}: GroupQueryAttention needs equal K and V head dims, found "
                                  f"{k_type} and {v_type}")
+    (q, tokens), (k, _), (v, _) = (_tokens_flat(ctx, i) for i in range(3))
+    out = group_query_attention(ctx, node, q, k, v, tokens, q_type.dtype, ctx.in_type(3).dtype, kv_heads, dim, dim)
+    # [1, T, H * D] -> the IR's [1, H, T, D], lazily (the head merge before o_proj cancels it)
+    return [_from_tokens_flat(ctx, out, tokens), ctx.raw(3), ctx.raw(4)]
+
+
+def check_executor_operands(ctx, operands: dict) -> None:
+    """The step's pools, page table and token_seq (``operands``: input index -> what) are parameters the executor
+    consumes, not computed values."""
+    for index, what in operands.items():
+        if not isinstance(ctx.raw(index), ExecutorOperand):
+            raise UnsupportedOpError(f"{ctx.where()}: expected the step's {what} as operand {index}, found a computed "
+                                     f"value; expected the IR of kiln's pipeline")
+
+
+def group_query_attention(ctx, node, q: str, k: str, v: str, tokens: tuple, dtype: str, cache_dtype: str,
+                          kv_heads: int, dim: int, out_dim: int) -> str:
+    """GroupQueryAttention of ``node``'s layer over its K/V buffers: q [1, T, H * dim], k/v [1, T, kv_heads * dim]
+    in the step's flat token layout (``tokens`` = q's [1, T, H, dim]) -> [1, T, H * out_dim] (out_dim <= dim: the
+    first columns of each head's output). Heads whose size GroupQueryAttention does not take are zero-padded."""
+    heads = node.attrs["num_heads"]
     if cache_dtype not in ("f32", "f16"):
         raise UnsupportedOpError(f"{ctx.where()}: ONNX Runtime's GroupQueryAttention keeps an f32 or f16 cache, not "
                                  f"{cache_dtype}; compile with --kv-cache-dtype f32 or f16")
@@ -675,21 +693,20 @@ def _lower_paged_attention(ctx, node):
         raise UnsupportedOpError(f"{ctx.where()}: layer {layer} of the KV cache is attended twice in one call")
     gqa_dim = buffer_head_dim(dim)
     ctx.layers[layer] = (kv_heads, gqa_dim, cache_dtype)
-    ctx.attention_tokens = q_type.shape[2]
+    ctx.attention_tokens = tokens[1]
 
-    def padded(index: int) -> tuple:
-        flat, tokens = _tokens_flat(ctx, index)  # [1, T, H * D]
-        flat = ctx.cast(flat, ctx.in_type(index).dtype, cache_dtype)
+    def padded(flat: str, width: int) -> str:
+        flat = ctx.cast(flat, dtype, cache_dtype)
         if gqa_dim != dim:  # zero columns at the end of every head: [1, T, H, D] -> [1, T, H * gqa_dim]
-            heads_here = tokens[2]
-            flat = ctx.add("Reshape", [flat, ctx.const([1, -1, heads_here, dim], "i64")])
+            flat = ctx.add("Reshape", [flat, ctx.const([1, -1, width, dim], "i64")])
             flat = ctx.add("Pad", [flat, ctx.const([0, 0, 0, 0, 0, 0, 0, gqa_dim - dim], "i64")])
-            flat = ctx.add("Reshape", [flat, ctx.const([1, -1, heads_here * gqa_dim], "i64")])
+            flat = ctx.add("Reshape", [flat, ctx.const([1, -1, width * gqa_dim], "i64")])
         rows = ctx.add("Gather", [flat, PAD_INDEX], axis=1)  # [1, batch, seq, H * D]
-        return ctx.add("Squeeze", [rows, ctx.const([0], "i64")]), tokens
+        return ctx.add("Squeeze", [rows, ctx.const([0], "i64")])
 
-    (q, tokens), (k, _), (v, _) = (padded(i) for i in range(3))
-    window = node.attrs["window"]
+    q, k = padded(q, heads), padded(k, kv_heads)
+    v = k if v == "same as k" else padded(v, kv_heads)
+    window = node.attrs.get("window")
     extra = []
     if node.attrs.get("alibi") is not None:  # inputs 7-9 (rotary inside GQA) unused, 10 is attention_bias
         extra = ["", "", "", _alibi_bias(ctx, node.attrs["alibi"], cache_dtype)]
@@ -698,13 +715,11 @@ def _lower_paged_attention(ctx, node):
                   [None, *present_names(layer)], domain=MS_DOMAIN, num_heads=heads, kv_num_heads=kv_heads,
                   scale=float(node.attrs["scale"]), local_window_size=-1 if window is None else int(window),
                   softcap=float(node.attrs.get("softcap") or 0.0))[0]
-    if gqa_dim != dim:  # drop the padding columns: [batch, seq, H * gqa_dim] -> [batch, seq, H, D]
+    if gqa_dim != out_dim:  # drop the padding (and any columns past out_dim): [batch, seq, H, out_dim]
         out = ctx.add("Reshape", [out, ctx.const([0, 0, heads, gqa_dim], "i64")])
-        out = ctx.add("Slice", [out, ctx.const([0], "i64"), ctx.const([dim], "i64"), ctx.const([3], "i64")])
-    out = ctx.add("Reshape", [out, ctx.const([1, -1, heads * dim], "i64")])  # [1, batch * seq, H * D]
-    out = ctx.cast(ctx.add("Gather", [out, UNPAD_INDEX], axis=1), cache_dtype, q_type.dtype)
-    # [1, T, H * D] -> the IR's [1, H, T, D], lazily (the head merge before o_proj cancels it)
-    return [_from_tokens_flat(ctx, out, tokens), ctx.raw(3), ctx.raw(4)]
+        out = ctx.add("Slice", [out, ctx.const([0], "i64"), ctx.const([out_dim], "i64"), ctx.const([3], "i64")])
+    out = ctx.add("Reshape", [out, ctx.const([1, -1, heads * out_dim], "i64")])  # [1, batch * seq, H * out_dim]
+    return ctx.cast(ctx.add("Gather", [out, UNPAD_INDEX], axis=1), cache_dtype, dtype)
 
 
 def _alibi_bias(ctx, slopes, dtype: str) -> str:
@@ -903,8 +918,8 @@ def _executor_operands(fn: Function) -> dict:
     params = {id(p) for p in fn.params}
     roles = {}
     for node in fn.nodes:
-        if node.op == "paged_attention":
-            for index, what in _EXECUTOR_OPERANDS.items():
+        if node.op in EXECUTOR_OPERANDS:
+            for index, what in EXECUTOR_OPERANDS[node.op].items():
                 if id(node.inputs[index]) in params:
                     roles[id(node.inputs[index])] = what
     return roles

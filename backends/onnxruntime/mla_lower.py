@@ -1,17 +1,19 @@
 """ONNX lowering of DeepSeek's latent attention: ``latent_attention`` as plain attention over the latent (one KV
-head, values its first ``value_dim`` columns); ``paged_latent_attention`` is refused.
+head, values its first ``value_dim`` columns); ``paged_latent_attention`` as GroupQueryAttention with one KV head
+whose keys and values are the latent itself, over one buffer per layer that the executor binds as both past_key and
+past_value (``compile.kv_layers`` marks it shared), the output cut to ``value_dim`` columns per head.
 
-Registered into ``lower.LOWERINGS`` on import. The executor keeps GroupQueryAttention's separate K and V buffers
-per layer, so a latent cache there would be held twice (K and V); the step over a latent cache compiles with the
-tvm or reference backend instead (``compile.kv_layers`` refuses it before lowering).
+Registered into ``lower.LOWERINGS`` on import.
 """
 
 from __future__ import annotations
 
-from kiln.ir.errors import UnsupportedOpError
 from kiln.ir.types import TensorType
 
-from .lower import _plain_attention, lowering
+from .lower import (EXECUTOR_OPERANDS, _from_tokens_flat, _plain_attention, _tokens_flat, check_executor_operands,
+                    group_query_attention, lowering)
+
+EXECUTOR_OPERANDS["paged_latent_attention"] = {2: "latent pool", 3: "page table", 5: "token_seq"}
 
 
 @lowering("latent_attention")
@@ -27,5 +29,10 @@ def _lower_latent_attention(ctx, node):
 
 @lowering("paged_latent_attention")
 def _lower_paged_latent_attention(ctx, node):
-    raise UnsupportedOpError(f"{ctx.where()}: the ONNX Runtime backend keeps no latent (MLA) KV cache; compile "
-                             "DeepSeek-V2/V3 models with --backend tvm or reference")
+    check_executor_operands(ctx, EXECUTOR_OPERANDS[node.op])
+    q_type, latent_type = ctx.in_type(0), ctx.in_type(1)
+    q, tokens = _tokens_flat(ctx, 0)  # [1, T, H * L]
+    latent_dim, value_dim = latent_type.shape[2], node.attrs["value_dim"]
+    out = group_query_attention(ctx, node, q, ctx.input(1), "same as k", tokens, q_type.dtype, ctx.in_type(2).dtype,
+                                1, latent_dim, value_dim)
+    return [_from_tokens_flat(ctx, out, tokens[:3] + (value_dim,)), ctx.raw(2)]
