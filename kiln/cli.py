@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
                                                            "only)")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0 picks a free one)")
-    serve.add_argument("--api-key", default=os.environ.get("KILN_API_KEY"),
+    serve.add_argument("--api-key", default=os.environ.get("KILN_API_KEY") or None,
                        help="require 'Authorization: Bearer KEY' on every route but /health (default: $KILN_API_KEY)")
     serve.add_argument("--max-queued", type=int, default=64,
                        help="requests that may wait beyond those running; past it the server answers 503 with "
@@ -694,15 +694,15 @@ def cmd_serve(args) -> int:
     if args.api_key is not None and not args.api_key.strip():
         raise UsageError("--api-key (or KILN_API_KEY) is empty; give a key or leave it unset")
     try:
-        from .server import serve
+        from .server import listening_socket, serve
     except ImportError as err:
         raise UsageError(f"kiln serve needs FastAPI, uvicorn and prometheus_client ({err}); install them with: "
                          f"pip install 'kiln[serve]'") from None
     name = args.model_name or os.path.splitext(os.path.basename(os.path.normpath(args.model)))[0]
-    with open_engine(args) as engine:
+    with listening_socket(args.host, args.port) as sock, open_engine(args) as engine:
         try:
-            serve(engine, host=args.host, port=args.port, model_name=name, api_key=args.api_key,
-                  max_queued=args.max_queued, drain_timeout=args.drain_timeout)
+            serve(engine, sock, model_name=name, api_key=args.api_key, max_queued=args.max_queued,
+                  drain_timeout=args.drain_timeout)
         except (KeyboardInterrupt, Terminated):
             pass  # the server has drained; the engine closes on the way out
     print("kiln: stopped serving", file=sys.stderr)

@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 import uuid
+from typing import NamedTuple
 
 import numpy as np
 import uvicorn
@@ -33,6 +34,10 @@ MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the context left
 RETRY_AFTER_SECONDS = 1
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+# OpenAI fields an engine error may start with (the engine's keywords of the same name)
+REQUEST_FIELDS = {"n", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs",
+                  "response_format"}
 
 # OpenAI fields that map to an Engine.submit keyword of the same name which this kiln may not have yet: until
 # it does, a value that changes nothing is accepted and any other is refused, naming the field
@@ -84,6 +89,8 @@ def engine_error(err: BaseException, *, max_tokens_field: str, prompt_field: str
             param = max_tokens_field
     elif "max_new_tokens" in message:
         param = max_tokens_field
+    elif message.split(" ", 1)[0].removesuffix("'s") in REQUEST_FIELDS:
+        param = message.split(" ", 1)[0].removesuffix("'s")
     elif "prompt" in message or "chat" in message or "token ids" in message:
         param = prompt_field
     else:
@@ -151,27 +158,29 @@ def _include_usage(body: dict, stream: bool) -> bool:
     return value
 
 
-def _choices_per_prompt(body: dict) -> int:
+def _choices_per_prompt(body: dict, engine_has_n: bool) -> int:
     n = body.get("n")
     if n is None:
         return 1
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise _bad_value("n", f"n must be an integer >= 1, got {n!r}")
-    if n != 1:
-        raise _not_supported("n", "the engine cannot yet sample several completions of one prompt")
+    if n != 1 and not engine_has_n:
+        raise _not_supported("n", "the engine cannot sample several completions of one prompt")
     return n
 
 
-def _refuse_logprobs(body: dict, chat: bool) -> None:
-    logprobs = body.get("logprobs")
-    if chat and logprobs not in (None, False):
-        if not isinstance(logprobs, bool):
-            raise _bad_value("logprobs", f"logprobs must be true or false, got {logprobs!r}")
-        raise _not_supported("logprobs", "the engine does not report log-probabilities yet")
+def _logprob_kwargs(body: dict, chat: bool, engine_has_logprobs: bool) -> dict:
+    """Engine keywords from OpenAI's logprobs fields: chat's logprobs (bool) and top_logprobs (int), or the
+    completions API's logprobs (int: how many alternatives)."""
+    logprobs, top = body.get("logprobs"), body.get("top_logprobs")
     if not chat and logprobs is not None:
-        raise _not_supported("logprobs", "the engine does not report log-probabilities yet")
-    if body.get("top_logprobs") not in (None, 0):
-        raise _not_supported("top_logprobs", "the engine does not report log-probabilities yet")
+        logprobs, top = True, logprobs
+    if logprobs in (None, False) and top in (None, 0):
+        return {}
+    if not engine_has_logprobs:
+        raise _not_supported("logprobs" if logprobs not in (None, False) else "top_logprobs",
+                             "the engine does not report log-probabilities")
+    return {"logprobs": logprobs, "top_logprobs": 0 if top is None else top}
 
 
 def _chat_messages(body: dict) -> list:
@@ -222,12 +231,29 @@ def _completion_prompts(body: dict) -> list:
 
 
 # carrying engine requests to the event loop -------------------------------------------------------------------
-class Generations:
-    """The engine requests of one HTTP request, read from the event loop: a thread per request waits on its text
-    pieces and end, and puts each on one asyncio queue as (index, piece, None) or (index, None, result-or-error)."""
+class Event(NamedTuple):
+    """What one engine request did: new text (and its tokens' log-probabilities, when asked), or its end."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, on_end):
+    index: int  # the choice's index
+    text: str | None  # None for the end
+    logprobs: list | None
+    end: object = None  # GenerationResult or the exception it failed with
+
+
+def _events(request):
+    """(text, logprobs) of a request as they come: Request.events where the engine has it, else its text."""
+    if hasattr(request, "events"):
+        return ((event.text, event.logprobs) for event in request.events())
+    return ((piece, None) for piece in request.stream())
+
+
+class Generations:
+    """The engine requests of one HTTP request, read from the event loop: a thread per request waits on its
+    events and end, and puts each on one asyncio queue."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, on_end, choices_per_prompt: int = 1):
         self.requests: list = []
+        self.choices_per_prompt = choices_per_prompt
         self._loop = loop
         self._queue: asyncio.Queue = asyncio.Queue()
         self._on_end = on_end  # called on the event loop with (result, error) as each request ends
@@ -244,12 +270,12 @@ class Generations:
     def _pump(self, index: int, request) -> None:
         result, error = None, None
         try:
-            for piece in request.stream():
-                self._put((index, piece, None))
+            for text, logprobs in _events(request):
+                self._put(Event(index, text, logprobs))
             result = request.result()
         except BaseException as err:  # noqa: BLE001 - the request's failure is the client's answer
             error = err
-        self._put((index, None, error if error is not None else result))
+        self._put(Event(index, None, None, error if error is not None else result))
         try:
             self._loop.call_soon_threadsafe(self._on_end, result, error)
         except RuntimeError:  # the event loop has closed: nobody is left to count it
@@ -259,15 +285,14 @@ class Generations:
         try:
             self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
         except RuntimeError:  # the event loop has closed (the server stopped): nobody reads it any more
-            request = self.requests[event[0]]
-            request.cancel()
+            self.requests[event.index].cancel()
 
-    async def next(self):
-        """The next event; (None, None, None) once every request has ended."""
+    async def next(self) -> Event | None:
+        """The next event; None once every request has ended."""
         if self.pending == 0:
-            return None, None, None
+            return None
         event = await self._queue.get()
-        if event[1] is None:
+        if event.text is None:
             self.pending -= 1
         return event
 
@@ -394,7 +419,9 @@ class KilnServer:
         self.in_flight = 0  # engine requests admitted and not ended; touched on the event loop only
         self.created = int(time.time())
         self.metrics = Metrics(self)
+        # what this engine's submit takes decides which OpenAI fields it serves (see OPTIONAL_ENGINE_FIELDS)
         self.engine_keywords = set() if self.embedding else set(inspect.signature(engine.submit).parameters)
+        self.engine_has_n = hasattr(engine, "submit_n")
         self._embed_lock = asyncio.Lock()
 
     # admission ------------------------------------------------------------------------------------------
@@ -428,9 +455,9 @@ class KilnServer:
             raise ApiError(400, f"{self.model_name!r} is an embedding model: it serves /v1/embeddings, not text "
                                 f"generation", param="model", code="model_not_supported")
 
-    def sampling_kwargs(self, body: dict, *, default_max_tokens: int | None) -> tuple[dict, str]:
-        """Engine.submit's keywords from OpenAI's fields (the engine checks ranges); and the name under which the
-        client gave the token limit."""
+    def sampling_kwargs(self, body: dict, *, chat: bool, default_max_tokens: int | None) -> tuple[dict, int, str]:
+        """Engine.submit's keywords from OpenAI's fields (the engine checks ranges), the completions per prompt,
+        and the name under which the client gave the token limit."""
         max_tokens_field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
         max_tokens = body.get(max_tokens_field)
         kwargs = {"max_new_tokens": default_max_tokens if max_tokens is None else max_tokens,
@@ -449,23 +476,31 @@ class KilnServer:
                     kwargs[name] = value
             elif value not in neutral:
                 raise _not_supported(name, f"the engine has no {name} yet")
-        return kwargs, max_tokens_field
+        kwargs.update(_logprob_kwargs(body, chat, "logprobs" in self.engine_keywords))
+        return kwargs, _choices_per_prompt(body, self.engine_has_n), max_tokens_field
 
-    async def start(self, calls: list, errors: dict) -> Generations:
-        """Admit and submit the engine calls (each a function returning a Request) in a worker thread, so
-        tokenizing and templating stay off the event loop; a refused call cancels those before it."""
-        self.admit(len(calls))
-        generations = Generations(asyncio.get_running_loop(), self.on_end)
+    def submit(self, prompt, n: int, kwargs: dict) -> list:
+        """One prompt's ``n`` engine requests (several share the prompt's pages through Engine.submit_n)."""
+        if n == 1:
+            return [self.engine.submit(prompt, **kwargs)]
+        return self.engine.submit_n(prompt, n, **kwargs)
+
+    async def start(self, calls: list, n: int, errors: dict) -> Generations:
+        """Admit and run the calls (each submits one prompt's ``n`` requests) in a worker thread, so tokenizing
+        and templating stay off the event loop; a refused call cancels the requests before it."""
+        self.admit(len(calls) * n)
+        generations = Generations(asyncio.get_running_loop(), self.on_end, n)
 
         def submit_all():
             for call in calls:
-                generations.start(call())
+                for request in call():
+                    generations.start(request)
 
         try:
             await asyncio.to_thread(submit_all)
         except BaseException as err:
             generations.cancel()
-            self.release(len(calls) - len(generations.requests))
+            self.release(len(calls) * n - len(generations.requests))
             if isinstance(err, KilnError):
                 raise engine_error(err, **errors) from None
             raise
@@ -529,18 +564,17 @@ def create_app(engine, *, model_name: str, api_key: str | None = None, max_queue
         prompts = _completion_prompts(body)
         stream = _optional_bool(body, "stream")
         include_usage = _include_usage(body, stream)
-        _choices_per_prompt(body)
-        _refuse_logprobs(body, chat=False)
         if _optional_bool(body, "echo"):
             raise _not_supported("echo", "kiln returns only the generated text")
         if body.get("suffix") is not None:
             raise _not_supported("suffix", "kiln's models continue text, they do not fill in the middle")
-        if body.get("best_of") not in (None, 1):
-            raise _not_supported("best_of", "the engine samples one completion per prompt")
-        kwargs, max_tokens_field = server.sampling_kwargs(body, default_max_tokens=COMPLETIONS_DEFAULT_MAX_TOKENS)
+        if body.get("best_of") is not None and body.get("best_of") != body.get("n", 1):
+            raise _not_supported("best_of", "the engine does not rank completions")
+        kwargs, n, max_tokens_field = server.sampling_kwargs(body, chat=False,
+                                                             default_max_tokens=COMPLETIONS_DEFAULT_MAX_TOKENS)
         errors = {"max_tokens_field": max_tokens_field, "prompt_field": "prompt"}
-        calls = [lambda p=p: engine.submit(p, **kwargs) for p in prompts]
-        generations = await server.start(calls, errors)
+        calls = [lambda p=p: server.submit(p, n, kwargs) for p in prompts]
+        generations = await server.start(calls, n, errors)
         return await respond(request, generations, chat=False, stream=stream, include_usage=include_usage,
                              errors=errors)
 
@@ -552,12 +586,10 @@ def create_app(engine, *, model_name: str, api_key: str | None = None, max_queue
         messages = _chat_messages(body)
         stream = _optional_bool(body, "stream")
         include_usage = _include_usage(body, stream)
-        _choices_per_prompt(body)
-        _refuse_logprobs(body, chat=True)
         if body.get("tools"):
             raise _not_supported("tools", "kiln does not call tools")
         explicit_limit = body.get("max_completion_tokens", body.get("max_tokens")) is not None
-        kwargs, max_tokens_field = server.sampling_kwargs(body, default_max_tokens=None)
+        kwargs, n, max_tokens_field = server.sampling_kwargs(body, chat=True, default_max_tokens=None)
         errors = {"max_tokens_field": max_tokens_field, "prompt_field": "messages"}
 
         def call():
@@ -567,9 +599,9 @@ def create_app(engine, *, model_name: str, api_key: str | None = None, max_queue
                     raise ConfigError(f"the rendered chat is {len(ids)} tokens, leaving no room to generate in the "
                                       f"compiled maximum of {engine.max_seq_len}; shorten the messages")
                 kwargs["max_new_tokens"] = engine.max_seq_len - len(ids)
-            return engine.submit(ids, **kwargs)
+            return server.submit(ids, n, kwargs)
 
-        generations = await server.start([call], errors)
+        generations = await server.start([call], n, errors)
         return await respond(request, generations, chat=True, stream=stream, include_usage=include_usage,
                              errors=errors)
 
@@ -599,73 +631,109 @@ def create_app(engine, *, model_name: str, api_key: str | None = None, max_queue
             if not streaming:
                 close()
 
-    def _raise_failure(event, errors: dict) -> None:
-        _, piece, end = event
-        if piece is None and isinstance(end, BaseException):
-            raise engine_error(end, admitted=True, **errors)
+    def _raise_failure(event: Event, errors: dict) -> None:
+        if event.text is None and isinstance(event.end, BaseException):
+            raise engine_error(event.end, admitted=True, **errors)
 
-    def usage(results) -> dict:
-        prompt = sum(r.stats["prompt_tokens"] for r in results)
-        completion = sum(r.stats["new_tokens"] for r in results)
+    def usage(results: dict, choices_per_prompt: int) -> dict:
+        """OpenAI's usage: a prompt counts once however many completions it has (its first one's counts)."""
+        firsts = [r for i, r in results.items() if i % choices_per_prompt == 0]
+        prompt = sum(r.stats["prompt_tokens"] for r in firsts)
+        completion = sum(r.stats["new_tokens"] for r in results.values())
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-                "prompt_tokens_details": {"cached_tokens": sum(r.stats["cached_prompt_tokens"] for r in results)}}
+                "prompt_tokens_details": {"cached_tokens": sum(r.stats["cached_prompt_tokens"] for r in firsts)}}
 
-    async def whole_response(generations: Generations, event, completion_id: str, *, chat: bool, errors: dict):
+    def token_text(token_id: int) -> str:
+        return engine.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def chat_logprobs(logprobs: list | None):
+        """OpenAI chat's {"content": [{token, logprob, bytes, top_logprobs}]} from the engine's TokenLogprobs."""
+        if logprobs is None:
+            return None
+
+        def entry(token_id: int, logprob: float) -> dict:
+            text = token_text(token_id)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+        return {"content": [{**entry(t.token_id, t.logprob), "top_logprobs": [entry(i, lp) for i, lp in
+                                                                                t.top_logprobs]}
+                            for t in logprobs], "refusal": None}
+
+    def completion_logprobs(logprobs: list | None, offset: int = 0):
+        """The completions API's {tokens, token_logprobs, top_logprobs, text_offset}."""
+        if logprobs is None:
+            return None
+        tokens = [token_text(t.token_id) for t in logprobs]
+        offsets = []
+        for text in tokens:
+            offsets.append(offset)
+            offset += len(text)
+        return {"tokens": tokens, "token_logprobs": [t.logprob for t in logprobs],
+                "top_logprobs": [{token_text(i): lp for i, lp in t.top_logprobs} for t in logprobs],
+                "text_offset": offsets}
+
+    async def whole_response(generations: Generations, event: Event, completion_id: str, *, chat: bool,
+                             errors: dict):
         results: dict = {}
-        while event[0] is not None:
+        while event is not None:
             _raise_failure(event, errors)
-            index, piece, end = event
-            if piece is None:
-                results[index] = end
+            if event.text is None:
+                results[event.index] = event.end
             event = await generations.next()
-        ordered = [results[i] for i in range(len(results))]
-        if chat:
-            choices = [{"index": i, "message": {"role": "assistant", "content": r.text, "refusal": None},
-                        "logprobs": None, "finish_reason": r.finish_reason} for i, r in enumerate(ordered)]
-        else:
-            choices = [{"index": i, "text": r.text, "logprobs": None, "finish_reason": r.finish_reason}
-                       for i, r in enumerate(ordered)]
+        choices = []
+        for index in range(len(results)):
+            result = results[index]
+            choice = {"index": index, "finish_reason": result.finish_reason}
+            if chat:
+                choice["message"] = {"role": "assistant", "content": result.text, "refusal": None}
+                choice["logprobs"] = chat_logprobs(result.logprobs)
+            else:
+                choice["text"] = result.text
+                choice["logprobs"] = completion_logprobs(result.logprobs)
+            choices.append(choice)
         return {"id": completion_id, "object": "chat.completion" if chat else "text_completion",
                 "created": int(time.time()), "model": server.model_name, "choices": choices,
-                "usage": usage(ordered)}
+                "usage": usage(results, generations.choices_per_prompt)}
 
-    async def stream_chunks(generations: Generations, event, completion_id: str, *, chat: bool,
+    async def stream_chunks(generations: Generations, event: Event, completion_id: str, *, chat: bool,
                             include_usage: bool, errors: dict):
-        created = int(time.time())
         base = {"id": completion_id, "object": "chat.completion.chunk" if chat else "text_completion",
-                "created": created, "model": server.model_name}
+                "created": int(time.time()), "model": server.model_name}
         if include_usage:
             base["usage"] = None
+        text_offsets = [0] * len(generations.requests)
 
-        def chunk(index: int, text: str | None, finish_reason: str | None = None) -> bytes:
+        def chunk(index: int, text: str | None, logprobs, finish_reason: str | None = None) -> bytes:
             if chat:
-                delta = {} if text is None else {"content": text}
-                choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+                choice = {"index": index, "delta": {} if text is None else {"content": text},
+                          "logprobs": chat_logprobs(logprobs), "finish_reason": finish_reason}
             else:
-                choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+                choice = {"index": index, "text": text or "",
+                          "logprobs": completion_logprobs(logprobs, text_offsets[index]),
+                          "finish_reason": finish_reason}
+                text_offsets[index] += len(text or "")
             return sse({**base, "choices": [choice]})
 
         if chat:
             for index in range(len(generations.requests)):
                 yield sse({**base, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
                                                 "logprobs": None, "finish_reason": None}]})
-        results = []
-        while event[0] is not None:
-            index, piece, end = event
-            if piece is not None:
-                yield chunk(index, piece)
-            elif isinstance(end, BaseException):
-                error = engine_error(end, admitted=True, **errors)
+        results = {}
+        while event is not None:
+            if event.text is not None:
+                yield chunk(event.index, event.text, event.logprobs)
+            elif isinstance(event.end, BaseException):
+                error = engine_error(event.end, admitted=True, **errors)
                 yield sse({"error": {"message": error.message, "type": error.type, "param": error.param,
                                      "code": error.code}})
                 generations.cancel()
                 return
             else:
-                results.append(end)
-                yield chunk(index, None, end.finish_reason)
+                results[event.index] = event.end
+                yield chunk(event.index, None, None, event.end.finish_reason)
             event = await generations.next()
         if include_usage:
-            yield sse({**base, "choices": [], "usage": usage(results)})
+            yield sse({**base, "choices": [], "usage": usage(results, generations.choices_per_prompt)})
         yield sse(b"[DONE]")
 
     @app.post("/v1/embeddings", dependencies=guarded)
@@ -716,10 +784,14 @@ def _embed(engine, texts: list) -> tuple[np.ndarray, int]:
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
-    """A socket bound to (host, port), so a busy port fails in one line and port 0 is known before serving."""
-    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                         flags=socket.AI_PASSIVE)[0]
-    sock = socket.socket(family, kind, proto)
+    """A socket bound to (host, port) before the model loads, so a busy port fails at once in one line and
+    port 0's choice is known before serving."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as err:
+        raise OSError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind(address)
@@ -729,14 +801,13 @@ def listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(engine, *, host: str = "127.0.0.1", port: int = 8000, model_name: str, api_key: str | None = None,
+def serve(engine, sock: socket.socket, *, model_name: str, api_key: str | None = None,
           max_queued: int = DEFAULT_MAX_QUEUED, drain_timeout: float = 30.0) -> None:
-    """Serve until Ctrl-C or SIGTERM (uvicorn drains running requests for up to ``drain_timeout`` seconds, then
-    cancels the rest, and re-raises the signal after)."""
+    """Serve on ``sock`` (from :func:`listening_socket`) until Ctrl-C or SIGTERM: uvicorn drains running
+    requests for up to ``drain_timeout`` seconds, cancels the rest, and re-raises the signal after."""
     app = create_app(engine, model_name=model_name, api_key=api_key, max_queued=max_queued)
-    sock = listening_socket(host, port)
-    bound_host, bound_port = sock.getsockname()[:2]
-    shown = f"[{bound_host}]" if ":" in bound_host else bound_host
-    print(f"kiln: serving {model_name} on http://{shown}:{bound_port}/v1", file=sys.stderr, flush=True)
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    print(f"kiln: serving {model_name} on http://{shown}:{port}/v1", file=sys.stderr, flush=True)
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=drain_timeout, access_log=False)
     uvicorn.Server(config).run(sockets=[sock])
