@@ -681,15 +681,16 @@ def create_app(engine, *, model_name: str, api_key: str | None = None, max_queue
                 results[event.index] = event.end
             event = await generations.next()
         choices = []
+        # GenerationResult.logprobs and Request.events come with the engine's logprobs support
         for index in range(len(results)):
             result = results[index]
             choice = {"index": index, "finish_reason": result.finish_reason}
             if chat:
                 choice["message"] = {"role": "assistant", "content": result.text, "refusal": None}
-                choice["logprobs"] = chat_logprobs(result.logprobs)
+                choice["logprobs"] = chat_logprobs(getattr(result, "logprobs", None))
             else:
                 choice["text"] = result.text
-                choice["logprobs"] = completion_logprobs(result.logprobs)
+                choice["logprobs"] = completion_logprobs(getattr(result, "logprobs", None))
             choices.append(choice)
         return {"id": completion_id, "object": "chat.completion" if chat else "text_completion",
                 "created": int(time.time()), "model": server.model_name, "choices": choices,
