@@ -422,7 +422,7 @@ class KilnServer:
         # what this engine's submit takes decides which OpenAI fields it serves (see OPTIONAL_ENGINE_FIELDS)
         self.engine_keywords = set() if self.embedding else set(inspect.signature(engine.submit).parameters)
         self.engine_has_n = hasattr(engine, "submit_n")
-        self._embed_lock = asyncio.Lock()
+        self.embed_lock = asyncio.Lock()  # one embedding batch at a time on the backend
 
     # admission ------------------------------------------------------------------------------------------
     def admit(self, count: int) -> None:
@@ -543,9 +543,8 @@ def create_app(engine, *, model_name: str, api_key: str | None = None, max_queue
         return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     def model_card() -> dict:
-        card = {"id": server.model_name, "object": "model", "created": server.created, "owned_by": "kiln",
+        return {"id": server.model_name, "object": "model", "created": server.created, "owned_by": "kiln",
                 "max_model_len": engine.max_seq_len}
-        return card
 
     @app.get("/v1/models", dependencies=guarded)
     async def list_models():
@@ -762,7 +761,7 @@ def create_app(engine, *, model_name: str, api_key: str | None = None, max_queue
                                                f"does not shorten them")
         server.admit(1)
         try:
-            async with server._embed_lock:  # one embedding batch at a time on the backend
+            async with server.embed_lock:
                 vectors, tokens = await asyncio.to_thread(_embed, engine, texts)
         except KilnError as err:
             raise engine_error(err, max_tokens_field="max_tokens", prompt_field="input") from None
