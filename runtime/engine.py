@@ -7,11 +7,14 @@ so an artifact runs on a machine without them.
 engine's own runs the model: each iteration the scheduler plans a step (decodes of running requests, prompt
 chunks under a token budget, new requests served from the prefix cache where their prompt starts with
 cached pages), the engine checks the batch, runs the backend's step once over all of it, and hands each
-request the logits it needs. ``generate``, ``stream``, ``chat`` and ``logits`` are built on ``submit``.
+request the logits it needs. ``generate``, ``stream``, ``chat`` and ``logits`` are built on ``submit``;
+``submit_n`` makes several completions of one prompt that share its cached pages.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import itertools
 import threading
 import time
@@ -24,15 +27,17 @@ from kiln.ir.kv_cache import DECODE_STEP, DECODE_STEP_MAX_TOKENS, STEP, KVCacheS
 
 from .artifact import ArtifactInfo, open_artifact
 from .chat_template import DEFAULT_SIZE_BUDGET_CHARS, render_chat
+from .grammar import GrammarCompiler, schema_from_request
 from .pages import PagePool
-from .request import GenerationResult, Request
-from .sampling import SamplingParams
+from .request import GenerationResult, Request, StreamEvent
+from .sampling import SamplingParams, TokenLogprob
 from .scheduler import Scheduler, Sequence as ScheduledSequence
 
-__all__ = ["Engine", "GenerationResult", "Request", "Tokenizer"]
+__all__ = ["Engine", "GenerationResult", "Request", "StreamEvent", "TokenLogprob", "Tokenizer"]
 
 DEFAULT_MAX_RUNNING = 16  # requests decoding together in one step
 DEFAULT_TOKEN_BUDGET = 512  # tokens per step: decodes first, then prompt chunks
+MAX_COMPLETIONS = 128  # n of one prompt at most (OpenAI's limit)
 
 
 class Tokenizer:
@@ -115,6 +120,9 @@ class Engine:
         self._lock = threading.Lock()  # guards _incoming, _closed and the loop thread's start and end
         self._incoming: list = []
         self._requests: dict = {}  # Sequence -> Request, for the loop thread
+        # submit_n: a prompt's first completion -> the others, held back until its prompt is in the prefix cache
+        self._followers: dict = {}
+        self._grammars: GrammarCompiler | None = None
         self._first_page: dict = {}  # Sequence -> the first page it last ran with (for end_sequence)
         self._closed = False
         self._loop_thread: threading.Thread | None = None
@@ -141,7 +149,8 @@ class Engine:
         if thread is not None and thread is not threading.current_thread():
             thread.join()
         closed = ConfigError("this engine was closed; load the artifact again")
-        for request in list(self._incoming) + list(self._requests.values()):
+        held = [r for followers in self._followers.values() for r in followers]
+        for request in list(self._incoming) + list(self._requests.values()) + held:
             request.fail(closed)
         self.executor.close()
 
@@ -153,56 +162,111 @@ class Engine:
 
     # submitting ---------------------------------------------------------------------
     def submit(self, prompt, *, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
-               top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
-               stop=None, ignore_eos: bool = False, return_logits: bool = False) -> Request:
+               top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
+               presence_penalty: float = 0.0, frequency_penalty: float = 0.0, logit_bias=None,
+               seed: int | None = None, stop=None, ignore_eos: bool = False, logprobs: bool = False,
+               top_logprobs: int = 0, response_format=None, json_schema=None,
+               return_logits: bool = False) -> Request:
         """Queue a generation and return its :class:`Request` at once; safe from any thread. Bad arguments
-        are refused here, in one line."""
-        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                                repetition_penalty=repetition_penalty, seed=seed, max_new_tokens=max_new_tokens,
-                                stop=() if stop is None else stop, ignore_eos=ignore_eos).validate()
+        are refused here, in one line.
+
+        Sampling: see :class:`SamplingParams` (``presence_penalty`` / ``frequency_penalty`` in [-2, 2] over the
+        generated tokens, ``logit_bias`` {token id: bias in [-100, 100]}). ``logprobs=True`` records each
+        generated token's log-probability and its ``top_logprobs`` (0..20) most likely alternatives, as
+        :class:`Sampler` defines them (after bias, penalties and temperature, before top-k/top-p/min-p), in
+        ``GenerationResult.logprobs`` and in :meth:`Request.events`. ``response_format`` (OpenAI's: ``{"type":
+        "json_object"}`` or ``{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}``) or
+        ``json_schema`` (the schema alone) holds the output to a JSON schema through llguidance."""
+        return self._submit_n(prompt, 1, locals())[0]  # locals(): every keyword argument, by name
+
+    def submit_n(self, prompt, n: int, **kwargs) -> list:
+        """``n`` completions of one prompt (same arguments as :meth:`submit`): a list of :class:`Request`.
+        Completion ``i`` samples with ``seed + i`` when a seed is given, so a run replays. With prefix caching
+        the prompt is computed once: the other completions start when the first has its prompt in the cache,
+        and take its full pages from there."""
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_COMPLETIONS:
+            raise ConfigError(f"n must be an integer in [1, {MAX_COMPLETIONS}], got {n!r}")
+        unknown = set(kwargs) - set(_SUBMIT_DEFAULTS)
+        if unknown:
+            raise ConfigError(f"submit_n got an unknown argument {sorted(unknown)[0]!r}; it takes "
+                              f"{', '.join(_SUBMIT_DEFAULTS)}")
+        return self._submit_n(prompt, n, {**_SUBMIT_DEFAULTS, **kwargs})
+
+    def _submit_n(self, prompt, n: int, arguments: dict) -> list:
+        options = {name: arguments[name] for name in _SUBMIT_DEFAULTS}
+        return_logits = options.pop("return_logits")
+        schema = schema_from_request(options.pop("response_format"), options.pop("json_schema"))
+        stop = options.pop("stop")
+        params = SamplingParams(stop=() if stop is None else stop, **options).validate()
         if not isinstance(return_logits, bool):
             raise ConfigError(f"return_logits must be True or False, got {return_logits!r}")
+        if params.logit_bias and params.logit_bias[-1][0] >= self.vocab_size:
+            raise ConfigError(f"logit_bias holds token id {params.logit_bias[-1][0]}, outside the model's "
+                              f"vocabulary of {self.vocab_size}")
         ids = self._prompt_ids(prompt)
+        max_new_tokens = params.max_new_tokens
         if len(ids) + max_new_tokens > self.max_seq_len:
             raise ConfigError(f"the prompt ({len(ids)} tokens) plus max_new_tokens ({max_new_tokens}) is "
                               f"{len(ids) + max_new_tokens}, more than the compiled maximum of "
                               f"{self.max_seq_len}; shorten the prompt, lower max_new_tokens or recompile "
                               f"with a larger --max-seq-len")
-        eos = set() if ignore_eos or self.tokenizer is None else set(self.tokenizer.eos_token_ids)
-        request = Request(next(self._ids), ids, params, eos=eos, tokenizer=self.tokenizer,
-                          return_logits=return_logits)
-        request.seq = ScheduledSequence(request.id, list(ids), len(ids), len(ids) + max_new_tokens)
-        return self._enqueue(request)
+        grammar = self._grammar_compiler().matcher(schema) if schema is not None else None
+        eos = set() if params.ignore_eos or self.tokenizer is None else set(self.tokenizer.eos_token_ids)
+        requests = []
+        for index in range(n):
+            seeded = params if params.seed is None else dataclasses.replace(params, seed=params.seed + index)
+            request = Request(next(self._ids), ids, seeded, eos=eos, tokenizer=self.tokenizer,
+                              return_logits=return_logits,
+                              grammar=grammar.copy() if grammar is not None and index else grammar)
+            request.seq = ScheduledSequence(request.id, list(ids), len(ids), len(ids) + max_new_tokens)
+            requests.append(request)
+        if not self.prefix_caching:  # nothing to share: all start at once
+            return [self._enqueue(request) for request in requests]
+        return [self._enqueue(requests[0], followers=requests[1:])] + requests[1:]
 
-    def _enqueue(self, request: Request) -> Request:
+    def _grammar_compiler(self) -> GrammarCompiler:
+        if self.tokenizer is None:
+            raise ConfigError("structured output needs the model's tokenizer, and this artifact has none")
+        with self._lock:
+            if self._grammars is None:
+                self._grammars = GrammarCompiler(self.tokenizer.backend.to_str(), self.vocab_size,
+                                                 self.tokenizer.eos_token_ids)
+            return self._grammars
+
+    def _enqueue(self, request: Request, followers: list = ()) -> Request:
         with self._lock:
             if self._closed:
                 raise ConfigError("this engine was closed; load the artifact again")
+            if followers:
+                self._followers[request] = list(followers)
             self._incoming.append(request)
             if self._loop_thread is None:
                 self._loop_thread = threading.Thread(target=self._loop, name="kiln-engine", daemon=True)
                 self._loop_thread.start()
         return request
 
-    def generate(self, prompt, *, return_logits: bool = False, **kwargs):
+    def generate(self, prompt, *, n: int | None = None, **kwargs):
         """Generate from one prompt (text or token ids) -> GenerationResult; from a list of prompts -> a list of
-        results in the same order, generated together."""
-        if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list, tuple, np.ndarray)) for p in prompt):
-            requests = [self.submit(p, return_logits=return_logits, **kwargs) for p in prompt]
-            try:
-                return [r.result() for r in requests]
-            finally:
-                for r in requests:
-                    r.cancel()
-        request = self.submit(prompt, return_logits=return_logits, **kwargs)
+        results in the same order, generated together. With ``n`` (see :meth:`submit_n`) each prompt gives a
+        list of ``n`` results instead of one."""
+        batch = isinstance(prompt, list) and prompt and all(isinstance(p, (str, list, tuple, np.ndarray))
+                                                            for p in prompt)
+        groups = []
         try:
-            return request.result()
+            for one in prompt if batch else [prompt]:
+                groups.append(self.submit_n(one, 1 if n is None else n, **kwargs))
+            results = [[r.result() for r in group] for group in groups]
         finally:
-            request.cancel()
+            for group in groups:
+                for r in group:
+                    r.cancel()
+        if n is None:
+            results = [group[0] for group in results]
+        return results if batch else results[0]
 
     def stream(self, prompt, **kwargs) -> Iterator[str]:
-        """Yield text pieces as they are generated (same arguments as :meth:`generate`). Closing the generator
-        cancels the request."""
+        """Yield text pieces as they are generated (same arguments as :meth:`submit`). Closing the generator
+        cancels the request. For token ids and logprobs with the text, read :meth:`Request.events`."""
         request = self.submit(prompt, **kwargs)
         try:
             yield from request.stream()
@@ -230,6 +294,9 @@ class Engine:
         """Apply the model's chat template (in jinja2's sandbox) and generate the reply. The previous turns'
         tokens are usually still in the prefix cache, so a turn prefills mostly its new message."""
         ids = self.chat_prompt(messages, add_generation_prompt=add_generation_prompt)
+        if stream and kwargs.get("n") is not None:
+            raise ConfigError("chat(stream=True) streams one reply; for n replies use submit_n(chat_prompt(...), n) "
+                              "and read each request's events()")
         return self.stream(ids, **kwargs) if stream else self.generate(ids, **kwargs)
 
     def chat_prompt(self, messages: list, *, add_generation_prompt: bool = True) -> list:
@@ -264,6 +331,8 @@ class Engine:
             with self._lock:
                 self._loop_thread = None
                 stranded, self._incoming = list(self._incoming) + list(self._requests.values()), []
+                stranded += [r for followers in self._followers.values() for r in followers]
+                self._followers.clear()
             failure = ConfigError(f"kiln's engine loop failed: {type(err).__name__}: "
                                   f"{' '.join(str(err).split())[:200]}; this is a bug in kiln, please report it")
             for request in stranded:
@@ -284,11 +353,13 @@ class Engine:
             for request in incoming:
                 if request.cancelled:
                     request.finish("cancelled")
+                    self._release_followers(request)
                     continue
                 try:
                     self.scheduler.add(request.seq)
                 except ConfigError as err:
                     request.fail(err)
+                    self._release_followers(request)
                     continue
                 self._requests[request.seq] = request
             for seq, request in list(self._requests.items()):
@@ -360,6 +431,8 @@ class Engine:
                     request.finish("length")
                     self._end(seq)
                 continue
+            if chunk.samples and self._followers:
+                self._release_followers(request)  # its prompt's full pages are in the prefix cache now
             try:
                 going_on = not chunk.samples or request.accept(mine[-1])
             except Exception as err:  # noqa: BLE001 - a sampling error fails its own request, not the loop
@@ -373,7 +446,16 @@ class Engine:
         """A finished or cancelled request: its pages go back (full ones stay in the prefix cache)."""
         self.scheduler.finish(seq)
         self._release(seq)
-        self._requests.pop(seq, None)
+        request = self._requests.pop(seq, None)
+        if request is not None:
+            self._release_followers(request)
+
+    def _release_followers(self, request: Request) -> None:
+        """submit_n's other completions join the queue once the first has computed its prompt (or ended)."""
+        with self._lock:
+            followers = self._followers.pop(request, None)
+            if followers:
+                self._incoming.extend(followers)
 
     def _release(self, seq) -> None:
         first = self._first_page.pop(seq, None)
@@ -435,6 +517,12 @@ class Engine:
         raise ConfigError(f"{what} holds token id {bad}{f' ({piece!r})' if piece is not None else ''}, outside the "
                           f"model's vocabulary of {self.vocab_size}; the artifact's tokenizer does not match its "
                           f"model")
+
+
+# submit's keyword arguments and their defaults, which submit_n and generate pass through
+_SUBMIT_DEFAULTS = {name: parameter.default for name, parameter in inspect.signature(Engine.submit).parameters.items()
+                    if parameter.kind is inspect.Parameter.KEYWORD_ONLY}
+
 
 def _check_against_module(info: ArtifactInfo, spec: KVCacheSpec) -> None:
     """The manifest's KV-cache spec is the one the library was compiled for (the hashed IR records it), and the

@@ -1,9 +1,10 @@
 """One submitted generation: its sampling state on the engine's loop thread, its text and result for the caller.
 
 The engine's loop thread feeds a request the logits of each new position (``accept``): it samples with the
-request's own parameters and seed, detokenizes, matches stop strings, and queues text pieces. The caller reads
-them from any thread with ``stream()`` or waits for ``result()``; ``cancel()`` ends it early and frees its
-pages at the engine's next step.
+request's own parameters and seed (under its grammar's mask, for structured output), detokenizes, matches stop
+strings, and queues text pieces with their tokens. The caller reads them from any thread with ``stream()`` (text)
+or ``events()`` (text, token ids, log-probabilities), or waits for ``result()``; ``cancel()`` ends it early and
+frees its pages at the engine's next step.
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import numpy as np
 
 from .detokenize import IncrementalDetokenizer
-from .sampling import Sampler, SamplingParams
+from .grammar import GrammarMatcher
+from .sampling import Sampler, SamplingParams, TokenLogprob
 from .stopping import StopStringMatcher
 
 _END = object()  # queued after the last piece
@@ -31,18 +33,35 @@ class GenerationResult:
     stats: dict = field(default_factory=dict)
     logits: np.ndarray | None = None
     prompt_token_ids: list = field(default_factory=list)
+    # with logprobs=True: one TokenLogprob (token_id, logprob, top_logprobs) per entry of token_ids
+    logprobs: list | None = None
+
+
+class StreamEvent(NamedTuple):
+    """A piece of a request's output as :meth:`Request.events` yields it: new text and the tokens that made it.
+
+    Text held back (an incomplete UTF-8 character, a possible stop string) comes with a later event, so an
+    event's ``text`` may be empty only when it carries the last tokens. Joined in order, the events' texts are
+    the result's text, their ``token_ids`` its token ids and their ``logprobs`` (None unless logprobs=True)
+    its logprobs."""
+
+    text: str
+    token_ids: list
+    logprobs: list | None
 
 
 class Request:
     """A generation in the engine. Made by :meth:`Engine.submit`; safe to read from any thread."""
 
     def __init__(self, request_id: int, prompt_ids: list, params: SamplingParams, *, eos: set,
-                 tokenizer=None, return_logits: bool = False, all_logits: bool = False):
+                 tokenizer=None, return_logits: bool = False, all_logits: bool = False,
+                 grammar: GrammarMatcher | None = None):
         self.id = request_id
         self.prompt_ids = list(prompt_ids)
         self.params = params
         self._eos = eos
         self._sampler = Sampler(params)
+        self._grammar = grammar
         self._detok = IncrementalDetokenizer(tokenizer.backend) if tokenizer is not None else None
         self._matcher = StopStringMatcher(params.stop) if params.stop else None
         self._return_logits = return_logits
@@ -51,6 +70,8 @@ class Request:
         self._logits_at: dict = {}  # position -> logits, for Engine.logits
         self._accepted = 0
         self._new_ids: list = []
+        self._logprobs: list = []
+        self._unsent = 0  # tokens of _new_ids not yet in an event
         self._text: list = []
         self._pieces: queue.Queue = queue.Queue()
         self._done = threading.Event()
@@ -62,12 +83,20 @@ class Request:
 
     # the caller's side ------------------------------------------------------------------
     def stream(self) -> Iterator[str]:
-        """Text pieces as they are generated; raises the request's error if it failed."""
+        """Text pieces as they are generated; raises the request's error if it failed. Read a request through
+        one of stream() and events(), not both: they take from the same queue."""
+        for event in self.events():
+            if event.text:
+                yield event.text
+
+    def events(self) -> Iterator[StreamEvent]:
+        """:class:`StreamEvent` (text, token_ids, logprobs) as they are generated; raises the request's error
+        if it failed."""
         while True:
-            piece = self._pieces.get()
-            if piece is _END:
+            event = self._pieces.get()
+            if event is _END:
                 break
-            yield piece
+            yield event
         if self._error is not None:
             raise self._error
 
@@ -97,11 +126,20 @@ class Request:
         self._accepted += 1
         if self._return_logits:
             self._kept_logits.append(np.array(logits, dtype=np.float32))
-        token = self._sampler.sample(logits, self.seq.tokens)
-        if token in self._eos:
+        grammar = self._grammar
+        choice = self._sampler.choose(logits, self.seq.tokens, generated_token_ids=self._new_ids,
+                                      allowed=grammar.allowed_tokens() if grammar is not None else None)
+        token = choice.token_id
+        # a grammar allows end-of-sequence only once its match is complete, and that ends it even with ignore_eos
+        if token in self._eos or (grammar is not None and grammar.is_eos(token)):
             self.finish("stop")
             return False
+        if grammar is not None:
+            grammar.advance(token)
         self._new_ids.append(token)
+        self._unsent += 1
+        if choice.logprob is not None:
+            self._logprobs.append(choice.logprob)
         self.seq.tokens.append(token)
         piece = self._detok.push(token) if self._detok else ""
         if self._matcher is not None and piece:
@@ -112,6 +150,9 @@ class Request:
                 return False
         else:
             self._emit(piece)
+        if grammar is not None and grammar.finished:
+            self.finish("stop")
+            return False
         if len(self._new_ids) >= self.params.max_new_tokens:
             self.finish("length")
             return False
@@ -122,20 +163,28 @@ class Request:
         for position, row in zip(positions, rows):
             self._logits_at[position] = np.asarray(row, dtype=np.float32)
 
-    def _emit(self, piece: str) -> None:
-        if piece:
-            self._text.append(piece)
-            self._pieces.put(piece)
+    def _emit(self, piece: str, last: bool = False) -> None:
+        """Queue ``piece`` with the tokens generated since the previous event. Without text the tokens wait for
+        the next piece, unless this is the last event or there is no tokenizer (every event's text is empty)."""
+        if not piece and not (self._unsent and (last or self._detok is None)):
+            return
+        self._text.append(piece)
+        start = len(self._new_ids) - self._unsent
+        logprobs = self._logprobs[start:] if self.params.logprobs else None
+        self._pieces.put(StreamEvent(piece, self._new_ids[start:], logprobs))
+        self._unsent = 0
 
     def finish(self, reason: str) -> None:
         if self._done.is_set():
             return
-        if not self._all_logits and (self._matcher is None or not self._matcher.stopped):
-            tail = self._detok.flush() if self._detok else ""
-            if self._matcher is not None:
-                tail, _ = self._matcher.feed(tail) if tail else ("", False)
-                tail += self._matcher.flush() if not self._matcher.stopped else ""
-            self._emit(tail)
+        if not self._all_logits:
+            tail = ""
+            if self._matcher is None or not self._matcher.stopped:
+                tail = self._detok.flush() if self._detok else ""
+                if self._matcher is not None:
+                    tail, _ = self._matcher.feed(tail) if tail else ("", False)
+                    tail += self._matcher.flush() if not self._matcher.stopped else ""
+            self._emit(tail, last=True)
         self.times["finished"] = time.perf_counter()
         if self._all_logits:
             logits = np.stack([self._logits_at[p] for p in sorted(self._logits_at)])
@@ -144,7 +193,8 @@ class Request:
         else:
             logits = None
         self._result = GenerationResult(text="".join(self._text), token_ids=list(self._new_ids), finish_reason=reason,
-                                        stats=self._stats(), logits=logits, prompt_token_ids=self.prompt_ids)
+                                        stats=self._stats(), logits=logits, prompt_token_ids=self.prompt_ids,
+                                        logprobs=list(self._logprobs) if self.params.logprobs else None)
         self._done.set()
         self._pieces.put(_END)
 
