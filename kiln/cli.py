@@ -174,6 +174,14 @@ def add_sampling_options(parser) -> None:
     group.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1]")
     group.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability")
     group.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats")
+    group.add_argument("--presence-penalty", type=float, default=0.0,
+                       help="in [-2, 2]: subtracted from the logit of every token already generated")
+    group.add_argument("--frequency-penalty", type=float, default=0.0,
+                       help="in [-2, 2]: subtracted once per time a token was already generated")
+    group.add_argument("--logit-bias", action="append", default=[], metavar="TOKEN_ID=BIAS",
+                       help="add BIAS (in [-100, 100]) to a token's logit (repeatable)")
+    group.add_argument("--json-schema", metavar="FILE",
+                       help="hold the output to the JSON schema in FILE (needs llguidance)")
     group.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     group.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     group.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
@@ -227,12 +235,44 @@ def sampling_kwargs(args) -> dict:
 
     kwargs = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
               "top_p": args.top_p, "min_p": args.min_p, "repetition_penalty": args.repetition_penalty,
-              "seed": args.seed, "stop": tuple(args.stop), "ignore_eos": args.ignore_eos}
+              "presence_penalty": args.presence_penalty, "frequency_penalty": args.frequency_penalty,
+              "logit_bias": parse_logit_bias(args.logit_bias), "seed": args.seed, "stop": tuple(args.stop),
+              "ignore_eos": args.ignore_eos}
     try:
         SamplingParams(**kwargs).validate()
     except ConfigError as err:
         raise UsageError(str(err).replace("SamplingParams.", "--").replace("_", "-")) from None
+    if args.json_schema is not None:
+        kwargs["json_schema"] = read_json_schema(args.json_schema)
     return kwargs
+
+
+def parse_logit_bias(items: list) -> dict:
+    """--logit-bias TOKEN_ID=BIAS, repeated: {token_id: bias}; the ranges are SamplingParams' to check."""
+    bias = {}
+    for item in items:
+        token, _, value = item.partition("=")
+        try:
+            token_id, number = int(token), float(value)
+        except ValueError:
+            raise UsageError(f"--logit-bias takes TOKEN_ID=BIAS (e.g. 50256=-100), got {item!r}") from None
+        if token_id in bias:
+            raise UsageError(f"--logit-bias gives token {token_id} twice; give each token one bias")
+        bias[token_id] = number
+    return bias
+
+
+def read_json_schema(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            schema = json.loads(f.read(MAX_STDIN_BYTES + 1))
+    except OSError as err:
+        raise UsageError(f"--json-schema cannot read {path}: {err.strerror}") from None
+    except (ValueError, RecursionError) as err:
+        raise UsageError(f"--json-schema {path} is not JSON: {' '.join(str(err).split())[:200]}") from None
+    if not isinstance(schema, dict):
+        raise UsageError(f"--json-schema {path} holds {type(schema).__name__}, not a JSON schema object")
+    return schema
 
 
 # engines ------------------------------------------------------------------------
