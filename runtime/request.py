@@ -19,7 +19,7 @@ import numpy as np
 
 from .detokenize import IncrementalDetokenizer
 from .grammar import GrammarMatcher
-from .sampling import Sampler, SamplingParams, TokenLogprob
+from .sampling import Sampler, SamplingParams
 from .stopping import StopStringMatcher
 
 _END = object()  # queued after the last piece

@@ -5,6 +5,8 @@ TopK, TopP) and numpy (OpenAI's penalty formula, log-softmax) over the logits th
 The engine tests use the tiny Llama on TVM with pages of 4 tokens, so a prompt's full pages can be shared.
 """
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -115,9 +117,10 @@ def test_logprobs_are_the_log_softmax_of_the_processed_logits(params):
     generated = [int(t) for t in np.argsort(-logits)[:4]]
     processed = numpy_penalties(logits.astype(np.float64), generated, params.presence_penalty,
                                 params.frequency_penalty)
-    processed[2] += 4.0 if params.logit_bias else 0.0
+    for token, bias in params.logit_bias:
+        processed[token] += bias
     expected = numpy_log_softmax(processed / (params.temperature or 1.0))
-    sampler = Sampler(dataclass_replace(params, seed=1))
+    sampler = Sampler(dataclasses.replace(params, seed=1))
     for _ in range(20):
         choice = sampler.choose(logits, generated, generated_token_ids=generated)
         token, logprob, top = choice.logprob
@@ -127,12 +130,6 @@ def test_logprobs_are_the_log_softmax_of_the_processed_logits(params):
         assert [t for t, _ in top] == order
         np.testing.assert_allclose([lp for _, lp in top], expected[order], atol=PROB_TOLERANCE, rtol=0)
     assert Sampler(SamplingParams(temperature=1.0)).choose(logits).logprob is None
-
-
-def dataclass_replace(params, **changes):
-    import dataclasses
-
-    return dataclasses.replace(params, **changes)
 
 
 def test_a_token_mask_renormalises_over_the_allowed_tokens():
@@ -245,7 +242,8 @@ def test_n_completions_share_the_prompt_and_replay_by_seed(engine):
     (lambda e: e.generate(PROMPT, n=129), "n must be an integer in [1, 128], got 129"),
     (lambda e: e.submit_n(PROMPT, 2, temprature=1.0), "unknown argument 'temprature'"),
     (lambda e: e.submit(PROMPT, logit_bias={VOCAB: 1.0}), f"token id {VOCAB}, outside the model's vocabulary"),
-    (lambda e: e.submit(PROMPT, presence_penalty=-3), "presence_penalty must be a number in [-2, 2] (0 switches it off), got -3"),
+    (lambda e: e.submit(PROMPT, presence_penalty=-3), "presence_penalty must be a number in [-2, 2] (0 switches it "
+                                                      "off), got -3"),
 ])
 def test_engine_refusals_are_one_line(engine, call, expected):
     with pytest.raises(ConfigError) as err:
