@@ -5,7 +5,8 @@ compiled by kiln, and compared with the transformers model itself and with llama
 The writer below follows convert_hf_to_gguf.py per architecture (tensor names, which q/k rows it permutes:
 llama's only, Gemma's 1 + w norms, GPT-2's transposed Conv1D weights and duplicated output, stacked experts,
 metadata keys); llama.cpp loading each file and computing the transformers model's logits is the check that
-the writer is right.
+the writer is right. Compiling every architecture takes minutes: the default suite compiles a representative few,
+`python -m pytest -m slow tests/test_gguf_architectures.py` the rest.
 """
 
 from __future__ import annotations
@@ -271,7 +272,16 @@ def test_loaded_module_matches_transformers_and_llama_cpp(name, tmp_path_factory
     assert (reference.argmax(-1) == expected.argmax(-1)).all()
 
 
-@pytest.mark.parametrize("name", list(ARCHS))
+# Compiling takes 5-9 s an architecture: by default one kiln-module file (qwen2), one transformers-class file with
+# GELU and transposed weights (gpt2) and one MoE (qwen3moe); the rest with -m slow.
+DEFAULT_COMPILED = ("qwen2", "gpt2", "qwen3moe")
+
+
+def _by_default(names, default):
+    return [name if name in default else pytest.param(name, marks=pytest.mark.slow) for name in names]
+
+
+@pytest.mark.parametrize("name", _by_default(list(ARCHS), DEFAULT_COMPILED))
 def test_compiled_engine_matches_transformers(name, tmp_path_factory, tmp_path):
     """The file compiled with TVM: prefill and every decode step within 1e-5 of the transformers model's
     logits, greedy tokens identical (assert_engine_matches_transformers)."""
@@ -331,7 +341,7 @@ KEPT_F32 = {"gpt2": {"position_embd.weight": "transformer.wpe.weight"},
             "qwen3moe": {"blk.{}.ffn_gate_inp.weight": "model.layers.{}.mlp.gate.weight"}}
 
 
-@pytest.mark.parametrize("name", TRANSFORMERS_GGUF)
+@pytest.mark.parametrize("name", _by_default(TRANSFORMERS_GGUF, ("qwen2", "phi3")))
 def test_q8_0_file_keeps_its_blocks_and_matches_transformers(name, tmp_path_factory, tmp_path):
     """A Q8_0 file from llama.cpp's quantizer compiles with quantize='gguf' (the default): its 2-D weights arrive
     as the file's int8 blocks; with float activations the logits are transformers' on the gguf package's
