@@ -110,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model-name", help="the model's name in the API (default: MODEL's file or directory name)")
     serve.add_argument("--drain-timeout", type=float, default=30.0,
                        help="seconds Ctrl-C waits for running requests before cancelling them (default 30)")
+    serve.add_argument("--replicas", type=int, metavar="N",
+                       help="run N engine replicas of an artifact as a Ray Serve deployment behind the same routes "
+                            "(pip install 'kiln[ray]'); Ray restarts a replica that dies")
+    serve.add_argument("--ray-address", metavar="ADDRESS",
+                       help="with --replicas: the Ray cluster to join (as ray.init's address: auto, HOST:6379, "
+                            "ray://HOST:10001); default: start a Ray instance on this machine")
     add_compile_options(serve)
 
     for p in (compile_, run, chat, inspect, eval_, ppl, embed, serve):
@@ -733,18 +739,67 @@ def cmd_serve(args) -> int:
         raise UsageError(f"--drain-timeout must be a finite number of seconds >= 0, got {args.drain_timeout}")
     if args.api_key is not None and not args.api_key.strip():
         raise UsageError("--api-key (or KILN_API_KEY) is empty; give a key or leave it unset")
+    if args.replicas is not None and args.replicas < 1:
+        raise UsageError(f"--replicas must be 1 or more, got {args.replicas}")
+    if args.ray_address is not None and args.replicas is None:
+        raise UsageError("--ray-address places replicas on a Ray cluster; give --replicas N too")
     try:
         from .server import listening_socket, serve
     except ImportError as err:
         raise UsageError(f"kiln serve needs FastAPI, uvicorn and prometheus_client ({err}); install them with: "
                          f"pip install 'kiln[serve]'") from None
     name = args.model_name or os.path.splitext(os.path.basename(os.path.normpath(args.model)))[0]
+    if args.replicas is not None:
+        return serve_replicas(args, name)
     with listening_socket(args.host, args.port) as sock, open_engine(args) as engine:
         try:
             serve(engine, sock, model_name=name, api_key=args.api_key, max_queued=args.max_queued,
                   drain_timeout=args.drain_timeout)
         except (KeyboardInterrupt, Terminated):
             pass  # the server has drained; the engine closes on the way out
+    print("kiln: stopped serving", file=sys.stderr)
+    return 0
+
+
+def serve_replicas(args, name: str) -> int:
+    """kiln serve --replicas N: the artifact's engines on Ray Serve until Ctrl-C or SIGTERM, which remove the
+    deployment (replicas drain for up to --drain-timeout) and leave a joined cluster running."""
+    from kiln.runtime.artifact import is_artifact
+
+    from .server import listening_socket
+
+    if not is_artifact(args.model):
+        raise UsageError(f"--replicas serves a compiled artifact, and {args.model!r} is not one: run kiln compile "
+                         f"MODEL -o DIR first, to a path every Ray node can read")
+    if args.port == 0:
+        raise UsageError("--replicas needs a fixed --port: Ray's proxy listens on that port on every node")
+    try:
+        import logging
+
+        import ray
+
+        from .replicas import deploy, undeploy
+    except ImportError as err:
+        raise UsageError(f"--replicas needs Ray Serve ({err}); install it with: pip install 'kiln[ray]'") from None
+    listening_socket(args.host, args.port).close()  # a busy port fails at once, not after Ray has started
+    on_sigterm = signal.getsignal(signal.SIGTERM)
+    # the replicas' logs stay in Ray's session directory (/tmp/ray/session_latest/logs), not on this terminal
+    ray.init(address=args.ray_address, log_to_driver=False, logging_level="warning")
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    # Ray's driver takes SIGTERM for a crash report that exits at once; kiln's handler removes the deployment
+    signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        url = deploy(args.model, replicas=args.replicas, model_name=name, host=args.host, port=args.port,
+                     api_key=args.api_key, max_queued=args.max_queued, drain_timeout=args.drain_timeout,
+                     threads=args.threads)
+        print(f"kiln: serving {name} on {url}/v1 ({args.replicas} replicas on Ray Serve)", file=sys.stderr,
+              flush=True)
+        try:
+            signal.pause()
+        except (KeyboardInterrupt, Terminated):
+            undeploy()
+    finally:
+        ray.shutdown()
     print("kiln: stopped serving", file=sys.stderr)
     return 0
 
