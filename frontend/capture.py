@@ -189,7 +189,27 @@ class _Translator:
                 return self.sympy_dim(expr.args[0]) // self.sympy_dim(expr.args[1])
             except ValueError:
                 pass
+        if type(expr).__name__ in ("Max", "Min"):  # sympy's, or torch's own (torch.utils._sympy.functions)
+            decided = self._decided_extremum(expr)
+            if decided is not None:
+                return self.sympy_dim(decided)
         raise self.unsupported(f"size expression {expr} is outside kiln's symbolic arithmetic")
+
+    def _decided_extremum(self, expr):
+        """The argument of a Max/Min that wins over the whole range export allows its sizes (e.g. MPT's
+        max(0, 1 - seq) is 0 for every seq >= 1), or None when which one wins depends on the sizes."""
+        from torch.utils._sympy.value_ranges import bound_sympy
+
+        ranges = dict(self.ep.range_constraints)
+        bounds = [(arg, bound_sympy(arg, ranges)) for arg in expr.args]
+        is_max = type(expr).__name__ == "Max"
+        for arg, bound in bounds:
+            others = [b for a, b in bounds if a is not arg]
+            if is_max and all(bound.lower >= b.upper for b in others):
+                return arg
+            if not is_max and all(bound.upper <= b.lower for b in others):
+                return arg
+        return None
 
     def meta_type(self, node: torch.fx.Node) -> TensorType:
         val = node.meta["val"]
@@ -342,7 +362,7 @@ for _targets, _op, _kw in [
     ((aten.sub.Tensor, aten.sub.Scalar), "sub", {}),
     ((aten.mul.Tensor, aten.mul.Scalar, aten.mul_.Tensor), "mul", {}),
     ((aten.div.Tensor, aten.div.Scalar), "div", {}),
-    ((aten.pow.Tensor_Scalar, aten.pow.Tensor_Tensor), "pow", {}),
+    ((aten.pow.Tensor_Scalar, aten.pow.Tensor_Tensor, aten.pow.Scalar), "pow", {}),
     ((aten.maximum.default,), "maximum", {}),
     ((aten.minimum.default,), "minimum", {}),
     ((aten.eq.Tensor, aten.eq.Scalar), "eq", {"compare": True}),

@@ -97,3 +97,28 @@ def test_tiles_stacks_and_baddbmm_capture():
     (out,) = run_function(module, "forward", [ids])
     assert out.shape == ref.shape
     assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+class _SizeExtremaAndScalarPowers(torch.nn.Module):
+    """max(0, 1 - seq) (MPT slices its ALiBi table so) is 0 for every length export allows; 2 ** x is
+    aten.pow.Scalar."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(50, 8)
+
+    def forward(self, input_ids):
+        h = self.embed(input_ids)
+        start = max(0, 1 - h.shape[1])
+        return h[:, start:] * torch.pow(2.0, h)
+
+
+def test_size_extrema_decided_by_the_export_ranges_and_scalar_powers_capture():
+    torch.manual_seed(3)
+    model = _SizeExtremaAndScalarPowers().eval()
+    module = capture(model, max_seq=16)
+    ids = np.array([[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]])
+    with torch.no_grad():
+        ref = model(torch.as_tensor(ids)).numpy()
+    (out,) = run_function(module, "forward", [ids])
+    assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
