@@ -405,7 +405,8 @@ def report(rows: list, texts: dict, args) -> None:
         if first is not top and first["peak_rss_mib"] and top["peak_rss_mib"]:
             print(f"  memory at {top['clients']} clients: peak RSS {top['peak_rss_mib']:.0f} MiB, "
                   f"{top['peak_rss_mib'] - first['peak_rss_mib']:+.0f} MiB over the peak after {first['clients']} "
-                  f"client(s) (the KV-cache pool is allocated when the artifact loads)")
+                  f"client(s) (resident memory grows as KV-cache pages are first used, up to the pool fixed at "
+                  f"compile time by --max-seq-len and --max-num-seqs)")
         for k, l in pairs:
             if k["clients"] > 1:
                 ahead = k["output_tokens_per_s"] > l["output_tokens_per_s"]
