@@ -8,7 +8,8 @@ engine's own runs the model: each iteration the scheduler plans a step (decodes 
 chunks under a token budget, new requests served from the prefix cache where their prompt starts with
 cached pages), the engine checks the batch, runs the backend's step once over all of it, and hands each
 request the logits it needs. ``generate``, ``stream``, ``chat`` and ``logits`` are built on ``submit``;
-``submit_n`` makes several completions of one prompt that share its cached pages.
+``submit_n`` makes several completions of one prompt that share its cached pages. With speculative decoding a
+drafter proposes tokens for the decoding sequences before each plan, and the step verifies them.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import itertools
+import os
 import threading
 import time
 from typing import Iterator, Sequence
@@ -32,12 +34,14 @@ from .pages import PagePool
 from .request import GenerationResult, Request, StreamEvent
 from .sampling import SamplingParams, TokenLogprob
 from .scheduler import Scheduler, Sequence as ScheduledSequence
+from .speculative import DraftModelDrafter, PromptLookupDrafter, check_options
 
 __all__ = ["Engine", "GenerationResult", "Request", "StreamEvent", "TokenLogprob", "Tokenizer"]
 
 DEFAULT_MAX_RUNNING = 16  # requests decoding together in one step
 DEFAULT_TOKEN_BUDGET = 512  # tokens per step: decodes first, then prompt chunks
 MAX_COMPLETIONS = 128  # n of one prompt at most (OpenAI's limit)
+DEFAULT_SPECULATIVE_TOKENS = 4  # draft tokens verified per step and sequence
 
 
 class Tokenizer:
@@ -75,12 +79,19 @@ class Engine:
 
     ``max_running``: requests in one step at most (others wait); ``token_budget``: tokens per step (a longer
     prompt is prefilled in chunks beside the running decodes); ``prefix_caching``: share full pages of prompt
-    tokens between requests (on where the backend can share pages)."""
+    tokens between requests (on where the backend can share pages).
+
+    Speculative decoding: ``speculate="ngram"`` drafts by prompt lookup; ``draft=`` (an artifact's directory)
+    drafts with that model, which must share this one's tokenizer. Each decoding sequence gets up to
+    ``num_speculative_tokens`` draft tokens verified per step; the output is what decoding without them gives
+    (token for token when greedy, in distribution when sampling)."""
 
     def __init__(self, info: ArtifactInfo, *, max_running: int = DEFAULT_MAX_RUNNING,
-                 token_budget: int = DEFAULT_TOKEN_BUDGET, prefix_caching: bool = True, **backend_options):
+                 token_budget: int = DEFAULT_TOKEN_BUDGET, prefix_caching: bool = True, speculate: str | None = None,
+                 draft=None, num_speculative_tokens: int = DEFAULT_SPECULATIVE_TOKENS, **backend_options):
         from kiln.backends import load_executor
 
+        speculate = check_options(speculate, draft, num_speculative_tokens)
         for name, value in (("max_running", max_running), ("token_budget", token_budget)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
@@ -126,7 +137,36 @@ class Engine:
         self._first_page: dict = {}  # Sequence -> the first page it last ran with (for end_sequence)
         self._closed = False
         self._loop_thread: threading.Thread | None = None
-        self.step_stats = {"steps": 0, "tokens": 0, "peak_pages_in_use": 0}
+        self.step_stats = {"steps": 0, "tokens": 0, "peak_pages_in_use": 0, "draft_tokens": 0,
+                           "accepted_draft_tokens": 0}
+        self.drafter = None
+        if speculate == "ngram":
+            self.drafter = PromptLookupDrafter(num_speculative_tokens)
+        elif speculate == "draft":
+            self.drafter = self._draft_model_drafter(draft, num_speculative_tokens)
+
+    def _draft_model_drafter(self, path, num_tokens: int) -> DraftModelDrafter:
+        """The draft model's own Engine (never started: the drafter steps its executor on this engine's loop
+        thread), checked to share this model's tokenizer."""
+        if not isinstance(path, (str, os.PathLike)):
+            raise ConfigError(f"draft must be a draft model's artifact directory, got {type(path).__name__}")
+        draft = Engine(open_artifact(os.fspath(path)))
+        if draft.manifest.get("embedding") is not None:
+            draft.close()
+            raise ConfigError(f"draft: {path} is an embedding model; a draft must be a causal language model")
+        problem = None
+        if draft.vocab_size != self.vocab_size:
+            problem = f"a vocabulary of {draft.vocab_size} tokens, this model {self.vocab_size}"
+        elif (draft.tokenizer is None) != (self.tokenizer is None) or (
+                self.tokenizer is not None and
+                draft.tokenizer.backend.get_vocab(with_added_tokens=True) !=
+                self.tokenizer.backend.get_vocab(with_added_tokens=True)):
+            problem = "another tokenizer"
+        if problem is not None:
+            draft.close()
+            raise ConfigError(f"draft: the draft model {draft.info.path} has {problem}; a draft model must share "
+                              f"the target's tokenizer")
+        return DraftModelDrafter(draft, num_tokens)
 
     @classmethod
     def from_path(cls, path: str, **options) -> "Engine":
@@ -152,6 +192,8 @@ class Engine:
         held = [r for followers in self._followers.values() for r in followers]
         for request in list(self._incoming) + list(self._requests.values()) + held:
             request.fail(closed)
+        if self.drafter is not None:
+            self.drafter.close()
         self.executor.close()
 
     def __enter__(self) -> "Engine":
@@ -368,7 +410,8 @@ class Engine:
                     self._end(seq)
             if not self.scheduler.has_work():
                 continue
-            plan = self.scheduler.schedule()
+            drafts = self._propose()
+            plan = self.scheduler.schedule({seq: draft.tokens for seq, draft in drafts.items()})
             for seq in plan.preempted:
                 self._release(seq)
             if not plan.chunks:
@@ -386,14 +429,24 @@ class Engine:
                     raise
                 continue
             self.scheduler.complete(plan)
-            self._hand_out(plan, logits)
+            self._hand_out(plan, logits, drafts)
+
+    def _propose(self) -> dict:
+        """The drafter's proposals (Sequence -> Draft) for the running sequences that decode next step."""
+        if self.drafter is None:
+            return {}
+        decoding = [seq for seq in self.scheduler.running
+                    if len(seq.tokens) - seq.num_computed == 1 and len(seq.tokens) < seq.max_tokens]
+        if not decoding:
+            return {}
+        return self.drafter.propose([self._requests[seq] for seq in decoding],
+                                    [seq.max_tokens - len(seq.tokens) for seq in decoding])
 
     def _run(self, plan) -> np.ndarray:
         """Check the planned batch (the one gate every batch passes before a backend sees it) and run one step."""
         chunks = plan.chunks
         counts = [chunk.count for chunk in chunks]
-        token_ids = np.fromiter((t for c in chunks for t in c.seq.tokens[c.start:c.start + c.count]), np.int64,
-                                sum(counts))
+        token_ids = np.fromiter((t for c in chunks for t in c.tokens), np.int64, sum(counts))
         positions = np.fromiter((p for c in chunks for p in range(c.start, c.start + c.count)), np.int64,
                                 sum(counts))
         token_seq = np.repeat(np.arange(len(chunks), dtype=np.int32), counts)
@@ -416,10 +469,11 @@ class Engine:
         stats = self.step_stats
         stats["steps"] += 1
         stats["tokens"] += int(token_ids.size)
+        stats["draft_tokens"] += sum(len(c.draft) for c in chunks)
         stats["peak_pages_in_use"] = max(stats["peak_pages_in_use"], self.pool.num_in_use())
         return logits
 
-    def _hand_out(self, plan, logits: np.ndarray) -> None:
+    def _hand_out(self, plan, logits: np.ndarray, drafts: dict) -> None:
         row = 0
         for chunk in plan.chunks:
             seq, request = chunk.seq, self._requests[chunk.seq]
@@ -434,7 +488,16 @@ class Engine:
             if chunk.samples and self._followers:
                 self._release_followers(request)  # its prompt's full pages are in the prefix cache now
             try:
-                going_on = not chunk.samples or request.accept(mine[-1])
+                if chunk.draft:
+                    probs = drafts[seq].probs
+                    before = request.accepted_draft_tokens
+                    accepted, going_on = request.accept_draft(
+                        mine, chunk.draft, None if probs is None else probs[:len(chunk.draft)])
+                    self.step_stats["accepted_draft_tokens"] += request.accepted_draft_tokens - before
+                    if going_on:
+                        self.scheduler.accept_draft(seq, accepted)
+                else:
+                    going_on = not chunk.samples or request.accept(mine[-1])
             except Exception as err:  # noqa: BLE001 - a sampling error fails its own request, not the loop
                 request.fail(err if isinstance(err, KilnError) else ConfigError(
                     f"sampling failed: {type(err).__name__}: {' '.join(str(err).split())[:200]}"))
@@ -458,6 +521,8 @@ class Engine:
                 self._incoming.extend(followers)
 
     def _release(self, seq) -> None:
+        if self.drafter is not None:
+            self.drafter.forget(seq)
         first = self._first_page.pop(seq, None)
         if first is not None:
             self.executor.end_sequence(first)

@@ -68,7 +68,10 @@ class Request:
         self._all_logits = all_logits  # Engine.logits: every prompt position's logits, nothing sampled
         self._kept_logits: list = []
         self._logits_at: dict = {}  # position -> logits, for Engine.logits
-        self._accepted = 0
+        self._accepted = 0  # positions sampled (a verifying step samples several)
+        self._steps = 0  # steps that gave this request logits to sample from
+        self.draft_tokens = 0  # speculative decoding: draft tokens verified, and those accepted (stats)
+        self.accepted_draft_tokens = 0
         self._new_ids: list = []
         self._logprobs: list = []
         self._unsent = 0  # tokens of _new_ids not yet in an event
@@ -122,13 +125,46 @@ class Request:
     def accept(self, logits: np.ndarray) -> bool:
         """Sample the next token from ``logits`` [vocab]; returns whether the request goes on (False: finished,
         with its result set)."""
+        self._steps += 1
+        return self._take(self._choose(logits))
+
+    def accept_draft(self, rows: np.ndarray, draft: list, draft_probs: np.ndarray | None) -> tuple[int, bool]:
+        """Speculative decoding: ``rows`` [len(draft) + 1, vocab] are the target's logits after the last token
+        and after each draft token. Each row gives the next token exactly as :meth:`accept` would (penalties,
+        grammar, stop strings, logprobs all see the tokens taken before it), under the acceptance rule where a
+        draft model drew the token from ``draft_probs`` [len(draft), vocab] (None: the draft is a point mass, so
+        drawing from the target's distribution and keeping the draft where they agree is the rule). Stops at
+        the first token that differs from the draft. Returns (draft tokens accepted, whether the request goes
+        on)."""
+        self._steps += 1
+        self.draft_tokens += len(draft)
+        for index, row in enumerate(rows):
+            proposed = draft[index] if index < len(draft) else None
+            if proposed is not None and draft_probs is not None:
+                choice = self._choose(row, proposed, draft_probs[index])
+            else:
+                choice = self._choose(row)
+            if choice.token_id == proposed:
+                self.accepted_draft_tokens += 1  # before _take, which may finish the request and its stats
+            if not self._take(choice) or choice.token_id != proposed:
+                break  # the last row has no draft token, so the loop always ends here
+        return index, not self._done.is_set()
+
+    def _choose(self, logits: np.ndarray, draft_token: int | None = None, draft_probs: np.ndarray | None = None):
         self.times.setdefault("first_token", time.perf_counter())
         self._accepted += 1
         if self._return_logits:
             self._kept_logits.append(np.array(logits, dtype=np.float32))
         grammar = self._grammar
-        choice = self._sampler.choose(logits, self.seq.tokens, generated_token_ids=self._new_ids,
-                                      allowed=grammar.allowed_tokens() if grammar is not None else None)
+        allowed = grammar.allowed_tokens() if grammar is not None else None
+        if draft_probs is not None:
+            return self._sampler.verify(logits, draft_token, draft_probs, self.seq.tokens,
+                                        generated_token_ids=self._new_ids, allowed=allowed)
+        return self._sampler.choose(logits, self.seq.tokens, generated_token_ids=self._new_ids, allowed=allowed)
+
+    def _take(self, choice) -> bool:
+        """Append a chosen token (or finish on end-of-sequence); returns whether the request goes on."""
+        grammar = self._grammar
         token = choice.token_id
         # a grammar allows end-of-sequence only once its match is complete, and that ends it even with ignore_eos
         if token in self._eos or (grammar is not None and grammar.is_eos(token)):
@@ -212,7 +248,8 @@ class Request:
         first = t.get("first_token", t["finished"])
         prefill = first - admitted
         decode = t["finished"] - first
-        steps = max(self._accepted - 1, 0)  # every sample after the first came from a decode step
+        steps = max(self._steps - 1, 0)  # every step after the first was a decode (or verifying) step
+        decoded = max(self._accepted - 1, 0)  # the positions those steps sampled
         computed = len(self.prompt_ids) - (self.seq.cached_prompt_tokens if self.seq is not None else 0)
         return {
             "prompt_tokens": len(self.prompt_ids), "new_tokens": len(self._new_ids),
@@ -224,5 +261,6 @@ class Request:
             # the prompt tokens this request computed (not those served from the prefix cache)
             "prefill_tokens_per_s": computed / prefill if prefill > 0 else float("inf"),
             "decode_steps": steps,
-            "decode_tokens_per_s": steps / decode if decode > 0 and steps else 0.0,
+            "decode_tokens_per_s": decoded / decode if decode > 0 and decoded else 0.0,
+            "draft_tokens": self.draft_tokens, "accepted_draft_tokens": self.accepted_draft_tokens,
         }

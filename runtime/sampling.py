@@ -221,6 +221,26 @@ class Sampler:
             return Choice(token, None)
         return Choice(token, _logprobs_of(scores, token, self.params.top_logprobs))
 
+    def verify(self, logits: np.ndarray, draft_token: int, draft_probs: np.ndarray,
+               previous_token_ids: Sequence[int] = (), *, generated_token_ids: Sequence[int] = (),
+               allowed: np.ndarray | None = None) -> Choice:
+        """Speculative decoding's :meth:`choose` where a draft model proposed ``draft_token``, drawn from
+        ``draft_probs`` ([vocab]): the token is ``draft_token`` or another, distributed as :meth:`choose`'s
+        (speculative.accept_or_resample); log-probabilities as :meth:`choose` reports them."""
+        from .speculative import accept_or_resample  # here: speculative.py imports this module
+
+        scores = self.processed_logits(logits, previous_token_ids, generated_token_ids=generated_token_ids,
+                                       allowed=allowed)
+        token_ids, probs = self._truncate(scores)
+        target = np.zeros(scores.shape[0], dtype=np.float64)
+        target[token_ids] = probs
+        if draft_probs.shape != target.shape:
+            raise ConfigError(f"a draft's probabilities must be [{target.shape[0]}], got shape {draft_probs.shape}")
+        token = accept_or_resample(target, draft_probs, int(draft_token), self._rng)
+        if not self.params.logprobs:
+            return Choice(token, None)
+        return Choice(token, _logprobs_of(scores, token, self.params.top_logprobs))
+
     def distribution(self, logits: np.ndarray, previous_token_ids: Sequence[int] = (), *,
                      generated_token_ids: Sequence[int] = (), allowed: np.ndarray | None = None
                      ) -> tuple[np.ndarray, np.ndarray]:

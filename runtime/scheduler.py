@@ -4,14 +4,17 @@ Each step gets a plan under a token budget (decodes first, then running prefills
 sequences, first served from the prefix cache), KV pages are allocated as tokens are planned, and the newest
 running sequence is preempted for recompute when the pool runs dry.
 
-Per step the engine calls: ``plan = schedule()``; run the model on ``plan`` (``page_table``); ``complete(plan)``;
-append a sampled token to each sequence whose chunk reached its end; ``finish()`` the ones that are done.
+Per step the engine calls: ``plan = schedule(drafts)``; run the model on ``plan`` (``page_table``);
+``complete(plan)``; append a sampled token to each sequence whose chunk reached its end (with speculative
+decoding, the accepted draft tokens and the target's next one, then ``accept_draft``); ``finish()`` the ones that
+are done.
 """
 
 from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
+from typing import Mapping
 
 import numpy as np
 
@@ -50,6 +53,14 @@ class Chunk:
     logit_offsets: list[int]
     # the chunk reaches the end of the known tokens: the engine samples the next token from offset count - 1
     samples: bool = False
+    # speculative decoding: proposed tokens after the known ones, the chunk's last len(draft) tokens; their K/V
+    # are written but count as computed only once accept_draft verifies them, and every offset has logits
+    draft: list[int] = field(default_factory=list)
+
+    @property
+    def tokens(self) -> list[int]:
+        known = self.count - len(self.draft)
+        return self.seq.tokens[self.start:self.start + known] + self.draft
 
 
 @dataclass
@@ -141,10 +152,14 @@ class Scheduler:
         seq.status = "finished"
 
     # planning -----------------------------------------------------------------
-    def schedule(self) -> StepPlan:
+    def schedule(self, drafts: Mapping[Sequence, list[int]] | None = None) -> StepPlan:
         """The next step's chunks: running sequences in arrival order, each taking all its uncomputed tokens
         or what is left of the budget once the decodes after it are counted; then waiting sequences, FIFO,
-        while the budget, max_running and free pages allow. A step that had to preempt admits nobody."""
+        while the budget, max_running and free pages allow. A step that had to preempt admits nobody.
+
+        ``drafts`` (speculative decoding) proposes tokens after a decoding sequence's last one: they join its
+        chunk with what is left of the budget and of the free pages once everything else is planned, so a
+        draft never preempts or delays a sequence."""
         chunks: list[Chunk] = []
         preempted: list[Sequence] = []
         budget = self.token_budget
@@ -172,7 +187,28 @@ class Scheduler:
                 break  # FIFO: the head waits for pages, and nobody overtakes it
             chunks.append(self._chunk(seq, count))
             budget -= count
+        for chunk in chunks:
+            draft = (drafts or {}).get(chunk.seq)
+            if draft and budget > 0 and chunk.count == 1 and chunk.samples and not chunk.seq.all_logits:
+                budget -= self._add_draft(chunk, draft[:budget])
         return StepPlan(chunks, preempted)
+
+    def _add_draft(self, chunk: Chunk, draft: list[int]) -> int:
+        """Extend a decode's chunk with as much of ``draft`` as the sequence's max_tokens and the free pages
+        allow, without preempting; returns the number of draft tokens taken."""
+        seq, size = chunk.seq, self.pool.page_size
+        end = chunk.start + chunk.count  # == len(seq.tokens)
+        room = min(seq.max_tokens, (len(seq.pages) + self.pool.num_free()) * size) - end
+        draft = draft[:max(room, 0)]
+        if not draft:
+            return 0
+        pages = self.pool.allocate(-(-(end + len(draft)) // size) - len(seq.pages))
+        assert pages is not None
+        seq.pages += pages
+        chunk.draft = list(draft)
+        chunk.count += len(draft)
+        chunk.logit_offsets = list(range(chunk.count))
+        return len(draft)
 
     def _grow(self, seq: Sequence, num_tokens: int, preempted: list[Sequence]) -> bool:
         """Give a running sequence pages for ``num_tokens`` tokens, preempting the latest arrivals while the
@@ -248,8 +284,23 @@ class Scheduler:
             if seq.status != "running":
                 continue
             assert chunk.start == seq.num_computed, f"request {seq.request_id}: a plan completed twice or stale"
-            seq.num_computed += chunk.count
+            seq.num_computed += chunk.count - len(chunk.draft)
             self.pool.register(seq.tokens, seq.pages, seq.num_computed)
+
+    def accept_draft(self, seq: Sequence, accepted: int) -> None:
+        """After :meth:`complete`, the engine verified a chunk's draft: its first ``accepted`` tokens are now
+        the sequence's (appended to ``seq.tokens`` with the target's next token), so their K/V count as
+        computed and full pages of them enter the prefix cache; pages that hold only rejected tokens go back.
+        The rejected tokens' K/V left in the last page lie past ``num_computed`` and are overwritten before
+        anything reads them. Skipped for a sequence finished since."""
+        if seq.status != "running":
+            return
+        assert seq.num_computed + accepted <= len(seq.tokens), (seq.num_computed, accepted, len(seq.tokens))
+        seq.num_computed += accepted
+        self.pool.register(seq.tokens, seq.pages, seq.num_computed)
+        keep = -(-seq.num_computed // self.pool.page_size)
+        self.pool.release(seq.pages[keep:])
+        del seq.pages[keep:]
 
     def page_table(self, seqs: list[Sequence]) -> np.ndarray:
         """int32 [len(seqs), pages_per_seq]: each row the sequence's pages in position order, padded with 0."""
