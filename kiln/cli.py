@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="read one prompt per line from standard input, generate them together (continuous "
                           "batching) and print one JSON object per prompt, in order")
     add_sampling_options(run)
+    add_speculation_options(run)
     add_compile_options(run)
 
     chat = sub.add_parser("chat", help="interactive multi-turn chat",
@@ -56,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     chat.add_argument("--system", help="a system message to start the conversation")
     add_sampling_options(chat)
+    add_speculation_options(chat)
     add_compile_options(chat)
 
     inspect = sub.add_parser("inspect", help="show what kiln makes of a model",
@@ -116,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--ray-address", metavar="ADDRESS",
                        help="with --replicas: the Ray cluster to join (as ray.init's address: auto, HOST:6379, "
                             "ray://HOST:10001); default: start a Ray instance on this machine")
+    add_speculation_options(serve)
     add_compile_options(serve)
 
     for p in (compile_, run, chat, inspect, eval_, ppl, embed, serve):
@@ -191,6 +194,34 @@ def add_sampling_options(parser) -> None:
     group.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     group.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     group.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
+
+
+def add_speculation_options(parser) -> None:
+    group = parser.add_argument_group("speculative decoding")
+    group.add_argument("--speculate", choices=("ngram", "draft"),
+                       help="ngram: draft tokens by prompt lookup (no second model); draft: with --draft's model")
+    group.add_argument("--draft", metavar="ARTIFACT",
+                       help="a draft model's artifact directory with MODEL's tokenizer (e.g. SmolLM2 compiled with "
+                            "--quantize int4 for SmolLM2 fp32); implies --speculate draft")
+    group.add_argument("--num-speculative-tokens", type=int, metavar="K",
+                       help="draft tokens verified per step and sequence (default 4)")
+
+
+def speculation_options(args) -> dict:
+    """The Engine's speculative-decoding keywords from --speculate, --draft and --num-speculative-tokens."""
+    from kiln.runtime.artifact import is_artifact
+
+    speculate = getattr(args, "speculate", None)
+    draft = getattr(args, "draft", None)
+    count = getattr(args, "num_speculative_tokens", None)
+    if draft is not None and not is_artifact(draft):
+        raise UsageError(f"--draft {draft} is not a kiln artifact directory; compile the draft model first (kiln "
+                         f"compile DRAFT -o DIR --quantize int4) and pass DIR")
+    if count is not None and speculate is None and draft is None:
+        raise UsageError("--num-speculative-tokens sets how many tokens a drafter proposes; give --speculate ngram "
+                         "or --draft ARTIFACT too")
+    return {name: value for name, value in (("speculate", speculate), ("draft", draft),
+                                             ("num_speculative_tokens", count)) if value is not None}
 
 
 def parse_bytes(text: str) -> int:
@@ -302,6 +333,7 @@ def _open_engine(args):
     from .progress import Progress
 
     backend_options = {"num_threads": args.threads} if getattr(args, "threads", None) else {}
+    backend_options.update(speculation_options(args))
     if is_artifact(args.model):
         from kiln.api import load
         from kiln.backends.tvm.executor import RUNTIME_ONLY_ENV

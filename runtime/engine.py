@@ -150,7 +150,10 @@ class Engine:
         thread), checked to share this model's tokenizer."""
         if not isinstance(path, (str, os.PathLike)):
             raise ConfigError(f"draft must be a draft model's artifact directory, got {type(path).__name__}")
-        draft = Engine(open_artifact(os.fspath(path)))
+        try:
+            draft = Engine(open_artifact(os.fspath(path)))
+        except KilnError as err:  # the draft's fault, not this artifact's (the CLI rebuilds a broken artifact)
+            raise ConfigError(f"draft: {err}") from None
         if draft.manifest.get("embedding") is not None:
             draft.close()
             raise ConfigError(f"draft: {path} is an embedding model; a draft must be a causal language model")

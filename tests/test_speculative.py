@@ -3,6 +3,8 @@ speculation and to transformers, on several backends and with requests batched t
 the target's distribution (chi-square tests against probabilities computed exactly from transformers); the
 scheduler's pages stay exact when drafts are rejected (a simulated model that reads back its cache)."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -349,3 +351,31 @@ def test_a_draft_with_another_vocabulary_is_refused(artifacts, tmp_path):
     other = kiln.compile(build_tiny_model("llama", vocab_size=100), backend="reference", max_seq_len=64)
     with pytest.raises(ConfigError, match=r"^draft: .*vocabulary of 100 tokens, this model 128; a draft model"):
         kiln.load(artifacts["reference"].path, draft=other.path)
+
+
+def test_cli_run_with_speculation_prints_the_same_text(tmp_path):
+    import subprocess
+    import sys
+
+    from tiny_models import save_tiny_checkpoint
+
+    save_tiny_checkpoint(tmp_path / "ckpt")
+    art = kiln.compile(str(tmp_path / "ckpt"), backend="reference", max_seq_len=64, page_size=4,
+                       output=tmp_path / "tiny.kiln").path
+
+    def run(*flags):
+        return subprocess.run([sys.executable, "-m", "kiln.cli", "run", art, "w7 w8 w9", "-n", "20", "--ignore-eos",
+                               "--no-stream", *flags], capture_output=True, text=True, timeout=300)
+
+    plain = run()
+    assert plain.returncode == 0 and plain.stdout.strip()
+    for flags in (["--speculate", "ngram", "--num-speculative-tokens", "3"], ["--draft", art]):
+        fast = run(*flags)
+        assert (fast.returncode, fast.stdout) == (0, plain.stdout)
+    for flags, message in ((["--draft", str(tmp_path)], "--draft .* is not a kiln artifact directory"),
+                           (["--num-speculative-tokens", "2"], "give --speculate ngram or --draft"),
+                           (["--speculate", "ngram", "--num-speculative-tokens", "99"],
+                            "num_speculative_tokens must be an integer in")):
+        refused = run(*flags)
+        assert refused.returncode != 0 and len(refused.stderr.strip().splitlines()) == 1
+        assert re.search(message, refused.stderr)
