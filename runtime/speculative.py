@@ -66,12 +66,14 @@ def check_options(speculate, draft, num_speculative_tokens) -> str | None:
 
 class PromptLookupDrafter:
     """Prompt lookup (n-gram) drafting, no second model: find the latest earlier occurrence of the sequence's
-    last n tokens (n from ``max_ngram`` down to 1) in its prompt and output so far, and propose the tokens that
-    followed it. Deterministic, so each proposal is a point mass."""
+    last n tokens (n from ``max_ngram`` down to ``min_ngram``) in its prompt and output so far, and propose the
+    tokens that followed it. Deterministic, so each proposal is a point mass. One matching token is too weak a
+    hint: on SmolLM2 its drafts were accepted half as often as 2-gram ones and cost more than they saved."""
 
-    def __init__(self, num_tokens: int, max_ngram: int = 3):
+    def __init__(self, num_tokens: int, max_ngram: int = 3, min_ngram: int = 2):
         self.num_tokens = num_tokens
         self.max_ngram = max_ngram
+        self.min_ngram = min_ngram
 
     def propose(self, requests: list, limits: list) -> dict:
         drafts = {}
@@ -84,7 +86,7 @@ class PromptLookupDrafter:
     def _lookup(self, tokens: list, count: int) -> list:
         history = np.asarray(tokens, dtype=np.int64)
         length = len(history)
-        for n in range(min(self.max_ngram, length - 1), 0, -1):
+        for n in range(min(self.max_ngram, length - 1), self.min_ngram - 1, -1):
             # windows that start early enough to have a token after them, the suffix itself excluded
             windows = np.lib.stride_tricks.sliding_window_view(history[:length - 1], n)
             starts = np.flatnonzero((windows == history[length - n:]).all(axis=1))
