@@ -109,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-queued", type=int, default=64,
                        help="requests that may wait beyond those running; past it the server answers 503 with "
                             "Retry-After (default 64)")
+    serve.add_argument("--max-running", type=int, metavar="N",
+                       help="requests decoding together in one step (default 16); more wait in the queue")
     serve.add_argument("--model-name", help="the model's name in the API (default: MODEL's file or directory name)")
     serve.add_argument("--drain-timeout", type=float, default=30.0,
                        help="seconds Ctrl-C waits for running requests before cancelling them (default 30)")
@@ -334,6 +336,8 @@ def _open_engine(args):
 
     backend_options = {"num_threads": args.threads} if getattr(args, "threads", None) else {}
     backend_options.update(speculation_options(args))
+    if getattr(args, "max_running", None) is not None:
+        backend_options["max_running"] = args.max_running
     if is_artifact(args.model):
         from kiln.api import load
         from kiln.backends.tvm.executor import RUNTIME_ONLY_ENV
@@ -767,6 +771,8 @@ def cmd_serve(args) -> int:
         raise UsageError(f"--port must be in 0..65535, got {args.port}")
     if args.max_queued < 0:
         raise UsageError(f"--max-queued must be 0 or more, got {args.max_queued}")
+    if args.max_running is not None and args.max_running < 1:
+        raise UsageError(f"--max-running must be 1 or more, got {args.max_running}")
     if not (math.isfinite(args.drain_timeout) and args.drain_timeout >= 0):
         raise UsageError(f"--drain-timeout must be a finite number of seconds >= 0, got {args.drain_timeout}")
     if args.api_key is not None and not args.api_key.strip():

@@ -178,6 +178,9 @@ class Engine:
         if info.manifest.get("embedding") is not None:
             from .embedding import EmbeddingEngine
 
+            if "max_running" in options:
+                raise ConfigError(f"{path} is an embedding model, which embeds each call's texts at once; "
+                                  f"max_running applies to generating models only")
             return EmbeddingEngine(info, **options)
         return cls(info, **options)
 

@@ -556,7 +556,8 @@ def test_kiln_serve_refuses_a_busy_port_and_bad_flags(artifact):
         port = taken.getsockname()[1]
         for args, message in ((["--port", str(port)], f"cannot listen on 127.0.0.1:{port}"),
                               (["--port", "70000"], "--port must be in 0..65535"),
-                              (["--max-queued", "-1"], "--max-queued must be 0 or more")):
+                              (["--max-queued", "-1"], "--max-queued must be 0 or more"),
+                              (["--max-running", "0"], "--max-running must be 1 or more")):
             out = subprocess.run([sys.executable, "-m", "kiln.cli", "serve", artifact, *args], capture_output=True,
                                  text=True, timeout=120)
             assert out.returncode == 2 and "Traceback" not in out.stderr
