@@ -799,6 +799,17 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def replica_engine_options(args) -> dict:
+    """The Engine keywords of kiln serve's flags for every replica: --max-running and speculation (a draft
+    artifact's path made absolute, as the artifact's is)."""
+    options = speculation_options(args)
+    if "draft" in options:
+        options["draft"] = os.path.abspath(options["draft"])
+    if args.max_running is not None:
+        options["max_running"] = args.max_running
+    return options
+
+
 def serve_replicas(args, name: str) -> int:
     """kiln serve --replicas N: the artifact's engines on Ray Serve until Ctrl-C or SIGTERM, which remove the
     deployment (replicas drain for up to --drain-timeout) and leave a joined cluster running."""
@@ -829,7 +840,7 @@ def serve_replicas(args, name: str) -> int:
     try:
         url = deploy(args.model, replicas=args.replicas, model_name=name, host=args.host, port=args.port,
                      api_key=args.api_key, max_queued=args.max_queued, drain_timeout=args.drain_timeout,
-                     threads=args.threads)
+                     threads=args.threads, engine_options=replica_engine_options(args))
         print(f"kiln: serving {name} on {url}/v1 ({args.replicas} replicas on Ray Serve)", file=sys.stderr,
               flush=True)
         try:

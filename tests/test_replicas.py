@@ -275,3 +275,14 @@ def requests_run_by_each_replica(url: str, replicas: set) -> dict:
         if set(counts) == replicas:
             return counts
     raise AssertionError(f"/metrics reached only replicas {sorted(counts)} of {sorted(replicas)}")
+
+
+def test_replicas_load_with_the_serve_flags_engine_options(artifact, tmp_path, monkeypatch):
+    """--max-running and speculation reach every replica's Engine; a draft's path is made absolute, since each
+    replica (maybe on another node) opens it by path."""
+    from kiln.cli import build_parser, replica_engine_options
+
+    monkeypatch.chdir(os.path.dirname(artifact))
+    args = build_parser().parse_args(["serve", artifact, "--replicas", "2", "--max-running", "4", "--draft",
+                                      os.path.basename(artifact), "--num-speculative-tokens", "3"])
+    assert replica_engine_options(args) == {"draft": artifact, "num_speculative_tokens": 3, "max_running": 4}
