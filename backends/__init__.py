@@ -53,8 +53,19 @@ def backend_version(name: str) -> str:
 def load_executor(info, **options):
     """The execution side of the artifact's backend, ready to run the step; ``options`` are the
     backend's own (every backend takes ``num_threads``), each checked here."""
-    module = importlib.import_module(f"kiln.backends.{check_backend(info.backend)}.executor")
-    accepted = [name for name in inspect.signature(module.load_executor).parameters if name != "info"]
+    return _load(info, "executor", "load_executor", (), options)
+
+
+def load_embedding_executor(info, function: str, inputs: list, **options):
+    """The artifact's backend's executor of an embedding entry ``function`` taking ``inputs``; ``options`` as for
+    :func:`load_executor`."""
+    return _load(info, "encoder_executor", "load_embedding_executor", (function, inputs), options)
+
+
+def _load(info, module_name: str, factory_name: str, args: tuple, options: dict):
+    module = importlib.import_module(f"kiln.backends.{check_backend(info.backend)}.{module_name}")
+    factory = getattr(module, factory_name)
+    accepted = list(inspect.signature(factory).parameters)[1 + len(args):]  # after info and the fixed arguments
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise ConfigError(f"the {info.backend} backend takes the options {', '.join(accepted)}, not "
@@ -62,7 +73,7 @@ def load_executor(info, **options):
     threads = options.get("num_threads")
     if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
         raise ConfigError(f"num_threads must be None or an integer >= 1, got {threads!r}")
-    return module.load_executor(info, **options)
+    return factory(info, *args, **options)
 
 
 def lowering(name: str):

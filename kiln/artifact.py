@@ -30,12 +30,21 @@ def write_artifact(path: str, module, source, *, backend: str, target: str, opti
     from .progress import QUIET
 
     progress = progress or QUIET
-    path = output_path(path)
+
+    def stage(tmp: str) -> dict:
+        with progress.stage(f"building for {backend}/{target}"):
+            return _stage(tmp, module, source, backend=backend, target=target, options=options, pipeline=pipeline)
+
+    return stage_and_install(output_path(path), stage, check)
+
+
+def stage_and_install(path: str, stage, check=None) -> str:
+    """Build an artifact in a staging directory beside ``path`` (``stage(tmp)`` writes its files and manifest and
+    returns the manifest), run ``check(tmp)`` on it and add what it returns to the manifest, then install it at
+    ``path`` atomically; when any step raises, the staging directory is removed and nothing is installed."""
     tmp = make_staging_directory(path)
     try:
-        with progress.stage(f"building for {backend}/{target}"):
-            manifest = _stage(tmp, module, source, backend=backend, target=target, options=options,
-                              pipeline=pipeline)
+        manifest = stage(tmp)
         if check is not None:
             manifest.update(check(tmp))
             _write_manifest(tmp, manifest)

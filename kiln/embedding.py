@@ -5,7 +5,6 @@ EMBEDDING_PIPELINE -> the backend's ``@embed`` -> an artifact whose manifest has
 from __future__ import annotations
 
 import os
-import shutil
 
 import numpy as np
 
@@ -88,14 +87,12 @@ def write_embedding_artifact(path: str, module, tokenizer, embedding: dict, *, b
 
     from kiln.backends import backend_version
     from kiln.frontend.safetensors_file import write_safetensors
-    from kiln.ir.files import make_staging_directory
     from kiln.ir.printer import print_module
     from kiln.runtime.artifact import FORMAT_NAME, FORMAT_VERSION
 
-    from .artifact import IR, WEIGHTS, _file_entry, _write_manifest, install_artifact
+    from .artifact import IR, WEIGHTS, _file_entry, _write_manifest, stage_and_install
 
-    tmp = make_staging_directory(path)
-    try:
+    def stage(tmp: str) -> dict:
         with progress.stage(f"building for {backend}/{target}"):
             lower = importlib.import_module(f"kiln.backends.{backend}.encoder_lower")
             if backend == "tvm":  # ONNX Runtime keeps the weights in its own external data file
@@ -127,14 +124,9 @@ def write_embedding_artifact(path: str, module, tokenizer, embedding: dict, *, b
             "files": {name: _file_entry(os.path.join(tmp, name)) for name in files},
         }
         _write_manifest(tmp, manifest)
-        if check is not None:
-            manifest.update(check(tmp))
-            _write_manifest(tmp, manifest)
-        install_artifact(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+        return manifest
+
+    return stage_and_install(path, stage, check)
 
 
 def run_embedding_gate(artifact_path: str, model, *, mode: str, backend: str, target: str, progress) -> dict:

@@ -4,8 +4,6 @@ such an artifact; its generation methods refuse in one line. Imports numpy, toke
 
 from __future__ import annotations
 
-import importlib
-import inspect
 from typing import Sequence
 
 import numpy as np
@@ -49,18 +47,10 @@ def check_embedding_manifest(manifest: dict, fail) -> None:
 
 def load_embedding_executor(info: ArtifactInfo, **options):
     """The execution side of the artifact's backend for ``@embed``; ``options`` are the backend's own, each
-    name checked here."""
-    module = importlib.import_module(f"kiln.backends.{info.backend}.encoder_executor")
-    accepted = [name for name in inspect.signature(module.load_embedding_executor).parameters
-                if name not in ("info", "function", "inputs")]
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        raise ConfigError(f"the {info.backend} backend takes the options {', '.join(accepted)}, not "
-                          f"{', '.join(unknown)}")
-    threads = options.get("num_threads")
-    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
-        raise ConfigError(f"num_threads must be None or an integer >= 1, got {threads!r}")
-    return module.load_embedding_executor(info, EMBED, list(EMBED_INPUTS), **options)
+    name checked by kiln.backends."""
+    from kiln.backends import load_embedding_executor as load
+
+    return load(info, EMBED, list(EMBED_INPUTS), **options)
 
 
 class EmbeddingEngine:

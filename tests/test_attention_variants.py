@@ -14,27 +14,20 @@ import pytest
 
 import kiln
 
-from tiny_models import FP32_TOLERANCE, QK_SCALE, _QK_WEIGHTS, assert_engine_matches_transformers, relative_error
+from tiny_models import FP32_TOLERANCE, assert_engine_matches_transformers, random_model, relative_error
 
 PROMPT = [5, 17, 99, 3, 42, 7, 64, 2, 11, 23]
 
 
 @functools.lru_cache(maxsize=None)
 def gemma2(attn_cap=1.0, final_cap=2.0):
-    import torch
     import transformers
 
     config = transformers.Gemma2Config(
         vocab_size=131, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, max_position_embeddings=128, sliding_window=4,
         attn_logit_softcapping=attn_cap, final_logit_softcapping=final_cap)
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if _QK_WEIGHTS.search(name):
-                param.mul_(QK_SCALE)
-    return model
+    return random_model(config)
 
 
 def test_the_caps_matter_on_this_model():
@@ -70,17 +63,9 @@ def test_soft_capping_is_fused_into_attention():
 # ALiBi ------------------------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
 def bloom():
-    import torch
     import transformers
 
-    config = transformers.BloomConfig(vocab_size=131, hidden_size=64, n_layer=2, n_head=4)
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("query_key_value.weight"):
-                param.mul_(QK_SCALE)
-    return model
+    return random_model(transformers.BloomConfig(vocab_size=131, hidden_size=64, n_layer=2, n_head=4))
 
 
 def test_the_alibi_biases_matter_on_this_model(monkeypatch):

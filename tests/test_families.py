@@ -10,13 +10,12 @@ rest are marked slow (`python -m pytest -m slow tests/test_families.py`, about t
 from __future__ import annotations
 
 import functools
-import re
 
 import pytest
 
 import kiln
 
-from tiny_models import QK_SCALE, _QK_WEIGHTS, assert_engine_matches_transformers
+from tiny_models import assert_engine_matches_transformers, random_model
 
 VOCAB = 131
 _DECODER = dict(vocab_size=VOCAB, hidden_size=72, intermediate_size=100, num_hidden_layers=2, num_attention_heads=6,
@@ -56,25 +55,14 @@ DEFAULT_FAMILIES = ("gptj", "cohere")
 # Routers drawn with std 0.02 leave experts' probabilities within 1e-4 of each other, where a 1e-7 difference in
 # the logits flips the choice; 4x wider routers keep every choice clear (as tests/test_moe.py measures).
 ROUTER_SCALE = 4.0
-_ROUTER_WEIGHTS = re.compile(r"mlp\.gate\.weight$")
 
 
 @functools.lru_cache(maxsize=None)
 def family_model(family: str):
-    import torch
     import transformers
 
     cls_name, kwargs = FAMILIES[family]
-    config = getattr(transformers, cls_name)(**kwargs)
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if _QK_WEIGHTS.search(name):
-                param.mul_(QK_SCALE)
-            elif _ROUTER_WEIGHTS.search(name):
-                param.mul_(ROUTER_SCALE)
-    return model
+    return random_model(getattr(transformers, cls_name)(**kwargs), router_scale=ROUTER_SCALE)
 
 
 def _params(families, slow: bool):

@@ -34,23 +34,33 @@ PROMPT_SHAPES = [(1, 1), (2, 7), (1, 13)]
 # that matters here.
 QK_SCALE = 8.0
 _QK_WEIGHTS = re.compile(r"\.(q_proj|k_proj|qkv_proj|c_attn|query_key_value)\.weight$")
+_ROUTER_WEIGHTS = re.compile(r"mlp\.gate\.weight$")
 
 
 def build_tiny_model(name: str, **overrides):
     """A fresh tiny model ``name`` (config ``overrides`` on top of the table's); the same weights for the
     same architecture, whatever the overrides that change no parameter shape (e.g. ``rope_theta``)."""
-    import torch
     import transformers
 
     cls_name, arch_overrides = TINY_ARCHS[name]
     kwargs = dict(arch_overrides) if name == "gpt2" else {**_COMMON, **arch_overrides}
-    config = getattr(transformers, cls_name)(**{**kwargs, **overrides})
+    return random_model(getattr(transformers, cls_name)(**{**kwargs, **overrides}))
+
+
+def random_model(config, router_scale: float = 1.0):
+    """transformers' causal LM for ``config`` drawn with seed 0 (eval mode), its query and key projections
+    :data:`QK_SCALE` times wider and its MoE routers (``mlp.gate``) ``router_scale`` times wider."""
+    import torch
+    import transformers
+
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
         for param_name, param in model.named_parameters():
             if _QK_WEIGHTS.search(param_name):
                 param.mul_(QK_SCALE)
+            elif router_scale != 1.0 and _ROUTER_WEIGHTS.search(param_name):
+                param.mul_(router_scale)
     return model
 
 

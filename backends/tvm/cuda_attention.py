@@ -8,14 +8,13 @@ loops as CPU loops, which is how the kernels are checked numerically on a machin
 from __future__ import annotations
 
 import functools
-import math
 
 from tvm import tirx
 from tvm.script import tirx as T
 
 from kiln.ir.errors import ConfigError
 
-from .kernels import head_slope
+from .kernels import head_slope, score_constants
 
 # A thread block serves one (query row, query head): a tile of `threads` keys is scored at a time
 # (one key per thread) and each thread owns head_dim / threads output columns. threads follows
@@ -24,7 +23,6 @@ MIN_THREADS = 32
 MAX_THREADS = 128
 APPEND_THREADS = 128
 
-_LOG2E = math.log2(math.e)
 # The running max starts here; exp2(_NEG_BIG - real score) underflows to exactly 0.
 _NEG_BIG = -3.0e38
 # "No window": a span longer than any sequence.
@@ -69,15 +67,7 @@ def _attention_cuda_func(kind: str, num_heads: int, num_kv_heads: int, head_dim:
     threads = _block_threads(dim)
     block_loop, thread_loop, shared, lanes = _loops(bind_threads, threads)
     dim_steps = (dim + threads - 1) // threads
-    # Scores in log2 units so the softmax is exp2; soft-capped scores c * tanh(s / c) scale q by 1 / c for the
-    # tanh and take the log2 units after it.
-    capped = softcap is not None
-    sm = dim ** -0.5 if sm_scale is None else sm_scale
-    scale = float(sm / softcap) if capped else float(sm * _LOG2E)
-    cap = float(softcap * _LOG2E) if capped else 1.0
-    # ALiBi: head h's scores get alibi[h] * (key_pos - query_pos), in log2 units like the rest.
-    biased = alibi is not None
-    slopes = [float(x * _LOG2E) for x in alibi] if biased else []
+    scale, capped, cap, biased, slopes = score_constants(dim, sm_scale, softcap, alibi)
     span = window if window is not None else _NO_WINDOW
 
     @T.macro

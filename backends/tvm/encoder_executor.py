@@ -12,7 +12,7 @@ import numpy as np
 
 from kiln.ir.errors import ArtifactError
 
-from .executor import RUNTIME_ONLY_ENV, _has_function, _param_names, _relax_name, import_tvm
+from .executor import RUNTIME_ONLY_ENV, _has_function, _param_names, _relax_name, import_tvm, load_library
 
 
 class TVMEmbeddingExecutor:
@@ -21,29 +21,14 @@ class TVMEmbeddingExecutor:
 
         configure_threads(num_threads or os.cpu_count() or 1)
         tvm = import_tvm(runtime_only=os.environ.get(RUNTIME_ONLY_ENV) == "1")
-        from tvm.runtime.vm import VirtualMachine
-
         backend = info.manifest["backend_info"]
         names = backend.get("weights")
         derived = backend.get("derived_weights", [])
         if not all(isinstance(n, list) and all(isinstance(w, str) for w in n) for n in (names, derived)):
             raise ArtifactError(f"{info.path}: manifest fields backend_info.weights and derived_weights must be "
                                 f"lists of weight names; recompile the artifact")
-        target = info.manifest["target"]
-        self.device = tvm.cpu() if target == "cpu" else tvm.cuda(0)
-        if not self.device.exist:
-            raise ArtifactError(f"{info.path}: compiled for {target}, which this machine does not have; recompile "
-                                f"with --target cpu")
         library = backend["files"].get("library")
-        copy = info.private_copy([library], "backend_info.files.library")
-        try:
-            lib = tvm.runtime.load_module(copy.file(library))
-        except Exception as err:  # noqa: BLE001 - TVM raises its own error types
-            raise ArtifactError(f"{info.path}: cannot load {library} ({str(err).splitlines()[0][:200]}); "
-                                f"recompile the artifact") from None
-        finally:
-            copy.close()
-        self.vm = VirtualMachine(lib, self.device)
+        self.device, self.vm = load_library(info, tvm, library)
         if not _has_function(self.vm, function):
             raise ArtifactError(f"{info.path}: {library} has no function {function}; recompile the artifact")
         expected = list(inputs) + [_relax_name(n) for n in names]

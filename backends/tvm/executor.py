@@ -55,6 +55,33 @@ def import_tvm(runtime_only: bool = False):
     return sys.modules["tvm"]
 
 
+def load_library(info, tvm, library: str):
+    """(device, VirtualMachine) of the artifact's compiled ``library`` on its target's device: loaded from a
+    private copy of the hashed bytes; a target this machine lacks or a library TVM cannot load is one
+    ArtifactError line."""
+    from tvm.runtime.vm import VirtualMachine  # the runtime's own (tvm.relax needs the compiler library)
+
+    target = info.manifest["target"]
+    if target == "cpu":
+        device = tvm.cpu()
+    elif target == "cuda":
+        device = tvm.cuda(0)
+        if not device.exist:
+            raise ArtifactError(f"{info.path}: compiled for cuda, but this machine has no CUDA GPU; "
+                                f"recompile with --target cpu")
+    else:
+        raise ArtifactError(f"{info.path}: unknown target {target!r}; recompile the artifact")
+    copy = info.private_copy([library], "backend_info.files.library")
+    try:
+        lib = tvm.runtime.load_module(copy.file(library))
+    except Exception as err:  # noqa: BLE001 - TVM raises its own error types
+        raise ArtifactError(f"{info.path}: cannot load {library} ({str(err).splitlines()[0][:200]}); "
+                            f"recompile the artifact") from None
+    finally:
+        copy.close()  # the library is mapped; its file is no longer needed
+    return device, VirtualMachine(lib, device)
+
+
 class TVMExecutor:
     shares_pages = True
     def __init__(self, info, num_threads: int | None = None):
@@ -62,30 +89,10 @@ class TVMExecutor:
 
         configure_threads(num_threads or os.cpu_count() or 1)
         tvm = import_tvm(runtime_only=os.environ.get(RUNTIME_ONLY_ENV) == "1")
-        from tvm.runtime.vm import VirtualMachine  # the runtime's own (tvm.relax needs the compiler library)
-
         backend = info.manifest["backend_info"]
         functions = _check_backend_info(info)
-        target = info.manifest["target"]
-        if target == "cpu":
-            self.device = tvm.cpu()
-        elif target == "cuda":
-            self.device = tvm.cuda(0)
-            if not self.device.exist:
-                raise ArtifactError(f"{info.path}: compiled for cuda, but this machine has no CUDA GPU; "
-                                    f"recompile with --target cpu")
-        else:
-            raise ArtifactError(f"{info.path}: unknown target {target!r}; recompile the artifact")
         library = backend["files"]["library"]
-        copy = info.private_copy([library], "backend_info.files.library")
-        try:
-            lib = tvm.runtime.load_module(copy.file(library))
-        except Exception as err:  # noqa: BLE001 - TVM raises its own error types
-            raise ArtifactError(f"{info.path}: cannot load {library} ({str(err).splitlines()[0][:200]}); "
-                                f"recompile the artifact") from None
-        finally:
-            copy.close()  # the library is mapped; its file is no longer needed
-        self.vm = VirtualMachine(lib, self.device)
+        self.device, self.vm = load_library(info, tvm, library)
         missing = [name for name in functions if not _has_function(self.vm, name)]
         if missing:
             raise ArtifactError(f"{info.path}: {library} has no function {', '.join(missing)} that the manifest "

@@ -223,6 +223,19 @@ def exp2(x):
     return poly * tirx.reinterpret("float32", bits)
 
 
+def score_constants(head_dim: int, sm_scale: float | None, softcap: float | None, alibi):
+    """(q scale, capped, cap, biased, per-head slopes) of the attention kernels, which keep scores in log2 units
+    so the softmax is exp2: soft-capped scores c * tanh(s / c) scale q by 1 / c for the tanh and take the log2
+    units after it (times ``cap``); ALiBi adds slope_h * (key_pos - query_pos) in log2 units like the rest."""
+    capped = softcap is not None
+    sm = head_dim ** -0.5 if sm_scale is None else sm_scale
+    scale = float(sm / softcap) if capped else float(sm * _LOG2E)
+    cap = float(softcap * _LOG2E) if capped else 1.0
+    biased = alibi is not None
+    slopes = [float(x * _LOG2E) for x in alibi] if biased else []
+    return scale, capped, cap, biased, slopes
+
+
 def head_slope(head, slopes: list):
     """slopes[head] for a loop variable ``head``: a chain of selects over the constant per-head slopes (0 when
     there are none), bound once per (row, head) outside the key loop."""
@@ -263,15 +276,7 @@ def _attention_template(kind: str, num_heads: int, num_kv_heads: int, head_dim: 
     # q . k runs in 16-lane chunks; a head size that is not a multiple of 16 ends in a scalar tail.
     chunks = dim // lanes
     tail = dim % lanes
-    # Scores are kept in log2 units so the softmax uses exp2. Soft-capped scores c * tanh(s / c) scale q by
-    # 1 / c for the tanh and take the log2 units after it.
-    capped = softcap is not None
-    sm = dim ** -0.5 if sm_scale is None else sm_scale
-    scale = float(sm / softcap) if capped else float(sm * _LOG2E)
-    cap = float(softcap * _LOG2E) if capped else 1.0
-    # ALiBi: head h's scores get alibi[h] * (key_pos - query_pos), in log2 units like the rest.
-    biased = alibi is not None
-    slopes = [float(x * _LOG2E) for x in alibi] if biased else []
+    scale, capped, cap, biased, slopes = score_constants(dim, sm_scale, softcap, alibi)
     neg_big = -3.0e38
     # Keys older than `span` positions before the query are outside a sliding window.
     span = window if window is not None else 2 ** 30
