@@ -43,16 +43,53 @@ def import_tvm(runtime_only: bool = False):
         saved = os.environ.get("TVM_USE_RUNTIME_LIB")
         if runtime_only:
             os.environ["TVM_USE_RUNTIME_LIB"] = "1"
+        restore = None
         try:
+            if runtime_only:
+                restore = _skip_unknown_type_lookups()
             import tvm  # noqa: F401
         finally:
             sys.meta_path.remove(hook)
+            if restore is not None:
+                restore()
             if runtime_only:
                 if saved is None:
                     del os.environ["TVM_USE_RUNTIME_LIB"]
                 else:
                     os.environ["TVM_USE_RUNTIME_LIB"] = saved
     return sys.modules["tvm"]
+
+
+def _skip_unknown_type_lookups():
+    """While TVM's Python package is imported on its runtime library alone, answer the object types that only the
+    compiler library defines (137 of them, script.PrinterConfig first) with "unknown" without asking the library.
+
+    TVM registers a Python class per C++ object type and asks tvm_ffi for each type's index; for a type the
+    loaded libraries lack, tvm_ffi's C++ side throws, and its first error makes libbacktrace read the debug info
+    of every loaded library: 38 MiB of resident memory held for the life of the process and 0.5 s. The library's
+    own list of registered type keys answers the same question without an error. Returns the function that puts
+    tvm_ffi's lookup back (None when this tvm_ffi lacks either piece: the import then runs as it would)."""
+    try:
+        import tvm_ffi
+        from tvm_ffi import core
+    except ImportError:
+        return None
+    lookup = getattr(core, "_object_type_key_to_index", None)
+    if lookup is None or tvm_ffi.get_global_func("ffi.GetRegisteredTypeKeys", allow_missing=True) is None:
+        return None
+    known: set = set()
+
+    def type_key_to_index(type_key: str):
+        if type_key not in known:  # types registered since the last look (the runtime library loads meanwhile)
+            known.update(tvm_ffi.get_global_func("ffi.GetRegisteredTypeKeys")())
+        return lookup(type_key) if type_key in known else None
+
+    core._object_type_key_to_index = type_key_to_index
+
+    def restore():
+        core._object_type_key_to_index = lookup
+
+    return restore
 
 
 def load_library(info, tvm, library: str):
