@@ -12,7 +12,7 @@ import math
 import numpy as np
 
 from .ops import REQUIRED, define_op, fail
-from .symbolic import SymExpr, dim_product, is_static, known_ge
+from .symbolic import SymExpr, dim_product, is_static, known_ge, symbols_of
 from .types import DTYPES, TensorType, is_float, numpy_dtype, promote
 
 
@@ -37,6 +37,20 @@ def broadcast_shapes(op: str, *shapes) -> tuple:
 
 def _fmt(shape) -> str:
     return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def _ranges(module) -> dict:
+    """The declared symbol ranges of the module a node is in (none for a node built outside one)."""
+    return module.symbol_ranges if module is not None else {}
+
+
+def _range_note(ranges: dict, *dims) -> str:
+    """What the failed proof assumed about the dims' symbols, e.g. ' (assuming seq in [1, 48], n >= 1)'."""
+    names = sorted(set().union(*(symbols_of(d) for d in dims)))
+    if not names:
+        return ""
+    told = [f"{n} in [{ranges[n][0]}, {ranges[n][1]}]" if n in ranges else f"{n} >= 1" for n in names]
+    return f" (assuming {', '.join(told)})"
 
 
 def _axis(op: str, axis: int, rank: int) -> int:
@@ -250,7 +264,7 @@ def _arange_infer(types, attrs, module):
         length = max(0, -(-(end - start) // step))
     else:
         raise fail("arange", f"symbolic bounds need step 1, found step {step}")
-    if not known_ge(length, 0):
+    if not known_ge(length, 0, _ranges(module)):
         raise fail("arange", f"length {length} may be negative")
     return [TensorType(attrs["dtype"], (length,))]
 
@@ -390,9 +404,10 @@ def _slice_infer(types, attrs, module):
     start, end, step = attrs["start"], attrs["end"], attrs["step"]
     if step < 1:
         raise fail("slice", f"step must be >= 1, found {step}")
-    if not (known_ge(start, 0) and known_ge(end, start) and known_ge(a.shape[axis], end)):
+    ranges = _ranges(module)
+    if not (known_ge(start, 0, ranges) and known_ge(end, start, ranges) and known_ge(a.shape[axis], end, ranges)):
         raise fail("slice", f"need 0 <= start <= end <= dim, found start={start} end={end} "
-                            f"dim={a.shape[axis]}")
+                            f"dim={a.shape[axis]}" + _range_note(ranges, start, end, a.shape[axis]))
     if step == 1:
         length = end - start
     elif is_static(start) and is_static(end):

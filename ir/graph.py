@@ -14,7 +14,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from .symbolic import SymExpr
+from .symbolic import SymExpr, check_range
 from .types import TensorType, dtype_of_numpy, itemsize
 
 _NAME_OK = re.compile(r"[A-Za-z0-9_.]+")
@@ -212,13 +212,19 @@ class Function:
 
 
 class Module:
-    """Named functions, named weights, and JSON metadata."""
+    """Named functions, named weights, JSON metadata, and the declared ranges of its symbols."""
 
     def __init__(self):
         self.functions: dict[str, Function] = {}
         self.weights: dict[str, TensorType] = {}
         self.weight_data: dict[str, np.ndarray] = {}
         self.metadata: dict[str, Any] = {}
+        # symbol -> (least, greatest): the values the module is valid for (the capture's batch and length
+        # limits); shape proofs take them as given and the interpreter refuses inputs outside them
+        self.symbol_ranges: dict[str, tuple] = {}
+
+    def declare_range(self, symbol: str, least: int, greatest: int) -> None:
+        self.symbol_ranges[symbol] = check_range(symbol, least, greatest)
 
     def add_function(self, name: str) -> Function:
         if name in self.functions:

@@ -36,6 +36,12 @@ def bind_symbols(fn: Function, arrays: Sequence[np.ndarray]) -> dict:
                                     f">= 1 (got shape {list(a.shape)} for {p.type})")
                 if env.setdefault(name, int(n)) != int(n):
                     raise KilnError(f"@{fn.name}: symbol {name} is {env[name]} and {n} in different inputs")
+                declared = fn.module.symbol_ranges.get(name) if fn.module is not None else None
+                if declared is not None and not declared[0] <= n <= declared[1]:
+                    # shape proofs (slice bounds) took the declared range as given
+                    raise KilnError(f"@{fn.name} input %{p.name}: symbol {name} would be {n}, the module is "
+                                    f"valid for {name} in [{declared[0]}, {declared[1]}] (got shape "
+                                    f"{list(a.shape)} for {p.type})")
             else:
                 pending.append((p, a, d, n))
     for p, a, d, n in pending:

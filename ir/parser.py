@@ -17,6 +17,7 @@ from .types import _split_top, parse_type
 _FUNC = re.compile(r"func @([A-Za-z0-9_.]+)\((.*)\) -> \((.*)\) \{$")
 _NODE = re.compile(r"(?:(.+?) = )?([A-Za-z_][A-Za-z0-9_.]*)\((.*?)\)(?: (\{.*\}))? : (.*)$")
 _WEIGHT = re.compile(r'weight (".*") : (.+)$')
+_SYMBOL = re.compile(r"symbol ([A-Za-z_][A-Za-z0-9_]*) in \[(\d+), (\d+)\]$")
 _VALUE = re.compile(r"%([A-Za-z0-9_.]+)$")
 
 
@@ -94,6 +95,16 @@ def parse_module(text: str) -> Module:
             if line.startswith("metadata "):
                 module.metadata = json.loads(line[len("metadata "):])
                 i += 1
+            elif line.startswith("symbol "):
+                m = _SYMBOL.match(line)
+                if not m:
+                    raise error("bad symbol line; expected 'symbol NAME in [LEAST, GREATEST]'", i)
+                if m.group(1) in module.symbol_ranges:
+                    raise error(f"symbol {m.group(1)} declared twice", i)
+                if module.functions:
+                    raise error("symbol ranges must come before the functions", i)
+                module.declare_range(m.group(1), int(m.group(2)), int(m.group(3)))
+                i += 1
             elif line.startswith("weight "):
                 m = _WEIGHT.match(line)
                 if not m:
@@ -103,7 +114,7 @@ def parse_module(text: str) -> Module:
             elif line.startswith("func "):
                 i = _parse_function(module, lines, i, error)
             else:
-                raise error("expected metadata, weight, func or '}'", i)
+                raise error("expected metadata, symbol, weight, func or '}'", i)
         except _Located:
             raise
         except (KilnError, ValueError, TypeError, json.JSONDecodeError) as err:

@@ -2,6 +2,7 @@
 
     module {
       metadata {"config": {...}}
+      symbol seq in [1, 2048]
       weight "lm_head.weight" : f32[49152, 576]
       func @forward(%input_ids: i64[batch, seq]) -> (f32[batch, seq, 49152]) {
         %w = weight {name="lm_head.weight"} : f32[49152, 576]
@@ -85,6 +86,8 @@ def print_module(module: Module) -> str:
     lines = ["module {"]
     if module.metadata:
         lines.append("  metadata " + json.dumps(module.metadata, sort_keys=True))
+    for symbol, (least, greatest) in sorted(module.symbol_ranges.items()):
+        lines.append(f"  symbol {symbol} in [{least}, {greatest}]")
     for name, ty in module.weights.items():
         lines.append(f"  weight {json.dumps(name)} : {ty}")
     for fn in module.functions.values():

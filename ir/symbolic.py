@@ -3,14 +3,17 @@
 A dim is a plain ``int`` or a :class:`SymExpr`. Expressions are kept in one
 normal form (sorted monomials with non-zero integer coefficients), so equal
 expressions compare equal structurally, and a constant expression is always
-returned as a plain ``int``. Every symbol is assumed to be a positive integer.
+returned as a plain ``int``. Every symbol is assumed to be a positive integer;
+a module may declare a range for a symbol (``seq`` in [1, 2048]: the capture's
+maximum length), which the proofs below take as given.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Mapping, Union
+import math
+from typing import Mapping, Optional, Union
 
 from .errors import ParseError
 
@@ -167,26 +170,60 @@ def symbols_of(d: Dim) -> frozenset:
     return d.symbols if isinstance(d, SymExpr) else frozenset()
 
 
-def is_nonnegative(d: Dim) -> bool:
-    """True when ``d >= 0`` is proven for every value >= 1 of its symbols.
+# A symbol's declared values: (least, greatest), both inclusive; a symbol without one is in [1, inf).
+Ranges = Optional[Mapping[str, tuple]]
 
-    With no negative coefficient on a non-constant monomial the polynomial grows
-    with every symbol, so its least value is at all symbols = 1.
+
+def check_range(name: str, least, greatest) -> tuple:
+    """``(least, greatest)`` as a declared range of symbol ``name``, or ValueError: integers with
+    1 <= least <= greatest (the proofs rely on every symbol being positive)."""
+    if not _NAME.fullmatch(str(name)):
+        raise ValueError(f"bad symbol name {name!r}")
+    for bound in (least, greatest):
+        if isinstance(bound, bool) or not isinstance(bound, int):
+            raise ValueError(f"symbol {name}: range bounds must be integers, found {bound!r}")
+    if not 1 <= least <= greatest:
+        raise ValueError(f"symbol {name}: need 1 <= least <= greatest, found [{least}, {greatest}]")
+    return least, greatest
+
+
+def dim_bounds(d: Dim, ranges: Ranges = None) -> tuple:
+    """(least, greatest) value of ``d`` over its symbols' ranges, each possibly infinite (``math.inf``).
+
+    Every symbol is positive, so each monomial grows with each of its symbols: it is least with every symbol
+    at its least and greatest with every symbol at its greatest. Summing each term's extreme gives sound
+    bounds (exact for a linear ``d``; for ``seq * seq - seq`` they are looser than the truth).
     """
-    terms = _terms(d)
-    if any(c < 0 for m, c in terms.items() if m):
-        return False
-    return sum(terms.values()) >= 0
+    ranges = ranges or {}
+    least = greatest = 0
+    for monomial, coeff in _terms(d).items():
+        low = high = 1
+        for s in monomial:
+            s_low, s_high = ranges.get(s, (1, math.inf))
+            low, high = low * s_low, high * s_high
+        least += coeff * (low if coeff > 0 else high)
+        greatest += coeff * (high if coeff > 0 else low)
+    return least, greatest
 
 
-def known_ge(a: Dim, b: Dim) -> bool:
-    """True when ``a >= b`` is proven for all positive symbol values."""
-    return is_nonnegative(a - b)
+def is_nonnegative(d: Dim, ranges: Ranges = None) -> bool:
+    """True when ``d >= 0`` is proven for every value of its symbols (each >= 1, or in its range in
+    ``ranges``).
+
+    Without ranges this is: no negative coefficient on a non-constant monomial (the polynomial then grows
+    with every symbol, so its least value is at all symbols = 1) and a non-negative value there.
+    """
+    return dim_bounds(d, ranges)[0] >= 0
 
 
-def known_gt(a: Dim, b: Dim) -> bool:
-    """True when ``a > b`` is proven (symbols are >= 1, so ``a - b - 1 >= 0`` suffices)."""
-    return is_nonnegative(a - b - 1)
+def known_ge(a: Dim, b: Dim, ranges: Ranges = None) -> bool:
+    """True when ``a >= b`` is proven for all symbol values (positive, or within ``ranges``)."""
+    return is_nonnegative(a - b, ranges)
+
+
+def known_gt(a: Dim, b: Dim, ranges: Ranges = None) -> bool:
+    """True when ``a > b`` is proven (dims are integers, so ``a - b - 1 >= 0`` suffices)."""
+    return is_nonnegative(a - b - 1, ranges)
 
 
 def dim_product(dims) -> Dim:

@@ -15,7 +15,8 @@
 6. Weights: every ``weight`` node names a module weight; every weight array
    present is declared and matches its declared dtype and shape.
 7. Symbols: every symbol in a node's types or attributes appears in the
-   parameter types of its function (no free symbols).
+   parameter types of its function (no free symbols); every declared symbol
+   range is integers 1 <= least <= greatest.
 
 The first violation raises :class:`VerificationError` naming the function,
 the node and what was expected versus found.
@@ -27,11 +28,16 @@ from .errors import KilnError, VerificationError
 from .graph import Function, Module
 from .ops import OPS, infer_types
 from .printer import format_node
-from .symbolic import SymExpr, symbols_of
+from .symbolic import SymExpr, check_range, symbols_of
 from .types import dtype_of_numpy
 
 
 def verify_module(module: Module) -> None:
+    for symbol, declared in module.symbol_ranges.items():
+        try:
+            check_range(symbol, *declared)
+        except (TypeError, ValueError) as err:
+            raise VerificationError(f"declared range of symbol {symbol!r}: {err}") from None
     for name in module.weight_data:
         if name not in module.weights:
             raise VerificationError(f"weight array {name!r} is not declared in the module; "

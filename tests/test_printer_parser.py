@@ -36,6 +36,8 @@ def build_every_op_module() -> Module:
         "unicode": "日本語 ☃ \"quoted\" \\ backslash",
         "list": [1, 2.5, [3, [4]], {"a": "}"}],
     }
+    module.declare_range("seq", 1, 64)
+    module.declare_range("batch", 2, 8)
     module.add_weight("model.embed_tokens.weight", type=T("f32", 32, 8))
     module.add_weight(ODD_NAME, type=T("f32", 8))
     module.add_weight("ln.bias", type=T("f32", 8))
@@ -356,7 +358,7 @@ def test_base_text_parses():
     (2, '  weight "w" f32[4, 4]', "bad weight line"),
     (2, '  weight "w" : f32[4, -4]', "negative dim -4"),
     (2, "  metadata {broken", "metadata"),
-    (2, "  blah", "expected metadata, weight, func or '}'"),
+    (2, "  blah", "expected metadata, symbol, weight, func or '}'"),
 ])
 def test_parse_error_names_the_line(lineno, new, message):
     text = _with_line(lineno, new)
@@ -392,6 +394,47 @@ def test_format_2_paged_attention_is_refused_with_its_line():
     lineno = next(i for i, line in enumerate(bad.splitlines(), 1) if "= paged_attention(" in line)
     with pytest.raises(ParseError, match=rf"^line {lineno}: .*k_pool and v_pool differ"):
         parse_module(bad)
+
+
+TABLE_SLICE = """module {
+  symbol seq in [1, 16]
+  func @f(%x: f32[seq, 4], %t: f32[16, 4]) -> (f32[seq, 4]) {
+    %tail = slice(%t) {axis=0, start=-seq + 16, end=16} : f32[seq, 4]
+    %y = add(%x, %tail) : f32[seq, 4]
+    return %y
+  }
+}
+"""
+
+
+def test_symbol_ranges_round_trip_and_prove_a_slice():
+    """A slice of the last seq rows of a 16-row table is in bounds only because seq <= 16 is declared."""
+    module = parse_module(TABLE_SLICE)
+    assert module.symbol_ranges == {"seq": (1, 16)}
+    assert print_module(module) == TABLE_SLICE
+    with pytest.raises(ParseError, match=r"^line 3: .*op slice: need 0 <= start <= end <= dim.*\(assuming seq >= 1\)"):
+        parse_module(TABLE_SLICE.replace("  symbol seq in [1, 16]\n", ""))
+    with pytest.raises(ParseError, match=r"^line 4: .*\(assuming seq in \[1, 17\]\)"):
+        parse_module(TABLE_SLICE.replace("[1, 16]", "[1, 17]"))
+
+
+@pytest.mark.parametrize("line,message", [
+    ("  symbol seq in [0, 16]", "need 1 <= least <= greatest"),
+    ("  symbol seq in [9, 8]", "need 1 <= least <= greatest"),
+    ("  symbol seq in 1..16", "bad symbol line"),
+    ("  symbol 2seq in [1, 16]", "bad symbol line"),
+])
+def test_bad_symbol_lines_name_the_line(line, message):
+    with pytest.raises(ParseError, match=rf"^line 2: .*{message}"):
+        parse_module(TABLE_SLICE.replace("  symbol seq in [1, 16]", line))
+
+
+def test_symbol_declared_twice_or_after_a_function_is_refused():
+    lines = TABLE_SLICE.splitlines()
+    with pytest.raises(ParseError, match=r"^line 3: symbol seq declared twice"):
+        parse_module("\n".join(lines[:2] + lines[1:2] + lines[2:]) + "\n")
+    with pytest.raises(ParseError, match=r"^line 8: symbol ranges must come before the functions"):
+        parse_module("\n".join(lines[:7] + ["  symbol batch in [1, 2]"] + lines[7:]) + "\n")
 
 
 def test_duplicate_function_names_the_line():

@@ -5,14 +5,15 @@ never against kiln's own output.
 """
 
 import itertools
+import math
 import random
 
 import pytest
 import sympy
 
 from kiln.ir.errors import ParseError
-from kiln.ir.symbolic import (SymExpr, dim_product, evaluate, is_nonnegative, is_static, known_ge,
-                              known_gt, parse_dim, substitute, sym, symbols_of)
+from kiln.ir.symbolic import (SymExpr, check_range, dim_bounds, dim_product, evaluate, is_nonnegative, is_static,
+                              known_ge, known_gt, parse_dim, substitute, sym, symbols_of)
 
 n, m, k = sym("n"), sym("m"), sym("k")
 SYMBOLS = ("a", "b", "seq")
@@ -184,3 +185,57 @@ def test_proofs_are_sound_random():
                 env = dict(zip(SYMBOLS, values))
                 assert relation(evaluate(a, env), evaluate(b, env)), (a, b, env)
     assert proven > 20
+
+
+# declared ranges ------------------------------------------------------------------
+def test_a_declared_range_proves_a_table_slice_in_bounds():
+    """MPT slices the last seq rows of a 128-row ALiBi table: start 128 - seq >= 0 holds for seq <= 128 only."""
+    seq = sym("seq")
+    assert not known_ge(128 - seq, 0)
+    assert known_ge(128 - seq, 0, {"seq": (1, 48)}) and known_ge(128 - seq, 0, {"seq": (1, 128)})
+    assert not known_ge(128 - seq, 0, {"seq": (1, 129)})
+    assert known_gt(128 - seq, 0, {"seq": (1, 127)}) and not known_gt(128 - seq, 0, {"seq": (1, 128)})
+    assert dim_bounds(128 - seq, {"seq": (1, 48)}) == (80, 127)
+    # a symbol without a declared range is still only known to be >= 1
+    assert not known_ge(128 - seq - n, 0, {"seq": (1, 48)})
+    assert known_ge(128 - seq - n, 0, {"seq": (1, 48), "n": (1, 80)})
+    assert dim_bounds(n * seq - 2 * n, {"seq": (3, 5)}) == (-math.inf, math.inf)
+    assert dim_bounds(n * seq - 2 * n, {"seq": (3, 5), "n": (2, 4)}) == (6 - 8, 20 - 4)
+
+
+def test_range_proofs_are_sound_random():
+    """Every proof under random ranges holds at every value of every symbol in its range (checked by
+    enumeration), and the bounds contain every value."""
+    rng = random.Random(5)
+    proven = 0
+    for _ in range(300):
+        a, _ = random_poly(rng)
+        b, _ = random_poly(rng)
+        ranges = {}
+        for name in SYMBOLS:
+            least = rng.randint(1, 4)
+            ranges[name] = (least, least + rng.randint(0, 3))
+        least, greatest = dim_bounds(a, ranges)
+        for values in itertools.product(*(range(lo, hi + 1) for lo, hi in ranges.values())):
+            assert least <= evaluate(a, dict(zip(ranges, values))) <= greatest
+        for ok, relation in [(known_ge(a, b, ranges), lambda x, y: x >= y),
+                             (known_gt(a, b, ranges), lambda x, y: x > y)]:
+            if not ok:
+                continue
+            proven += 1
+            for values in itertools.product(*(range(lo, hi + 1) for lo, hi in ranges.values())):
+                env = dict(zip(ranges, values))
+                assert relation(evaluate(a, env), evaluate(b, env)), (a, b, env)
+    assert proven > 50
+
+
+@pytest.mark.parametrize("name,least,greatest,message", [
+    ("seq", 0, 4, "1 <= least <= greatest"),
+    ("seq", 5, 4, "1 <= least <= greatest"),
+    ("seq", 1, 4.5, "must be integers"),
+    ("seq", True, 4, "must be integers"),
+    ("2x", 1, 4, "bad symbol name"),
+])
+def test_bad_ranges_refused(name, least, greatest, message):
+    with pytest.raises(ValueError, match=message):
+        check_range(name, least, greatest)

@@ -337,3 +337,13 @@ def test_symbols_bound_by_any_parameter():
     extra = fn.emit("arange", end=sym("cache_len") + seq)
     fn.set_results(fn.results + [extra])
     verify_module(module)
+
+
+# 7. symbol ranges --------------------------------------------------------------------------------
+@pytest.mark.parametrize("declared,message", [((0, 4), "need 1 <= least <= greatest"),
+                                              ((4, 2), "need 1 <= least <= greatest"),
+                                              ((1, 4.0), "must be integers"), ((1,), "")])
+def test_bad_symbol_range(declared, message):
+    module = build()
+    module.symbol_ranges["seq"] = declared  # planted past declare_range, which checks
+    expect(module, "declared range of symbol 'seq'", message)
