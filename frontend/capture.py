@@ -1,10 +1,12 @@
 """Capture a torch module with ``torch.export`` and translate its ATen graph into kiln IR.
 
 The exported program has dynamic ``batch`` and ``seq``; torch's shape symbols
-become kiln symbolic dims and every SymInt computation folds into attributes,
-so the kiln graph carries no shape arithmetic at run time. Each ATen op maps to
-kiln ops through ``ATEN_TABLE``; an op without an entry raises
-:class:`UnsupportedOpError` naming the op, the graph node and the user's source line.
+become kiln symbolic dims (the module declares the ranges the export allows
+them, which prove slices such as MPT's ALiBi table's in bounds), and every
+SymInt computation folds into attributes, so the kiln graph carries no shape
+arithmetic at run time. Each ATen op maps to kiln ops through ``ATEN_TABLE``;
+an op without an entry raises :class:`UnsupportedOpError` naming the op, the
+graph node and the user's source line.
 """
 
 from __future__ import annotations
@@ -68,8 +70,39 @@ def export_model(model: torch.nn.Module, *, max_batch: int = 64, max_seq: int = 
     example = torch.zeros((2, 11), dtype=torch.long)
     batch = torch.export.Dim("batch", min=1, max=max_batch)
     seq = torch.export.Dim("seq", min=1, max=max_seq)
+    check_alibi_table(model, max_seq)
     with torch.no_grad(), static_rotary(model, max_seq), moe_as_custom_ops(model), mla_as_custom_ops(model):
-        return torch.export.export(wrapper, (example,), dynamic_shapes={"input_ids": {0: batch, 1: seq}})
+        try:
+            return torch.export.export(wrapper, (example,), dynamic_shapes={"input_ids": {0: batch, 1: seq}})
+        except torch._dynamo.exc.UserError as err:
+            limit = _length_limit(err, max_seq)
+            if limit is None:
+                raise
+            raise limit from None
+
+
+def _length_limit(err: Exception, max_seq: int) -> ConfigError | None:
+    """torch.export's "Constraints violated (seq)" as one line, or None for another error: the model does not
+    compute every length up to ``max_seq`` alike (a table it slices is shorter, say)."""
+    text = str(err)
+    guards = re.findall(r"in the specified range seq .* satisfy the generated guard (.*?)\.?$", text, re.MULTILINE)
+    if "Constraints violated (seq)" not in text or not guards:
+        return None
+    suggested = re.search(r"seq = Dim\('seq', max=(\d+)\)", text)
+    fix = f"--max-seq-len {suggested.group(1)} or less" if suggested else "a smaller --max-seq-len"
+    return ConfigError(f"the model does not compute every length up to this compile's max_seq_len {max_seq} "
+                       f"alike (torch.export found the guard {guards[0]}); compile with {fix}")
+
+
+def check_alibi_table(model: torch.nn.Module, max_seq: int) -> None:
+    """Refuse a compile longer than MPT's ALiBi table: transformers builds the biases for ``max_seq_len``
+    positions once and slices the last ``seq`` of them, which reaches before the table past that length."""
+    config = getattr(model, "config", None)
+    if is_transformers_model(model) and getattr(config, "model_type", None) == "mpt" and \
+            config.max_seq_len < max_seq:
+        raise ConfigError(f"model config: max_seq_len {config.max_seq_len} is the length of MPT's ALiBi table, "
+                          f"and this compile's max_seq_len is {max_seq}; compile with --max-seq-len "
+                          f"{config.max_seq_len} or less")
 
 
 @contextlib.contextmanager
@@ -195,6 +228,14 @@ class _Translator:
                 return self.sympy_dim(decided)
         raise self.unsupported(f"size expression {expr} is outside kiln's symbolic arithmetic")
 
+    def declare_range(self, label: str, expr) -> None:
+        """The module's range for ``label``: the sizes the export allows it (the Dim's min and max, which
+        torch.export checked the program for). Its least is 1 where the export reports 2: torch assumes sizes
+        0 and 1 away while tracing, and kiln runs one-token sequences through the same graph."""
+        allowed = self.ep.range_constraints[expr]
+        least = int(allowed.lower) if allowed.lower > 2 else 1
+        self.module.declare_range(label, least, int(allowed.upper))
+
     def _decided_extremum(self, expr):
         """The argument of a Max/Min that wins over the whole range export allows its sizes (e.g. MPT's
         max(0, 1 - seq) is 0 for every seq >= 1), or None when which one wins depends on the sizes."""
@@ -276,6 +317,7 @@ class _Translator:
                         d = val.shape[axis]
                         if isinstance(d, torch.SymInt) and d.node.expr.is_Symbol:
                             self.symbols[d.node.expr] = sym(label)
+                            self.declare_range(label, d.node.expr)
                     self.values[node] = self.fn.add_param(node.name, self.meta_type(node))  # the forward argument's name
                 else:
                     raise self.unsupported(f"unexpected graph input {node.name}")

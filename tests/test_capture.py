@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from kiln.frontend.capture import capture
-from kiln.ir.errors import UnsupportedOpError
+from kiln.ir.errors import ConfigError, KilnError, UnsupportedOpError
 from kiln.ir.interpreter import run_function
 from kiln.ir.symbolic import sym
 from kiln.ir.types import TensorType
@@ -122,3 +122,39 @@ def test_size_extrema_decided_by_the_export_ranges_and_scalar_powers_capture():
         ref = model(torch.as_tensor(ids)).numpy()
     (out,) = run_function(module, "forward", [ids])
     assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+class _TableTail(torch.nn.Module):
+    """Adds the last seq rows of a 16-row table (as MPT slices its ALiBi table, start 16 - seq)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(50, 8)
+        self.register_buffer("table", torch.randn(16, 8))
+
+    def forward(self, input_ids):
+        return self.embed(input_ids) + self.table[16 - input_ids.shape[1]:]
+
+
+def test_a_table_slice_is_proven_in_bounds_by_the_declared_length_range():
+    """The capture declares the export's batch and length ranges on the module; they prove start 16 - seq >= 0,
+    the module matches torch at every length in range and refuses one past it."""
+    torch.manual_seed(4)
+    model = _TableTail().eval()
+    module = capture(model, max_seq=16, max_batch=3)
+    assert module.symbol_ranges == {"batch": (1, 3), "seq": (1, 16)}
+    for length in range(1, 17):
+        ids = np.random.default_rng(length).integers(0, 50, (2, length))
+        with torch.no_grad():
+            ref = model(torch.as_tensor(ids)).numpy()
+        (out,) = run_function(module, "forward", [ids])
+        np.testing.assert_allclose(out, ref, rtol=0, atol=1e-6)
+    with pytest.raises(KilnError, match=r"symbol seq would be 17, the module is valid for seq in \[1, 16\]"):
+        run_function(module, "forward", [np.zeros((1, 17), np.int64)])
+
+
+def test_a_model_that_limits_the_length_is_refused_in_one_line():
+    with pytest.raises(ConfigError) as info:
+        capture(_TableTail().eval(), max_seq=32)
+    message = str(info.value)
+    assert "max_seq_len 32" in message and "--max-seq-len 16 or less" in message and "\n" not in message
