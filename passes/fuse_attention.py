@@ -1,8 +1,9 @@
 """Fuse attention: ATen SDPA and eager ``softmax(q @ k^T * scale + mask) @ v`` -> one grouped ``attention`` op.
 
 Soft-capped scores (``cap * tanh(q @ k^T * scale / cap)``, Gemma-2) fuse with the op's ``softcap``; ALiBi
-position biases (BLOOM, which also computes attention on [batch * heads, seq, head_dim] views) with its ``alibi``
-slopes, proven like the mask below.
+position biases (BLOOM, which also computes attention on [batch * heads, seq, head_dim] views; MPT, which adds
+the last seq columns of a precomputed table and masks with ``where(not causal, -inf, scores)``) with its
+``alibi`` slopes, proven like the mask below.
 
 The K/V head repetition (``repeat_kv``: expand + reshape, or a broadcast
 single head) is absorbed, so MHA, GQA and MQA become one op with
@@ -11,7 +12,8 @@ causal or sliding-window (plus, for ALiBi, biases linear in the key's distance
 from the query): its subgraph depends on sequence positions alone, so
 it is evaluated and compared with the expected mask for every length from 1 to
 256 and at sampled lengths up to the captured maximum (powers of two and their
-neighbours, and the maximum itself), for batch 1 and 2. An attention that
+neighbours, and the maximum itself; never past the module's declared range of
+``seq``), for batch 1 and 2. An attention that
 cannot be proven stays unfused and the reason is recorded in
 ``module.metadata["unfused_attention"]``. Evaluating a mask at n tokens takes
 memory in n^2; a maximum length whose evaluation would not fit in half of
@@ -147,7 +149,8 @@ def prove_bias(terms: list, num_heads: int, module: Module, max_seq: int):
         _check_evaluation_fits(nodes, max_seq)
         slices.append(nodes)
     window, slopes = "unknown", None
-    for batch in (1, 2):
+    batches = [b for b in (1, 2) if b <= module.symbol_ranges.get("batch", (1, 2))[1]]
+    for batch in batches:
         for n in check_lengths(max_seq) if batch == 1 else [1, 2, 7, min(max_seq, 64)]:
             env = {"batch": batch, "seq": n}
             total = np.zeros((1, 1, 1, n))
@@ -227,16 +230,32 @@ def _unflatten_heads(value: Value, num_heads: int | None = None):
     return source if shape[0] * shape[1] == value.type.shape[0] else None
 
 
-def _additive_terms(scores: Value, num_heads: int):
+def _additive_terms(scores: Value, num_heads: int, anchor: Node):
     """What is added up into the [b, H, s, s] scores: (value, flat) pairs, flat marking a [b * H, ...] value
-    reshaped to the scores' shape on the way; None when a reshape on the way is not that."""
+    reshaped to the scores' shape on the way. A where(keep, x, -inf) adds its boolean ``keep`` and x's terms;
+    where(masked, -inf, x) (MPT's masked_fill) a ``not(masked)`` emitted before ``anchor``, and x's terms."""
     terms, stack = [], [(scores, False)]
     while stack:
         value, flat = stack.pop()
+        if value.type.dtype == "bool":
+            terms.append((value, flat))
+            continue
         add = producer(value, "add")
-        if add is not None and value.type.dtype != "bool":
+        if add is not None:
             stack.extend((v, flat) for v in add.inputs)
             continue
+        where = producer(value, "where")
+        if where is not None:
+            # (a where choosing a scalar, such as where(keep, 0, -inf), is itself an additive mask)
+            condition, kept, filled = where.inputs
+            if _is_minus_infinity(filled) and kept.type.rank:
+                terms.append((condition, flat))
+                stack.append((kept, flat))
+                continue
+            if _is_minus_infinity(kept) and filled.type.rank:
+                terms.append((anchor.function.emit("not", condition, insert_before=anchor), flat))
+                stack.append((filled, flat))
+                continue
         shaping = producer(value, "reshape")
         if not flat and shaping is not None and value.type.rank == 4 and shaping.inputs[0].type.rank == 3:
             inner = shaping.inputs[0]
@@ -264,27 +283,19 @@ def _match_eager(node: Node):
     if soft is None or soft.attrs["axis"] not in (-1, soft.output.type.rank - 1) or soft.output.type.rank != 4:
         return None
     num_heads = soft.output.type.shape[1]
-    terms = _additive_terms(soft.inputs[0], num_heads)
+    terms = _additive_terms(soft.inputs[0], num_heads, node)
     candidates = [(i, _scores_source(v, f, node)) for i, (v, f) in enumerate(terms) if v.type.dtype != "bool"]
     candidates = [(i, c) for i, c in candidates if c is not None]
     if len(candidates) != 1:
         return None
-    index, (q, k, scale, softcap, masks) = candidates[0]
-    return q, k, values, terms[:index] + terms[index + 1:] + masks, scale, softcap
+    index, (q, k, scale, softcap) = candidates[0]
+    return q, k, values, terms[:index] + terms[index + 1:], scale, softcap
 
 
 def _scores_source(value: Value, flat: bool, anchor: Node):
-    """The scaled (soft-capped or not) q @ k^T a scores term is: (q, k, scale, softcap, masks) with q and k
-    [b, H, s, D] (the 4-D sources of a flat term's operands) and masks the booleans of where(mask, ., -inf); or
-    None. A permute k needs is emitted before ``anchor``."""
-    masks = []
-    where = producer(value, "where")
-    if where is not None:
-        fill = scalar_value(where.inputs[2])
-        if fill is None or fill > np.finfo(np.float32).min / 2:
-            return None
-        masks.append((where.inputs[0], False))
-        value = where.inputs[1]
+    """The scaled (soft-capped or not) q @ k^T a scores term is: (q, k, scale, softcap) with q and k
+    [b, H, s, D] (the 4-D sources of a flat term's operands); or None. A permute k needs is emitted before
+    ``anchor``."""
     scale, value = _peel_scalar_factors(value)
     softcap = None
     capped = producer(value, "tanh")
@@ -306,7 +317,7 @@ def _scores_source(value: Value, flat: bool, anchor: Node):
         if transposed is None or tuple(transposed.attrs["perm"]) != (0, 2, 1):
             return None
         q, k = _unflatten_heads(q), _unflatten_heads(transposed.inputs[0])
-        return None if q is None or k is None else (q, k, scale, softcap, masks)
+        return None if q is None or k is None else (q, k, scale, softcap)
     perm = producer(kt, "permute")
     if perm is None or q.type.rank != 4 or kt.type.rank != 4:
         return None
@@ -316,7 +327,13 @@ def _scores_source(value: Value, flat: bool, anchor: Node):
     k_perm = p[:2] + (p[3], p[2])
     k = perm.inputs[0] if k_perm == (0, 1, 2, 3) else \
         anchor.function.emit("permute", perm.inputs[0], perm=k_perm, insert_before=anchor)
-    return q, k, scale, softcap, masks
+    return q, k, scale, softcap
+
+
+def _is_minus_infinity(value: Value) -> bool:
+    """A scalar at or below half of float32's lowest: what masked scores are filled with."""
+    fill = scalar_value(value)
+    return fill is not None and fill <= np.finfo(np.float32).min / 2
 
 
 def _peel_scalar_factors(scores: Value):
@@ -399,7 +416,8 @@ def _try_fuse(fn: Function, node: Node, module: Module, max_seq: int, reasons: l
 def run(module: Module, options: PassOptions) -> bool:
     """Rewrites SDPA and eager softmax(q k^T) v with a proven causal/sliding mask into grouped attention."""
     max_seq = module.metadata.get("capture", {}).get("max_seq", options.max_seq_len)
-    max_seq = min(max_seq, options.max_seq_len)
+    # the mask is evaluated at lengths the module is valid for (a table it slices may end at its declared limit)
+    max_seq = min(max_seq, options.max_seq_len, module.symbol_ranges.get("seq", (1, max_seq))[1])
     reasons: list = []
     changed = False
     for fn in module.functions.values():

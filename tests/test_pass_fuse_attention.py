@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kiln.ir.errors import ParseError
 from kiln.ir.interpreter import run_function
 from kiln.ir.llm_ops import attention_reference
 from kiln.ir.parser import parse_module
@@ -404,6 +405,45 @@ def test_alibi_biases_fuse_with_their_slopes():
 def test_a_bias_not_linear_in_the_key_position_stays_unfused():
     (reason,) = unfused(module_text(QKV, alibi_body("%kf2")))
     assert "neither a mask nor linear" in reason
+
+
+# MPT: the slopes times key positions -127..0 in a 128-column table, its last seq columns added to the eager scores,
+# then masked_fill(masked, -inf) with masked = not causal. The slice is in bounds only for seq <= 128.
+MPT_SCORES = GRID + """
+    %heads = arange() {end=4} : i64[4]
+    %hf = cast(%heads) {dtype="f32"} : f32[4]
+    %one = constant() {value=1.0, dtype="f32"} : f32[]
+    %h1 = add(%hf, %one) : f32[4]
+    %eighth = constant() {value=0.125, dtype="f32"} : f32[]
+    %slope = mul(%h1, %eighth) : f32[4]
+    %slope3 = reshape(%slope) {shape=[4, 1, 1]} : f32[4, 1, 1]
+    %columns = arange() {start=-127, end=1} : i64[128]
+    %columns_f = cast(%columns) {dtype="f32"} : f32[128]
+    %table = mul(%slope3, %columns_f) : f32[4, 1, 128]
+    %alibi = slice(%table) {axis=2, start=-seq + 128, end=128} : f32[4, 1, seq]
+    %quarter = constant() {value=0.25, dtype="f32"} : f32[]
+    %scaled = mul(%s, %quarter) : f32[batch, 4, seq, seq]
+    %biased = add(%scaled, %alibi) : f32[batch, 4, seq, seq]
+    %masked = not(%causal) : bool[seq, seq]
+    %lowest = constant() {value=-3.4028234663852886e+38, dtype="f32"} : f32[]
+    %scaled_masked = where(%masked, %lowest, %biased) : f32[batch, 4, seq, seq]"""
+
+
+def test_mpt_alibi_table_slice_and_masked_fill_fuse_with_their_slopes():
+    before = module_text(QKV, eager_body(MPT_SCORES), metadata="symbol seq in [1, 48]")
+    module = parse_module(before)
+    assert run_pass(PASS, module) is True
+    (fused,) = [n for n in module.functions["f"].nodes if n.op == "attention"]
+    assert fused.attrs["alibi"] == pytest.approx((0.125, 0.25, 0.375, 0.5), rel=1e-7)
+    assert fused.attrs["window"] is None and fused.attrs["scale"] == 0.25
+    check_same_results(before, module, sizes=((1, 1), (2, 5), (1, 9), (1, 48)))
+
+
+def test_the_mpt_table_slice_needs_the_declared_length_range():
+    with pytest.raises(ParseError, match="op slice: need 0 <= start <= end <= dim"):
+        parse_module(module_text(QKV, eager_body(MPT_SCORES)))
+    with pytest.raises(ParseError, match="op slice: need 0 <= start <= end <= dim"):
+        parse_module(module_text(QKV, eager_body(MPT_SCORES), metadata="symbol seq in [1, 129]"))
 
 
 @pytest.mark.parametrize("text", [
