@@ -1,5 +1,6 @@
 """Attention variants against transformers on both backends: BLOOM's ALiBi position biases (proven from the
-graph, scores computed on [batch * heads, seq, seq] views) and Gemma-2's soft-capping (attention scores
+graph, scores computed on [batch * heads, seq, seq] views), MPT's (the last seq columns of a precomputed table,
+in bounds because the capture declares the length's range) and Gemma-2's soft-capping (attention scores
 c * tanh(s / c) and the final logits likewise) with its alternating sliding-window and global layers.
 
 Each variant is set up to matter: the tests first show transformers' outputs move by far more than the tolerance
@@ -101,3 +102,59 @@ def test_alibi_slopes_are_proven_and_fused_as_transformers_computes_them():
               if node.op == "paged_attention"}
     assert len(slopes) == 1
     np.testing.assert_allclose(slopes.pop(), _get_alibi_slopes(4, "cpu").numpy(), rtol=1e-6)
+
+
+@functools.lru_cache(maxsize=None)
+def mpt():
+    import transformers
+
+    return random_model(transformers.MptConfig(vocab_size=131, d_model=72, n_layers=2, n_heads=6, max_seq_len=128))
+
+
+def test_the_mpt_alibi_biases_matter_on_this_model(monkeypatch):
+    import torch
+    from transformers.models.mpt import modeling_mpt
+
+    with torch.no_grad():
+        biased = mpt()(torch.as_tensor([PROMPT])).logits[0].numpy()
+        monkeypatch.setattr(modeling_mpt, "build_mpt_alibi_tensor",
+                            lambda heads, length, *args, **kw: torch.zeros(heads, 1, length))
+        unbiased = mpt()(torch.as_tensor([PROMPT])).logits[0].numpy()
+    assert relative_error(unbiased, biased) > 1000 * FP32_TOLERANCE
+
+
+def test_mpt_alibi_slopes_are_proven_and_fused_as_transformers_computes_them():
+    """MPT slices the last seq columns of its 128-column table (start 128 - seq, in bounds since the capture
+    declares seq <= 48) and masks with masked_fill; the fused attention carries the slopes of transformers' own
+    table (six heads: the interleaved slopes of eight)."""
+    from transformers.models.mpt.modeling_mpt import build_mpt_alibi_tensor
+
+    from kiln.driver import optimize
+    from kiln.frontend.capture import capture
+    from kiln.passes import PassOptions
+
+    module = capture(mpt(), max_seq=48)
+    assert module.symbol_ranges["seq"] == (1, 48)
+    optimize(module, PassOptions(max_seq_len=48))
+    slopes = {node.attrs["alibi"] for fn in module.functions.values() for node in fn.nodes
+              if node.op == "paged_attention"}
+    assert len(slopes) == 1
+    table = build_mpt_alibi_tensor(6, 2).numpy()  # [heads, 1, 2]: slope * (-1, 0)
+    np.testing.assert_allclose(slopes.pop(), table[:, 0, 1] - table[:, 0, 0], rtol=1e-6)
+
+
+def test_mpt_alibi_matches_transformers_on_onnxruntime(tmp_path):
+    """The default suite's end-to-end check (2 s); both backends run in tests/test_families.py under -m slow."""
+    model = mpt()
+    engine = kiln.load(kiln.compile(model, backend="onnxruntime", max_seq_len=48, output=tmp_path / "model.kiln"))
+    assert_engine_matches_transformers(engine, "mpt", prompt=PROMPT, model=model)
+
+
+def test_mpt_longer_than_its_alibi_table_is_refused_in_one_line(tmp_path):
+    from kiln.ir.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        kiln.compile(mpt(), backend="onnxruntime", max_seq_len=200, output=tmp_path / "model.kiln")
+    message = str(info.value)
+    assert "max_seq_len 128 is the length of MPT's ALiBi table" in message and "--max-seq-len 128" in message
+    assert "\n" not in message

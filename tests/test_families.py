@@ -44,6 +44,7 @@ FAMILIES = {
     "falcon": ("FalconConfig", {**_DECODER, "new_decoder_architecture": False, "multi_query": True}),
     "falcon_new_decoder": ("FalconConfig", {**_DECODER, "new_decoder_architecture": True, "num_kv_heads": 2}),
     "bloom": ("BloomConfig", dict(vocab_size=VOCAB, hidden_size=72, n_layer=2, n_head=6)),
+    "mpt": ("MptConfig", dict(vocab_size=VOCAB, d_model=72, n_layers=2, n_heads=6, max_seq_len=128)),
     "stablelm": ("StableLmConfig", {**_DECODER, "partial_rotary_factor": 0.5}),
     "starcoder2": ("Starcoder2Config", _DECODER),
     "olmo": ("OlmoConfig", _DECODER),

@@ -33,7 +33,7 @@ PROMPT_SHAPES = [(1, 1), (2, 7), (1, 13)]
 # weight about 0.6), so positions matter. Fused q/k/v projections scale v too, which changes nothing
 # that matters here.
 QK_SCALE = 8.0
-_QK_WEIGHTS = re.compile(r"\.(q_proj|k_proj|qkv_proj|c_attn|query_key_value)\.weight$")
+_QK_WEIGHTS = re.compile(r"\.(q_proj|k_proj|qkv_proj|c_attn|query_key_value|Wqkv)\.weight$")
 _ROUTER_WEIGHTS = re.compile(r"mlp\.gate\.weight$")
 
 
