@@ -1,6 +1,7 @@
-"""Embedding models: a sentence-transformers directory (modules.json, 1_Pooling, 2_Normalize) or a plain BERT
-checkpoint (mean pooling, as sentence-transformers treats one) -> a torch module from token ids and a mask to one
-pooled vector per sentence. Nothing is unpickled and no code from the directory is imported."""
+"""Embedding models: a sentence-transformers directory (modules.json, 1_Pooling, 2_Normalize) or a plain BERT,
+RoBERTa or XLM-RoBERTa checkpoint (mean pooling, as sentence-transformers treats one) -> a torch module from token
+ids and a mask to one pooled vector per sentence. Nothing is unpickled and no code from the directory is
+imported."""
 
 from __future__ import annotations
 
@@ -14,7 +15,14 @@ import torch
 from kiln.ir.embedding import EMBED_INPUTS, POOLINGS
 from kiln.ir.errors import ConfigError, ModelFormatError
 
-ENCODER_MODEL_TYPES = ("bert",)
+# config.json model_type -> transformers' (config class, encoder class, where positions start)
+ENCODERS = {
+    "bert": ("BertConfig", "BertModel", "from_zero"),
+    # fairseq's positions: padding_idx + 1 onwards for every token that is not padding, from the ids
+    "roberta": ("RobertaConfig", "RobertaModel", "after_padding_idx"),
+    "xlm-roberta": ("XLMRobertaConfig", "XLMRobertaModel", "after_padding_idx"),
+}
+ENCODER_MODEL_TYPES = tuple(ENCODERS)
 MODULES_FILE = "modules.json"
 # sentence-transformers' module classes kiln runs, in the order a pipeline may hold them
 _TRANSFORMER, _POOLING, _NORMALIZE = (f"sentence_transformers.models.{name}"
@@ -31,9 +39,9 @@ class EmbeddingSpec:
 
     pooling: str  # one of POOLINGS
     normalize: bool  # L2-normalise each vector (sentence-transformers' Normalize module)
-    max_seq_len: int  # tokens per sentence after truncation ([CLS] and [SEP] included)
+    max_seq_len: int  # tokens per sentence after truncation (its start and end tokens included)
     hidden_size: int
-    source: str  # "sentence-transformers" or "bert" (a plain checkpoint: mean pooling by convention)
+    source: str  # "sentence-transformers", or a plain checkpoint's model_type (mean pooling by convention)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -55,22 +63,26 @@ def is_embedding_source(path) -> bool:
 
 
 class SentenceEmbedder(torch.nn.Module):
-    """BERT's embeddings and encoder, then pooling over the unmasked tokens and optional L2 normalisation:
-    ``forward(input_ids [batch, seq], attention_mask [batch, seq]) -> [batch, hidden]``.
+    """A BERT-family encoder's embeddings and layers, then pooling over the unmasked tokens and optional L2
+    normalisation: ``forward(input_ids [batch, seq], attention_mask [batch, seq]) -> [batch, hidden]``.
 
     The mask over keys is built here (not by transformers' mask helpers) as a boolean [batch, 1, 1, seq], so
     capture sees one scaled_dot_product_attention per layer with a padding mask; token types are all 0, as a
-    single sentence has them; positions are an arange (a slice of BERT's position buffer by a symbolic length
-    could not be proven in bounds)."""
+    single sentence has them. BERT's positions are an arange; RoBERTa's and XLM-R's are left to transformers,
+    which numbers the tokens that are not padding from padding_idx + 1 (texts are padded on the right, so a
+    text's positions do not depend on its batch)."""
 
-    def __init__(self, bert: torch.nn.Module, spec: EmbeddingSpec):
+    def __init__(self, encoder: torch.nn.Module, spec: EmbeddingSpec, positions: str = "from_zero"):
         super().__init__()
-        self.wrapped = bert
+        self.wrapped = encoder
         self.pooling = spec.pooling
         self.normalize = spec.normalize
+        self.positions = positions
 
     def forward(self, input_ids, attention_mask):
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+        positions = None
+        if self.positions == "from_zero":
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
         hidden = self.wrapped.embeddings(input_ids=input_ids, token_type_ids=torch.zeros_like(input_ids),
                                          position_ids=positions)
         keys = attention_mask.bool()[:, None, None, :]
@@ -102,7 +114,7 @@ class LoadedEmbedder:
 
 
 def load_embedding_model(path) -> LoadedEmbedder:
-    """Load a sentence-transformers directory or a BERT checkpoint directory (see the module docstring)."""
+    """Load a sentence-transformers directory or a BERT-family checkpoint directory (see the module docstring)."""
     from kiln.frontend.hf_checkpoint import _read_json_object
 
     root = Path(path)
@@ -110,9 +122,20 @@ def load_embedding_model(path) -> LoadedEmbedder:
         model_dir, pooling, normalize = _read_modules(root, _read_modules_file(root / MODULES_FILE))
         source = "sentence-transformers"
     else:
-        model_dir, pooling, normalize, source = root, "mean", False, "bert"
-    bert, config = _load_bert(model_dir)
-    max_seq_len = bert.config.max_position_embeddings  # transformers' default where config.json has none
+        model_dir, pooling, normalize, source = root, "mean", False, None
+    encoder, config, positions = _load_encoder(model_dir)
+    source = source or config["model_type"]
+    max_seq_len = encoder.config.max_position_embeddings  # transformers' default where config.json has none
+    if positions == "after_padding_idx":  # rows up to padding_idx are never a text's position
+        padding_idx = encoder.config.pad_token_id
+        if isinstance(padding_idx, bool) or not isinstance(padding_idx, int) or padding_idx < 0:
+            raise ConfigError(f"{model_dir / 'config.json'}: {config['model_type']} positions start after "
+                              f"pad_token_id, which is {padding_idx!r}; expected a token id")
+        max_seq_len -= padding_idx + 1
+        if max_seq_len < 1:
+            raise ConfigError(f"{model_dir / 'config.json'}: max_position_embeddings "
+                              f"{encoder.config.max_position_embeddings} leaves no position after pad_token_id "
+                              f"{padding_idx}, where {config['model_type']} positions start")
     st_config = model_dir / "sentence_bert_config.json"
     if os.path.lexists(st_config):
         limit = _read_json_object(st_config, "sentence_bert_config.json").get("max_seq_length", max_seq_len)
@@ -120,15 +143,16 @@ def load_embedding_model(path) -> LoadedEmbedder:
             raise ModelFormatError(f"{st_config}: expected max_seq_length to be a positive integer, found {limit!r}")
         max_seq_len = min(limit, max_seq_len)
     if not os.path.lexists(model_dir / "tokenizer.json"):
-        raise ModelFormatError(f"{model_dir}: expected a tokenizer.json (the WordPiece vocabulary) beside the "
+        raise ModelFormatError(f"{model_dir}: expected a tokenizer.json (the tokenizer's vocabulary) beside the "
                                f"weights, found none")
     from kiln.frontend.tokenizer import check_tokenizer_fits, tokenizer_from_hf_dir
 
     tokenizer = tokenizer_from_hf_dir(model_dir)
-    check_tokenizer_fits(tokenizer, bert.config.vocab_size, str(model_dir))
+    check_tokenizer_fits(tokenizer, encoder.config.vocab_size, str(model_dir))
     spec = EmbeddingSpec(pooling=pooling, normalize=normalize, max_seq_len=max_seq_len,
-                         hidden_size=bert.config.hidden_size, source=source)
-    return LoadedEmbedder(SentenceEmbedder(bert, spec).eval(), spec, config, tokenizer, bert.config.vocab_size)
+                         hidden_size=encoder.config.hidden_size, source=source)
+    return LoadedEmbedder(SentenceEmbedder(encoder, spec, positions).eval(), spec, config, tokenizer,
+                          encoder.config.vocab_size)
 
 
 def _read_modules(root: Path, modules) -> tuple[Path, str, bool]:
@@ -187,9 +211,12 @@ def _positive_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
-def _load_bert(directory: Path) -> tuple[torch.nn.Module, dict]:
-    """transformers' BertModel (no pooler) over the directory's safetensors; a checkpoint of a task model
-    (``bert.`` prefixed, with ``cls.`` heads) gives its encoder."""
+def _load_encoder(directory: Path) -> tuple[torch.nn.Module, dict, str]:
+    """transformers' BertModel, RobertaModel or XLMRobertaModel (no pooler) over the directory's safetensors, its
+    config.json and where its positions start (ENCODERS); a checkpoint of a task model (``bert.`` or ``roberta.``
+    prefixed, with ``cls.`` or ``lm_head.`` heads) gives its encoder."""
+    import transformers
+
     from kiln.frontend.hf_checkpoint import _check_buffers, _open_weights, _read_config, _read_weights
 
     config = _read_config(directory)
@@ -197,28 +224,30 @@ def _load_bert(directory: Path) -> tuple[torch.nn.Module, dict]:
         raise ConfigError(f"{directory / 'config.json'}: kiln embeds with {', '.join(ENCODER_MODEL_TYPES)} models, "
                           f"found model_type {config['model_type']!r}")
     if config.get("position_embedding_type", "absolute") != "absolute" or config.get("is_decoder"):
-        raise ConfigError(f"{directory / 'config.json'}: kiln embeds with bidirectional BERT encoders with absolute "
+        raise ConfigError(f"{directory / 'config.json'}: kiln embeds with bidirectional encoders with absolute "
                           f"positions, found position_embedding_type {config.get('position_embedding_type')!r}"
                           f"{' and is_decoder' if config.get('is_decoder') else ''}")
-    from transformers import BertConfig, BertModel
+    config_class, model_class, positions = ENCODERS[config["model_type"]]
+    config_class, model_class = getattr(transformers, config_class), getattr(transformers, model_class)
 
     sources = _open_weights(directory)
     try:
-        hf_config = BertConfig.from_dict({k: v for k, v in config.items() if k != "auto_map"})
+        hf_config = config_class.from_dict({k: v for k, v in config.items() if k != "auto_map"})
         layers = hf_config.num_hidden_layers
         if isinstance(layers, int) and layers > len(sources):
             raise ModelFormatError(f"{directory / 'config.json'}: the config gives {layers} layers but the weights "
                                    f"hold only {len(sources)} tensors; the checkpoint does not match its config")
         with torch.device("meta"):
-            meta = BertModel(hf_config, add_pooling_layer=False)
+            meta = model_class(hf_config, add_pooling_layer=False)
     except ModelFormatError:
         raise
     except Exception as err:  # transformers validates configs with its own exception types
-        raise ConfigError(f"{directory / 'config.json'}: transformers could not build BertModel from it "
-                          f"({' '.join(str(err).split())[:300] or type(err).__name__}); check the config values") \
+        raise ConfigError(f"{directory / 'config.json'}: transformers could not build {model_class.__name__} from "
+                          f"it ({' '.join(str(err).split())[:300] or type(err).__name__}); check the config values") \
             from None
     # the pooler and the pre-training / task heads are not part of a sentence embedding
-    meta._keys_to_ignore_on_load_unexpected = [r"(^|\.)pooler\.", r"^cls\.", r"^classifier\.", r"^qa_outputs\."]
+    meta._keys_to_ignore_on_load_unexpected = [r"(^|\.)pooler\.", r"^cls\.", r"^lm_head\.", r"^classifier\.",
+                                               r"^qa_outputs\."]
     prefix = meta.base_model_prefix + "."
     _check_buffers(meta, sources, directory)
     tensors = _read_weights(meta, sources, directory,
@@ -226,9 +255,9 @@ def _load_bert(directory: Path) -> tuple[torch.nn.Module, dict]:
     # _read_weights checked every tensor's name and shape; random initial weights are drawn (on a forked
     # generator, so the caller's stream is untouched) and replaced at once
     with torch.random.fork_rng(devices=[]):
-        bert = BertModel(hf_config, add_pooling_layer=False)
-    bert.load_state_dict({name: tensor for name, (_, tensor) in tensors.items()}, strict=True)
-    return bert.eval().requires_grad_(False), config
+        encoder = model_class(hf_config, add_pooling_layer=False)
+    encoder.load_state_dict({name: tensor for name, (_, tensor) in tensors.items()}, strict=True)
+    return encoder.eval().requires_grad_(False), config, positions
 
 
 def capture_embedder(model: SentenceEmbedder, *, max_batch: int = 64, max_seq: int = 512):

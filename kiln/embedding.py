@@ -1,6 +1,7 @@
-"""The driver for encoder-only embedding models: a sentence-transformers or BERT directory -> capture ->
-EMBEDDING_PIPELINE -> the backend's ``@embed`` -> an artifact whose manifest has an ``embedding`` field
-(pooling, normalisation, maximum length), checked against the torch module before it is installed."""
+"""The driver for encoder-only embedding models: a sentence-transformers directory or a BERT, RoBERTa or
+XLM-RoBERTa checkpoint -> capture -> EMBEDDING_PIPELINE -> the backend's ``@embed`` -> an artifact whose manifest
+has an ``embedding`` field (pooling, normalisation, maximum length), checked against the torch module before it is
+installed."""
 
 from __future__ import annotations
 
@@ -65,7 +66,8 @@ def capture_embedding(source, *, max_seq_len: int, pass_options, progress: Progr
         loaded = load_embedding_model(source)
     length = min(loaded.spec.max_seq_len, max_seq_len)
     if length < 2:
-        raise ConfigError(f"an embedding model takes at least 2 tokens ([CLS] and [SEP]); max_seq_len is {length}")
+        raise ConfigError(f"an embedding model takes at least 2 tokens ([CLS] and [SEP], or <s> and </s>); "
+                          f"max_seq_len is {length}")
     with progress.stage("capturing with torch.export"):
         module = capture_embedder(loaded.module, max_seq=length)
     name = os.path.basename(os.path.normpath(os.fspath(source)))

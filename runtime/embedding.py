@@ -1,6 +1,7 @@
-"""Running an embedding artifact: texts -> WordPiece ids truncated at the model's length -> padded batches ->
-the backend's ``@embed`` -> one vector per text. :class:`EmbeddingEngine` is what :func:`kiln.load` gives for
-such an artifact; its generation methods refuse in one line. Imports numpy, tokenizers and the backend only."""
+"""Running an embedding artifact: texts -> the tokenizer's ids (WordPiece, byte-level BPE or Unigram, from
+tokenizer.json) truncated at the model's length -> padded batches -> the backend's ``@embed`` -> one vector per
+text. :class:`EmbeddingEngine` is what :func:`kiln.load` gives for such an artifact; its generation methods refuse
+in one line. Imports numpy, tokenizers and the backend only."""
 
 from __future__ import annotations
 

@@ -1,7 +1,9 @@
-"""Encoder-only embedding models: tiny random BERTs in sentence-transformers and plain checkpoint layouts, and the
-real all-MiniLM-L6-v2 (slow), compiled for TVM and ONNX Runtime, against transformers' BertModel with the pooling
-and normalisation of the directory's config written out here (sentence-transformers itself would pull in
-scikit-learn, so it is not the reference); plus the one-line refusals."""
+"""Encoder-only embedding models: tiny random BERTs in sentence-transformers and plain checkpoint layouts, tiny
+random RoBERTa (byte-level BPE) and XLM-RoBERTa (SentencePiece Unigram) models, and the real all-MiniLM-L6-v2
+(slow), compiled for TVM and ONNX Runtime, against transformers' own model (BertModel, RobertaModel,
+XLMRobertaModel, loaded by transformers) with the pooling and normalisation of the directory's config written out
+here (sentence-transformers itself would pull in scikit-learn, so it is not the reference); plus the one-line
+refusals. Every tokenizer is built here with the tokenizers library: nothing is downloaded."""
 
 import importlib.util
 import json
@@ -58,9 +60,81 @@ def write_bert(path, *, seed=0, max_position_embeddings=64):
     return os.fspath(path)
 
 
-def write_sentence_transformers(path, *, pooling="mean", normalize=True, max_seq_length=None, **kwargs):
-    """write_bert plus modules.json, 1_Pooling/config.json (one mode) and, when asked, Normalize."""
-    write_bert(path, **kwargs)
+# RoBERTa-family vocabularies: fairseq's four specials first (<pad> is 1, RoBERTa's padding_idx), <mask> last.
+ROBERTA_SPECIAL = ["<s>", "<pad>", "</s>", "<unk>"]
+# Texts for RoBERTa and XLM-R: unicode, digits (unknown to the Unigram vocabulary), runs of spaces.
+ROBERTA_TEXTS = ["hello world", "the cat sat on the mat and the dog ate a big red apple", "a",
+                 "Dog   cat, hello! café 日本 42", "the red apples"]
+
+
+def byte_level_bpe_tokenizer():
+    """RoBERTa's kind: byte-level BPE over GPT-2's byte alphabet (merges trained here on ROBERTA_TEXTS and WORDS,
+    deterministically), <s> $A </s> around a text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=330, special_tokens=ROBERTA_SPECIAL + ["<mask>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(ROBERTA_TEXTS + [" ".join(WORDS)] * 3, trainer)
+    tokenizer.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
+    return tokenizer
+
+
+def unigram_tokenizer():
+    """XLM-R's kind: a SentencePiece Unigram vocabulary (scored pieces, ▁ for a space, <unk> for what it cannot
+    spell) behind Metaspace, <s> $A </s> around a text."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+    pieces = [(token, 0.0) for token in ROBERTA_SPECIAL]
+    pieces += [("\u2581" + word, -3.0 - 0.1 * i) for i, word in enumerate(w for w in WORDS if not w.startswith("#"))]
+    pieces += [("\u2581", -4.0), ("s", -5.0), (",", -5.0), ("!", -5.0), ("é", -6.0), ("日", -6.0), ("本", -6.0)]
+    pieces += [(char, -7.0) for char in "abcdefghijklmnopqrstuvwxyz"]
+    pieces.append(("<mask>", 0.0))
+    tokenizer = Tokenizer(models.Unigram(pieces, unk_id=3, byte_fallback=False))
+    tokenizer.add_special_tokens([AddedToken(t, special=True) for t in ROBERTA_SPECIAL + ["<mask>"]])
+    tokenizer.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Replace(Regex(" {2,}"), " ")])
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tokenizer.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
+    return tokenizer
+
+
+def write_roberta(path, model_type="roberta", *, seed=0, max_length=64, masked_lm=False):
+    """A tiny random transformers RobertaModel or XLMRobertaModel (or, with ``masked_lm``, the masked-LM model
+    around it: ``roberta.`` prefixed weights beside an ``lm_head``) saved as a checkpoint directory with its kind
+    of tokenizer.json; positions 0 and 1 (up to padding_idx) are no text's, so the table has max_length + 2
+    rows."""
+    import transformers
+
+    tokenizer = byte_level_bpe_tokenizer() if model_type == "roberta" else unigram_tokenizer()
+    prefix = {"roberta": "Roberta", "xlm-roberta": "XLMRoberta"}[model_type]
+    config_class, model_class = f"{prefix}Config", f"{prefix}ForMaskedLM" if masked_lm else f"{prefix}Model"
+    config = getattr(transformers, config_class)(
+        vocab_size=tokenizer.get_vocab_size(), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=max_length + 2, type_vocab_size=1, pad_token_id=1,
+        bos_token_id=0, eos_token_id=2)
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_class)(config)
+    with torch.no_grad():
+        for layer in (model.roberta if masked_lm else model).encoder.layer:
+            layer.attention.self.query.weight.mul_(QK_SCALE)
+            layer.attention.self.key.weight.mul_(QK_SCALE)
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save(os.path.join(path, "tokenizer.json"))
+    return os.fspath(path)
+
+
+def write_sentence_transformers(path, *, pooling="mean", normalize=True, max_seq_length=None, model_type="bert",
+                                **kwargs):
+    """write_bert (or write_roberta for another model_type) plus modules.json, 1_Pooling/config.json (one mode)
+    and, when asked, Normalize."""
+    if model_type == "bert":
+        write_bert(path, **kwargs)
+    else:
+        write_roberta(path, model_type, **kwargs)
     modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
     if normalize:
@@ -81,19 +155,21 @@ def write_sentence_transformers(path, *, pooling="mean", normalize=True, max_seq
 
 
 def reference_embeddings(directory, texts, *, pooling, normalize, max_length):
-    """transformers' BertModel (loaded by transformers itself) over the `tokenizers` encoding truncated at
-    ``max_length``, pooled as sentence-transformers' Pooling does and L2-normalised when asked (float64)."""
+    """transformers' model for the directory's config (BertModel, RobertaModel, ...: AutoModel, loaded by
+    transformers itself) over the `tokenizers` encoding truncated at ``max_length`` and padded with the model's
+    pad token, pooled as sentence-transformers' Pooling does and L2-normalised when asked (float64)."""
     from tokenizers import Tokenizer
-    from transformers import BertModel
+    from transformers import AutoModel
 
     tokenizer = Tokenizer.from_file(os.path.join(directory, "tokenizer.json"))
     tokenizer.no_padding()
     tokenizer.enable_truncation(max_length)
     encoded = [tokenizer.encode(text).ids for text in texts]
     width = max(len(ids) for ids in encoded)
-    ids = torch.tensor([row + [0] * (width - len(row)) for row in encoded])
+    model = AutoModel.from_pretrained(directory, add_pooling_layer=False).eval()
+    pad = model.config.pad_token_id or 0
+    ids = torch.tensor([row + [pad] * (width - len(row)) for row in encoded])
     mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in encoded])
-    model = BertModel.from_pretrained(directory).eval()
     with torch.no_grad():
         hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state.double().numpy()
     keep = mask.double().numpy()[:, :, None]
@@ -129,6 +205,72 @@ def test_sentence_transformers_directory(tmp_path, backend, pooling, normalize):
     assert_close(engine.embed(TEXTS), expected)
     assert_close(engine.embed(TEXTS[1]), expected[1])  # one text: one vector
     assert_close(engine.embed(TEXTS, batch_size=1), expected)  # no padding at all
+
+
+@pytest.mark.parametrize("model_type, backend, pooling, normalize", [
+    ("roberta", "tvm", "mean", True), ("roberta", "onnxruntime", "cls", False),
+    ("xlm-roberta", "tvm", "cls", False), ("xlm-roberta", "onnxruntime", "mean", True)])
+def test_roberta_family_sentence_transformers_directory(tmp_path, model_type, backend, pooling, normalize):
+    """RoBERTa (byte-level BPE) and XLM-R (Unigram): positions from padding_idx + 1, one token type, <s> ... </s>."""
+    model = write_sentence_transformers(tmp_path / "model", model_type=model_type, pooling=pooling,
+                                        normalize=normalize)
+    engine = kiln.load(kiln.compile(model, backend=backend))
+    manifest = engine.manifest["embedding"]
+    assert (manifest["pooling"], manifest["normalize"], manifest["max_seq_len"]) == (pooling, normalize, 64)
+    expected = reference_embeddings(model, ROBERTA_TEXTS, pooling=pooling, normalize=normalize, max_length=64)
+    assert_close(engine.embed(ROBERTA_TEXTS), expected)
+    assert_close(engine.embed(ROBERTA_TEXTS, batch_size=1), expected)
+
+
+@pytest.mark.parametrize("model_type", ["roberta", "xlm-roberta"])
+def test_roberta_family_checkpoint_truncates_at_its_positions(tmp_path, model_type):
+    """A plain checkpoint: mean pooling, no normalisation, and the longest text is max_position_embeddings -
+    padding_idx - 1 tokens (<s> and </s> included), where transformers' positions end."""
+    model = write_roberta(tmp_path / "model", model_type, max_length=12)
+    engine = kiln.load(kiln.compile(model, backend="onnxruntime"))
+    assert (engine.manifest["embedding"]["pooling"], engine.manifest["embedding"]["normalize"],
+            engine.manifest["embedding"]["max_seq_len"]) == ("mean", False, 12)
+    assert engine.manifest["model"]["kind"] == model_type
+    texts = [" ".join(["the big red dog ate a cat"] * 4), "hello"]
+    assert len(engine.tokenizer.encode(texts[0])) == 12
+    assert_close(engine.embed(texts), reference_embeddings(model, texts, pooling="mean", normalize=False,
+                                                           max_length=12))
+
+
+def test_roberta_masked_lm_checkpoint_embeds_with_its_encoder(tmp_path):
+    """A RobertaForMaskedLM checkpoint (roberta.-prefixed, with an lm_head): its encoder, as RobertaModel loads it."""
+    model = write_roberta(tmp_path / "model", masked_lm=True)
+    engine = kiln.load(kiln.compile(model, backend="onnxruntime"))
+    assert_close(engine.embed(ROBERTA_TEXTS), reference_embeddings(model, ROBERTA_TEXTS, pooling="mean",
+                                                                   normalize=False, max_length=64))
+
+
+def test_roberta_without_a_pad_token_is_refused_in_one_line(tmp_path):
+    model = write_roberta(tmp_path / "model", max_length=8)
+    _rewrite(os.path.join(model, "config.json"), lambda c: {**c, "pad_token_id": None})
+    with pytest.raises(ConfigError, match="roberta positions start after pad_token_id, which is None") as caught:
+        kiln.compile(model, backend="onnxruntime")
+    assert "\n" not in str(caught.value)
+
+
+def test_roberta_positions_and_tokenizers_matter(tmp_path):
+    """What the RoBERTa tests check is sensitive to it: positions from 0 (BERT's) instead of padding_idx + 1
+    move the vectors by far more than ABS_TOLERANCE, and the two tokenizers split text as their kinds do."""
+    from transformers import RobertaModel
+
+    model = RobertaModel.from_pretrained(write_roberta(tmp_path / "model"), add_pooling_layer=False).eval()
+    ids = torch.tensor([[0, 40, 41, 42, 2]])
+    with torch.no_grad():
+        fairseq = model(input_ids=ids).last_hidden_state
+        from_zero = model(input_ids=ids, position_ids=torch.arange(5)[None]).last_hidden_state
+    assert (fairseq - from_zero).abs().max() > 1e-2
+    bpe, unigram = byte_level_bpe_tokenizer(), unigram_tokenizer()
+    assert bpe.encode("hello cat").tokens == ["<s>", "hello", "\u0120cat", "</s>"]
+    spelled = bpe.encode("日本")  # six UTF-8 bytes, no unknown token
+    assert spelled.ids[0] == 0 and spelled.ids[-1] == 2 and 3 not in spelled.ids
+    assert bpe.decode(spelled.ids) == "日本"
+    assert unigram.encode("hello  cat 42").tokens == ["<s>", "\u2581hello", "\u2581cat", "\u2581", "42", "</s>"]
+    assert unigram.encode("hello  cat 42").ids[4] == 3  # digits are <unk> to this vocabulary
 
 
 def test_bert_checkpoint_is_mean_pooled_without_normalisation(tmp_path):
