@@ -127,6 +127,8 @@ class Engine:
                                    token_budget=token_budget)
         self.max_running, self.token_budget = max_running, token_budget
         self._decode_function = DECODE_STEP if self.executor.has_function(DECODE_STEP) else STEP
+        # the backend takes a greedy step's argmax itself (TVM's @argmax_rows), else the engine does on the host
+        self._device_argmax = bool(getattr(self.executor, "computes_argmax", False))
         self._ids = itertools.count()
         self._lock = threading.Lock()  # guards _incoming, _closed and the loop thread's start and end
         self._incoming: list = []
@@ -423,7 +425,7 @@ class Engine:
             if not plan.chunks:
                 continue
             try:
-                logits = self._run(plan)
+                logits, argmax = self._run(plan)
             except BaseException as err:  # noqa: BLE001 - the loop outlives a failed step; its requests fail
                 error = err if isinstance(err, KilnError) else ConfigError(
                     f"the {self.info.backend} backend failed a step: {type(err).__name__}: "
@@ -435,7 +437,7 @@ class Engine:
                     raise
                 continue
             self.scheduler.complete(plan)
-            self._hand_out(plan, logits, drafts)
+            self._hand_out(plan, logits, argmax, drafts)
 
     def _propose(self) -> dict:
         """The drafter's proposals (Sequence -> Draft) for the running sequences that decode next step."""
@@ -448,8 +450,11 @@ class Engine:
         return self.drafter.propose([self._requests[seq] for seq in decoding],
                                     [seq.max_tokens - len(seq.tokens) for seq in decoding])
 
-    def _run(self, plan) -> np.ndarray:
-        """Check the planned batch (the one gate every batch passes before a backend sees it) and run one step."""
+    def _run(self, plan) -> tuple:
+        """Check the planned batch (the one gate every batch passes before a backend sees it) and run one step:
+        (logits [rows, vocab], None), or (None, (each row's argmax, the logit there)) when every request that
+        samples in it takes the argmax alone (greedy, nothing else reading its logits). The backend then takes the
+        argmax where it runs, when it can, and copies two numbers per row instead of the row."""
         chunks = plan.chunks
         counts = [chunk.count for chunk in chunks]
         token_ids = np.fromiter((t for c in chunks for t in c.tokens), np.int64, sum(counts))
@@ -471,19 +476,29 @@ class Engine:
                   and rows.size == len(chunks))
         inputs = {"token_ids": token_ids, "positions": positions, "token_seq": token_seq, "page_table": table,
                   "logit_rows": rows}
-        logits = self.executor.step(self._decode_function if decode else STEP, inputs)
+        function = self._decode_function if decode else STEP
+        argmax_only = rows.size > 0 and all(
+            not c.draft and not c.seq.all_logits and self._requests[c.seq].argmax_only for c in chunks)
+        logits = argmax = None
+        if argmax_only and self._device_argmax:
+            argmax = self.executor.step(function, inputs, want="argmax")
+        else:
+            logits = self.executor.step(function, inputs)
+            if argmax_only:  # numpy's argmax, as the sampler takes it, without the sampler's float64 copy
+                ids = logits.argmax(axis=1)
+                argmax, logits = (ids, logits[np.arange(ids.size), ids]), None
         stats = self.step_stats
         stats["steps"] += 1
         stats["tokens"] += int(token_ids.size)
         stats["draft_tokens"] += sum(len(c.draft) for c in chunks)
         stats["peak_pages_in_use"] = max(stats["peak_pages_in_use"], self.pool.num_in_use())
-        return logits
+        return logits, argmax
 
-    def _hand_out(self, plan, logits: np.ndarray, drafts: dict) -> None:
+    def _hand_out(self, plan, logits: np.ndarray | None, argmax: tuple | None, drafts: dict) -> None:
         row = 0
         for chunk in plan.chunks:
             seq, request = chunk.seq, self._requests[chunk.seq]
-            mine = logits[row:row + len(chunk.logit_offsets)]
+            mine = logits[row:row + len(chunk.logit_offsets)] if logits is not None else None
             row += len(chunk.logit_offsets)
             if seq.all_logits:
                 request.accept_all([chunk.start + o for o in chunk.logit_offsets], mine)
@@ -502,8 +517,12 @@ class Engine:
                     self.step_stats["accepted_draft_tokens"] += request.accepted_draft_tokens - before
                     if going_on:
                         self.scheduler.accept_draft(seq, accepted)
+                elif not chunk.samples:
+                    going_on = True
+                elif argmax is not None:
+                    going_on = request.accept_argmax(argmax[0][row - 1], argmax[1][row - 1])
                 else:
-                    going_on = not chunk.samples or request.accept(mine[-1])
+                    going_on = request.accept(mine[-1])
             except Exception as err:  # noqa: BLE001 - a sampling error fails its own request, not the loop
                 request.fail(err if isinstance(err, KilnError) else ConfigError(
                     f"sampling failed: {type(err).__name__}: {' '.join(str(err).split())[:200]}"))

@@ -19,7 +19,7 @@ import numpy as np
 
 from .detokenize import IncrementalDetokenizer
 from .grammar import GrammarMatcher
-from .sampling import Sampler, SamplingParams
+from .sampling import Choice, Sampler, SamplingParams, check_finite
 from .stopping import StopStringMatcher
 
 _END = object()  # queued after the last piece
@@ -83,6 +83,11 @@ class Request:
         self.cancelled = False
         self.seq = None  # the scheduler's Sequence, set when the engine takes the request
         self.times = {"submitted": time.perf_counter()}
+        # the next token is the argmax of the logits and nothing else reads them (no logprobs, penalties, bias,
+        # grammar or kept logits): the engine may hand it the argmax alone (accept_argmax)
+        self.argmax_only = (params.temperature == 0 and not params.logprobs and params.repetition_penalty == 1
+                            and not params.presence_penalty and not params.frequency_penalty
+                            and not params.logit_bias and grammar is None and not return_logits and not all_logits)
 
     # the caller's side ------------------------------------------------------------------
     def stream(self) -> Iterator[str]:
@@ -128,6 +133,14 @@ class Request:
         self._steps += 1
         return self._take(self._choose(logits))
 
+    def accept_argmax(self, token_id: int, logit: float) -> bool:
+        """:meth:`accept` for an ``argmax_only`` request, given the argmax of its logits (the lowest index among
+        ties) and the logit there, which must be finite as the sampler requires."""
+        self._steps += 1
+        self._mark_position()
+        check_finite(logit)
+        return self._take(Choice(int(token_id), None))
+
     def accept_draft(self, rows: np.ndarray, draft: list, draft_probs: np.ndarray | None) -> tuple[int, bool]:
         """Speculative decoding: ``rows`` [len(draft) + 1, vocab] are the target's logits after the last token
         and after each draft token. Each row gives the next token exactly as :meth:`accept` would (penalties,
@@ -150,9 +163,13 @@ class Request:
                 break  # the last row has no draft token, so the loop always ends here
         return index, not self._done.is_set()
 
-    def _choose(self, logits: np.ndarray, draft_token: int | None = None, draft_probs: np.ndarray | None = None):
+    def _mark_position(self) -> None:
+        """A position is being sampled: the first one ends the prefill's time."""
         self.times.setdefault("first_token", time.perf_counter())
         self._accepted += 1
+
+    def _choose(self, logits: np.ndarray, draft_token: int | None = None, draft_probs: np.ndarray | None = None):
+        self._mark_position()
         if self._return_logits:
             self._kept_logits.append(np.array(logits, dtype=np.float32))
         grammar = self._grammar

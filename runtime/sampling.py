@@ -286,7 +286,7 @@ class Sampler:
         params = self.params
         if params.temperature == 0:
             best = int(np.argmax(scores))  # first maximum, i.e. the lowest id among ties
-            _check_finite(scores[best])
+            check_finite(scores[best])
             return np.array([best], dtype=np.int64), np.ones(1)
 
         # None means "every token", saving a gather; a mask's -inf tokens are dropped first so that no
@@ -295,7 +295,7 @@ class Sampler:
         if np.isneginf(scores).any():
             token_ids = np.flatnonzero(~np.isneginf(scores))
             if token_ids.size == 0:
-                _check_finite(-np.inf)
+                check_finite(-np.inf)
             scores = scores[token_ids]
         count = scores.shape[0]
 
@@ -307,7 +307,7 @@ class Sampler:
             scores = scores[keep]
 
         largest = scores.max()
-        _check_finite(largest)
+        check_finite(largest)
         probs = np.exp(scores - largest)
         probs /= probs.sum()
 
@@ -377,7 +377,8 @@ def _nucleus(probs: np.ndarray, top_p: float) -> np.ndarray:
     return order[:kept]
 
 
-def _check_finite(value) -> None:
+def check_finite(value) -> None:
+    """Refuse a largest logit that is not finite (the step's NaN or inf, or a mask that left nothing)."""
     if not np.isfinite(value):
         raise KilnError(
             f"sampling expected finite logits, found a largest logit of {value}; "

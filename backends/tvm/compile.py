@@ -21,7 +21,7 @@ def compile_module(module, target: str, out_dir: str, options) -> dict:
     from . import llm_lower, mla_lower, moe_lower, quant_lower  # noqa: F401  (registers the fused-op, MLA, MoE and
     # quantized lowerings)
     from .build import PARALLEL_SUFFIX, build
-    from .lower import as_target, lower_functions, weight_names, widened_weight_names
+    from .lower import ARGMAX_ROWS, add_argmax_rows, as_target, lower_functions, weight_names, widened_weight_names
 
     if target not in ("cpu", "cuda"):
         raise ConfigError(f"unknown target {target!r}; expected cpu or cuda")
@@ -32,6 +32,8 @@ def compile_module(module, target: str, out_dir: str, options) -> dict:
     functions = [name for name in ENTRY_FUNCTIONS if name in module.functions]
     derived: dict = {}
     irmodule = lower_functions(module, functions, target, derived)
+    logits = module.functions[STEP].results[0].type  # [rows, vocab]: greedy decoding reads its argmax alone
+    irmodule = add_argmax_rows(irmodule, logits.shape[-1], logits.dtype, target)
     files = {"library": LIBRARY}
     if derived:
         from kiln.frontend.safetensors_file import write_safetensors
@@ -46,6 +48,8 @@ def compile_module(module, target: str, out_dir: str, options) -> dict:
         "target_json": str(as_target(target)),
         "files": files,
         "weights": {name: weight_names(irmodule, name) for name in functions},
+        # logits [rows, vocab] -> (each row's argmax as int32, its logit): what a greedy step copies to the host
+        "argmax_function": ARGMAX_ROWS,
         # kernels one call runs (each a thread-pool hand-off on the CPU): @step_decode's is per decoded token
         "kernel_launches": {name: launches[name] for name in functions if name in launches},
         # of those, the ones that hand work to the thread pool (a wake-up and a join each)

@@ -135,6 +135,12 @@ class TVMExecutor:
             raise ArtifactError(f"{info.path}: {library} has no function {', '.join(missing)} that the manifest "
                                 f"lists; recompile the artifact")
         self.functions = {name: self.vm[name] for name in functions}
+        # @argmax_rows (artifacts compiled before it lack it): greedy steps copy each row's argmax, not the row
+        argmax = backend.get("argmax_function")
+        if argmax is not None and not (isinstance(argmax, str) and _has_function(self.vm, argmax)):
+            raise ArtifactError(f"{info.path}: manifest field backend_info.argmax_function names {argmax!r}, which "
+                                f"{library} lacks; recompile the artifact")
+        self._argmax = self.vm[argmax] if argmax is not None else None
         spec = KVCacheSpec.from_json(info.manifest["kv_cache"])
         if spec.dtype not in _POOL_DTYPES or (spec.dtype != "f32" and any(g.kind != "kv" for g in spec.groups)):
             raise ArtifactError(f"{info.path}: the TVM backend's kernels take an f32 or f16 K/V cache or an f32 latent "
@@ -189,7 +195,15 @@ class TVMExecutor:
     def close(self) -> None:
         """Nothing to release early: the library's file was removed once it was loaded."""
 
-    def step(self, function: str, inputs: dict) -> np.ndarray:
+    @property
+    def computes_argmax(self) -> bool:
+        """Whether ``step(..., want="argmax")`` takes each row's argmax on the device."""
+        return self._argmax is not None
+
+    def step(self, function: str, inputs: dict, want: str = "logits"):
+        """Run one step. ``want="logits"``: the logits [rows, vocab] as numpy. ``want="argmax"``: (each row's
+        argmax as int64 [rows], the logit there [rows]), numpy's argmax (the lowest index among ties), taken on
+        the device by @argmax_rows, so only those two numbers per row are copied to the host."""
         tensor = self._tvm.runtime.tensor
         args = [tensor(np.ascontiguousarray(inputs[name], dtype=_INPUT_DTYPES[name]), self.device)
                 for name in STEP_INPUTS]
@@ -197,7 +211,11 @@ class TVMExecutor:
                                        *self.weights[function])
         for index, name in enumerate(self.pool_names):
             self.pools[name] = out[1 + index]
-        return out[0].numpy()
+        if want == "logits":
+            return out[0].numpy()
+        assert want == "argmax" and self._argmax is not None, f"step(want={want!r}) on {function}"
+        ids, values = self._argmax(out[0])
+        return ids.numpy().astype(np.int64), values.numpy()
 
 
 _INPUT_DTYPES = {"token_ids": np.int64, "positions": np.int64, "token_seq": np.int32, "page_table": np.int32,
