@@ -665,7 +665,9 @@ def format_summary(summary: dict) -> str:
     if moe:
         lines.append(f"experts: {moe['layers']} MoE layers, top-{moe['top_k']} of {moe['experts']}; expert weights "
                      f"{moe['expert_weight_bytes'] / 2**20:.2f} MiB, read per decoded token "
-                     f"{moe['expert_bytes_per_decoded_token'] / 2**20:.2f} MiB")
+                     f"{moe['expert_bytes_per_decoded_token'] / 2**20:.2f} MiB"
+                     + (f" ({', '.join(f'{n} x {f}' for f, n in sorted(moe['formats'].items()))})"
+                        if moe.get("formats") else ""))
     mla = summary.get("latent_attention")
     if mla:
         lines.append(f"latent attention (MLA): {mla['layers']} layers cache one latent of {mla['latent_dim']} "
@@ -686,7 +688,9 @@ def format_summary(summary: dict) -> str:
     aq = summary.get("activations_quantized")
     lines.append("quantized linears multiply float activations" if not aq else
                  f"quantized linears multiply {aq['mode']} activations (per block of 32): {aq['linear_q']} linear_q"
-                 + (f", {aq['kept_float']} kept float (K or group not a multiple of 32)" if aq["kept_float"] else ""))
+                 + (f", {aq['kept_float']} kept float (K or group not a multiple of 32)" if aq["kept_float"] else "")
+                 + (f"; experts: {aq['moe_experts_q']} moe_experts_q, {aq['moe_experts_q_kept_float']} kept float"
+                    if "moe_experts_q" in aq else ""))
     acts = summary.get("activations")
     if acts:
         lines.append("activation memory:")

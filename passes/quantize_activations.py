@@ -4,13 +4,15 @@ With ``PassOptions.extra["activations"] == "int8"`` every ``linear_q`` whose K a
 of 32 quantizes its input rows per block of 32 (see ``kiln.ir.quant_ops``), which lets a backend multiply
 with integer dot products (VNNI ``vpdpbusd`` on the TVM CPU backend, MatMulNBits accuracy_level 4 on ONNX
 Runtime). It is a decision in the IR, not a backend flag: the interpreter, every backend and ``kiln inspect``
-read the same attribute. Runs before merge_sibling_linears, so merged projections carry it.
+read the same attribute. Runs before merge_sibling_linears, so merged projections carry it. A ``moe_experts_q``
+whose two stacks are quantized with K and groups multiples of 32 takes int8 activations too (both matmuls).
 """
 
 from __future__ import annotations
 
 from kiln.ir.errors import ConfigError
 from kiln.ir.graph import Module
+from kiln.ir.moe_ops import int8_activations_fit_experts
 from kiln.ir.quant_ops import ACTIVATIONS, int8_activations_fit
 
 from .manager import PassOptions, register_pass
@@ -26,15 +28,26 @@ def run(module: Module, options: PassOptions) -> bool:
         raise ConfigError(f"activations must be one of {', '.join(ACTIVATIONS)}, found {mode!r}")
     if mode == "float":
         return False
-    marked, kept = 0, 0
+    marked, kept, experts_marked, experts_kept = 0, 0, 0, 0
     for fn in module.functions.values():
         for node in fn.nodes:
-            if node.op != "linear_q" or node.attrs.get("activations") == mode:
+            if node.op not in ("linear_q", "moe_experts_q") or node.attrs.get("activations") == mode:
                 continue
-            if int8_activations_fit(node.inputs[0].type.shape[-1], node.attrs["group_size"]):
+            if node.op == "moe_experts_q":
+                hidden = node.inputs[0].type.shape[-1]
+                inter = node.inputs[3].type.shape[1] // 2  # gate_up's rows, in every format
+                if int8_activations_fit_experts(hidden, inter, node.attrs):
+                    node.attrs["activations"] = mode
+                    experts_marked += 1
+                else:
+                    experts_kept += 1
+            elif int8_activations_fit(node.inputs[0].type.shape[-1], node.attrs["group_size"]):
                 node.attrs["activations"] = mode
                 marked += 1
             else:
                 kept += 1
     module.metadata["activations_quantized"] = {"mode": mode, "linear_q": marked, "kept_float": kept}
-    return marked > 0
+    if experts_marked or experts_kept:
+        module.metadata["activations_quantized"].update(moe_experts_q=experts_marked,
+                                                        moe_experts_q_kept_float=experts_kept)
+    return marked + experts_marked > 0

@@ -1,6 +1,9 @@
-"""Quantize weights: ``linear``, ``gated_mlp`` and ``embedding`` over fp32 weights -> ``linear_q`` / ``embedding_q``.
+"""Quantize weights: ``linear``, ``gated_mlp``, ``embedding`` and ``moe_experts`` over fp32 weights -> ``linear_q`` /
+``embedding_q`` / ``moe_experts_q``.
 
-Round-to-nearest, weight-only; the fp32 weights nothing reads any more leave the module.
+Round-to-nearest, weight-only; the fp32 weights nothing reads any more leave the module. A stack of experts'
+weights [E, N, K] is quantized row by row as a linear's [E * N, K] would be (every format is per row), so each
+expert's blocks are what its own linear_q would hold; a stack whose K fits no int4 group stays float.
 Options (PassOptions.extra):
 
 - ``quantize``: None / "none", "int8" (per output channel), "int4" (groups of 32), "int4-g128"
@@ -9,7 +12,7 @@ Options (PassOptions.extra):
   scale, as GGUF Q4_1 does; False gives symmetric groups, (nibble - 8) * scale, as Q4_0 does.
 - ``quantize_embedding`` (int8 / int4 modes, default True): the embedding table and the logits
   projection as int8 per row (the format llama.cpp's Q4 files keep for token_embd); False keeps fp32.
-- ``prequantized``: {weight name: QuantizedWeight} for "gguf".
+- ``prequantized``: {weight name: QuantizedWeight} for "gguf" (an expert stack's arrays with a leading E axis).
 
 int4 scales and offsets are stored in f16 (as GGUF blocks are), the nibbles computed against the
 rounded values, so the kernels reproduce exactly what the quantizer chose.
@@ -23,6 +26,7 @@ import numpy as np
 
 from kiln.ir.errors import ConfigError
 from kiln.ir.graph import Function, Module, Node, Value
+from kiln.ir.moe_ops import QUANTIZED_WEIGHTS
 from kiln.ir.quant_ops import QuantizedWeight, pack_int4
 from kiln.ir.types import is_float
 
@@ -113,6 +117,14 @@ def _prequantized_rows(prequantized: dict, name: str) -> QuantizedWeight | None:
                            None if whole.offset is None else whole.offset[rows])
 
 
+def _per_expert(rows: QuantizedWeight, experts: int) -> QuantizedWeight:
+    """A weight quantized as [E * N, K] rows -> the same arrays with a leading experts axis."""
+    def split(a):
+        return None if a is None else a.reshape((experts, a.shape[0] // experts) + a.shape[1:])
+
+    return QuantizedWeight(rows.bits, rows.group_size, split(rows.q), split(rows.scale), split(rows.offset))
+
+
 class _Quantizer:
     """Decides each weight's format once, quantizes it once and emits the weight nodes that read it."""
 
@@ -129,16 +141,22 @@ class _Quantizer:
     def _quantize(self, name: str, role: str) -> QuantizedWeight | None:
         data = self.module.weight_data.get(name)
         t = self.module.weights.get(name)
-        if data is None or t is None or t.rank != 2 or not is_float(t.dtype) or not t.is_static:
+        if data is None or t is None or t.rank not in (2, 3) or not is_float(t.dtype) or not t.is_static:
             return None
         if self.mode == GGUF:
             return _prequantized_rows(self.prequantized, name)
+        if t.rank == 3:  # an experts stack: quantized as the [E * N, K] rows it is
+            rows = self._quantize_rows(data.reshape(-1, t.shape[2]), t.shape[2], role)
+            return None if rows is None else _per_expert(rows, t.shape[0])
+        return self._quantize_rows(data, t.shape[1], role)
+
+    def _quantize_rows(self, data: np.ndarray, k: int, role: str) -> QuantizedWeight | None:
         if role in ("embedding", "output"):
             return quantize_int8(data) if self.quantize_embedding else None
         bits, group_size = MODES[self.mode]
         if bits == 8:
             return quantize_int8(data)
-        group_size = fitting_group(t.shape[1], group_size)
+        group_size = fitting_group(k, group_size)
         if group_size is None:
             return None
         return quantize_int4(data, group_size, self.zero_points)
@@ -232,6 +250,30 @@ def _rewrite_gated_mlp(quantizer: _Quantizer, fn: Function, node: Node) -> bool:
     return True
 
 
+def _rewrite_moe_experts(quantizer: _Quantizer, fn: Function, node: Node) -> bool:
+    """moe_experts -> moe_experts_q with each stack that has a quantized form in it (a stack without one stays
+    float: <w>_bits 0)."""
+    x, weights, ids, w_gate_up, w_down = node.inputs
+    found = [quantizer.tensors(w, "linear") for w in (w_gate_up, w_down)]
+    if all(f is None for f in found):
+        return False
+    inputs, attrs = [x, weights, ids], {"activation": node.attrs["activation"]}
+    for name, weight, quantized in zip(QUANTIZED_WEIGHTS, (w_gate_up, w_down), found):
+        if quantized is None:
+            inputs.append(weight)
+            attrs[f"{name}_bits"] = 0
+            continue
+        names, format_attrs = quantized
+        inputs += [fn.emit("weight", name=n, insert_before=node) for n in names]
+        attrs.update({f"{name}_bits": format_attrs["bits"], f"{name}_group_size": format_attrs["group_size"],
+                      f"{name}_offset": len(names) == 3})
+    quantizer.layers += 1
+    y = fn.add_node("moe_experts_q", inputs, attrs, before=node, name="moe_experts_q", meta=node.meta).output
+    fn.replace_all_uses(node.output, y)
+    fn.erase(node)
+    return True
+
+
 def _drop_unused_weights(module: Module, names: set) -> None:
     for fn in module.functions.values():
         for node in reversed(list(fn.nodes)):
@@ -245,7 +287,8 @@ def _drop_unused_weights(module: Module, names: set) -> None:
 
 @register_pass("quantize_weights")
 def run(module: Module, options: PassOptions) -> bool:
-    """Rewrites linear / gated_mlp / embedding over fp32 weights into linear_q / embedding_q (when asked)."""
+    """Rewrites linear / gated_mlp / embedding / moe_experts over fp32 weights into linear_q / embedding_q /
+    moe_experts_q (when asked)."""
     mode = options.extra.get("quantize")
     if mode in (None, "none"):
         return False
@@ -268,6 +311,8 @@ def run(module: Module, options: PassOptions) -> bool:
                 changed |= _rewrite_gated_mlp(quantizer, fn, node)
             elif node.op == "embedding":
                 changed |= _rewrite_embedding(quantizer, fn, node)
+            elif node.op == "moe_experts":
+                changed |= _rewrite_moe_experts(quantizer, fn, node)
     _drop_unused_weights(module, quantizer.replaced)
     if changed:
         formats = {}

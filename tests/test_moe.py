@@ -301,7 +301,7 @@ def test_deepseek_v3_routed_experts_match_transformers(run, tokens, poison):
 
 def test_inspect_reports_expert_bytes_read_per_decoded_token():
     """kiln inspect's expert line: per decoded token, top-k experts' gate/up/down weights per MoE layer,
-    counted here from transformers' parameters (f32)."""
+    counted here from transformers' parameters (f32; quantized experts: tests/test_moe_quant.py)."""
     from kiln.cli import format_summary
     from kiln.driver import summarize
 
@@ -310,6 +310,6 @@ def test_inspect_reports_expert_bytes_read_per_decoded_token():
     per_expert = sum(4 * (e.gate_up_proj[0].numel() + e.down_proj[0].numel()) for e in experts)
     summary = summarize(capture(model, max_seq=64))
     assert summary["experts"] == {"layers": 2, "top_k": 3, "experts": 5, "expert_weight_bytes": 5 * per_expert,
-                                  "expert_bytes_per_decoded_token": 3 * per_expert}
+                                  "expert_bytes_per_decoded_token": 3 * per_expert, "formats": {"f32": 4}}
     assert (f"experts: 2 MoE layers, top-3 of 5; expert weights {5 * per_expert / 2**20:.2f} MiB, read per decoded "
             f"token {3 * per_expert / 2**20:.2f} MiB") in format_summary(summary)

@@ -541,10 +541,11 @@ add("paged_attention",
 
 # ops exercised by dedicated tests below rather than by the table (linear_q and embedding_q: in
 # tests/test_quantize.py, references vs a torch dequantize over int8 / int4 / group / offset / f16 cases;
-# moe_route and moe_experts: in tests/test_moe.py, references vs transformers' routers and experts;
+# moe_route and moe_experts: in tests/test_moe.py, references vs transformers' routers and experts; moe_experts_q:
+# in tests/test_moe_quant.py, vs a torch dequantize-then-experts over int8 / int4 / GGUF block / mixed cases;
 # latent_attention and paged_latent_attention: in tests/test_mla.py, references vs torch's attention over the
 # expanded per-head K/V of DeepSeek's up-projections)
-SPECIAL = {"weight", "linear_q", "embedding_q", "moe_route", "moe_experts", "latent_attention",
+SPECIAL = {"weight", "linear_q", "embedding_q", "moe_route", "moe_experts", "moe_experts_q", "latent_attention",
            "paged_latent_attention"}
 
 

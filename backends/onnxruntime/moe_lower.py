@@ -9,6 +9,13 @@ from a softmax moe_route without groups, bias or scaling (Mixtral, Qwen-MoE), an
 nothing. Other routings (sigmoid, grouped, scaled: DeepSeek) and GELU experts take the standard path, which
 gathers the k selected experts' weights per token: a decode step copies and reads k experts, a prefill k
 per token.
+
+``moe_experts_q`` takes the standard path over the quantized stacks: it gathers the selected experts' quantized
+blocks, scales and offsets (a decode step reads k experts' blocks in their stored format, never the others),
+dequantizes them with standard ops (as embedding_q's lowering does its rows) and multiplies in f32; int8
+activations round each matmul's input rows per block of 32 first, as the IR says. (QMoE, ORT's quantized MoE,
+routes by itself and takes only integer zero points, and its block-wise 8-bit kernels always quantize the
+activations: it computes kiln's offsets-and-float-activations formats only approximately, so it is not used.)
 """
 
 from __future__ import annotations
@@ -16,6 +23,8 @@ from __future__ import annotations
 import numpy as np
 
 from kiln.ir.errors import UnsupportedOpError
+from kiln.ir.moe_ops import split_weights
+from kiln.ir.quant_ops import ACTIVATION_BLOCK, INT4_PER_WORD
 
 from .lower import MS_DOMAIN, lowering
 
@@ -98,19 +107,85 @@ def _lower_moe_experts(ctx, node):
                        k=int(route.attrs["top_k"]), activation_type="swiglu", swiglu_fusion=1,
                        activation_alpha=1.0, activation_beta=0.0,
                        normalize_routing_weights=int(bool(route.attrs["normalize"])))
+    return _gathered_experts(ctx, node, ([3], (0, 0)), ([4], (0, 0)))
+
+
+def _gathered_experts(ctx, node, gate_up: tuple, down: tuple, int8_rows: bool = False) -> str:
+    """Each token's k selected experts' gated MLPs from their gathered weights, weighted and summed.
+    ``gate_up`` / ``down``: (the node's input indices of the stack's arrays, its format (bits, group_size))."""
     dtype = ctx.in_type(0).dtype
     if dtype != "f32":
         raise UnsupportedOpError(f"{ctx.where()}: the ONNX Runtime backend runs experts in f32, found {dtype}")
-    inter = ctx.in_type(4).shape[2]
-    x = ctx.add("Unsqueeze", [ctx.input(0), ctx.const([1, 3], "i64")])  # [T, 1, H, 1]
+    hidden_size = ctx.in_type(0).shape[1]
+    inter = ctx.in_type(3).shape[1] // 2  # gate_up's rows, in every format
     ids = ctx.input(2)
-    gate_up = ctx.add("MatMul", [ctx.add("Gather", [ctx.input(3), ids], axis=0), x])  # [T, k, 2I, 1]
+    x = ctx.input(0)
+    if int8_rows:
+        x = _int8_rows(ctx, x, hidden_size)
+    x = ctx.add("Unsqueeze", [x, ctx.const([1, 3], "i64")])  # [T, 1, H, 1]
+    gate_up = ctx.add("MatMul", [_gathered_weight(ctx, gate_up, ids, 2 * inter, hidden_size), x])  # [T, k, 2I, 1]
     gate, up = ctx.add("Split", [gate_up, ctx.const([inter, inter], "i64")], 2, axis=2)
     if node.attrs["activation"] == "silu":
         act = ctx.add("Mul", [gate, ctx.add("Sigmoid", [gate])])
     else:
         act = ctx.add("Gelu", [gate], approximate="tanh" if node.attrs["activation"] == "gelu_tanh" else "none")
-    down = ctx.add("MatMul", [ctx.add("Gather", [ctx.input(4), ids], axis=0), ctx.add("Mul", [act, up])])
+    hidden = ctx.add("Mul", [act, up])  # [T, k, I, 1]
+    if int8_rows:
+        hidden = ctx.add("Unsqueeze", [_int8_rows(ctx, ctx.add("Squeeze", [hidden, ctx.const([3], "i64")]), inter),
+                                       ctx.const([3], "i64")])
+    down = ctx.add("MatMul", [_gathered_weight(ctx, down, ids, hidden_size, inter), hidden])
     weights = ctx.add("Unsqueeze", [ctx.cast(ctx.input(1), ctx.in_type(1).dtype, "f32"), ctx.const([2, 3], "i64")])
     weighted = ctx.add("Mul", [down, weights])  # [T, k, H, 1]
     return ctx.add("ReduceSum", [weighted, ctx.const([1, 3], "i64")], keepdims=0)
+
+
+def _gathered_weight(ctx, stack: tuple, ids: str, rows: int, width: int) -> str:
+    """f32 [T, k, rows, width]: the selected experts' weights of one stack, gathered in their stored format and
+    dequantized (linear_q's int8 / int4 formats with a leading experts axis, or a float stack)."""
+    indices, (bits, group_size) = stack
+    # f16 scales and offsets are widened after the gather: only the selected experts' are read
+    gathered = [ctx.cast(ctx.add("Gather", [ctx.input(i), ids], axis=0), ctx.in_type(i).dtype, "f32")
+                if n else ctx.add("Gather", [ctx.input(i), ids], axis=0) for n, i in enumerate(indices)]
+    if bits == 0:
+        return gathered[0]
+    if bits == 8:
+        values = ctx.add("Cast", [gathered[0]], to=1)  # f32 [T, k, N, K]
+    else:
+        shifts = ctx.const((4 * np.arange(INT4_PER_WORD)).astype(np.uint32), "u32")
+        words = ctx.add("Unsqueeze", [gathered[0], ctx.const([-1], "i64")])
+        nibbles = ctx.add("BitwiseAnd", [ctx.add("BitShift", [words, shifts], direction="RIGHT"),
+                                         ctx.const(15, "u32")])
+        values = ctx.add("Reshape", [ctx.add("Cast", [nibbles], to=1), ctx.const([0, 0, rows, width], "i64")])
+        if len(indices) == 2:
+            values = ctx.add("Sub", [values, ctx.const(8.0, "f32")])
+    scale, offset = gathered[1], gathered[2] if len(indices) == 3 else None
+    if group_size:
+        values = ctx.add("Reshape", [values, ctx.const([0, 0, rows, width // group_size, group_size], "i64")])
+    values = ctx.add("Mul", [values, ctx.add("Unsqueeze", [scale, ctx.const([-1], "i64")])])
+    if offset is not None:
+        values = ctx.add("Add", [values, ctx.add("Unsqueeze", [offset, ctx.const([-1], "i64")])])
+    if group_size:
+        values = ctx.add("Reshape", [values, ctx.const([0, 0, rows, width], "i64")])
+    return values
+
+
+def _int8_rows(ctx, x: str, width: int) -> str:
+    """x f32 [..., K] rounded to int8 per block of 32 and back (quant_ops.quantize_activations): s = max|x| / 127,
+    x ~ clip(rint(x * (127 / max|x|)), -127, 127) * s, 0 for an all-zero block."""
+    blocks = ctx.add("Reshape", [x, ctx.const([-1, width // ACTIVATION_BLOCK, ACTIVATION_BLOCK], "i64")])
+    amax = ctx.add("ReduceMax", [ctx.add("Abs", [blocks]), ctx.const([-1], "i64")], keepdims=1)
+    positive = ctx.add("Greater", [amax, ctx.const(0.0, "f32")])
+    inverse = ctx.add("Where", [positive, ctx.add("Div", [ctx.const(127.0, "f32"), ctx.add(
+        "Where", [positive, amax, ctx.const(1.0, "f32")])]), ctx.const(0.0, "f32")])
+    xq = ctx.add("Clip", [ctx.add("Round", [ctx.add("Mul", [blocks, inverse])]), ctx.const(-127.0, "f32"),
+                          ctx.const(127.0, "f32")])
+    rows = ctx.add("Mul", [xq, ctx.add("Div", [amax, ctx.const(127.0, "f32")])])
+    return ctx.add("Reshape", [rows, ctx.add("Shape", [x])])
+
+
+@lowering("moe_experts_q")
+def _lower_moe_experts_q(ctx, node):
+    stacks = {name: (indices, (node.attrs[f"{name}_bits"], node.attrs[f"{name}_group_size"]))
+              for name, indices in split_weights(list(range(len(node.inputs))), node.attrs).items()}
+    return _gathered_experts(ctx, node, stacks["gate_up"], stacks["down"],
+                             int8_rows=node.attrs["activations"] == "int8")

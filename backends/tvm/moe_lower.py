@@ -5,6 +5,11 @@ Registered into ``lower.LOWERINGS`` on import. moe_experts works on (token, slot
 r % k of token r // k, and its weights are expert ``ids[r // k, r % k]``'s, indexed inside the GEMV. A
 decode step therefore reads k experts' weights per token and never the others; a prefill does the same
 per token (no weight reuse across tokens: correct, not yet fast for long prompts).
+
+``moe_experts_q`` runs the same kernels over the experts' quantized stacks (linear_q's formats with a leading
+experts axis): the dequantize sits inside the GEMV's reduction, as linear_q's kernels do it, so a decode step
+reads the k selected experts' quantized blocks, scales and offsets and nothing else. int8 activations are the
+IR's per-32 rounding of each matmul's input rows (int8_kernels.dequantize_rows), multiplied in f32.
 """
 
 from __future__ import annotations
@@ -15,9 +20,10 @@ from tvm import relax, te, tirx
 from tvm.script import tirx as T
 
 from kiln.ir.errors import UnsupportedOpError
-from kiln.ir.moe_ops import GROUP_SCORES, SCORINGS
+from kiln.ir.moe_ops import GROUP_SCORES, QUANTIZED_WEIGHTS, SCORINGS, split_weights
+from kiln.ir.quant_ops import INT4_PER_WORD
 
-from . import kernels, schedules
+from . import int8_kernels, kernels, schedules
 from .llm_lower import _ACTIVATIONS
 from .lower import lowering, tvm_dtype
 
@@ -155,48 +161,79 @@ def _expert_of(ids, row, top_k: int, experts: int):
     return tirx.max(tirx.min(expert, tirx.IntImm("int64", experts - 1)), tirx.IntImm("int64", 0))
 
 
-def _selected_gemv(ctx, name: str, ids, x, w, per_slot: bool):
+def _stacked_weight(parts, bits: int, group_size: int):
+    """(expert, row, column) -> the f32 element of a stacked weight: a float stack [E, N, K], or linear_q's
+    int8 / int4 format with a leading experts axis (scale and offset per row or per group, f32 or f16)."""
+    def group_value(table, e, j, c):
+        value = table[e, j] if len(table.shape) == 2 else table[e, j, c // group_size]
+        return value if value.dtype == "float32" else value.astype("float32")
+
+    if bits == 0:
+        return lambda e, j, c: parts[0][e, j, c].astype("float32")
+    if bits == 8:
+        return lambda e, j, c: parts[0][e, j, c].astype("float32") * group_value(parts[1], e, j, c)
+
+    def int4(e, j, c):
+        shift = (c % INT4_PER_WORD * 4).astype("uint32")
+        nibble = ((parts[0][e, j, c // INT4_PER_WORD] >> shift) & tirx.const(15, "uint32")).astype("float32")
+        if len(parts) == 3:
+            return nibble * group_value(parts[1], e, j, c) + group_value(parts[2], e, j, c)
+        return (nibble - tirx.const(8.0, "float32")) * group_value(parts[1], e, j, c)
+
+    return int4
+
+
+def _selected_gemv(ctx, name: str, ids, x, stack: list, fmt: tuple, rows: int, width: int, per_slot: bool):
     """y[r, n] = sum_c x[row, c] * w[expert of row r, n, c] in f32 over the (token, slot) rows r, x's row
-    being r (``per_slot``) or its token r // k: the GEMV schedule on the CPU."""
-    experts, n, width = (int(d) for d in w.ty.shape)
+    being r (``per_slot``) or its token r // k, w the stacked weight ``stack`` (its arrays) in format
+    ``fmt`` = (bits, group_size): the GEMV schedule on the CPU, the dequantize inside the reduction."""
+    experts = int(stack[0].ty.shape[0])
     top_k = int(ids.ty.shape[1])
+    bits, group_size = fmt
 
     def x_row(r):
         return r if per_slot else r // top_k
 
-    def te_gemv(ids, x, w):
+    def te_gemv(ids, x, *parts):
+        weight = _stacked_weight(parts, bits, group_size)
         c = te.reduce_axis((0, width), name="c")
         return te.compute(
-            (ids.shape[0] * top_k, n),
+            (ids.shape[0] * top_k, rows),
             lambda r, j: te.sum(x[x_row(r), c].astype("float32")
-                                * w[_expert_of(ids, r, top_k, experts), j, c].astype("float32"), axis=c),
+                                * weight(_expert_of(ids, r, top_k, experts), j, c), axis=c),
             name=name)
 
     if not ctx.is_cpu:
-        return ctx.emit_te(te_gemv, ids, x, w, name=name)
+        return ctx.emit_te(te_gemv, ids, x, *stack, name=name)
     # A fresh token count: the step's own (batch * seq) is an expression a PrimFunc cannot bind from a shape.
     tokens = kernels.symbolic_dim("tokens")
     x_rows = tokens * top_k if per_slot else tokens
     placeholders = [te.placeholder((tokens, top_k), ids.ty.dtype, name="ids"),
-                    te.placeholder((x_rows, width), x.ty.dtype, name="x"),
-                    te.placeholder((experts, n, width), w.ty.dtype, name="w")]
+                    te.placeholder((x_rows, width), x.ty.dtype, name="x")]
+    placeholders += [te.placeholder([int(d) for d in part.ty.shape], part.ty.dtype, name=f"w{i}")
+                     for i, part in enumerate(stack)]
     func = schedules.schedule_gemv(kernels.prim_func(*placeholders, te_gemv(*placeholders)), name)
     gvar = ctx.bb.add_func(func.without_attr("global_symbol"), name)  # private: each layer's name is unique
-    rows = ids.ty.shape.values[0] * top_k
-    return ctx.emit(relax.call_tir(gvar, [ids, x, w], relax.TensorType([rows, n], "float32")))
+    count = ids.ty.shape.values[0] * top_k
+    return ctx.emit(relax.call_tir(gvar, [ids, x] + list(stack), relax.TensorType([count, rows], "float32")))
 
 
-@lowering("moe_experts")
-def _lower_moe_experts(ctx, node, inputs):
-    x, weights, ids, w_gate_up, w_down = inputs
+def _emit_experts(ctx, node, x, weights, ids, gate_up: list, down: list, formats: dict, int8_rows: bool):
+    """The selected experts' gated MLPs, weighted and summed per token."""
     x_type = ctx.in_type(0)
+    hidden_size = int(x_type.shape[1])
     top_k = int(ctx.in_type(1).shape[1])
-    inter = int(ctx.in_type(4).shape[2])
-    gate_up = _selected_gemv(ctx, "moe_gate_up", ids, x, w_gate_up, per_slot=False)
+    inter = int(gate_up[0].ty.shape[1]) // 2
+    if int8_rows:
+        x = ctx.emit_te(int8_kernels.dequantize_rows, x, name="int8_rows")
+    gate_up = _selected_gemv(ctx, "moe_gate_up", ids, x, gate_up, formats["gate_up"], 2 * inter, hidden_size,
+                             per_slot=False)
     gate = ctx.emit(relax.op.strided_slice(gate_up, axes=[1], begin=[0], end=[inter]))
     up = ctx.emit(relax.op.strided_slice(gate_up, axes=[1], begin=[inter], end=[2 * inter]))
     hidden = ctx.emit(relax.op.multiply(ctx.emit(_ACTIVATIONS[node.attrs["activation"]](gate)), up))
-    down = _selected_gemv(ctx, "moe_down", ids, hidden, w_down, per_slot=True)
+    if int8_rows:
+        hidden = ctx.emit_te(int8_kernels.dequantize_rows, hidden, name="int8_rows")
+    down = _selected_gemv(ctx, "moe_down", ids, hidden, down, formats["down"], hidden_size, inter, per_slot=True)
     out_dtype = tvm_dtype(x_type.dtype)
 
     def te_combine(down, weights):
@@ -208,3 +245,21 @@ def _lower_moe_experts(ctx, node, inputs):
         return te.compute(summed.shape, lambda *i: summed[i].astype(out_dtype), name="moe_combine_cast")
 
     return ctx.emit_te(te_combine, down, weights, name="moe_combine")
+
+
+@lowering("moe_experts")
+def _lower_moe_experts(ctx, node, inputs):
+    x, weights, ids, w_gate_up, w_down = inputs
+    return _emit_experts(ctx, node, x, weights, ids, [w_gate_up], [w_down], {"gate_up": (0, 0), "down": (0, 0)},
+                         int8_rows=False)
+
+
+@lowering("moe_experts_q")
+def _lower_moe_experts_q(ctx, node, inputs):
+    if ctx.in_type(0).dtype != "f32":
+        raise UnsupportedOpError(f"moe_experts_q: the TVM quantized expert kernels take f32 activations, found "
+                                 f"{ctx.in_type(0)} at %{node.output.name}; compile the model in f32")
+    stacks = split_weights(inputs, node.attrs)
+    formats = {name: (node.attrs[f"{name}_bits"], node.attrs[f"{name}_group_size"]) for name in QUANTIZED_WEIGHTS}
+    return _emit_experts(ctx, node, inputs[0], inputs[1], inputs[2], stacks["gate_up"], stacks["down"], formats,
+                         int8_rows=node.attrs["activations"] == "int8")
