@@ -435,19 +435,25 @@ def load(gguf_file: GGUFFile, arch: Architecture, check_tokenizer: Callable[[int
 
 
 def prequantized(gguf_file: GGUFFile, config) -> dict:
-    """{module weight name: QuantizedWeight} of the file's importable 2-D blocks (expert stacks stay on the fp32
-    path). GPT-2's Conv1D weights are [in, out] in the module and [out, in] in the file: the blocks go under the
-    name passes.canonicalize gives the [out, in] copy the linear reads, ``<name>.T``."""
-    from .gguf_quant import prequantized_weights
+    """{module weight name: QuantizedWeight} of the file's importable blocks: 2-D weights, and expert stacks
+    (gate and up stacked as the module's gate_up_proj, with a leading experts axis). GPT-2's Conv1D weights are
+    [in, out] in the module and [out, in] in the file: the blocks go under the name passes.canonicalize gives the
+    [out, in] copy the linear reads, ``<name>.T``."""
+    from .gguf_quant import import_expert_stack, prequantized_weights
 
     arch = architecture_of(gguf_file)
     heads = {"rope_q": config.num_attention_heads, "rope_k": getattr(config, "num_key_value_heads", None)}
-    targets = {}
+    targets, stacks = {}, {}
     for placement in plan_from_config(gguf_file, arch, config).placements:
+        if _FUSED_EXPERTS.fullmatch(placement.names[0]):
+            stack = import_expert_stack(gguf_file, placement.sources)
+            if stack is not None:
+                stacks.update(dict.fromkeys(placement.names, stack))
+            continue
         if len(placement.sources) != 1:
             continue
         if placement.transform in ("", "rope_q", "rope_k"):
             targets[placement.sources[0]] = (placement.names, heads.get(placement.transform))
         elif placement.transform == "transpose":
             targets[placement.sources[0]] = (tuple(f"{name}.T" for name in placement.names), None)
-    return prequantized_weights(gguf_file, targets)
+    return {**prequantized_weights(gguf_file, targets), **stacks}

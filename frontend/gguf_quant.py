@@ -16,6 +16,10 @@ The K-quant scales are f32: d * sc_j is an f16 times a 6- or 8-bit integer (at m
 exact in f32 but not in f16. Q5_1, Q5_K, Q2_K and Q3_K are not imported (see NOT_IMPORTED): they load on
 the fp32 path (gguf_file.dequantize) and stay fp32 under quantize="gguf".
 
+Expert stacks (ffn_gate_exps / ffn_up_exps / ffn_down_exps, [E, N, K]) import the same way, row by row, with a
+leading experts axis (moe_experts_q's form); gate and up become one [E, 2I, K] stack when their blocks land in
+the same kiln format, and stay on the fp32 path otherwise (llama.cpp's mixes give them one type).
+
 In the 4-bit blocks, byte j of a 32-element group holds element j in its low nibble and element j + 16
 in its high nibble (a Q4_K sub-block pair shares 32 bytes: the low nibbles are sub-block 2c, the high
 ones 2c + 1); kiln packs element k of a row in bits 4 * (k % 8) of word k // 8 (ir.quant_ops.pack_int4).
@@ -141,6 +145,29 @@ def permute_rows(weight: QuantizedWeight, order: np.ndarray) -> QuantizedWeight:
     """The same weight with its output rows reordered (rows are independent in every format)."""
     return QuantizedWeight(weight.bits, weight.group_size, weight.q[order], weight.scale[order],
                            None if weight.offset is None else weight.offset[order])
+
+
+def import_expert_stack(gguf_file: GGUFFile, sources: tuple) -> QuantizedWeight | None:
+    """The experts stack made of GGUF tensors ``sources`` ([E, N, K] each; several are stacked along N, gate then
+    up) as a QuantizedWeight with a leading E axis, or None when one is not IMPORTABLE or their formats differ."""
+    stacks = []
+    for name in sources:
+        info = gguf_file.tensors[name]
+        if info.ggml_type not in IMPORTABLE or len(info.shape) != 3:
+            return None
+        experts, rows = info.shape[:2]
+        flat = import_blocks(gguf_file.raw(name).reshape(experts * rows, -1), info.ggml_type)
+        stacks.append(QuantizedWeight(flat.bits, flat.group_size, *(
+            None if a is None else a.reshape((experts, rows) + a.shape[1:]) for a in (flat.q, flat.scale, flat.offset))))
+    formats = {(w.bits, w.group_size, w.scale.dtype, w.offset is not None) for w in stacks}
+    if len(formats) != 1:
+        return None
+
+    def along_rows(arrays):
+        return None if arrays[0] is None else np.concatenate(arrays, axis=1)
+
+    return QuantizedWeight(stacks[0].bits, stacks[0].group_size, along_rows([w.q for w in stacks]),
+                           along_rows([w.scale for w in stacks]), along_rows([w.offset for w in stacks]))
 
 
 def prequantized_weights(gguf_file: GGUFFile, targets: dict) -> dict:

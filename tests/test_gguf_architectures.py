@@ -346,7 +346,7 @@ def test_q8_0_file_keeps_its_blocks_and_matches_transformers(name, tmp_path_fact
     """A Q8_0 file from llama.cpp's quantizer compiles with quantize='gguf' (the default): its 2-D weights arrive
     as the file's int8 blocks; with float activations the logits are transformers' on the gguf package's
     dequantized weights (fp32: 1e-5), greedy tokens identical; llama.cpp agrees within its activation rounding.
-    (Expert stacks are 3-D: they load on the fp32 path, as the fp32_weights_kept list, of 2-D weights, omits.)"""
+    (The expert stacks arrive as their Q8_0 blocks too, in moe_experts_q: tests/test_moe_quant.py.)"""
     path, model = fixture_file(name, tmp_path_factory)
     quantized = quantize(path, "Q8_0")
     artifact = kiln.compile(quantized, backend="tvm", max_seq_len=64, max_num_seqs=1, activations="float",
