@@ -18,6 +18,7 @@ from kiln.ir.kv_cache import DECODE_STEP, STEP, STEP_INPUTS, KVCacheSpec
 
 
 _POOL_DTYPES = {"f32": "float32", "f16": "float16"}
+_DLPACK_CPU = 1  # DLPack's kDLCPU
 
 
 class _NoTorch:
@@ -141,6 +142,7 @@ class TVMExecutor:
             raise ArtifactError(f"{info.path}: manifest field backend_info.argmax_function names {argmax!r}, which "
                                 f"{library} lacks; recompile the artifact")
         self._argmax = self.vm[argmax] if argmax is not None else None
+        self._on_cpu = self.device.dlpack_device_type() == _DLPACK_CPU
         spec = KVCacheSpec.from_json(info.manifest["kv_cache"])
         if spec.dtype not in _POOL_DTYPES or (spec.dtype != "f32" and any(g.kind != "kv" for g in spec.groups)):
             raise ArtifactError(f"{info.path}: the TVM backend's kernels take an f32 or f16 K/V cache or an f32 latent "
@@ -212,10 +214,15 @@ class TVMExecutor:
         for index, name in enumerate(self.pool_names):
             self.pools[name] = out[1 + index]
         if want == "logits":
-            return out[0].numpy()
+            return self._to_host(out[0])
         assert want == "argmax" and self._argmax is not None, f"step(want={want!r}) on {function}"
         ids, values = self._argmax(out[0])
-        return ids.numpy().astype(np.int64), values.numpy()
+        return self._to_host(ids).astype(np.int64), self._to_host(values)
+
+    def _to_host(self, tensor) -> np.ndarray:
+        """A result as numpy: on the CPU a view of TVM's tensor (which the view keeps alive; 0.4 us where
+        Tensor.numpy() copies in 4.5 us), from a GPU a copy."""
+        return np.from_dlpack(tensor) if self._on_cpu else tensor.numpy()
 
 
 _INPUT_DTYPES = {"token_ids": np.int64, "positions": np.int64, "token_seq": np.int32, "page_table": np.int32,
