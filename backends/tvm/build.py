@@ -165,6 +165,10 @@ def cpu_pipeline(target, launches: dict | None = None):
     from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
+    from kiln.ir.kv_cache import DECODE_STEP
+
+    from .launch_fusion import fuse_launches
+
     @tvm.transform.module_pass(opt_level=0, name="kiln.CPUPipeline")
     def _pipeline(mod, _ctx):
         with target:
@@ -177,6 +181,8 @@ def cpu_pipeline(target, launches: dict | None = None):
                 # the rest: parallel outer loops (dlight's cpu rules measured slower here)
                 + [_fallback_cpu_schedules()]
                 + cpu.dataflow_lower_passes(target)
+                # a decode step's kernels in a few thread-pool launches (launch_fusion.py; opt-in for now)
+                + ([fuse_launches({DECODE_STEP})] if os.environ.get("KILN_FUSE_LAUNCHES", "0") == "1" else [])
                 # reshapes became views above; their kernels would still go through LLVM
                 + [relax.transform.DeadCodeElimination(), count_launches(launches)]
                 + cpu.finalize_passes(target)

@@ -188,7 +188,8 @@ def embedding_rows(ids: te.Tensor, q: te.Tensor, scale: te.Tensor, offset: te.Te
 # ---------------------------------------------------------------------------------
 # Paged KV cache attention (GQA).
 #
-# Layout: k_pages and v_pages are [num_pages, num_kv_heads, page_size, head_dim];
+# Layout: k_pages and v_pages are [num_pages, num_kv_heads, page_size, head_dim], at any element offset (on the
+# CPU each layer reads its pages through a view of the pool);
 # page_table[b, max_pages] int32 lists the pages of sequence b in order and
 # lengths[b] int32 is its number of cached tokens, the new ones included (append
 # first, then attend). Query head h reads KV head h // (num_heads / num_kv_heads).
@@ -355,8 +356,8 @@ def _attention_template(kind: str, num_heads: int, num_kv_heads: int, head_dim: 
         num_pages = T.int64()
         max_pages = T.int64()
         q = T.match_buffer(q_h, (batch, heads, dim), "float32")
-        k_pages = T.match_buffer(k_h, (num_pages, kv_heads, page, dim), cache_dtype)
-        v_pages = T.match_buffer(v_h, (num_pages, kv_heads, page, dim), cache_dtype)
+        k_pages = T.match_buffer(k_h, (num_pages, kv_heads, page, dim), cache_dtype, offset_factor=1)
+        v_pages = T.match_buffer(v_h, (num_pages, kv_heads, page, dim), cache_dtype, offset_factor=1)
         page_table = T.match_buffer(table_h, (batch, max_pages), "int32")
         lengths = T.match_buffer(len_h, (batch,), "int32")
         out = T.match_buffer(out_h, (batch, heads, dim), "float32")
@@ -386,8 +387,8 @@ def _attention_template(kind: str, num_heads: int, num_kv_heads: int, head_dim: 
         num_pages = T.int64()
         max_pages = T.int64()
         q = T.match_buffer(q_h, (rows, heads, dim), "float32")
-        k_pages = T.match_buffer(k_h, (num_pages, kv_heads, page, dim), cache_dtype)
-        v_pages = T.match_buffer(v_h, (num_pages, kv_heads, page, dim), cache_dtype)
+        k_pages = T.match_buffer(k_h, (num_pages, kv_heads, page, dim), cache_dtype, offset_factor=1)
+        v_pages = T.match_buffer(v_h, (num_pages, kv_heads, page, dim), cache_dtype, offset_factor=1)
         page_table = T.match_buffer(table_h, (batch, max_pages), "int32")
         row_seq = T.match_buffer(seq_h, (rows,), "int32")
         row_pos = T.match_buffer(pos_h, (rows,), "int32")
@@ -470,8 +471,8 @@ def _kv_append_template(num_kv_heads: int, head_dim: int, page_size: int,
         page_table = T.match_buffer(table_h, (batch, max_pages), "int32")
         row_seq = T.match_buffer(seq_h, (rows,), "int32")
         row_pos = T.match_buffer(pos_h, (rows,), "int32")
-        k_pages = T.match_buffer(kp_h, (num_pages, kv_heads, page, dim), cache_dtype)
-        v_pages = T.match_buffer(vp_h, (num_pages, kv_heads, page, dim), cache_dtype)
+        k_pages = T.match_buffer(kp_h, (num_pages, kv_heads, page, dim), cache_dtype, offset_factor=1)
+        v_pages = T.match_buffer(vp_h, (num_pages, kv_heads, page, dim), cache_dtype, offset_factor=1)
         for r in T.serial(rows):  # a few KB per token: cheaper on the calling thread than a pool hand-off
             with T.sblock("paged_kv_append"):
                 T.reads(k[0:rows, 0:kv_heads, 0:dim], v[0:rows, 0:kv_heads, 0:dim],

@@ -79,9 +79,13 @@ def _lower_gated_mlp(ctx, node, inputs):
     return emit_linear(ctx, hidden, hidden_type, w_down, ctx.in_type(3))
 
 
-def _add_func(bb, func, name: str):
-    """Add a PrimFunc under a unique symbol (one kernel per layer: each has its own pool offsets)."""
-    return bb.add_func(func.with_attr("global_symbol", name), name)
+def _add_func(bb, func, name: str, shared: bool = False):
+    """Add a PrimFunc named ``name``: ``shared``, the same function already added is found instead (the CPU's
+    kernels of every layer of one shape); else under a symbol of its own (CUDA's, which differ per layer by
+    their pool offsets)."""
+    # shared: no symbol of its own (the kernel's TVMScript name would repeat for kernels that differ, such as
+    # sliding-window and global layers); TVM names it after its unique GlobalVar
+    return bb.add_func(func.without_attr("global_symbol") if shared else func.with_attr("global_symbol", name), name)
 
 
 # The KV-cache dtypes the attention kernels read (and widen to f32) and the K/V append writes (rounding).
@@ -110,16 +114,26 @@ def _lower_paged_attention(ctx, node, inputs):
     layers, num_pages, kv_heads, page, dim = pool_type.shape
     heads, tokens = q_type.shape[1], q_type.shape[2]
     layer, index = node.attrs["layer"], node.attrs["index"]
-    base = index * num_pages  # the layer's pages in the [layers * pages, ...] view of its pool
     bb = ctx.bb
-    # Reuse the previous layer's flat view of a pool: a reshape back and forth between layers would be
-    # fused into a copy kernel of the whole pool.
-    views = ctx.__dict__.setdefault("kiln_flat_pool_views", {})
+    # On the CPU each layer reads its pages through a view of its pool (no copy), so every layer's kernels are
+    # one kernel (pages from offset 0) and launch_fusion merges a layer's launch once for all layers. The CUDA
+    # kernels keep the layer's offset into the flat [layers * pages, ...] pool as a constant.
+    base = 0 if ctx.is_cpu else index * num_pages
+    layer_bytes = num_pages * kv_heads * page * dim * (2 if cache_dtype == "float16" else 4)
+    views = ctx.__dict__.setdefault("kiln_flat_pool_views", {})  # CUDA: each pool's flat view, made once
 
-    def flat(pool):
-        view = views.get(pool)
-        return view if view is not None else ctx.emit(relax.op.reshape(pool, [layers * num_pages, kv_heads, page,
-                                                                              dim]))
+    def pages(pool):
+        if ctx.is_cpu:
+            return ctx.emit(relax.op.memory.view(pool, relax.ShapeExpr([num_pages, kv_heads, page, dim]),
+                                                 relative_byte_offset=relax.prim_value(
+                                                     tirx.IntImm("int64", index * layer_bytes))))
+        if pool not in views:
+            # a reshape back and forth between layers would be fused into a copy kernel of the whole pool
+            views[pool] = ctx.emit(relax.op.reshape(pool, [layers * num_pages, kv_heads, page, dim]))
+        return views[pool]
+
+    def add_kernel(func, kind):  # a CUDA kernel per layer (its own offsets); the CPU's is shared
+        return _add_func(bb, func, kind, shared=True) if ctx.is_cpu else _add_func(bb, func, f"{kind}_l{layer}")
 
     t = ctx.dim(tokens)
 
@@ -136,8 +150,8 @@ def _lower_paged_attention(ctx, node, inputs):
     if "row_pos" not in shared:
         shared["row_pos"] = ctx.emit(relax.op.reshape(relax.op.astype(positions, "int32"), [t]))
     row_pos = shared["row_pos"]
-    append = _add_func(bb, append_func(kv_heads, dim, page, base, base, cache_dtype), f"paged_kv_append_l{layer}")
-    k_flat, v_flat = flat(k_pool), flat(v_pool)
+    append = add_kernel(append_func(kv_heads, dim, page, base, base, cache_dtype), "paged_kv_append")
+    k_flat, v_flat = pages(k_pool), pages(v_pool)
     pools = ctx.emit(relax.call_tir_inplace(append, [token_rows(k, kv_heads, 1), token_rows(v, kv_heads, 2), page_table,
                                                      token_seq, row_pos, k_flat, v_flat], [5, 6],
                                             [k_flat.ty, v_flat.ty]))
@@ -150,15 +164,17 @@ def _lower_paged_attention(ctx, node, inputs):
             shared["lengths"] = ctx.emit(relax.op.add(row_pos, relax.const(1, "int32")))
         lengths = shared["lengths"]
         kernel = decode_func(heads, kv_heads, dim, page, scale, base, base, window, softcap, alibi, cache_dtype)
-        gvar = _add_func(bb, kernel, f"paged_attention_decode_l{layer}")
+        gvar = add_kernel(kernel, "paged_attention_decode")
         out = ctx.emit(relax.call_tir(gvar, [token_rows(q, heads), k_flat, v_flat, page_table, lengths],
                                       relax.TensorType([t, heads, dim], "float32")))
     else:
         kernel = ragged_func(heads, kv_heads, dim, page, scale, base, base, window, softcap, alibi, cache_dtype)
-        gvar = _add_func(bb, kernel, f"paged_attention_ragged_l{layer}")
+        gvar = add_kernel(kernel, "paged_attention_ragged")
         out = ctx.emit(relax.call_tir(gvar, [token_rows(q, heads), k_flat, v_flat, page_table, token_seq, row_pos],
                                       relax.TensorType([t, heads, dim], "float32")))
     out = ctx.emit(relax.op.permute_dims(relax.op.reshape(out, [1, t, heads, dim]), [0, 2, 1, 3]))
+    if ctx.is_cpu:  # the append wrote the pools in place through the views: the pools out are the pools in
+        return [out, k_pool, v_pool]
     new_k = ctx.emit(relax.op.reshape(k_flat, ctx.shape(pool_type.shape)))
     new_v = ctx.emit(relax.op.reshape(v_flat, ctx.shape(ctx.in_type(4).shape)))
     views[new_k], views[new_v] = k_flat, v_flat
