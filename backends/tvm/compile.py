@@ -32,8 +32,10 @@ def compile_module(module, target: str, out_dir: str, options) -> dict:
     functions = [name for name in ENTRY_FUNCTIONS if name in module.functions]
     derived: dict = {}
     irmodule = lower_functions(module, functions, target, derived)
-    logits = module.functions[STEP].results[0].type  # [rows, vocab]: greedy decoding reads its argmax alone
-    irmodule = add_argmax_rows(irmodule, logits.shape[-1], logits.dtype, target)
+    if target == "cuda":  # a greedy step copies each row's argmax from the GPU, not the row (on the CPU the
+        # executor's logits are a view of TVM's memory, and numpy's argmax over them is the faster)
+        logits = module.functions[STEP].results[0].type  # [rows, vocab]
+        irmodule = add_argmax_rows(irmodule, logits.shape[-1], logits.dtype, target)
     files = {"library": LIBRARY}
     if derived:
         from kiln.frontend.safetensors_file import write_safetensors
@@ -49,7 +51,7 @@ def compile_module(module, target: str, out_dir: str, options) -> dict:
         "files": files,
         "weights": {name: weight_names(irmodule, name) for name in functions},
         # logits [rows, vocab] -> (each row's argmax as int32, its logit): what a greedy step copies to the host
-        "argmax_function": ARGMAX_ROWS,
+        **({"argmax_function": ARGMAX_ROWS} if target == "cuda" else {}),
         # kernels one call runs (each a thread-pool hand-off on the CPU): @step_decode's is per decoded token
         "kernel_launches": {name: launches[name] for name in functions if name in launches},
         # of those, the ones that hand work to the thread pool (a wake-up and a join each)
