@@ -127,7 +127,7 @@ class Engine:
                                    token_budget=token_budget)
         self.max_running, self.token_budget = max_running, token_budget
         self._decode_function = DECODE_STEP if self.executor.has_function(DECODE_STEP) else STEP
-        # the backend takes a greedy step's argmax itself (TVM's @argmax_rows), else the engine does on the host
+        # the backend takes a greedy step's argmax itself (TVM's @argmax_rows on CUDA), else the engine does
         self._device_argmax = bool(getattr(self.executor, "computes_argmax", False))
         self._ids = itertools.count()
         self._lock = threading.Lock()  # guards _incoming, _closed and the loop thread's start and end

@@ -136,7 +136,7 @@ class TVMExecutor:
             raise ArtifactError(f"{info.path}: {library} has no function {', '.join(missing)} that the manifest "
                                 f"lists; recompile the artifact")
         self.functions = {name: self.vm[name] for name in functions}
-        # @argmax_rows (artifacts compiled before it lack it): greedy steps copy each row's argmax, not the row
+        # @argmax_rows (CUDA artifacts): a greedy step copies each row's argmax from the GPU, not the row
         argmax = backend.get("argmax_function")
         if argmax is not None and not (isinstance(argmax, str) and _has_function(self.vm, argmax)):
             raise ArtifactError(f"{info.path}: manifest field backend_info.argmax_function names {argmax!r}, which "
