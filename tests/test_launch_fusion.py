@@ -102,7 +102,7 @@ def _tiny_mixtral():
 
 
 @pytest.mark.parametrize("name", ["llama", "mixtral"])
-def test_every_store_of_a_launch_is_inside_a_parallel_loop(name):
+def test_every_store_of_a_launch_is_inside_a_parallel_loop(name, monkeypatch):
     import tvm
 
     from kiln.backends.tvm import build
@@ -120,12 +120,9 @@ def test_every_store_of_a_launch_is_inside_a_parallel_loop(name):
 
         return _grab
 
-    build.count_launches = grab
-    try:
-        model = build_tiny_model("llama") if name == "llama" else _tiny_mixtral()
-        kiln.compile(model, backend="tvm", max_seq_len=48, quantize="int4" if name == "llama" else "none")
-    finally:
-        build.count_launches = count
+    monkeypatch.setattr(build, "count_launches", grab)
+    model = build_tiny_model("llama") if name == "llama" else _tiny_mixtral()
+    kiln.compile(model, backend="tvm", max_seq_len=48, quantize="int4" if name == "llama" else "none")
     assert merged
     target = as_target("cpu")
     pipeline = tvm.tirx.get_default_tir_pipeline(target)[0]

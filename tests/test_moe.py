@@ -45,7 +45,11 @@ NEW_TOKENS = 12
 
 def tiny_moe_model(name: str):
     cls_name, overrides = MOE_ARCHS[name]
-    config = getattr(transformers, cls_name)(**_COMMON, **overrides)
+    return seeded_moe_model(getattr(transformers, cls_name)(**_COMMON, **overrides))
+
+
+def seeded_moe_model(config):
+    """transformers' causal LM for ``config`` drawn with seed 0, its routers ROUTER_SCALE times wider."""
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():

@@ -28,7 +28,7 @@ from kiln.ir.symbolic import sym
 from kiln.ir.types import TensorType
 from kiln.passes import PassOptions, run_pass
 
-from test_moe import ROUTER_SCALE, routing_gap
+from test_moe import routing_gap, seeded_moe_model
 from test_quantize import DTYPES, pack_nibbles, torch_dequantize, torch_quantize
 from tiny_models import ENGINE_PROMPT, FP32_TOLERANCE, assert_engine_matches_transformers, relative_error
 
@@ -250,14 +250,7 @@ _MODELS: dict = {}
 def quant_model(arch: str):
     if arch not in _MODELS:
         cls_name, overrides = QUANT_ARCHS[arch]
-        config = getattr(transformers, cls_name)(**_COMMON, **overrides)
-        torch.manual_seed(0)
-        model = transformers.AutoModelForCausalLM.from_config(config).eval()
-        with torch.no_grad():
-            for param_name, param in model.named_parameters():
-                if param_name.endswith("mlp.gate.weight"):
-                    param.mul_(ROUTER_SCALE)
-        _MODELS[arch] = model
+        _MODELS[arch] = seeded_moe_model(getattr(transformers, cls_name)(**_COMMON, **overrides))
     return _MODELS[arch]
 
 
