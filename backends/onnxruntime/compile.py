@@ -47,14 +47,7 @@ def compile_module(module, target: str, out_dir: str, options) -> dict:
     buffers = [{"num_kv_heads": h, "head_dim": d, "dtype": t} for _, (h, d, t) in sorted(lowered.layers.items())]
     if buffers != [{k: v for k, v in layer.items() if k != "shared"} for layer in layers]:
         raise AssertionError(f"@{STEP} attends over K/V buffers {buffers}, the KV-cache spec declares {layers}")
-    offsets = _write_data(os.path.join(out_dir, DATA_FILE), lowered.initializers)
-    graph = lowered.graph
-    for name, array in lowered.initializers.items():
-        graph.initializer.append(_tensor(name, array, offsets.get(name)))
-    path = os.path.join(out_dir, MODEL_FILE)
-    with open(path, "wb") as f:
-        f.write(make_model(graph).SerializeToString())
-    onnx.checker.check_model(path, full_check=False)
+    write_model(out_dir, MODEL_FILE, lowered.graph, lowered.initializers, make_model)
     return {
         "target": target,
         "files": {"model": MODEL_FILE, "data": DATA_FILE},
@@ -65,6 +58,18 @@ def compile_module(module, target: str, out_dir: str, options) -> dict:
         "accuracy_levels": sorted({accuracy_level(n) for fn in module.functions.values() for n in fn.nodes
                                    if n.op == "linear_q"}),
     }
+
+
+def write_model(out_dir: str, model_file: str, graph, initializers: dict, make_model) -> None:
+    """``model_file`` (``graph`` with ``initializers`` stored in DATA_FILE beside it), checked by onnx's
+    checker; ``make_model`` is lower.make_model (imported by the callers, which import lower lazily)."""
+    offsets = _write_data(os.path.join(out_dir, DATA_FILE), initializers)
+    for name, array in initializers.items():
+        graph.initializer.append(_tensor(name, array, offsets.get(name)))
+    path = os.path.join(out_dir, model_file)
+    with open(path, "wb") as f:
+        f.write(make_model(graph).SerializeToString())
+    onnx.checker.check_model(path, full_check=False)
 
 
 def _write_data(path: str, initializers: dict) -> dict:

@@ -4,13 +4,9 @@ an encoder keeps no KV cache, so GroupQueryAttention is not involved."""
 
 from __future__ import annotations
 
-import os
-
-import onnx
-
 from kiln.ir.errors import ConfigError
 
-from .compile import DATA_FILE, _tensor, _write_data
+from .compile import DATA_FILE, write_model
 
 MODEL_FILE = "embed.onnx"
 OUTPUT = "embeddings"
@@ -28,12 +24,6 @@ def compile_embedding(module, function: str, target: str, out_dir: str) -> dict:
     for node in graph.node:
         node.output[:] = [OUTPUT if name == LOGITS else name for name in node.output]
     graph.output[0].name = OUTPUT
-    offsets = _write_data(os.path.join(out_dir, DATA_FILE), lowered.initializers)
-    for name, array in lowered.initializers.items():
-        graph.initializer.append(_tensor(name, array, offsets.get(name)))
-    path = os.path.join(out_dir, MODEL_FILE)
-    with open(path, "wb") as f:
-        f.write(make_model(graph).SerializeToString())
-    onnx.checker.check_model(path, full_check=False)
+    write_model(out_dir, MODEL_FILE, graph, lowered.initializers, make_model)
     return {"target": target, "files": {"model": MODEL_FILE, "data": DATA_FILE}, "inputs": lowered.inputs,
             "output": OUTPUT}

@@ -132,6 +132,39 @@ class _Sequence:
         return self.start + len(self.tokens)
 
 
+def open_session(info, num_threads: int | None, provider: str | None, spin: bool = False):
+    """(session, private copy, provider) for the artifact's ONNX model (backend_info.files), on ``provider``
+    (default: the artifact's target's). The model and its external data are opened from a private copy whose
+    bytes were hashed as they were written; the caller closes it."""
+    import onnxruntime as ort
+
+    backend = info.manifest["backend_info"]
+    target = info.manifest["target"]
+    if provider is None:
+        provider = "CUDAExecutionProvider" if target == "cuda" else "CPUExecutionProvider"
+    if provider not in ort.get_available_providers():
+        raise ArtifactError(f"{info.path}: compiled for {target}, but this onnxruntime has no {provider} "
+                            f"(it has {', '.join(ort.get_available_providers())}); install onnxruntime-gpu "
+                            f"or recompile with --target cpu")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = num_threads or os.cpu_count() or 1
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3
+    # Idle pool threads spinning between kernels: a little faster on an idle machine, about half the
+    # speed when other processes want the cores (measured on a shared 2-core machine).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    files = backend["files"]
+    copy = info.private_copy([files.get("model"), files.get("data")], "backend_info.files")
+    try:
+        session = ort.InferenceSession(copy.file(files["model"]), options, providers=[provider])
+    except Exception as err:  # noqa: BLE001 - onnxruntime raises its own error types
+        copy.close()
+        raise ArtifactError(f"{info.path}: ONNX Runtime cannot load {files['model']} "
+                            f"({' '.join(str(err).split())[:200]}); recompile the artifact") from None
+    return session, copy, provider
+
+
 class ORTExecutor:
     shares_pages = False  # one buffer row per sequence: no page is shared, so no prefix caching
 
@@ -148,32 +181,9 @@ class ORTExecutor:
         self.spec = KVCacheSpec.from_json(info.manifest["kv_cache"])
         self.layers = _check_backend_info(info, self.spec)
         backend = info.manifest["backend_info"]
-        target = info.manifest["target"]
-        if provider is None:
-            provider = "CUDAExecutionProvider" if target == "cuda" else "CPUExecutionProvider"
-        if provider not in ort.get_available_providers():
-            raise ArtifactError(f"{info.path}: compiled for {target}, but this onnxruntime has no {provider} "
-                                f"(it has {', '.join(ort.get_available_providers())}); install onnxruntime-gpu "
-                                f"or recompile with --target cpu")
-        self.device = "cuda" if provider == "CUDAExecutionProvider" else "cpu"
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = num_threads or os.cpu_count() or 1
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.log_severity_level = 3
-        # Idle pool threads spinning between kernels: a little faster on an idle machine, about half the
-        # speed when other processes want the cores (measured on a shared 2-core machine).
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
-        # ONNX Runtime opens the model and its external data by path: a private copy whose bytes were hashed
-        # as they were written, removed by close().
         files = backend["files"]
-        self._copy = info.private_copy([files["model"], files["data"]], "backend_info.files")
-        try:
-            self.session = ort.InferenceSession(self._copy.file(files["model"]), options, providers=[provider])
-        except Exception as err:  # noqa: BLE001 - onnxruntime raises its own error types
-            self._copy.close()
-            raise ArtifactError(f"{info.path}: ONNX Runtime cannot load {files['model']} "
-                                f"({' '.join(str(err).split())[:200]}); recompile the artifact") from None
+        self.session, self._copy, provider = open_session(info, num_threads, provider, spin)
+        self.device = "cuda" if provider == "CUDAExecutionProvider" else "cpu"
         self.inputs = backend["inputs"]
         self.logits_name = backend["logits"]
         found = [i.name for i in self.session.get_inputs()]
