@@ -56,6 +56,8 @@ def build_every_op_module() -> Module:
     module.add_weight("router.bias", type=T("f32", 4))
     module.add_weight("experts.gate_up", type=T("f32", 4, 12, 8))
     module.add_weight("experts.down", type=T("f32", 4, 8, 6))
+    module.add_weight("experts.gate_up.q", type=T("i8", 4, 12, 8))  # int8 per row; the down stack stays float
+    module.add_weight("experts.gate_up.scales", type=T("f32", 4, 12))
 
     fn = module.add_function("forward")
     ids = fn.add_param("input_ids", T("i64", batch, seq))
@@ -123,10 +125,14 @@ def build_every_op_module() -> Module:
                           "group_score": "top2_sum", "scaling": 2.5}, name="routed")
     moe = fn.emit("moe_experts", tokens_h, *routed.outputs, fn.emit("weight", name="experts.gate_up"),
                   fn.emit("weight", name="experts.down"), activation="silu")
+    moe_q = fn.emit("moe_experts_q", tokens_h, *routed.outputs, fn.emit("weight", name="experts.gate_up.q"),
+                    fn.emit("weight", name="experts.gate_up.scales"), fn.emit("weight", name="experts.down"),
+                    activation="silu", activations="float", gate_up_bits=8, gate_up_group_size=0,
+                    gate_up_offset=False, down_bits=0, down_group_size=0, down_offset=False)
     mla = fn.emit("latent_attention", q, fn.emit("slice", h, axis=2, end=4, value_name="latent"), num_heads=2,
                   scale=0.25, value_dim=3, expanded_k_dim=5, expanded_v_dim=6)
     fn.set_results([g, half, picked, filled, ar1, ar2, means, maxes, mins, sm, cs, flat_t, expanded, sliced, joined,
-                    indexed, scores, lin, lin_q, emb_q, ln, att1, att2, rms, *resid.outputs, mlp, attn, moe, mla,
+                    indexed, scores, lin, lin_q, emb_q, ln, att1, att2, rms, *resid.outputs, mlp, attn, moe, moe_q, mla,
                     *consts])
 
     # the ragged step over named pools (V's head size differs from K's)
