@@ -638,6 +638,9 @@ def format_summary(summary: dict) -> str:
              f"parameters: {summary['parameters']:,} ({summary['parameter_bytes'] / 2**20:.1f} MiB)",
              f"symbolic dims: {', '.join(summary['symbolic_dims'])}",
              "entry functions:"]
+    if summary.get("symbol_ranges"):  # declared by the capture; the verifier proves slices in bounds with them
+        lines.insert(3, "symbol ranges: " + ", ".join(f"{name} in [{least}, {greatest}]"
+                                                      for name, (least, greatest) in summary["symbol_ranges"].items()))
     if summary.get("artifact"):
         art = summary["artifact"]
         lines.insert(1, f"artifact: {art['backend']} {art['backend_version']}, target {art['target']}, "

@@ -71,6 +71,9 @@ def summarize(module: Module) -> dict:
         "parameters": module.parameter_count(exclude=module.metadata.get("buffers", ())),
         "parameter_bytes": module.parameter_bytes(),
         "symbolic_dims": sorted(symbols),
+        # declared ranges ({symbol: [least, greatest]}), e.g. a captured sequence
+        # length the verifier used to prove a slice in bounds
+        "symbol_ranges": {name: [least, greatest] for name, (least, greatest) in sorted(module.symbol_ranges.items())},
         "unfused_attention": module.metadata.get("unfused_attention", []),
         "kv_cache": module.metadata.get("kv_cache"),
         "quantization": module.metadata.get("quantization"),

@@ -98,6 +98,10 @@ def test_inspect_json_on_a_checkpoint(checkpoint):
     assert 0 < sum(p["milliseconds"] for p in summary["passes"]) < elapsed_ms
     assert set(summary["functions"]) == {"step", "step_decode"}
     assert summary["symbolic_dims"] == ["rows", "seqs", "tokens"]  # @step_decode has fixed sizes
+    # the capture declared torch.export's ranges: a batch and a sequence of at most --max-seq-len
+    assert summary["symbol_ranges"] == {"batch": [1, 64], "seq": [1, 64]}
+    text = kiln_cli("inspect", str(checkpoint), "--max-seq-len", "64", "--page-size", "8").stdout
+    assert "symbol ranges: batch in [1, 64], seq in [1, 64]" in text.splitlines()
 
 
 def test_inspect_shows_quantization_and_refuses_gguf_for_a_checkpoint(checkpoint):
