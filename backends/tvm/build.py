@@ -181,8 +181,9 @@ def cpu_pipeline(target, launches: dict | None = None):
                 # the rest: parallel outer loops (dlight's cpu rules measured slower here)
                 + [_fallback_cpu_schedules()]
                 + cpu.dataflow_lower_passes(target)
-                # a decode step's kernels in a few thread-pool launches (launch_fusion.py; opt-in for now)
-                + ([fuse_launches({DECODE_STEP})] if os.environ.get("KILN_FUSE_LAUNCHES", "0") == "1" else [])
+                # a decode step's kernels in a few thread-pool launches (launch_fusion.py); KILN_FUSE_LAUNCHES=0
+                # turns it off (to compare, or to rule it out)
+                + ([fuse_launches({DECODE_STEP})] if os.environ.get("KILN_FUSE_LAUNCHES", "1") != "0" else [])
                 # reshapes became views above; their kernels would still go through LLVM
                 + [relax.transform.DeadCodeElimination(), count_launches(launches)]
                 + cpu.finalize_passes(target)

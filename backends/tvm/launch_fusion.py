@@ -15,15 +15,21 @@ body is one ``pragma_parallel_launch_point``: every stage runs inside a single l
 - A kernel of another shape (a parallel loop under a serial one, two parallel loops) ends the run and is
   called as it is.
 
-The merged function takes every kernel's parameters in order (a tensor passed to two kernels is passed
-twice), so no buffer is renamed inside a kernel; since views of one tensor then reach it as different
-parameters, the merged function is not ``noalias``. The bindings between the calls (allocations, views,
-tuples) move before the merged call: in destination-passing form they only name memory, and the memory
-planner sees every buffer of the run live at that one call.
+The merged function takes one parameter per distinct piece of memory, not one per kernel parameter. A
+tensor passed to two kernels, or two views of one tensor (a reshape, a layer's pages of the KV pool), reach
+it once; inside, each kernel's parameter is declared as a buffer over that memory at its element offset.
+The parameters then never alias, so the merged function is ``noalias`` like any kernel. This is required,
+not tidiness: TVM 0.27's LLVM codegen compiles every function of a module with the ``tirx.noalias`` of the
+function declared last (``is_restricted_`` is set while declaring, and all functions are declared before
+any is defined, in ``CodeGenLLVM::AddFunctionsOrdered``), so a ``tirx.noalias: False`` on one function is
+ignored. With aliasing parameters marked ``noalias``, LLVM moved a QK-norm's loads above the split that
+wrote them (a tiny Qwen3-MoE decoded wrong, with any number of threads). A run whose views cannot be
+expressed this way (a symbolic root shape, a view that changes the dtype, an offset a kernel's fixed
+``elem_offset`` cannot take) is left unmerged.
 
-Off by default (``KILN_FUSE_LAUNCHES=1`` turns it on): a tiny Qwen3-MoE's decode comes out wrong with it,
-deterministically and with one thread, while the same merged kernels run right when concatenated without
-the launch point; that is not understood yet.
+The bindings between the calls (allocations, views, tuples) move before the merged call: in
+destination-passing form they only name memory, and the memory planner sees every buffer of the run live
+at that one call.
 """
 
 from __future__ import annotations
@@ -143,11 +149,104 @@ def _specialized(func, args):
     return func
 
 
-def _merge(funcs_and_kinds):
-    """One PrimFunc running ``funcs_and_kinds`` [(PrimFunc, kind)] in order inside one parallel launch."""
+def _alias_layout(calls, resolve):
+    """How a run's kernel arguments share memory: (pattern, groups), or None when some sharing cannot be
+    expressed. ``resolve(var)`` gives (root var, byte offset) of a Relax tensor through its reshapes and
+    views. ``groups`` holds, per distinct piece of memory in order of first use, (the Relax var the merged
+    function takes for it, its [(call, argument, element offset)], and None when that var is one of the
+    arguments, else the root's (shape, dtype) for a new parameter). ``pattern`` identifies the layout
+    (merged functions are cached by it)."""
+    roots = []  # [(root var, [(call, argument, arg var, byte offset)])]
+    for number, call in enumerate(calls):
+        for position, arg in enumerate(call.args):
+            root, offset = resolve(arg)
+            for known, members in roots:
+                if known.same_as(root):
+                    members.append((number, position, arg, offset))
+                    break
+            else:
+                roots.append((root, [(number, position, arg, offset)]))
+    groups, pattern = [], []
+    for root, members in roots:
+        dtypes = {str(arg.ty.dtype) for _, _, arg, _ in members}
+        if len(dtypes) != 1:  # a view that reinterprets the dtype
+            return None
+        itemsize = _itemsize(dtypes.pop())
+        first = members[0][2]
+        if all(arg.same_as(first) for _, _, arg, _ in members):
+            base, new = members[0][3], None  # one tensor, passed to several kernels: it is the parameter
+            var = first
+        else:
+            shape = _static_shape(root)
+            if shape is None or str(root.ty.dtype) != str(first.ty.dtype):
+                return None
+            base, new, var = 0, (shape, str(root.ty.dtype)), root
+        placed = []
+        for number, position, _, offset in members:
+            if (offset - base) % itemsize:
+                return None
+            placed.append((number, position, (offset - base) // itemsize))
+        groups.append((var, placed, new))
+        pattern.append((tuple(placed), new is not None))
+    return tuple(pattern), groups
+
+
+def _itemsize(dtype: str) -> int:
+    bits = int("".join(ch for ch in dtype if ch.isdigit()) or 8)
+    return max(bits // 8, 1)
+
+
+def _declare_over(param, base, offset: int, prologue) -> bool:
+    """Declares the kernel parameter ``param`` as a buffer over ``base``'s memory at ``offset`` elements past
+    ``base``'s own offset: a Bind of its symbolic ``elem_offset`` (if it has one) and a DeclBuffer, appended to
+    ``prologue``. False when its fixed ``elem_offset`` or ``offset_factor`` cannot take that offset."""
+    import tvm
+    from tvm import tirx
+
+    want = base.ty.elem_offset + offset if offset else base.ty.elem_offset
+    have = param.ty.elem_offset
+    if isinstance(have, tirx.IntImm):
+        want = tvm.sym.Analyzer().simplify(want)
+        if not (isinstance(want, tirx.IntImm) and want.value == have.value):
+            return False
+    else:
+        factor = int(param.ty.offset_factor)
+        base_factor = int(base.ty.offset_factor)
+        base_offset = base.ty.elem_offset
+        base_aligned = (base_offset.value % factor == 0 if isinstance(base_offset, tirx.IntImm)
+                        else base_factor % factor == 0)
+        if factor > 1 and (offset % factor or not base_aligned):
+            return False
+        if want.ty != have.ty:
+            want = tirx.Cast(str(have.ty.dtype), want)
+        prologue.append(tirx.Bind(have, want))
+    prologue.append(tirx.DeclBuffer(param, data=base.data))
+    return True
+
+
+def _merge(funcs_and_kinds, groups):
+    """One PrimFunc running ``funcs_and_kinds`` [(PrimFunc, kind)] in order inside one parallel launch, with
+    one parameter per group of ``_alias_layout``; None when a kernel's parameter cannot sit over its group's
+    memory."""
     from tvm import s_tir, tirx
 
-    params, stages, serial = [], [], []
+    funcs = [s_tir.renew_defs(func) for func, _ in funcs_and_kinds]  # a kernel called twice: new variables
+    params, prologue = [], []
+    for _, placed, new in groups:
+        if new is None:
+            number, position, _ = placed[0]
+            base = funcs[number].params[position]
+            rest = placed[1:]
+        else:
+            shape, dtype = new
+            base = tirx.decl_buffer([tirx.IntImm("int64", dim) for dim in shape], dtype, "memory")
+            rest = placed
+        params.append(base)
+        for number, position, offset in rest:
+            if not _declare_over(funcs[number].params[position], base, offset, prologue):
+                return None
+
+    stages, serial = [], []
 
     def flush_serial():
         if serial:
@@ -157,9 +256,7 @@ def _merge(funcs_and_kinds):
             stages.append(tirx.For(task, 0, 2, tirx.ForKind.PARALLEL, tirx.IfThenElse(task == 0, body, None)))
             serial.clear()
 
-    for func, kind in funcs_and_kinds:
-        func = s_tir.renew_defs(func)  # a kernel called twice gets its own variables each time
-        params.extend(func.params)
+    for func, (_, kind) in zip(funcs, funcs_and_kinds):
         if kind == "serial":
             serial.append(func.body)
         else:
@@ -169,8 +266,8 @@ def _merge(funcs_and_kinds):
     body = [tirx.AttrStmt(tirx.IntImm("int32", 0), BARRIER_AFTER, 1, stage) for stage in stages[:-1]] + stages[-1:]
     launch = tirx.AttrStmt(tirx.IntImm("int32", 0), PARALLEL_LAUNCH_POINT, 1,
                            body[0] if len(body) == 1 else tirx.SeqStmt(body))
-    return tirx.PrimFunc(params, launch).with_attrs(
-        {"tirx.noalias": False, "tirx.is_scheduled": True, "kiln.merged_kernels": len(funcs_and_kinds)})
+    return tirx.PrimFunc(params, tirx.SeqStmt(prologue + [launch]) if prologue else launch).with_attrs(
+        {"tirx.noalias": True, "tirx.is_scheduled": True, "kiln.merged_kernels": len(funcs_and_kinds)})
 
 
 def _chunks(begin: int, end: int, max_kernels: int) -> list[int]:
@@ -242,19 +339,50 @@ def fuse_launches(function_names=None, max_kernels: int = MAX_KERNELS):
                 return True
             return isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) and value.op.name in _SETUP_OPS
 
-        merged = {}  # (kernel, argument shapes) per call -> the merged PrimFunc's GlobalVar
+        definitions = {}  # a Relax var -> the value bound to it (views and reshapes are followed to their root)
+
+        def resolve(var):
+            """(root var, byte offset) of the tensor ``var`` through its reshapes, views and aliases."""
+            offset = 0
+            while True:
+                value = definitions.get(var)
+                if isinstance(value, relax.Var):
+                    var = value
+                elif isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) and \
+                        value.op.name == "relax.reshape":
+                    var = value.args[0]
+                elif isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) and \
+                        value.op.name == "relax.memory.view" and isinstance(value.args[0], relax.Var):
+                    extra = value.args[3] if len(value.args) > 3 else None
+                    extra = getattr(extra, "value", extra)
+                    if extra is not None and not isinstance(extra, (int, tirx.IntImm)):
+                        return var, offset  # a symbolic offset: the view is its own memory
+                    offset += int(extra or 0)
+                    var = value.args[0]
+                else:
+                    return var, offset
+
+        merged = {}  # (kernel, argument shapes) per call, and how they share memory -> the merged GlobalVar
 
         def merged_call(run):
+            """The bindings replacing ``run``: one call of the merged kernel, or ``run`` itself when its
+            arguments share memory in a way the merged function cannot express."""
             calls = [binding.value for binding in run]
             if len(calls) == 1:
-                return run[0]
-            key = tuple(call_key(call) for call in calls)
+                return list(run)
+            layout = _alias_layout(calls, resolve)
+            if layout is None:
+                return list(run)
+            pattern, groups = layout
+            key = (tuple(call_key(call) for call in calls), pattern)
             if key not in merged:
-                func = _merge([kernels[call_key(call)] for call in calls])
-                merged[key] = builder.add_func(func, f"kiln_launch{len(merged)}")
-            args = [arg for call in calls for arg in call.args]
-            return relax.VarBinding(relax.Var("_", run[0].var.ty),
-                                    relax.Call(merged[key], args, None, calls[0].ty_args))
+                func = _merge([kernels[call_key(call)] for call in calls], groups)
+                merged[key] = None if func is None else builder.add_func(func, f"kiln_launch{len(merged)}")
+            if merged[key] is None:
+                return list(run)
+            args = [var for var, _, _ in groups]
+            return [relax.VarBinding(relax.Var("_", run[0].var.ty),
+                                     relax.Call(merged[key], args, None, calls[0].ty_args))]
 
         def emit_segment(bindings, segment):
             """A run of kernel calls and the setup bindings between them: each setup binding moves before the
@@ -271,13 +399,13 @@ def fuse_launches(function_names=None, max_kernels: int = MAX_KERNELS):
                     pending.append(binding)
                     continue
                 if chunk_of[position] != chunk:
-                    bindings.append(merged_call(run))
+                    bindings.extend(merged_call(run))
                     run, chunk = [], chunk_of[position]
                 bindings.extend(pending)
                 pending = []
                 run.append(binding)
                 position += 1
-            bindings.append(merged_call(run))
+            bindings.extend(merged_call(run))
             bindings.extend(pending)
 
         def rewrite_block(block):
@@ -306,6 +434,9 @@ def fuse_launches(function_names=None, max_kernels: int = MAX_KERNELS):
             body = func.body
             if not isinstance(body, relax.SeqExpr) or any(isinstance(b, relax.DataflowBlock) for b in body.blocks):
                 continue
+            definitions.clear()
+            definitions.update({binding.var: binding.value for block in body.blocks for binding in block.bindings
+                                if isinstance(binding, relax.VarBinding)})
             new_body = relax.SeqExpr([rewrite_block(block) for block in body.blocks], body.body)
             updates[gvar] = relax.Function(func.params, new_body, func.ret_ty, func.is_pure, func.attrs, func.span)
         for gvar, func in updates.items():
