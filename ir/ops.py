@@ -92,4 +92,4 @@ def fail(op: str, message: str) -> VerificationError:
 
 
 # Importing the definitions registers them.
-from . import core_ops, llm_ops, mla_ops, moe_ops, quant_ops  # noqa: E402,F401
+from . import core_ops, llm_ops, mla_ops, moe_ops, quant_mlp_ops, quant_ops  # noqa: E402,F401

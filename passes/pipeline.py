@@ -20,6 +20,8 @@ PIPELINE = [
     "quantize_activations",
     # Projections of one activation (q/k/v; gate/up once quantized) as one wide matmul.
     "merge_sibling_linears",
+    # The quantized MLP's matmuls and activation (split by quantize_weights) as one gated_mlp_q again.
+    "fuse_quantized_gated_mlp",
     # KV cache: declare the cache (its spec), then turn forward into @step, one ragged batch over it.
     "plan_kv_cache",
     "insert_kv_cache",

@@ -27,6 +27,7 @@ import numpy as np
 from kiln.ir.errors import ConfigError
 from kiln.ir.graph import Function, Module, Node, Value
 from kiln.ir.moe_ops import QUANTIZED_WEIGHTS
+from kiln.ir.quant_mlp_ops import ACTIVATION_OPS
 from kiln.ir.quant_ops import QuantizedWeight, pack_int4
 from kiln.ir.types import is_float
 
@@ -38,8 +39,6 @@ MODES = {"int8": (8, 0), "int4": (4, 32), "int4-g128": (4, 128)}
 GGUF = "gguf"
 # Ops a value may pass through on its way to being returned and still be "the logits".
 _PASS_THROUGH = ("reshape", "slice", "cast", "permute", "index")
-_ACTIVATION_OPS = {"silu": ("silu", {}), "gelu": ("gelu", {"approximate": "none"}),
-                   "gelu_tanh": ("gelu", {"approximate": "tanh"})}
 
 
 def quantize_int8(weight: np.ndarray) -> QuantizedWeight:
@@ -243,7 +242,7 @@ def _rewrite_gated_mlp(quantizer: _Quantizer, fn: Function, node: Node) -> bool:
         return False
     gate = quantizer.dense(fn, x, w_gate, node, node.meta)
     up = quantizer.dense(fn, x, w_up, node, node.meta)
-    op, attrs = _ACTIVATION_OPS[node.attrs["activation"]]
+    op, attrs = ACTIVATION_OPS[node.attrs["activation"]]
     hidden = fn.emit("mul", fn.emit(op, gate, insert_before=node, **attrs), up, insert_before=node)
     fn.replace_all_uses(node.output, quantizer.dense(fn, hidden, w_down, node, node.meta))
     fn.erase(node)

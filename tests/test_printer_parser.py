@@ -58,6 +58,10 @@ def build_every_op_module() -> Module:
     module.add_weight("experts.down", type=T("f32", 4, 8, 6))
     module.add_weight("experts.gate_up.q", type=T("i8", 4, 12, 8))  # int8 per row; the down stack stays float
     module.add_weight("experts.gate_up.scales", type=T("f32", 4, 12))
+    module.add_weight("mlp_q.gate_up.q", type=T("i8", 12, 8))  # gated_mlp_q: int8 per row, I = 6
+    module.add_weight("mlp_q.gate_up.scales", type=T("f32", 12))
+    module.add_weight("mlp_q.down.q", type=T("i8", 8, 6))
+    module.add_weight("mlp_q.down.scales", type=T("f32", 8))
 
     fn = module.add_function("forward")
     ids = fn.add_param("input_ids", T("i64", batch, seq))
@@ -129,10 +133,16 @@ def build_every_op_module() -> Module:
                     fn.emit("weight", name="experts.gate_up.scales"), fn.emit("weight", name="experts.down"),
                     activation="silu", activations="float", gate_up_bits=8, gate_up_group_size=0,
                     gate_up_offset=False, down_bits=0, down_group_size=0, down_offset=False)
+    mlp_q = fn.emit("gated_mlp_q", h, *(fn.emit("weight", name=f"mlp_q.{w}.{p}") for w in ("gate_up", "down")
+                                         for p in ("q", "scales")),
+                    activation="gelu_tanh", gate_up_bits=8, gate_up_group_size=0, gate_up_offset=False,
+                    gate_up_activations="float", down_bits=8, down_group_size=0, down_offset=False,
+                    down_activations="float")
     mla = fn.emit("latent_attention", q, fn.emit("slice", h, axis=2, end=4, value_name="latent"), num_heads=2,
                   scale=0.25, value_dim=3, expanded_k_dim=5, expanded_v_dim=6)
     fn.set_results([g, half, picked, filled, ar1, ar2, means, maxes, mins, sm, cs, flat_t, expanded, sliced, joined,
-                    indexed, scores, lin, lin_q, emb_q, ln, att1, att2, rms, *resid.outputs, mlp, attn, moe, moe_q, mla,
+                    indexed, scores, lin, lin_q, emb_q, ln, att1, att2, rms, *resid.outputs, mlp, mlp_q, attn, moe, moe_q,
+                    mla,
                     *consts])
 
     # the ragged step over named pools (V's head size differs from K's)
