@@ -17,7 +17,11 @@ scale and offset are f32 or f16 (a GGUF file's block scales are f16); the arithm
   Runtime's accuracy_level 4 do: s = max|x_block| / 127, xq = clip(rint(x / s), -127, 127) (s = 0 and
   xq = 0 for an all-zero block), and the matmul reads xq * s. Kernels compute it as integer dot
   products of xq with the weight's integers, times the block scales (:func:`quantize_activations`
-  is the reference). K must be a multiple of 32 and the weight's group a multiple of 32 (or per row).
+  is the reference). K must be a multiple of 32 and the weight's group per row, a multiple of 32, or a
+  divisor of 32 (GGUF Q6_K: 16), so that every activation block meets whole weight groups. With a group
+  g dividing 32, block b of row i and weight row j meet 32 / g groups, each with its own scale:
+
+      y[i, j] = sum_b s[i, b] * sum_h d[j, (32 / g) b + h] * (xq[i, b, g h : g (h + 1)] . q[j, b, g h : g (h + 1)])
 """
 
 from __future__ import annotations
@@ -127,8 +131,10 @@ def check_quantized(op: str, q: TensorType, scale: TensorType, offset: TensorTyp
 
 
 def int8_activations_fit(k: int, group_size: int) -> bool:
-    """Whether a linear_q over K columns with this weight group can take int8 activations."""
-    return k % ACTIVATION_BLOCK == 0 and group_size % ACTIVATION_BLOCK == 0
+    """Whether a linear_q over K columns with this weight group can take int8 activations: K a multiple of
+    the activation block (32), and the group per row (0), a multiple of 32 or a divisor of 32 (GGUF Q6_K's
+    16), so that no weight group straddles two activation blocks."""
+    return k % ACTIVATION_BLOCK == 0 and (group_size % ACTIVATION_BLOCK == 0 or ACTIVATION_BLOCK % group_size == 0)
 
 
 def quantize_activations(x: np.ndarray) -> tuple:
@@ -151,12 +157,15 @@ def _linear_q_infer(types, attrs, module):
     if attrs["activations"] not in ACTIVATIONS:
         raise fail("linear_q", f"activations must be one of {', '.join(ACTIVATIONS)}, found {attrs['activations']!r}")
     if attrs["activations"] == "int8" and not int8_activations_fit(x.shape[-1], attrs["group_size"]):
-        raise fail("linear_q", f"int8 activations need K and the weight group to be multiples of {ACTIVATION_BLOCK}, "
-                               f"found K={x.shape[-1]}, group_size={attrs['group_size']}")
+        raise fail("linear_q", f"int8 activations need K and the weight group to be multiples of {ACTIVATION_BLOCK} "
+                               f"(or the group a divisor of {ACTIVATION_BLOCK}), found K={x.shape[-1]}, "
+                               f"group_size={attrs['group_size']}; use activations=float for this weight")
     return [TensorType(x.dtype, tuple(x.shape[:-1]) + (n,))]
 
 
 def _linear_q_ref(xs, attrs):
+    """(xq * s) @ W.T in float64, W dequantized per element: the same statement for every group the fit
+    rule allows (a group dividing 32 only means more weight scales inside one activation block)."""
     x, q, scale = xs[:3]
     offset = xs[3] if len(xs) == 4 else None
     w = dequantize(q, scale, offset, attrs["bits"], attrs["group_size"])

@@ -102,6 +102,7 @@ FORMAT_CASES = {
     "int4+float": (INT4, FLOAT, "float"),
     "int8-a8": (INT8_ROW, INT8_ROW, "int8"),
     "int4-a8": (INT4, Q8_0, "int8"),
+    "q4_k_m-a8": (Q4_K, Q6_K, "int8"),  # Q6_K's groups of 16: two to an activation block
 }
 
 
@@ -160,9 +161,9 @@ def test_shape_rule_refuses_mismatched_stacks():
         "experts": (head + stacks[:3] + [TensorType("u32", (EXPERTS - 1, HIDDEN, INTER // 8))] + stacks[4:], attrs,
                     "one down q, scale"),
     }
-    q4_k_m = _case("q4_k_m", tokens=3)  # a Q6_K down stack: groups of 16
-    bad["int8 rows need groups of 32"] = (head + _types(q4_k_m["gate_up"] + q4_k_m["down"]),
-                                          {**q4_k_m["attrs"], "activations": "int8"}, "int8 activations need")
+    q4_k_m = _case("q4_k_m", tokens=3)  # a Q6_K down stack: groups of 16, which int8 rows per 32 take
+    assert infer_types("moe_experts_q", head + _types(q4_k_m["gate_up"] + q4_k_m["down"]),
+                       {**q4_k_m["attrs"], "activations": "int8"})[0] == head[0]
     for what, (types, bad_attrs, message) in bad.items():
         with pytest.raises(VerificationError, match=message):
             infer_types("moe_experts_q", types, bad_attrs)

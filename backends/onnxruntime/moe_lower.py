@@ -24,9 +24,10 @@ import numpy as np
 
 from kiln.ir.errors import UnsupportedOpError
 from kiln.ir.moe_ops import split_weights
-from kiln.ir.quant_ops import ACTIVATION_BLOCK, INT4_PER_WORD
+from kiln.ir.quant_ops import INT4_PER_WORD
 
 from .lower import MS_DOMAIN, lowering
+from . import quant_lower
 
 _NEG_BIG = -3.0e38  # below every finite score: experts outside the chosen groups
 
@@ -121,7 +122,7 @@ def _gathered_experts(ctx, node, gate_up: tuple, down: tuple, int8_rows: bool = 
     ids = ctx.input(2)
     x = ctx.input(0)
     if int8_rows:
-        x = _int8_rows(ctx, x, hidden_size)
+        x = quant_lower.int8_rows(ctx, x, hidden_size)
     x = ctx.add("Unsqueeze", [x, ctx.const([1, 3], "i64")])  # [T, 1, H, 1]
     gate_up = ctx.add("MatMul", [_gathered_weight(ctx, gate_up, ids, 2 * inter, hidden_size), x])  # [T, k, 2I, 1]
     gate, up = ctx.add("Split", [gate_up, ctx.const([inter, inter], "i64")], 2, axis=2)
@@ -131,8 +132,8 @@ def _gathered_experts(ctx, node, gate_up: tuple, down: tuple, int8_rows: bool = 
         act = ctx.add("Gelu", [gate], approximate="tanh" if node.attrs["activation"] == "gelu_tanh" else "none")
     hidden = ctx.add("Mul", [act, up])  # [T, k, I, 1]
     if int8_rows:
-        hidden = ctx.add("Unsqueeze", [_int8_rows(ctx, ctx.add("Squeeze", [hidden, ctx.const([3], "i64")]), inter),
-                                       ctx.const([3], "i64")])
+        rows = quant_lower.int8_rows(ctx, ctx.add("Squeeze", [hidden, ctx.const([3], "i64")]), inter)
+        hidden = ctx.add("Unsqueeze", [rows, ctx.const([3], "i64")])
     down = ctx.add("MatMul", [_gathered_weight(ctx, down, ids, hidden_size, inter), hidden])
     weights = ctx.add("Unsqueeze", [ctx.cast(ctx.input(1), ctx.in_type(1).dtype, "f32"), ctx.const([2, 3], "i64")])
     weighted = ctx.add("Mul", [down, weights])  # [T, k, H, 1]
@@ -167,20 +168,6 @@ def _gathered_weight(ctx, stack: tuple, ids: str, rows: int, width: int) -> str:
     if group_size:
         values = ctx.add("Reshape", [values, ctx.const([0, 0, rows, width], "i64")])
     return values
-
-
-def _int8_rows(ctx, x: str, width: int) -> str:
-    """x f32 [..., K] rounded to int8 per block of 32 and back (quant_ops.quantize_activations): s = max|x| / 127,
-    x ~ clip(rint(x * (127 / max|x|)), -127, 127) * s, 0 for an all-zero block."""
-    blocks = ctx.add("Reshape", [x, ctx.const([-1, width // ACTIVATION_BLOCK, ACTIVATION_BLOCK], "i64")])
-    amax = ctx.add("ReduceMax", [ctx.add("Abs", [blocks]), ctx.const([-1], "i64")], keepdims=1)
-    positive = ctx.add("Greater", [amax, ctx.const(0.0, "f32")])
-    inverse = ctx.add("Where", [positive, ctx.add("Div", [ctx.const(127.0, "f32"), ctx.add(
-        "Where", [positive, amax, ctx.const(1.0, "f32")])]), ctx.const(0.0, "f32")])
-    xq = ctx.add("Clip", [ctx.add("Round", [ctx.add("Mul", [blocks, inverse])]), ctx.const(-127.0, "f32"),
-                          ctx.const(127.0, "f32")])
-    rows = ctx.add("Mul", [xq, ctx.add("Div", [amax, ctx.const(127.0, "f32")])])
-    return ctx.add("Reshape", [rows, ctx.add("Shape", [x])])
 
 
 @lowering("moe_experts_q")

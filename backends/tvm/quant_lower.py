@@ -32,7 +32,8 @@ def _takes_vnni(node, target) -> bool:
     if node.op != "linear_q" or node.attrs["activations"] != "int8" or not int8_kernels.has_vnni(target):
         return False
     n, k = node.inputs[1].type.shape[0], node.inputs[0].type.shape[-1]
-    return node.inputs[0].type.dtype == "f32" and int8_kernels.fits(n, k) and _vnni_weight_names(node) is not None
+    return (node.inputs[0].type.dtype == "f32" and int8_kernels.fits(n, k, node.attrs["group_size"])
+            and _vnni_weight_names(node) is not None)
 
 
 def _vnni_weights(fn, module, target):
@@ -63,10 +64,15 @@ def _emit_vnni(ctx, node, x2, rows, k, n):
     """int8 rows of x2 [rows, K], then the VNNI dot-product kernel over the repacked weight."""
     small = _linear_row_tile(rows) is None  # a decode step's rows: quantized on the calling thread
     blocks = k // int8_kernels.ACTIVATION_BLOCK
-    quantize = ctx.bb.add_func(int8_kernels.quantize_rows_func(k, parallel=not small), "quantize_rows")
+    # a group of 8 or 16 takes each row's integer sums per 8 elements, a larger one its scaled block sums
+    quarters = 0 < node.attrs["group_size"] < int8_kernels.ACTIVATION_BLOCK
+    sums = (relax.TensorType([ctx.dim(rows), ctx.dim(k // int8_kernels.QUARTER)], "int32") if quarters else
+            relax.TensorType([ctx.dim(rows), ctx.dim(blocks)], "float32"))
+    quantize = ctx.bb.add_func(int8_kernels.quantize_rows_func(k, parallel=not small, quarter_sums=quarters),
+                               "quantize_rows")
     parts = ctx.emit(relax.call_tir(quantize, [x2], [relax.TensorType([ctx.dim(rows), ctx.dim(k)], "int8"),
                                                      relax.TensorType([ctx.dim(rows), ctx.dim(blocks)], "float32"),
-                                                     relax.TensorType([ctx.dim(rows), ctx.dim(blocks)], "float32")]))
+                                                     sums]))
     xq, sx, xs = (ctx.emit(relax.TupleGetItem(parts, i)) for i in range(3))
     names = _vnni_weight_names(node)
     weights = [ctx.weights[name] for name in names]
