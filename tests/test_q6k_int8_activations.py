@@ -151,7 +151,7 @@ def test_pass_marks_q6_k_linears_and_the_verifier_refuses_groups_that_straddle_b
 
 # --- the TVM kernels -----------------------------------------------------------------------------------------
 
-CASES = [  # n, k, bits, group, offsets, scale dtype, rows (1: the decode GEMV; more: the row-tiled GEMM)
+CASES = [  # n, k, bits, group, offsets, scale dtype, rows (up to 8: the decode GEMV; more: the 8-row GEMM tile)
     (64, 256, 8, 16, False, "f32", 1),  # Q6_K
     (64, 256, 8, 16, False, "f32", 11),  # Q6_K, a prefill with a partial row tile
     (32, 512, 8, 16, False, "f16", 1),
