@@ -19,7 +19,8 @@ scale and offset are f32 or f16 (a GGUF file's block scales are f16); the arithm
   products of xq with the weight's integers, times the block scales (:func:`quantize_activations`
   is the reference). K must be a multiple of 32 and the weight's group per row, a multiple of 32, or a
   divisor of 32 (GGUF Q6_K: 16), so that every activation block meets whole weight groups. With a group
-  g dividing 32, block b of row i and weight row j meet 32 / g groups, each with its own scale:
+  g dividing 32, block b of row i and weight row j meet 32 / g groups, each with its own scale (int8 weights;
+  int4 ones likewise with their dequantized values):
 
       y[i, j] = sum_b s[i, b] * sum_h d[j, (32 / g) b + h] * (xq[i, b, g h : g (h + 1)] . q[j, b, g h : g (h + 1)])
 """
