@@ -317,7 +317,9 @@ def test_paged_attention_through_the_padded_view_matches_numpy(chunks, window):
 
 
 def test_every_ir_op_has_a_lowering():
-    assert sorted(set(OPS) - set(LOWERINGS)) == []
+    from kiln.ir.quant_mlp_ops import DECOMPOSED_OPS  # lowered as their subgraphs (kiln/artifact.py)
+
+    assert sorted(set(OPS) - set(LOWERINGS) - set(DECOMPOSED_OPS)) == []
 
 
 def test_op_without_lowering_is_named(monkeypatch):
