@@ -216,13 +216,14 @@ def _experts_q_infer(types, attrs, module):
                                     f"found {attrs['activations']!r}")
     if attrs["activations"] == "int8" and not int8_activations_fit_experts(hidden, rows // 2, attrs):
         raise fail("moe_experts_q", f"int8 activations need quantized gate_up and down with H={hidden}, I={rows // 2} "
-                                    f"and their groups multiples of {ACTIVATION_BLOCK}")
+                                    f"multiples of {ACTIVATION_BLOCK} and their groups multiples or divisors of "
+                                    f"{ACTIVATION_BLOCK}; use activations=float for these experts")
     return [x]
 
 
 def int8_activations_fit_experts(hidden: int, inter: int, attrs) -> bool:
     """Whether a moe_experts_q can take int8 activations: both weights quantized, both of their K (H for
-    gate_up, I for down) and groups multiples of 32 (what linear_q asks of each)."""
+    gate_up, I for down) multiples of 32 and groups multiples or divisors of 32 (what linear_q asks of each)."""
     return all(attrs[f"{name}_bits"] and int8_activations_fit(k, attrs[f"{name}_group_size"])
                for name, k in (("gate_up", hidden), ("down", inter)))
 
