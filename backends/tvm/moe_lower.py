@@ -8,8 +8,14 @@ per token (no weight reuse across tokens: correct, not yet fast for long prompts
 
 ``moe_experts_q`` runs the same kernels over the experts' quantized stacks (linear_q's formats with a leading
 experts axis): the dequantize sits inside the GEMV's reduction, as linear_q's kernels do it, so a decode step
-reads the k selected experts' quantized blocks, scales and offsets and nothing else. int8 activations are the
-IR's per-32 rounding of each matmul's input rows (int8_kernels.dequantize_rows), multiplied in f32.
+reads the k selected experts' quantized blocks, scales and offsets and nothing else.
+
+int8 activations on a CPU with AVX512-VNNI (both stacks int4 or int8 with groups of 32, 64, ... or int8 per row,
+N a multiple of 4): each stack is repacked at compile time as int8_kernels.repack lays out a linear's weight,
+stacked along a leading experts axis (derived weights, read instead of the originals), each matmul's input rows
+are quantized by int8_kernels.quantize_rows_func, and :func:`expert_matmul_func` takes ``vpdpbusd`` over the
+selected expert's blocks of each (token, slot) row, decode and prefill alike. Elsewhere the same int8 rows
+(int8_kernels.dequantize_rows) are multiplied in f32 by the float kernels.
 """
 
 from __future__ import annotations
@@ -24,8 +30,9 @@ from kiln.ir.moe_ops import GROUP_SCORES, QUANTIZED_WEIGHTS, SCORINGS, split_wei
 from kiln.ir.quant_ops import INT4_PER_WORD
 
 from . import int8_kernels, kernels, schedules
+from .int8_kernels import ACTIVATION_BLOCK, GROUP_ROWS
 from .llm_lower import _ACTIVATIONS
-from .lower import lowering, tvm_dtype
+from .lower import DERIVED_WEIGHT_PROVIDERS, _linear_row_tile, lowering, tvm_dtype
 
 _NEG_BIG = -3.0e38  # below every finite score: marks experts outside the chosen groups
 
@@ -218,22 +225,195 @@ def _selected_gemv(ctx, name: str, ids, x, stack: list, fmt: tuple, rows: int, w
     return ctx.emit(relax.call_tir(gvar, [ids, x] + list(stack), relax.TensorType([count, rows], "float32")))
 
 
+# int8 activations on VNNI: the selected experts' repacked blocks through vpdpbusd ------------------------------
+VNNI_SUFFIXES = (".vnni_q", ".vnni_scale", ".vnni_offset")  # a stack's repacked arrays, after its first weight's name
+
+
+def _vnni_fits(node) -> bool:
+    """Whether both stacks of a moe_experts_q {activations=int8} are in formats the expert kernel takes: int8 or
+    int4 with a group a multiple of 32 (or int8 per row), N a multiple of 4 rows."""
+    hidden = node.inputs[0].type.shape[1]
+    inter = node.inputs[3].type.shape[1] // 2  # gate_up's rows, in every format
+    return all(node.attrs[f"{name}_bits"] in (4, 8) and node.attrs[f"{name}_group_size"] % ACTIVATION_BLOCK == 0
+               and int8_kernels.fits(n, k)
+               for name, n, k in (("gate_up", 2 * inter, hidden), ("down", hidden, inter)))
+
+
+def _vnni_names(node) -> dict | None:
+    """{stack: the names of its repacked arrays} of a moe_experts_q, or None when a stack is not module weights."""
+    names = {}
+    for stack, parts in split_weights(node.inputs, node.attrs).items():
+        sources = [v.producer.attrs["name"] if v.producer is not None and v.producer.op == "weight" else None
+                   for v in parts]
+        if None in sources:
+            return None
+        names[stack] = [sources[0] + suffix for suffix in VNNI_SUFFIXES[:len(parts)]]
+    return names
+
+
+def _takes_vnni(node, target) -> bool:
+    return (node.op == "moe_experts_q" and node.attrs["activations"] == "int8" and int8_kernels.has_vnni(target)
+            and node.inputs[0].type.dtype == "f32" and _vnni_fits(node) and _vnni_names(node) is not None)
+
+
+def repack_stack(bits: int, group_size: int, q, scale, offset) -> list:
+    """A stacked weight [E, N, ...] -> int8_kernels.repack's arrays of each expert, stacked: the experts' rows
+    are one weight of E * N rows (N a multiple of 4, so no group of four rows spans two experts), and expert
+    e's groups of rows are rows e * N / 4 ... of the result's leading axis."""
+    experts, n = q.shape[:2]
+    flat = [None if a is None else a.reshape((experts * n,) + a.shape[2:]) for a in (q, scale, offset)]
+    return int8_kernels.repack(bits, group_size, *flat)
+
+
+def _vnni_expert_weights(fn, module, target):
+    """Provider of derived weights: the repacked stacks of every moe_experts_q the expert kernel runs."""
+    claimed, arrays = set(), {}
+    for node in fn.nodes:
+        if not _takes_vnni(node, target):
+            continue
+        claimed.add(id(node))
+        names = _vnni_names(node)
+        for stack, parts in split_weights(node.inputs, node.attrs).items():
+            if names[stack][0] in arrays:
+                continue
+            data = [module.weight_data[v.producer.attrs["name"]] for v in parts]
+            packed = repack_stack(node.attrs[f"{stack}_bits"], node.attrs[f"{stack}_group_size"], data[0], data[1],
+                                  data[2] if len(data) == 3 else None)
+            arrays.update(zip(names[stack], packed))
+    return claimed, arrays
+
+
+DERIVED_WEIGHT_PROVIDERS.append(_vnni_expert_weights)
+
+
+@functools.lru_cache(maxsize=None)  # parsing TVMScript costs ~0.1 s; every layer asks for the same shapes
+def expert_matmul_func(experts: int, top_k: int, n: int, k: int, bits: int, group_size: int, scale_dtype: str,
+                       has_offset: bool, per_slot: bool, ids_dtype: str) -> tirx.PrimFunc:
+    """y f32[tokens * k, N]: row r = (token r // k, slot r % k) is its int8 row of x (xq, scale, scaled block
+    sums from int8_kernels.quantize_rows_func; x's row r, ``per_slot``, or r // k) times expert
+    ids[r // k, r % k]'s weight, read from the stack repacked by :func:`repack_stack`: int8_kernels.matmul_func's
+    arithmetic (a group of 32, 64, ... or per row), its group g of four output rows at e * N / 4 + g."""
+    groups, blocks = n // GROUP_ROWS, k // ACTIVATION_BLOCK
+    words = 16 if bits == 4 else 32
+    per_row = group_size == 0
+    zero_point = 0.0 if has_offset else (8.0 if bits == 4 else 128.0)
+    sdt = "float16" if scale_dtype == "f16" else "float32"
+    stacked = experts * groups
+    s_shape = (stacked, GROUP_ROWS) if per_row else (stacked, blocks, GROUP_ROWS)
+    o_shape = (stacked, blocks, GROUP_ROWS) if has_offset else s_shape  # no offset: the scale passed twice
+    x_per_token = top_k if per_slot else 1
+    ahead = max(1, -(-int8_kernels.PREFETCH_BYTES // (blocks * words * 4)))  # groups of the same expert
+    lanes = int8_kernels.LANES
+    zero = T.Broadcast(tirx.const(0, "int32"), lanes)
+
+    def row_scales(s, at, b):  # f32x4: the four rows' scales of block b (or of the row)
+        return T.Cast("float32x4", s[at, T.Ramp(0, 1, 4)] if per_row else s[at, b, T.Ramp(0, 1, 4)])
+
+    def zero_term(s, o, at, b):  # f32x4: what each row adds per unit of the block's scaled sum
+        if has_offset:
+            return T.Cast("float32x4", o[at, b, T.Ramp(0, 1, 4)])
+        return row_scales(s, at, b) * T.Broadcast(tirx.const(-zero_point, "float32"), 4)
+
+    def block_scale(s, at, b, sx_value):  # f32x16 multiplying the block's integer sums
+        if per_row:
+            return T.Broadcast(sx_value, lanes)
+        return int8_kernels._spread(row_scales(s, at, b), 1) * T.Broadcast(sx_value, lanes)
+
+    def finish(s, at, total, c):
+        return total * row_scales(s, at, 0) + c if per_row else total + c
+
+    def x_row(r):
+        return r if per_slot else r // top_k
+
+    @T.prim_func(private=True)
+    def kernel(ids_h: T.handle, xq_h: T.handle, sx_h: T.handle, xs_h: T.handle, q_h: T.handle, s_h: T.handle,
+               o_h: T.handle, y_h: T.handle):
+        T.func_attr(int8_kernels.SCHEDULED)
+        tokens = T.int64()
+        ids = T.match_buffer(ids_h, (tokens, top_k), ids_dtype)
+        xq = T.match_buffer(xq_h, (tokens * x_per_token, k), "int8")
+        sx = T.match_buffer(sx_h, (tokens * x_per_token, blocks), "float32")
+        xs = T.match_buffer(xs_h, (tokens * x_per_token, blocks), "float32")
+        q = T.match_buffer(q_h, (stacked, blocks, words), "uint32")
+        s = T.match_buffer(s_h, s_shape, sdt)
+        o = T.match_buffer(o_h, o_shape, sdt)
+        y = T.match_buffer(y_h, (tokens * top_k, n), "float32")
+        for g in T.parallel(groups):
+            acc = T.alloc_buffer((lanes,), "float32", annotations={"disable_lower_builtin": True})
+            corr = T.alloc_buffer((GROUP_ROWS,), "float32", annotations={"disable_lower_builtin": True})
+            for r in range(tokens * top_k):
+                # the row's expert, clamped so a bad id cannot read outside the stack
+                first = T.max(T.min(T.Cast("int64", ids[r // top_k, r % top_k]), T.int64(experts - 1)),
+                              T.int64(0)) * groups
+                row = T.meta_var(x_row(r))
+                acc[T.Ramp(0, 1, lanes)] = T.Broadcast(T.float32(0), lanes)
+                corr[T.Ramp(0, 1, GROUP_ROWS)] = T.Broadcast(T.float32(0), GROUP_ROWS)
+                for b in range(blocks):
+                    for line in T.unroll(words // 16):  # the expert's weight lines a few groups ahead
+                        T.evaluate(int8_kernels._prefetch(
+                            T.address_of(q[first + T.min(g + ahead, groups - 1), b, line * 16])))
+                    lo, hi = T.meta_var(int8_kernels._operands(q, first + g, b, bits))
+                    isum = T.meta_var(int8_kernels._dot(lo, hi, int8_kernels._broadcast16(xq, row, b * 32),
+                                                        int8_kernels._broadcast16(xq, row, b * 32 + 16), zero))
+                    acc[T.Ramp(0, 1, lanes)] = (acc[T.Ramp(0, 1, lanes)] + T.Cast("float32x16", isum)
+                                                * block_scale(s, first + g, b, sx[row, b]))
+                    corr[T.Ramp(0, 1, 4)] = (corr[T.Ramp(0, 1, 4)]
+                                             + zero_term(s, o, first + g, b) * T.Broadcast(xs[row, b], 4))
+                y[r, T.Ramp(g * 4, 1, 4)] = finish(s, first + g, int8_kernels._fold(acc[T.Ramp(0, 1, lanes)]),
+                                                   corr[T.Ramp(0, 1, 4)])
+
+    return kernel
+
+
+def _vnni_gemv(ctx, node, stack: str, ids, x, rows: int, width: int, per_slot: bool, small: bool):
+    """The int8 rows of x [m, width] (m: tokens, or tokens * k ``per_slot``), then the expert kernel over stack
+    ``stack``'s repacked arrays: f32 [tokens * k, rows]."""
+    experts = node.inputs[3].type.shape[0]
+    top_k = int(ids.ty.shape[1])
+    blocks = width // ACTIVATION_BLOCK
+    m = x.ty.shape.values[0]
+    quantize = ctx.bb.add_func(int8_kernels.quantize_rows_func(width, parallel=not small), "quantize_rows")
+    parts = ctx.emit(relax.call_tir(quantize, [x], [relax.TensorType([m, width], "int8"),
+                                                    relax.TensorType([m, blocks], "float32"),
+                                                    relax.TensorType([m, blocks], "float32")]))
+    xq, sx, xs = (ctx.emit(relax.TupleGetItem(parts, i)) for i in range(3))
+    weights = [ctx.weights[name] for name in _vnni_names(node)[stack]]
+    if len(weights) == 2:
+        weights.append(weights[1])  # no offset: the kernel takes the scale in its place
+    scale_dtype = split_weights(node.inputs, node.attrs)[stack][1].type.dtype
+    func = expert_matmul_func(experts, top_k, rows, width, node.attrs[f"{stack}_bits"],
+                              node.attrs[f"{stack}_group_size"], scale_dtype, bool(node.attrs[f"{stack}_offset"]),
+                              per_slot, ids.ty.dtype)
+    gvar = ctx.bb.add_func(func, f"moe_{stack}_vnni")
+    count = ids.ty.shape.values[0] * top_k
+    return ctx.emit(relax.call_tir(gvar, [ids, xq, sx, xs] + weights, relax.TensorType([count, rows], "float32")))
+
+
 def _emit_experts(ctx, node, x, weights, ids, gate_up: list, down: list, formats: dict, int8_rows: bool):
     """The selected experts' gated MLPs, weighted and summed per token."""
     x_type = ctx.in_type(0)
     hidden_size = int(x_type.shape[1])
     top_k = int(ctx.in_type(1).shape[1])
-    inter = int(gate_up[0].ty.shape[1]) // 2
-    if int8_rows:
-        x = ctx.emit_te(int8_kernels.dequantize_rows, x, name="int8_rows")
-    gate_up = _selected_gemv(ctx, "moe_gate_up", ids, x, gate_up, formats["gate_up"], 2 * inter, hidden_size,
-                             per_slot=False)
+    inter = int(ctx.in_type(3).shape[1]) // 2  # gate_up's rows in every format (its arrays may be repacked)
+    vnni = _takes_vnni(node, ctx.target)
+    small = _linear_row_tile(x_type.shape[0]) is None  # a decode step's rows: quantized on the calling thread
+    if vnni:
+        gate_up = _vnni_gemv(ctx, node, "gate_up", ids, x, 2 * inter, hidden_size, per_slot=False, small=small)
+    else:
+        if int8_rows:
+            x = ctx.emit_te(int8_kernels.dequantize_rows, x, name="int8_rows")
+        gate_up = _selected_gemv(ctx, "moe_gate_up", ids, x, gate_up, formats["gate_up"], 2 * inter, hidden_size,
+                                 per_slot=False)
     gate = ctx.emit(relax.op.strided_slice(gate_up, axes=[1], begin=[0], end=[inter]))
     up = ctx.emit(relax.op.strided_slice(gate_up, axes=[1], begin=[inter], end=[2 * inter]))
     hidden = ctx.emit(relax.op.multiply(ctx.emit(_ACTIVATIONS[node.attrs["activation"]](gate)), up))
-    if int8_rows:
-        hidden = ctx.emit_te(int8_kernels.dequantize_rows, hidden, name="int8_rows")
-    down = _selected_gemv(ctx, "moe_down", ids, hidden, down, formats["down"], hidden_size, inter, per_slot=True)
+    if vnni:
+        down = _vnni_gemv(ctx, node, "down", ids, hidden, hidden_size, inter, per_slot=True, small=small)
+    else:
+        if int8_rows:
+            hidden = ctx.emit_te(int8_kernels.dequantize_rows, hidden, name="int8_rows")
+        down = _selected_gemv(ctx, "moe_down", ids, hidden, down, formats["down"], hidden_size, inter,
+                              per_slot=True)
     out_dtype = tvm_dtype(x_type.dtype)
 
     def te_combine(down, weights):
