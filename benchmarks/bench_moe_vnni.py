@@ -39,10 +39,12 @@ from kiln.ir.graph import Module  # noqa: E402
 from kiln.ir.quant_ops import pack_int4  # noqa: E402
 from kiln.ir.types import TensorType  # noqa: E402
 
-# (bits, group, offsets, scale dtype): kiln's int4 (groups of 32, f16 scale and offset), GGUF Q4_0 and Q8_0
-# blocks, kiln's int8 per row
-FORMATS = {"int4 g32+offset": (4, 32, True, np.float16), "Q4_0": (4, 32, False, np.float16),
-           "Q8_0": (8, 32, False, np.float16), "int8 per row": (8, 0, False, np.float32)}
+# (bits, group, offsets, scale dtype) of gate_up and down: kiln's int4 (groups of 32, f16 scale and offset), GGUF
+# Q4_0 and Q8_0 blocks, kiln's int8 per row, a GGUF Q4_K_M layer (Q4_K gate_up, Q6_K down: int8 groups of 16)
+INT4, Q4_0, Q8_0 = (4, 32, True, np.float16), (4, 32, False, np.float16), (8, 32, False, np.float16)
+INT8_ROW, Q4_K, Q6_K = (8, 0, False, np.float32), (4, 32, True, np.float32), (8, 16, False, np.float32)
+FORMATS = {"int4 g32+offset": (INT4, INT4), "Q4_0": (Q4_0, Q4_0), "Q8_0": (Q8_0, Q8_0),
+           "int8 per row": (INT8_ROW, INT8_ROW), "Q4_K_M": (Q4_K, Q6_K)}
 
 
 def _stack(rng, fmt, experts, n, k):
@@ -55,7 +57,7 @@ def _stack(rng, fmt, experts, n, k):
     return [q, scale] + ([rng.uniform(-0.1, 0, groups).astype(dtype)] if offsets else [])
 
 
-def moe_module(fmt, args) -> Module:
+def moe_module(formats, args) -> Module:
     """x [1, H] through ``args.layers`` moe_experts_q, layer l routed by weights[l] / ids[l]."""
     rng = np.random.default_rng(0)
     module = Module()
@@ -66,27 +68,27 @@ def moe_module(fmt, args) -> Module:
     ids = fn.add_param("ids", TensorType("i64", (args.layers, 1, k)))
     for layer in range(args.layers):
         names = []
-        for stack, n, width in (("gate_up", 2 * args.inter, args.hidden), ("down", args.hidden, args.inter)):
+        attrs = dict(activation="silu", activations="int8")
+        for stack, fmt, n, width in (("gate_up", formats[0], 2 * args.inter, args.hidden),
+                                     ("down", formats[1], args.hidden, args.inter)):
             for i, array in enumerate(_stack(rng, fmt, args.experts, n, width)):
                 names.append(f"layers.{layer}.{stack}.{i}")
                 module.add_weight(names[-1], array)
+            attrs.update({f"{stack}_bits": fmt[0], f"{stack}_group_size": fmt[1], f"{stack}_offset": fmt[2]})
         routed = [fn.emit("reshape", fn.emit("slice", v, axis=0, start=layer, end=layer + 1), shape=[1, k])
                   for v in (weights, ids)]
-        bits, group, offsets, _ = fmt
-        x = fn.emit("moe_experts_q", x, *routed, *[fn.emit("weight", name=n) for n in names], activation="silu",
-                    gate_up_bits=bits, gate_up_group_size=group, gate_up_offset=offsets, down_bits=bits,
-                    down_group_size=group, down_offset=offsets, activations="int8")
+        x = fn.emit("moe_experts_q", x, *routed, *[fn.emit("weight", name=n) for n in names], **attrs)
     fn.set_results([x])
     return module
 
 
-def compiled(fmt, args, vnni: bool):
+def compiled(formats, args, vnni: bool):
     """The module built for this CPU; without ``vnni`` the lowering is told no op takes the expert kernel."""
     takes_vnni = moe_lower._takes_vnni
     if not vnni:
         moe_lower._takes_vnni = lambda node, target: False
     try:
-        function = TVMFunction.from_module(moe_module(fmt, args), "f", num_threads=args.threads)
+        function = TVMFunction.from_module(moe_module(formats, args), "f", num_threads=args.threads)
     finally:
         moe_lower._takes_vnni = takes_vnni
     rng = np.random.default_rng(1)
@@ -103,8 +105,8 @@ def main(args):
         sys.exit("this CPU has no AVX512-VNNI: nothing to compare")
     print(f"E={args.experts} H={args.hidden} I={args.inter} top-{args.top_k}, {args.layers} layer(s), "
           f"{args.threads} threads: us per layer and decoded token, median [min]")
-    for name, fmt in FORMATS.items():
-        paths = {"float": compiled(fmt, args, vnni=False), "vnni": compiled(fmt, args, vnni=True)}
+    for name, formats in FORMATS.items():
+        paths = {"float": compiled(formats, args, vnni=False), "vnni": compiled(formats, args, vnni=True)}
         times = {path: [] for path in paths}
         for _ in range(args.rounds):
             for path, run in paths.items():

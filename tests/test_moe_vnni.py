@@ -92,10 +92,13 @@ def numpy_experts(x, weights, ids, gate_up, down, poisoned=()):
 F16, F32 = np.float16, np.float32
 INT4, Q4_0, Q4_G128 = (4, 32, True, F16), (4, 32, False, F16), (4, 128, True, F32)
 Q8_0, INT8_ROW = (8, 32, False, F16), (8, 0, False, F32)
+Q4_K, Q6_K, INT4_G16, INT8_G8 = (4, 32, True, F32), (8, 16, False, F32), (4, 16, True, F16), (8, 8, False, F16)
 FORMATS = {  # gate_up, down: kiln's int4 (groups of 32 with f16 offsets), GGUF Q4_0 / Q4_1 / Q8_0 / Q5_0 blocks
-    # (Q5_0 arrives as int8 groups of 32), kiln's int8 per row, wide groups, and two formats in one op
+    # (Q5_0 arrives as int8 groups of 32), kiln's int8 per row, wide groups, two formats in one op, a Q4_K_M layer
+    # (Q4_K gate_up, Q6_K down: int8 groups of 16), and int4 / int8 groups of 16 / 8
     "int4": (INT4, INT4), "q4_0": (Q4_0, Q4_0), "q8_0": (Q8_0, Q8_0), "int8": (INT8_ROW, INT8_ROW),
-    "int4-g128": (Q4_G128, Q4_G128), "int4+q8_0": (INT4, Q8_0),
+    "int4-g128": (Q4_G128, Q4_G128), "int4+q8_0": (INT4, Q8_0), "q4_k_m": (Q4_K, Q6_K),
+    "int4-g16+int8-g8": (INT4_G16, INT8_G8),
 }
 EXPERTS, HIDDEN, INTER, TOP_K = 6, 128, 256, 2
 
@@ -146,8 +149,8 @@ def _compile_kernel(func):
 @needs_vnni
 @pytest.mark.parametrize("per_slot", [False, True], ids=["rows-per-token", "rows-per-slot"])
 @pytest.mark.parametrize("tokens", [1, 5])
-@pytest.mark.parametrize("fmt", [INT4, Q4_0, Q4_G128, Q8_0, INT8_ROW], ids=["int4", "q4_0", "int4-g128", "q8_0",
-                                                                               "int8-per-row"])
+@pytest.mark.parametrize("fmt", [INT4, Q4_0, Q4_G128, Q8_0, INT8_ROW, Q6_K, INT4_G16, INT8_G8],
+                         ids=["int4", "q4_0", "int4-g128", "q8_0", "int8-per-row", "q6_k", "int4-g16", "int8-g8"])
 def test_expert_kernel_matches_numpy(fmt, tokens, per_slot):
     """quantize_rows then the expert kernel, for random weights and ids: row r = (token r // k, slot r % k) is
     int8_rows(x's row) @ W[ids[r // k, r % k]].T within 1e-5 of the largest output; with one token the scales
@@ -160,12 +163,14 @@ def test_expert_kernel_matches_numpy(fmt, tokens, per_slot):
     packed = moe_lower.repack_stack(fmt[0], fmt[1], *_poison(arrays, unused), *([None] * (3 - len(arrays))))
     x = rng.normal(0, 1, (tokens * TOP_K if per_slot else tokens, k)).astype(np.float32)
 
-    quantize = _compile_kernel(int8_kernels.quantize_rows_func(k, parallel=False))["main"]
+    small_group = 0 < fmt[1] < 32  # its kernel takes the per-8 sums of xq
+    quantize = _compile_kernel(int8_kernels.quantize_rows_func(k, False, small_group))["main"]
     kernel = _compile_kernel(moe_lower.expert_matmul_func(EXPERTS, TOP_K, n, k, fmt[0], fmt[1],
                                                           "f16" if fmt[3] is F16 else "f32", fmt[2], per_slot,
                                                           "int64"))["main"]
+    sums = np.zeros((len(x), k // 8), np.int32) if small_group else np.zeros((len(x), k // 32), np.float32)
     parts = [tvm.runtime.tensor(a) for a in (x, np.zeros(x.shape, np.int8), np.zeros((len(x), k // 32), np.float32),
-                                             np.zeros((len(x), k // 32), np.float32))]
+                                             sums)]
     quantize(*parts)
     weights = [tvm.runtime.tensor(a) for a in packed + ([packed[1]] if len(packed) == 2 else [])]
     y = tvm.runtime.tensor(np.zeros((tokens * TOP_K, n), np.float32))
@@ -180,8 +185,9 @@ def test_expert_kernel_matches_numpy(fmt, tokens, per_slot):
 
 
 @needs_vnni
-def test_expert_kernel_assembly_has_vpdpbusd():
-    func = moe_lower.expert_matmul_func(EXPERTS, TOP_K, 64, 128, 4, 32, "f16", True, False, "int64")
+@pytest.mark.parametrize("bits, group", [(4, 32), (8, 16)])
+def test_expert_kernel_assembly_has_vpdpbusd(bits, group):
+    func = moe_lower.expert_matmul_func(EXPERTS, TOP_K, 64, 128, bits, group, "f16", bits == 4, False, "int64")
     assert "vpdpbusd" in _compile_kernel(func).mod.inspect_source("asm")
 
 
@@ -190,7 +196,7 @@ def test_repacked_stack_is_each_expert_repacked():
     """repack_stack's arrays, expert e's groups of rows at e * N / 4: each expert's slice is int8_kernels.repack
     of that expert's weight alone (so the kernel's indexing reads the right expert)."""
     rng = np.random.default_rng(3)
-    for fmt in (INT4, Q8_0, INT8_ROW):
+    for fmt in (INT4, Q8_0, INT8_ROW, Q6_K):
         arrays, _ = random_stack(rng, fmt, EXPERTS, 16, 64)
         stacked = moe_lower.repack_stack(fmt[0], fmt[1], *arrays, *([None] * (3 - len(arrays))))
         for e in range(EXPERTS):

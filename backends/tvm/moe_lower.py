@@ -10,12 +10,13 @@ per token (no weight reuse across tokens: correct, not yet fast for long prompts
 experts axis): the dequantize sits inside the GEMV's reduction, as linear_q's kernels do it, so a decode step
 reads the k selected experts' quantized blocks, scales and offsets and nothing else.
 
-int8 activations on a CPU with AVX512-VNNI (both stacks int4 or int8 with groups of 32, 64, ... or int8 per row,
-N a multiple of 4): each stack is repacked at compile time as int8_kernels.repack lays out a linear's weight,
-stacked along a leading experts axis (derived weights, read instead of the originals), each matmul's input rows
-are quantized by int8_kernels.quantize_rows_func, and :func:`expert_matmul_func` takes ``vpdpbusd`` over the
-selected expert's blocks of each (token, slot) row, decode and prefill alike. Elsewhere the same int8 rows
-(int8_kernels.dequantize_rows) are multiplied in f32 by the float kernels.
+int8 activations on a CPU with AVX512-VNNI (both stacks int4 or int8 in groups the dense VNNI kernels take: 32,
+64, ..., 8 or 16 as GGUF Q6_K, or int8 per row; N a multiple of 4): each stack is repacked at compile time as
+int8_kernels.repack lays out a linear's weight, stacked along a leading experts axis (derived weights, read
+instead of the originals), each matmul's input rows are quantized by int8_kernels.quantize_rows_func, and
+:func:`expert_matmul_func` takes ``vpdpbusd`` over the selected expert's blocks of each (token, slot) row, decode
+and prefill alike. Elsewhere the same int8 rows (int8_kernels.dequantize_rows) are multiplied in f32 by the
+float kernels.
 """
 
 from __future__ import annotations
@@ -230,12 +231,12 @@ VNNI_SUFFIXES = (".vnni_q", ".vnni_scale", ".vnni_offset")  # a stack's repacked
 
 
 def _vnni_fits(node) -> bool:
-    """Whether both stacks of a moe_experts_q {activations=int8} are in formats the expert kernel takes: int8 or
-    int4 with a group a multiple of 32 (or int8 per row), N a multiple of 4 rows."""
+    """Whether both stacks of a moe_experts_q {activations=int8} are in formats the expert kernels take: int8 or
+    int4 in groups the dense VNNI kernels take (int8_kernels.fits: multiples of 32, 8 or 16, int8 per row), N a
+    multiple of 4 rows."""
     hidden = node.inputs[0].type.shape[1]
     inter = node.inputs[3].type.shape[1] // 2  # gate_up's rows, in every format
-    return all(node.attrs[f"{name}_bits"] in (4, 8) and node.attrs[f"{name}_group_size"] % ACTIVATION_BLOCK == 0
-               and int8_kernels.fits(n, k)
+    return all(node.attrs[f"{name}_bits"] in (4, 8) and int8_kernels.fits(n, k, node.attrs[f"{name}_group_size"])
                for name, n, k in (("gate_up", 2 * inter, hidden), ("down", hidden, inter)))
 
 
@@ -292,7 +293,11 @@ def expert_matmul_func(experts: int, top_k: int, n: int, k: int, bits: int, grou
     """y f32[tokens * k, N]: row r = (token r // k, slot r % k) is its int8 row of x (xq, scale, scaled block
     sums from int8_kernels.quantize_rows_func; x's row r, ``per_slot``, or r // k) times expert
     ids[r // k, r % k]'s weight, read from the stack repacked by :func:`repack_stack`: int8_kernels.matmul_func's
-    arithmetic (a group of 32, 64, ... or per row), its group g of four output rows at e * N / 4 + g."""
+    arithmetic (a group of 32, 64, ... or per row), its group g of four output rows at e * N / 4 + g. A group of
+    8 or 16 takes :func:`small_group_expert_func` (quarter sums instead of the scaled block sums)."""
+    if 0 < group_size < ACTIVATION_BLOCK:
+        return small_group_expert_func(experts, top_k, n, k, bits, group_size, scale_dtype, has_offset, per_slot,
+                                       ids_dtype)
     groups, blocks = n // GROUP_ROWS, k // ACTIVATION_BLOCK
     words = 16 if bits == 4 else 32
     per_row = group_size == 0
@@ -365,6 +370,82 @@ def expert_matmul_func(experts: int, top_k: int, n: int, k: int, bits: int, grou
     return kernel
 
 
+@functools.lru_cache(maxsize=None)
+def small_group_expert_func(experts: int, top_k: int, n: int, k: int, bits: int, group_size: int, scale_dtype: str,
+                            has_offset: bool, per_slot: bool, ids_dtype: str) -> tirx.PrimFunc:
+    """:func:`expert_matmul_func` for a weight group of 8 or 16 (GGUF Q6_K's int8 groups of 16): the arithmetic of
+    int8_kernels' small-group kernel (each vpdpbusd lane, 8 elements of a block, takes its own group's scale; the
+    zero point is subtracted in int32 from the activations' per-8 sums, quantize_rows_func's ``quarter_sums``)."""
+    groups, blocks = n // GROUP_ROWS, k // ACTIVATION_BLOCK
+    words = 16 if bits == 4 else 32
+    per = ACTIVATION_BLOCK // group_size
+    width = GROUP_ROWS * per  # scales of one block for the four rows
+    quarters = ACTIVATION_BLOCK // int8_kernels.QUARTER
+    zero_point = 0 if has_offset else (8 if bits == 4 else 128)
+    sdt = "float16" if scale_dtype == "f16" else "float32"
+    stacked = experts * groups
+    x_per_token = top_k if per_slot else 1
+    ahead = max(1, -(-int8_kernels.PREFETCH_BYTES // (blocks * words * 4)))  # groups of the same expert
+    lanes = int8_kernels.LANES
+
+    def lane_values(a, at, b):  # f32x16: the scale (or offset) of each lane's group
+        return int8_kernels._spread(T.Cast(f"float32x{width}", a[at, b, T.Ramp(0, 1, width)]), per)
+
+    def quarter_sums(xs, row, b):  # i32x16: the row's sum of xq over quarter t of block b at lane 4r + t
+        v = xs[row, T.Ramp(b * quarters, 1, quarters)]
+        return T.Shuffle([v, v, v, v], list(range(lanes)))
+
+    def start(xs, row, b):  # the int32 lanes' start: -Z times the quarter sums (no zero point with offsets)
+        if zero_point == 0:
+            return T.Broadcast(tirx.const(0, "int32"), lanes)
+        return quarter_sums(xs, row, b) * T.Broadcast(tirx.const(-zero_point, "int32"), lanes)
+
+    def block_sum(s, o, xs, at, row, b, isum):  # f32x16: the block's lanes before the activations' block scale
+        if has_offset:
+            return (T.Cast("float32x16", isum) * lane_values(s, at, b)
+                    + T.Cast("float32x16", quarter_sums(xs, row, b)) * lane_values(o, at, b))
+        return T.Cast("float32x16", isum) * lane_values(s, at, b)
+
+    def x_row(r):
+        return r if per_slot else r // top_k
+
+    @T.prim_func(private=True)
+    def kernel(ids_h: T.handle, xq_h: T.handle, sx_h: T.handle, xs_h: T.handle, q_h: T.handle, s_h: T.handle,
+               o_h: T.handle, y_h: T.handle):
+        T.func_attr(int8_kernels.SCHEDULED)
+        tokens = T.int64()
+        ids = T.match_buffer(ids_h, (tokens, top_k), ids_dtype)
+        xq = T.match_buffer(xq_h, (tokens * x_per_token, k), "int8")
+        sx = T.match_buffer(sx_h, (tokens * x_per_token, blocks), "float32")
+        xs = T.match_buffer(xs_h, (tokens * x_per_token, blocks * quarters), "int32")
+        q = T.match_buffer(q_h, (stacked, blocks, words), "uint32")
+        s = T.match_buffer(s_h, (stacked, blocks, width), sdt)
+        o = T.match_buffer(o_h, (stacked, blocks, width), sdt)  # no offset: the scale passed twice
+        y = T.match_buffer(y_h, (tokens * top_k, n), "float32")
+        for g in T.parallel(groups):
+            acc = T.alloc_buffer((lanes,), "float32", annotations={"disable_lower_builtin": True})
+            for r in range(tokens * top_k):
+                # the row's expert, clamped so a bad id cannot read outside the stack
+                first = T.max(T.min(T.Cast("int64", ids[r // top_k, r % top_k]), T.int64(experts - 1)),
+                              T.int64(0)) * groups
+                row = T.meta_var(x_row(r))
+                acc[T.Ramp(0, 1, lanes)] = T.Broadcast(T.float32(0), lanes)
+                for b in range(blocks):
+                    ahead_at = T.meta_var(first + T.min(g + ahead, groups - 1))
+                    for line in T.unroll(words // 16):  # the expert's weights and scales a few groups ahead
+                        T.evaluate(int8_kernels._prefetch(T.address_of(q[ahead_at, b, line * 16])))
+                    T.evaluate(int8_kernels._prefetch(T.address_of(s[ahead_at, b, 0])))
+                    lo, hi = T.meta_var(int8_kernels._operands(q, first + g, b, bits))
+                    isum = T.meta_var(int8_kernels._dot(lo, hi, int8_kernels._broadcast16(xq, row, b * 32),
+                                                        int8_kernels._broadcast16(xq, row, b * 32 + 16),
+                                                        start(xs, row, b)))
+                    acc[T.Ramp(0, 1, lanes)] = (acc[T.Ramp(0, 1, lanes)] + block_sum(s, o, xs, first + g, row, b, isum)
+                                                * T.Broadcast(sx[row, b], lanes))
+                y[r, T.Ramp(g * 4, 1, 4)] = int8_kernels._fold(acc[T.Ramp(0, 1, lanes)])
+
+    return kernel
+
+
 def _vnni_gemv(ctx, node, stack: str, ids, x, rows: int, width: int, per_slot: bool, small: bool):
     """The int8 rows of x [m, width] (m: tokens, or tokens * k ``per_slot``), then the expert kernel over stack
     ``stack``'s repacked arrays: f32 [tokens * k, rows]."""
@@ -372,18 +453,20 @@ def _vnni_gemv(ctx, node, stack: str, ids, x, rows: int, width: int, per_slot: b
     top_k = int(ids.ty.shape[1])
     blocks = width // ACTIVATION_BLOCK
     m = x.ty.shape.values[0]
-    quantize = ctx.bb.add_func(int8_kernels.quantize_rows_func(width, parallel=not small), "quantize_rows")
+    group_size = node.attrs[f"{stack}_group_size"]
+    quarter_sums = 0 < group_size < ACTIVATION_BLOCK  # the small-group kernel's per-8 sums of xq
+    sums = (relax.TensorType([m, width // int8_kernels.QUARTER], "int32") if quarter_sums
+            else relax.TensorType([m, blocks], "float32"))
+    quantize = ctx.bb.add_func(int8_kernels.quantize_rows_func(width, not small, quarter_sums), "quantize_rows")
     parts = ctx.emit(relax.call_tir(quantize, [x], [relax.TensorType([m, width], "int8"),
-                                                    relax.TensorType([m, blocks], "float32"),
-                                                    relax.TensorType([m, blocks], "float32")]))
+                                                    relax.TensorType([m, blocks], "float32"), sums]))
     xq, sx, xs = (ctx.emit(relax.TupleGetItem(parts, i)) for i in range(3))
     weights = [ctx.weights[name] for name in _vnni_names(node)[stack]]
     if len(weights) == 2:
         weights.append(weights[1])  # no offset: the kernel takes the scale in its place
     scale_dtype = split_weights(node.inputs, node.attrs)[stack][1].type.dtype
-    func = expert_matmul_func(experts, top_k, rows, width, node.attrs[f"{stack}_bits"],
-                              node.attrs[f"{stack}_group_size"], scale_dtype, bool(node.attrs[f"{stack}_offset"]),
-                              per_slot, ids.ty.dtype)
+    func = expert_matmul_func(experts, top_k, rows, width, node.attrs[f"{stack}_bits"], group_size, scale_dtype,
+                              bool(node.attrs[f"{stack}_offset"]), per_slot, ids.ty.dtype)
     gvar = ctx.bb.add_func(func, f"moe_{stack}_vnni")
     count = ids.ty.shape.values[0] * top_k
     return ctx.emit(relax.call_tir(gvar, [ids, xq, sx, xs] + weights, relax.TensorType([count, rows], "float32")))
