@@ -1,10 +1,11 @@
 """Times one decoded token's expert GEMVs (moe_experts_q, activations=int8) on the TVM CPU backend: the float
 kernels on the int8 rows vs the VNNI expert kernel, for a Qwen3-30B-A3B-like expert shape scaled down.
 
-Run: python benchmarks/bench_moe_vnni.py [--threads 2] [--layers 1] [--experts 16 --hidden 512 --inter 768 --top-k 2]
+Run: python benchmarks/bench_moe_vnni.py [--threads 2] [--layers 1] [--tokens 1] [--experts 16 --hidden 512
+--inter 768 --top-k 2]
 Each layer is one moe_experts_q over its own random stacks (the whole op: int8 rows, gate_up, SiLU * up, int8
 rows, down, weighted sum); --layers above one chains layers so that their weights outgrow the caches (24 layers
-of the default shape, int4: about 35 MB read per token). Prints microseconds per layer and token, median and min
+of the default shape, int4: about 35 MB read per token). Prints microseconds per layer and call, median and min
 over alternating runs of the two paths (the machine may be shared: compare medians of the same sitting).
 """
 
@@ -21,6 +22,7 @@ def _parse_args():
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--inter", type=int, default=768)
     parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=1, help="rows of x: 1 is a decode step, more a prefill")
     parser.add_argument("--rounds", type=int, default=5, help="alternating timed runs of each path")
     return parser.parse_args()
 
@@ -58,14 +60,15 @@ def _stack(rng, fmt, experts, n, k):
 
 
 def moe_module(formats, args) -> Module:
-    """x [1, H] through ``args.layers`` moe_experts_q, layer l routed by weights[l] / ids[l]."""
+    """x [tokens, H] through ``args.layers`` moe_experts_q, layer l routed by weights[l] / ids[l]."""
     rng = np.random.default_rng(0)
     module = Module()
     fn = module.add_function("f")
     k = args.top_k
-    x = fn.add_param("x", TensorType("f32", (1, args.hidden)))
-    weights = fn.add_param("weights", TensorType("f32", (args.layers, 1, k)))
-    ids = fn.add_param("ids", TensorType("i64", (args.layers, 1, k)))
+    tokens = args.tokens
+    x = fn.add_param("x", TensorType("f32", (tokens, args.hidden)))
+    weights = fn.add_param("weights", TensorType("f32", (args.layers, tokens, k)))
+    ids = fn.add_param("ids", TensorType("i64", (args.layers, tokens, k)))
     for layer in range(args.layers):
         names = []
         attrs = dict(activation="silu", activations="int8")
@@ -75,7 +78,7 @@ def moe_module(formats, args) -> Module:
                 names.append(f"layers.{layer}.{stack}.{i}")
                 module.add_weight(names[-1], array)
             attrs.update({f"{stack}_bits": fmt[0], f"{stack}_group_size": fmt[1], f"{stack}_offset": fmt[2]})
-        routed = [fn.emit("reshape", fn.emit("slice", v, axis=0, start=layer, end=layer + 1), shape=[1, k])
+        routed = [fn.emit("reshape", fn.emit("slice", v, axis=0, start=layer, end=layer + 1), shape=[tokens, k])
                   for v in (weights, ids)]
         x = fn.emit("moe_experts_q", x, *routed, *[fn.emit("weight", name=n) for n in names], **attrs)
     fn.set_results([x])
@@ -92,9 +95,10 @@ def compiled(formats, args, vnni: bool):
     finally:
         moe_lower._takes_vnni = takes_vnni
     rng = np.random.default_rng(1)
-    inputs = [rng.normal(0, 1, (1, args.hidden)).astype(np.float32),
-              np.full((args.layers, 1, args.top_k), 1 / args.top_k, np.float32),
-              np.stack([rng.permutation(args.experts)[:args.top_k] for _ in range(args.layers)])[:, None]]
+    inputs = [rng.normal(0, 1, (args.tokens, args.hidden)).astype(np.float32),
+              np.full((args.layers, args.tokens, args.top_k), 1 / args.top_k, np.float32),
+              np.stack([rng.permutation(args.experts)[:args.top_k] for _ in range(args.layers * args.tokens)]
+                       ).reshape(args.layers, args.tokens, args.top_k)]
     tensors = [tvm.runtime.tensor(np.ascontiguousarray(a)) for a in inputs]
     timer = function._vm.time_evaluator("f", tvm.cpu(), number=20, repeat=5)
     return lambda: np.array(timer(*tensors, *function._weights).results) * 1e6 / args.layers
@@ -103,8 +107,8 @@ def compiled(formats, args, vnni: bool):
 def main(args):
     if not moe_lower.int8_kernels.has_vnni(cpu_target()):
         sys.exit("this CPU has no AVX512-VNNI: nothing to compare")
-    print(f"E={args.experts} H={args.hidden} I={args.inter} top-{args.top_k}, {args.layers} layer(s), "
-          f"{args.threads} threads: us per layer and decoded token, median [min]")
+    print(f"E={args.experts} H={args.hidden} I={args.inter} top-{args.top_k}, {args.tokens} token(s), "
+          f"{args.layers} layer(s), {args.threads} threads: us per layer and call, median [min]")
     for name, formats in FORMATS.items():
         paths = {"float": compiled(formats, args, vnni=False), "vnni": compiled(formats, args, vnni=True)}
         times = {path: [] for path in paths}
