@@ -24,8 +24,8 @@ function declared last (``is_restricted_`` is set while declaring, and all funct
 any is defined, in ``CodeGenLLVM::AddFunctionsOrdered``), so a ``tirx.noalias: False`` on one function is
 ignored. With aliasing parameters marked ``noalias``, LLVM moved a QK-norm's loads above the split that
 wrote them (a tiny Qwen3-MoE decoded wrong, with any number of threads). A run whose views cannot be
-expressed this way (a symbolic root shape, a view that changes the dtype, an offset a kernel's fixed
-``elem_offset`` cannot take) is left unmerged.
+expressed this way (a symbolic root shape, a view that changes the dtype, a view at a symbolic offset beside
+another view of its root, an offset a kernel's fixed ``elem_offset`` cannot take) is left unmerged.
 
 The bindings between the calls (allocations, views, tuples) move before the merged call: in
 destination-passing form they only name memory, and the memory planner sees every buffer of the run live
@@ -174,18 +174,16 @@ def _alias_layout(calls, resolve):
         itemsize = _itemsize(dtypes.pop())
         first = members[0][2]
         if all(arg.same_as(first) for _, _, arg, _ in members):
-            base, new = members[0][3], None  # one tensor, passed to several kernels: it is the parameter
-            var = first
+            # one tensor, passed to several kernels: it is the parameter, each kernel's at its start
+            new, var = None, first
+            placed = [(number, position, 0) for number, position, _, _ in members]
         else:
             shape = _static_shape(root)
-            if shape is None or str(root.ty.dtype) != str(first.ty.dtype):
+            if shape is None or str(root.ty.dtype) != str(first.ty.dtype) or \
+                    any(offset is None or offset % itemsize for _, _, _, offset in members):
                 return None
-            base, new, var = 0, (shape, str(root.ty.dtype)), root
-        placed = []
-        for number, position, _, offset in members:
-            if (offset - base) % itemsize:
-                return None
-            placed.append((number, position, (offset - base) // itemsize))
+            new, var = (shape, str(root.ty.dtype)), root
+            placed = [(number, position, offset // itemsize) for number, position, _, offset in members]
         groups.append((var, placed, new))
         pattern.append((tuple(placed), new is not None))
     return tuple(pattern), groups
@@ -342,7 +340,8 @@ def fuse_launches(function_names=None, max_kernels: int = MAX_KERNELS):
         definitions = {}  # a Relax var -> the value bound to it (views and reshapes are followed to their root)
 
         def resolve(var):
-            """(root var, byte offset) of the tensor ``var`` through its reshapes, views and aliases."""
+            """(root var, byte offset) of the tensor ``var`` through its reshapes, views and aliases; the offset
+            is None past a view at a symbolic offset."""
             offset = 0
             while True:
                 value = definitions.get(var)
@@ -356,8 +355,9 @@ def fuse_launches(function_names=None, max_kernels: int = MAX_KERNELS):
                     extra = value.args[3] if len(value.args) > 3 else None
                     extra = getattr(extra, "value", extra)
                     if extra is not None and not isinstance(extra, (int, tirx.IntImm)):
-                        return var, offset  # a symbolic offset: the view is its own memory
-                    offset += int(extra or 0)
+                        offset = None  # somewhere in its root: only the very same view can share the root
+                    elif offset is not None:
+                        offset += int(extra or 0)
                     var = value.args[0]
                 else:
                     return var, offset
