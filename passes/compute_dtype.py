@@ -1,7 +1,9 @@
-"""Compute dtype: a model captured with f16 / bf16 weights computes in f32 (``PassOptions.extra["dtype"]``).
+"""Compute dtype: a model captured with f16 / bf16 weights becomes the f32 graph of ``model.float()``.
 
 The half weights are widened once, here (exactly: every f16 and bf16 value is an f32 value), and every half
-value and dtype attribute becomes f32, so the graph computes what torch computes from ``model.float()``.
+value and dtype attribute becomes f32, so the graph computes what torch computes from ``model.float()``. The
+fusions see that one graph whatever the source's dtype; for f16 / bf16 compute (``PassOptions.extra["dtype"]``)
+narrow_compute_dtype narrows it again after them.
 """
 
 from __future__ import annotations
@@ -17,10 +19,7 @@ HALF_DTYPES = ("f16", "bf16")
 
 @register_pass("set_compute_dtype")
 def run(module: Module, options) -> bool:
-    """rewrites f16 / bf16 weights, values and dtype attributes into f32 when the compute dtype is f32."""
-    # "auto" and "f32" (and no option, a pass run alone) compute in f32; a half dtype keeps the captured graph.
-    if options.extra.get("dtype") in HALF_DTYPES:
-        return False
+    """rewrites f16 / bf16 weights, values and dtype attributes into f32."""
     changed = False
     for name, type_ in list(module.weights.items()):
         if type_.dtype in HALF_DTYPES:

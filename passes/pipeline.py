@@ -4,7 +4,7 @@ A tuple is a group the manager repeats until no pass in it changes anything.
 """
 
 PIPELINE = [
-    # f16 / bf16 weights and values become f32 (the compute dtype, PassOptions.extra["dtype"]).
+    # f16 / bf16 weights and values become f32: every pass below sees the f32 graph.
     "set_compute_dtype",
     # Cleanup: fold constants, one canonical form, no shared or dead code.
     ("fold_constants", "canonicalize", "eliminate_common_subexpressions", "eliminate_dead_code"),
@@ -27,6 +27,9 @@ PIPELINE = [
     "insert_kv_cache",
     # A step returns the logits of the rows asked for: select them before the output projection.
     "select_logit_rows",
+    # Half compute (only when PassOptions.extra["dtype"] is f16 / bf16): the step in the half type, its norm
+    # statistics, softmax, RoPE angles and logits in f32.
+    "narrow_compute_dtype",
     # @step_decode runs one token of one sequence: fix its sizes.
     "specialize_decode_step",
     # batch = 1 makes some permutes plain reshapes.
