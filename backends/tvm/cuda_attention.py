@@ -3,6 +3,8 @@
 Same arguments and semantics as the CPU kernels (kernels.py, llm_lower.kv_append_func), so a
 lowering picks one set by target. `bind_threads=False` builds the same TIR with the GPU thread
 loops as CPU loops, which is how the kernels are checked numerically on a machine without a GPU.
+q, k, v and the output are `io_dtype` (float32, or float16 / bfloat16 for half compute): read into
+f32 registers, scores, softmax and the weighted sum accumulate in f32, the output is rounded once.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ APPEND_THREADS = 128
 _NEG_BIG = -3.0e38
 # "No window": a span longer than any sequence.
 _NO_WINDOW = 2 ** 30
+# The activation dtypes the kernels take (q, k, v and the output); the arithmetic is f32 for all of them.
+IO_DTYPES = ("float32", "float16", "bfloat16")
 
 
 def _loops(bind_threads: bool, threads: int):
@@ -47,6 +51,11 @@ def _block_threads(head_dim: int) -> int:
     return min(max(head_dim, MIN_THREADS), MAX_THREADS)
 
 
+def _check_io(io_dtype: str) -> None:
+    if io_dtype not in IO_DTYPES:
+        raise ConfigError(f"expected q, k, v of one of {', '.join(IO_DTYPES)}, found {io_dtype}")
+
+
 def _check(num_heads: int, num_kv_heads: int, head_dim: int, page_size: int, window: int | None):
     if num_kv_heads < 1 or num_heads % num_kv_heads:
         raise ConfigError(f"expected num_heads a multiple of num_kv_heads, found num_heads={num_heads} "
@@ -60,8 +69,10 @@ def _check(num_heads: int, num_kv_heads: int, head_dim: int, page_size: int, win
 def _attention_cuda_func(kind: str, num_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
                          sm_scale: float | None, k_base: int, v_base: int, window: int | None,
                          bind_threads: bool, softcap: float | None = None,
-                         alibi: tuple | None = None, cache_dtype: str = "float32") -> tirx.PrimFunc:
+                         alibi: tuple | None = None, cache_dtype: str = "float32",
+                         io_dtype: str = "float32") -> tirx.PrimFunc:
     _check(num_heads, num_kv_heads, head_dim, page_size, window)
+    _check_io(io_dtype)
     heads, kv_heads, dim, page = num_heads, num_kv_heads, head_dim, page_size
     group = heads // kv_heads
     threads = _block_threads(dim)
@@ -84,7 +95,7 @@ def _attention_cuda_func(kind: str, num_heads: int, num_kv_heads: int, head_dim:
         for tx in thread_loop(threads):
             for i in T.unroll(dim_steps):
                 if i * threads + tx < dim:
-                    qs[i * threads + tx] = q[row, h, i * threads + tx] * T.float32(scale)
+                    qs[i * threads + tx] = T.Cast("float32", q[row, h, i * threads + tx]) * T.float32(scale)
                 acc[tx % lanes, i] = T.float32(0)
             stat[tx % lanes, 0] = T.float32(_NEG_BIG)
             stat[tx % lanes, 1] = T.float32(0)
@@ -134,9 +145,9 @@ def _attention_cuda_func(kind: str, num_heads: int, num_kv_heads: int, head_dim:
         for tx in thread_loop(threads):
             for i in T.unroll(dim_steps):
                 if i * threads + tx < dim:
-                    out[row, h, i * threads + tx] = T.if_then_else(
+                    out[row, h, i * threads + tx] = T.Cast(io_dtype, T.if_then_else(
                         stat[tx % lanes, 1] > T.float32(0), acc[tx % lanes, i] / stat[tx % lanes, 1],
-                        T.float32(0))
+                        T.float32(0)))
 
     @T.prim_func(s_tir=True)
     def paged_attention_decode_cuda(q_h: T.handle, k_h: T.handle, v_h: T.handle, table_h: T.handle,
@@ -145,12 +156,12 @@ def _attention_cuda_func(kind: str, num_heads: int, num_kv_heads: int, head_dim:
         batch = T.int64()
         num_pages = T.int64()
         max_pages = T.int64()
-        q = T.match_buffer(q_h, (batch, heads, dim), "float32")
+        q = T.match_buffer(q_h, (batch, heads, dim), io_dtype)
         k_pages = T.match_buffer(k_h, (num_pages, kv_heads, page, dim), cache_dtype)
         v_pages = T.match_buffer(v_h, (num_pages, kv_heads, page, dim), cache_dtype)
         page_table = T.match_buffer(table_h, (batch, max_pages), "int32")
         lengths = T.match_buffer(len_h, (batch,), "int32")
-        out = T.match_buffer(out_h, (batch, heads, dim), "float32")
+        out = T.match_buffer(out_h, (batch, heads, dim), io_dtype)
         for task in block_loop(batch * heads):
             with T.sblock("paged_attention_decode_cuda"):
                 # Explicit regions: inference would pick up the let-bound loop bounds.
@@ -177,13 +188,13 @@ def _attention_cuda_func(kind: str, num_heads: int, num_kv_heads: int, head_dim:
         batch = T.int64()
         num_pages = T.int64()
         max_pages = T.int64()
-        q = T.match_buffer(q_h, (rows, heads, dim), "float32")
+        q = T.match_buffer(q_h, (rows, heads, dim), io_dtype)
         k_pages = T.match_buffer(k_h, (num_pages, kv_heads, page, dim), cache_dtype)
         v_pages = T.match_buffer(v_h, (num_pages, kv_heads, page, dim), cache_dtype)
         page_table = T.match_buffer(table_h, (batch, max_pages), "int32")
         row_seq = T.match_buffer(seq_h, (rows,), "int32")
         row_pos = T.match_buffer(pos_h, (rows,), "int32")
-        out = T.match_buffer(out_h, (rows, heads, dim), "float32")
+        out = T.match_buffer(out_h, (rows, heads, dim), io_dtype)
         # Row-major block order: the divisor is the constant head count (rows is symbolic).
         for task in block_loop(rows * heads):
             with T.sblock("paged_attention_prefill_cuda"):
@@ -210,7 +221,7 @@ def attention_decode_cuda_func(num_heads: int, num_kv_heads: int, head_dim: int,
                                sm_scale: float | None = None, k_base: int = 0, v_base: int = 0,
                                window: int | None = None, softcap: float | None = None,
                                alibi: tuple | None = None, cache_dtype: str = "float32", *,
-                               bind_threads: bool = True) -> tirx.PrimFunc:
+                               bind_threads: bool = True, io_dtype: str = "float32") -> tirx.PrimFunc:
     """PrimFunc(q[b, H, D], k_pages, v_pages, page_table[b, P_max], lengths[b], out[b, H, D]) for CUDA.
 
     As kernels.attention_decode_func: query b attends to the first lengths[b] tokens of sequence b
@@ -219,32 +230,35 @@ def attention_decode_cuda_func(num_heads: int, num_kv_heads: int, head_dim: int,
     (sequence, query head).
     """
     return _attention_cuda_func("decode", num_heads, num_kv_heads, head_dim, page_size, sm_scale, k_base,
-                                v_base, window, bind_threads, softcap, alibi, cache_dtype)
+                                v_base, window, bind_threads, softcap, alibi, cache_dtype, io_dtype)
 
 
 def attention_prefill_cuda_func(num_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
                                 sm_scale: float | None = None, k_base: int = 0, v_base: int = 0,
                                 window: int | None = None, softcap: float | None = None,
                                 alibi: tuple | None = None, cache_dtype: str = "float32", *,
-                                bind_threads: bool = True) -> tirx.PrimFunc:
+                                bind_threads: bool = True, io_dtype: str = "float32") -> tirx.PrimFunc:
     """PrimFunc(q[s, H, D], k_pages, v_pages, page_table[b, P_max], row_seq[s], row_pos[s], out[s, H, D]).
 
     As kernels.attention_prefill_func: row r attends to positions 0..row_pos[r] (within the window)
     of sequence row_seq[r]; a row with row_pos < 0 gets zeros. One thread block per (row, query head).
     """
     return _attention_cuda_func("prefill", num_heads, num_kv_heads, head_dim, page_size, sm_scale, k_base,
-                                v_base, window, bind_threads, softcap, alibi, cache_dtype)
+                                v_base, window, bind_threads, softcap, alibi, cache_dtype, io_dtype)
 
 
 def kv_append_cuda_func(num_kv_heads: int, head_dim: int, page_size: int, k_base: int, v_base: int,
                         cache_dtype: str = "float32", *,
-                        bind_threads: bool = True) -> tirx.PrimFunc:
+                        bind_threads: bool = True, io_dtype: str = "float32") -> tirx.PrimFunc:
     """PrimFunc(k[r, Hkv, D], v[r, Hkv, D], page_table[b, P], row_seq[r], row_pos[r], k_pages[n, Hkv, P, D],
     v_pages[n, Hkv, P, D]).
 
     As kernels.kv_append_func: row i's K goes to page k_base + page_table[row_seq[i], pos // P] of k_pages at
-    slot pos % P (V at v_base + ... of v_pages), in place. One thread per written element.
+    slot pos % P (V at v_base + ... of v_pages), in place. One thread per written element. k and v are
+    `io_dtype`; a value goes through f32 on its way into the cache (exact, then rounded once to the cache's
+    dtype: CUDA has no direct bfloat16 -> half conversion).
     """
+    _check_io(io_dtype)
     if num_kv_heads < 1 or head_dim < 1 or page_size < 1:
         raise ConfigError(f"expected num_kv_heads, head_dim and page_size >= 1, found {num_kv_heads}, "
                           f"{head_dim} and {page_size}")
@@ -261,8 +275,8 @@ def kv_append_cuda_func(num_kv_heads: int, head_dim: int, page_size: int, k_base
         batch = T.int64()
         max_pages = T.int64()
         num_pages = T.int64()
-        k = T.match_buffer(k_h, (rows, kv_heads, dim), "float32")
-        v = T.match_buffer(v_h, (rows, kv_heads, dim), "float32")
+        k = T.match_buffer(k_h, (rows, kv_heads, dim), io_dtype)
+        v = T.match_buffer(v_h, (rows, kv_heads, dim), io_dtype)
         page_table = T.match_buffer(table_h, (batch, max_pages), "int32")
         row_seq = T.match_buffer(seq_h, (rows,), "int32")
         row_pos = T.match_buffer(pos_h, (rows,), "int32")
@@ -282,7 +296,7 @@ def kv_append_cuda_func(num_kv_heads: int, head_dim: int, page_size: int, k_base
                         d: T.let[T.int64] = index % dim
                         pos: T.let[T.int32] = row_pos[r]
                         pid: T.let[T.int64] = T.Cast("int64", page_table[row_seq[r], pos // page])
-                        k_pages[pid + k_base, h, pos % page, d] = T.Cast(cache_dtype, k[r, h, d])
-                        v_pages[pid + v_base, h, pos % page, d] = T.Cast(cache_dtype, v[r, h, d])
+                        k_pages[pid + k_base, h, pos % page, d] = T.Cast(cache_dtype, T.Cast("float32", k[r, h, d]))
+                        v_pages[pid + v_base, h, pos % page, d] = T.Cast(cache_dtype, T.Cast("float32", v[r, h, d]))
 
     return paged_kv_append_cuda

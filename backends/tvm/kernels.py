@@ -100,9 +100,10 @@ def _matmul(x: te.Tensor, n: int, k: int, weight, name: str, row_tile: int | Non
 
 
 def linear(x: te.Tensor, w: te.Tensor, row_tile: int | None = None) -> te.Tensor:
-    """y[m, N] = x[m, K] @ w[N, K]^T in fp32. `row_tile` selects the prefill form."""
+    """y[m, N] = x[m, K] @ w[N, K]^T in fp32 (f16 / bf16 weights widened as they are read). `row_tile` selects
+    the prefill form."""
     n, k = (_int_dim(d, "linear weight dim") for d in w.shape)
-    return _matmul(x, n, k, lambda j, c: w[j, c], "linear", row_tile)
+    return _matmul(x, n, k, lambda j, c: _f32(w[j, c]), "linear", row_tile)
 
 
 def _f32(value):

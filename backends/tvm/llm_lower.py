@@ -18,7 +18,7 @@ from kiln.ir.kv_cache import DECODE_STEP
 from kiln.ir.types import TensorType
 
 from . import cuda_attention, kernels
-from .lower import emit_linear, lowering, tvm_dtype
+from .lower import emit_linear, in_f32, lowering, tvm_dtype
 
 
 @lowering("rms_norm")
@@ -74,7 +74,7 @@ def _lower_gated_mlp(ctx, node, inputs):
     x_type = ctx.in_type(0)
     gate = emit_linear(ctx, x, x_type, w_gate, ctx.in_type(1))
     up = emit_linear(ctx, x, x_type, w_up, ctx.in_type(2))
-    hidden = ctx.emit(relax.op.multiply(ctx.emit(_ACTIVATIONS[node.attrs["activation"]](gate)), up))
+    hidden = ctx.emit(relax.op.multiply(in_f32(ctx, _ACTIVATIONS[node.attrs["activation"]], gate, x_type.dtype), up))
     hidden_type = TensorType(x_type.dtype, tuple(x_type.shape[:-1]) + (ctx.in_type(1).shape[0],))
     return emit_linear(ctx, hidden, hidden_type, w_down, ctx.in_type(3))
 
@@ -92,14 +92,23 @@ def _add_func(bb, func, name: str, shared: bool = False):
 CACHE_DTYPES = {"f32": "float32", "f16": "float16"}
 
 
+# The activation dtypes of q, k, v and the output: the CUDA kernels take each (f32 arithmetic inside); the CPU
+# kernels take f32, so half q, k, v are widened before them and the output rounded after.
+ATTENTION_DTYPES = ("f32", "f16", "bf16")
+
+
 @lowering("paged_attention")
 def _lower_paged_attention(ctx, node, inputs):
     q, k, v, k_pool, v_pool, page_table, positions, token_seq = inputs
     q_type, k_type, v_type, pool_type = ctx.in_type(0), ctx.in_type(1), ctx.in_type(2), ctx.in_type(3)
-    if pool_type.dtype not in CACHE_DTYPES or q_type.dtype != "f32":
-        raise UnsupportedOpError(f"paged_attention: the TVM backend's attention kernels take f32 q and an f32 or f16 "
-                                 f"cache, found {q_type.dtype} and {pool_type.dtype}; use --kv-cache-dtype f32 or f16")
+    if pool_type.dtype not in CACHE_DTYPES or q_type.dtype not in ATTENTION_DTYPES or \
+            not q_type.dtype == k_type.dtype == v_type.dtype:
+        raise UnsupportedOpError(f"paged_attention: the TVM backend's attention kernels take q, k, v of one of "
+                                 f"{', '.join(ATTENTION_DTYPES)} and an f32 or f16 cache, found {q_type.dtype}, "
+                                 f"{k_type.dtype}, {v_type.dtype} and {pool_type.dtype}; use --kv-cache-dtype f32 or f16")
     cache_dtype = CACHE_DTYPES[pool_type.dtype]
+    # what the kernels read and write: the activations' own dtype on CUDA, f32 on the CPU
+    io_dtype = tvm_dtype(q_type.dtype) if not ctx.is_cpu else "float32"
     if k_type.shape[3] != v_type.shape[3]:
         raise UnsupportedOpError(f"paged_attention: the TVM backend's attention kernels take equal K and V head "
                                  f"sizes, found {k_type.shape[3]} and {v_type.shape[3]}")
@@ -137,20 +146,23 @@ def _lower_paged_attention(ctx, node, inputs):
 
     t = ctx.dim(tokens)
 
-    def token_rows(x, width, operand: int | None = None):  # [1, heads, T, D] -> [T, heads, D]
+    def token_rows(x, width, operand: int | None = None):  # [1, heads, T, D] -> [T, heads, D] in io_dtype
         # An operand the IR made by permuting [1, T, heads, D] (V, straight from its projection) is that tensor
         # reshaped: a view, where permuting the permute back would copy it in a kernel of its own.
         made = node.inputs[operand].producer if operand is not None else None
         if made is not None and made.op == "permute" and made.attrs["perm"] == (0, 2, 1, 3):
-            return ctx.emit(relax.op.reshape(ctx.values[id(made.inputs[0])], [t, width, dim]))
-        return ctx.emit(relax.op.reshape(relax.op.permute_dims(x, [0, 2, 1, 3]), [t, width, dim]))
+            rows = ctx.emit(relax.op.reshape(ctx.values[id(made.inputs[0])], [t, width, dim]))
+        else:
+            rows = ctx.emit(relax.op.reshape(relax.op.permute_dims(x, [0, 2, 1, 3]), [t, width, dim]))
+        return rows if io_dtype == tvm_dtype(q_type.dtype) else ctx.emit(relax.op.astype(rows, io_dtype))
 
     # per step, not per layer: every attention of the function reads the same positions (one kernel each)
     shared = ctx.__dict__.setdefault("kiln_step_rows", {})
     if "row_pos" not in shared:
         shared["row_pos"] = ctx.emit(relax.op.reshape(relax.op.astype(positions, "int32"), [t]))
     row_pos = shared["row_pos"]
-    append = add_kernel(append_func(kv_heads, dim, page, base, base, cache_dtype), "paged_kv_append")
+    kernel_dtype = {} if ctx.is_cpu else {"io_dtype": io_dtype}  # the CPU kernels take f32 only
+    append = add_kernel(append_func(kv_heads, dim, page, base, base, cache_dtype, **kernel_dtype), "paged_kv_append")
     k_flat, v_flat = pages(k_pool), pages(v_pool)
     pools = ctx.emit(relax.call_tir_inplace(append, [token_rows(k, kv_heads, 1), token_rows(v, kv_heads, 2), page_table,
                                                      token_seq, row_pos, k_flat, v_flat], [5, 6],
@@ -163,15 +175,19 @@ def _lower_paged_attention(ctx, node, inputs):
         if "lengths" not in shared:
             shared["lengths"] = ctx.emit(relax.op.add(row_pos, relax.const(1, "int32")))
         lengths = shared["lengths"]
-        kernel = decode_func(heads, kv_heads, dim, page, scale, base, base, window, softcap, alibi, cache_dtype)
+        kernel = decode_func(heads, kv_heads, dim, page, scale, base, base, window, softcap, alibi, cache_dtype,
+                             **kernel_dtype)
         gvar = add_kernel(kernel, "paged_attention_decode")
         out = ctx.emit(relax.call_tir(gvar, [token_rows(q, heads), k_flat, v_flat, page_table, lengths],
-                                      relax.TensorType([t, heads, dim], "float32")))
+                                      relax.TensorType([t, heads, dim], io_dtype)))
     else:
-        kernel = ragged_func(heads, kv_heads, dim, page, scale, base, base, window, softcap, alibi, cache_dtype)
+        kernel = ragged_func(heads, kv_heads, dim, page, scale, base, base, window, softcap, alibi, cache_dtype,
+                             **kernel_dtype)
         gvar = add_kernel(kernel, "paged_attention_ragged")
         out = ctx.emit(relax.call_tir(gvar, [token_rows(q, heads), k_flat, v_flat, page_table, token_seq, row_pos],
-                                      relax.TensorType([t, heads, dim], "float32")))
+                                      relax.TensorType([t, heads, dim], io_dtype)))
+    if io_dtype != tvm_dtype(q_type.dtype):
+        out = ctx.emit(relax.op.astype(out, tvm_dtype(q_type.dtype)))
     out = ctx.emit(relax.op.permute_dims(relax.op.reshape(out, [1, t, heads, dim]), [0, 2, 1, 3]))
     if ctx.is_cpu:  # the append wrote the pools in place through the views: the pools out are the pools in
         return [out, k_pool, v_pool]

@@ -174,9 +174,25 @@ _UNARY = {
 }
 
 
+# Half-precision operands of these ops are computed in f32 registers and rounded once, as torch's half kernels
+# do (its "opmath" type): CUDA's own f16 / bf16 intrinsics (hexp, ...) are less exact, and bf16 has few.
+_EXACT_IN_HALF = {"neg", "abs", "relu", "not"}
+HALF_DTYPES = ("f16", "bf16")
+
+
+def in_f32(ctx, op, x, dtype: str) -> relax.Var:
+    """op(x) for a float x of kiln dtype ``dtype``: through f32 when ``dtype`` is a half type."""
+    if dtype not in HALF_DTYPES:
+        return ctx.emit(op(x))
+    wide = ctx.emit(op(ctx.emit(relax.op.astype(x, "float32"))))
+    return ctx.emit(relax.op.astype(wide, tvm_dtype(dtype)))
+
+
 @lowering(*_UNARY)
 def _lower_unary(ctx, node, inputs):
-    return ctx.emit(_UNARY[node.op](inputs[0]))
+    if node.op in _EXACT_IN_HALF:
+        return ctx.emit(_UNARY[node.op](inputs[0]))
+    return in_f32(ctx, _UNARY[node.op], inputs[0], ctx.in_type(0).dtype)
 
 
 @lowering("reciprocal")
@@ -188,7 +204,7 @@ def _lower_reciprocal(ctx, node, inputs):
 @lowering("gelu")
 def _lower_gelu(ctx, node, inputs):
     op = relax.op.nn.gelu_tanh if node.attrs["approximate"] == "tanh" else relax.op.nn.gelu
-    return ctx.emit(op(inputs[0]))
+    return in_f32(ctx, op, inputs[0], ctx.in_type(0).dtype)
 
 
 @lowering("cast")
@@ -366,9 +382,10 @@ def _lower_matmul(ctx, node, inputs):
 def nt_matmul(ctx, a, b, name: str = "NT_matmul") -> relax.Var:
     """a[..., M, K] @ b[..., N, K]^T in one reduction kernel (the form dlight's GEMV and
     Matmul rules schedule). b's leading dims, if any, equal a's; a 2-D b is shared.
-    Half-precision inputs accumulate in float32, as torch does on CPU."""
+    Half-precision inputs accumulate in float32, as torch does on CPU; the result takes a's dtype (f32
+    activations against half weights: the logits of half compute)."""
     dtype = ctx.out_type().dtype
-    accumulate = "float32" if dtype in ("f16", "bf16") else tvm_dtype(dtype)
+    accumulate = "float32" if dtype in HALF_DTYPES else tvm_dtype(dtype)
 
     def te_nt_matmul(x, y):
         k = te.reduce_axis((0, x.shape[-1]), name="k")
@@ -376,8 +393,8 @@ def nt_matmul(ctx, a, b, name: str = "NT_matmul") -> relax.Var:
 
         def body(*i):
             xv, yv = x[tuple(i[:-1]) + (k,)], y[tuple(i[:lead]) + (i[-1], k)]
-            if accumulate != x.dtype:
-                xv, yv = xv.astype(accumulate), yv.astype(accumulate)
+            xv = xv if xv.dtype == accumulate else xv.astype(accumulate)
+            yv = yv if yv.dtype == accumulate else yv.astype(accumulate)
             return te.sum(xv * yv, axis=k)
 
         out = te.compute(list(x.shape[:-1]) + [y.shape[-2]], body, name=name)
@@ -386,7 +403,8 @@ def nt_matmul(ctx, a, b, name: str = "NT_matmul") -> relax.Var:
         return te.compute(out.shape, lambda *i: out[i].astype(x.dtype), name=name + "_cast")
 
     # dlight's gpu.Matmul tensorizes fp16 and crashes in s_tir::Tensorize (see the TVM note)
-    attrs = {"dlight.do_not_tensorize": True} if not ctx.is_cpu and accumulate != tvm_dtype(dtype) else None
+    half = any(isinstance(e.ty, relax.TensorType) and e.ty.dtype in ("float16", "bfloat16") for e in (a, b))
+    attrs = {"dlight.do_not_tensorize": True} if not ctx.is_cpu and half else None
     return ctx.emit_te(te_nt_matmul, a, b, name=name, attrs=attrs)
 
 
@@ -397,8 +415,9 @@ SMALL_ROW_LIMIT = 8
 
 
 def _use_cpu_kernel(ctx: LoweringContext, x_type: TensorType, w_type: TensorType) -> bool:
-    return (_kernels is not None and ctx.is_cpu and x_type.dtype == "f32" and w_type.dtype == "f32"
-            and w_type.is_static)
+    """kernels.linear takes f32 x and f32, f16 or bf16 weights (widened as they are read)."""
+    return (_kernels is not None and ctx.is_cpu and x_type.dtype in ("f32",) + HALF_DTYPES
+            and w_type.dtype in ("f32",) + HALF_DTYPES and w_type.is_static)
 
 
 def _linear_row_tile(rows) -> int | None:
@@ -417,8 +436,12 @@ def emit_linear(ctx, x, x_type: TensorType, w, w_type: TensorType) -> relax.Var:
         rows = rows * d
     k = x_type.shape[-1]
     x2 = x if x_type.rank == 2 else ctx.emit(relax.op.reshape(x, [ctx.dim(rows), ctx.dim(k)]))
+    if x_type.dtype != "f32":  # half activations (half compute on the CPU): the kernel reads f32 rows
+        x2 = ctx.emit(relax.op.astype(x2, "float32"))
     row_tile = _linear_row_tile(rows)
     y = ctx.emit_te(lambda a, b: _kernels.linear(a, b, row_tile=row_tile), x2, w, name="linear", attrs=OPAQUE)
+    if x_type.dtype != "f32":
+        y = ctx.emit(relax.op.astype(y, tvm_dtype(x_type.dtype)))
     if x_type.rank != 2:
         y = ctx.emit(relax.op.reshape(y, ctx.shape(tuple(x_type.shape[:-1]) + (w_type.shape[0],))))
     return y
@@ -436,7 +459,12 @@ def _lower_linear(ctx, node, inputs):
 @lowering("layer_norm")
 def _lower_layer_norm(ctx, node, inputs):
     x, w, b = inputs
-    return ctx.emit(relax.op.nn.layer_norm(x, w, b, axes=[-1], epsilon=node.attrs["eps"]))
+    dtype = ctx.in_type(0).dtype
+    if dtype != "bf16":  # TVM's layer_norm takes f32 and f16 (statistics in f32)
+        return ctx.emit(relax.op.nn.layer_norm(x, w, b, axes=[-1], epsilon=node.attrs["eps"]))
+    x, w, b = (ctx.emit(relax.op.astype(v, "float32")) for v in (x, w, b))
+    y = ctx.emit(relax.op.nn.layer_norm(x, w, b, axes=[-1], epsilon=node.attrs["eps"]))
+    return ctx.emit(relax.op.astype(y, tvm_dtype(dtype)))
 
 
 def _causal_mask(ctx, scores):
