@@ -59,7 +59,7 @@ QUANTIZE_MODES = ("none", "int8", "int4", "int4-g128", "gguf")  # int4: groups o
 # what quantized linears multiply: x as it is, or x in int8 per block of 32; auto picks (resolve_activations)
 ACTIVATION_MODES = ("auto", "float", "int8")
 INTEGER_DOT_BACKENDS = ("tvm", "onnxruntime")  # whose CPU kernels multiply int8 activations as integers
-# what the model computes in; auto is f32, the one dtype every backend's kernels take (resolve_dtype)
+# what the model computes in; auto is f32 on every backend, f16 / bf16 where resolve_dtype offers them
 COMPUTE_DTYPES = ("auto", "f32", "f16", "bf16")
 
 
@@ -129,16 +129,34 @@ def resolve_activations(pass_options, backend: str, target: str) -> str:
     return mode
 
 
+# (backend, target) where f16 / bf16 compute runs: TVM on CUDA; TVM on the CPU, where halving the weights' bytes
+# makes decode faster (benchmarks/bench_half_cpu.py, 2 threads: SmolLM2 f16 1.28-1.31x and bf16 1.25x f32's decode
+# tok/s, prefill about even; a 2-layer tiny Llama, bound by kernel launches, decodes at 0.86x); the numpy reference
+# backend, which checks what the half graph computes (f16 in numpy, bf16 through ml_dtypes: f32 arithmetic rounded
+# per op)
+HALF_COMPUTE = {("tvm", "cuda"), ("tvm", "cpu"), ("reference", "cpu")}
+# why the others compute in f32
+HALF_REFUSED = {
+    ("onnxruntime", "cpu"): "kiln's ONNX Runtime lowering takes f32 activations, and ONNX Runtime's CPU provider has "
+                            "no bf16 MatMul and an f16 MatMul no faster than f32 (0.98-1.03x on SmolLM2's shapes)",
+    ("onnxruntime", "cuda"): "kiln's ONNX Runtime lowering takes f32 activations",
+}
+
+
 def resolve_dtype(pass_options, backend: str, target: str) -> str:
     """Settle the compute dtype: "auto" is f32 on every backend and target, f16 / bf16 weights widened once at
-    compile time (exact), as llama.cpp computes in f32 from f16 weights on the CPU. No backend computes in
-    f16 / bf16 yet (the TVM attention kernels and the ONNX Runtime lowering take f32 activations), so those are
-    refused in one line; returns the dtype."""
+    compile time (exact), as llama.cpp computes in f32 from f16 weights on the CPU. "f16" / "bf16" compute in
+    that type (pass narrow_compute_dtype: f32 accumulation, norm statistics, softmax, RoPE angles and logits)
+    where kiln offers it (HALF_COMPUTE: the tvm backend on CUDA and on the CPU, the reference backend); elsewhere
+    they are refused in one line that says why. Returns the dtype."""
     dtype = pass_options.extra.get("dtype") or "auto"
     if dtype in ("f16", "bf16"):
-        raise ConfigError(f"dtype {dtype!r} asks for {dtype} compute, but the {backend} backend computes in f32 on "
-                          f"{target} (its kernels take f32 activations; {dtype} weights are widened to f32 at "
-                          f"compile time); use dtype 'auto' or 'f32'")
+        if (backend, target) not in HALF_COMPUTE:
+            why = HALF_REFUSED.get((backend, target), f"the {backend} backend computes in f32 on {target}")
+            raise ConfigError(f"dtype {dtype!r} asks for {dtype} compute, which the {backend} backend does not offer "
+                              f"on {target}: {why}; use dtype 'auto' or 'f32' ({dtype} weights "
+                              f"are widened to f32 at compile time), or {dtype} with --backend tvm")
+        return dtype
     pass_options.extra["dtype"] = "f32"
     return "f32"
 
@@ -163,7 +181,9 @@ def compile(source, backend: str = "tvm", target: str = "cpu", quantize=None, ma
     installs nothing; "warn": it installs with an :class:`kiln.accuracy.AccuracyWarning`; "off": no check.
     ``dtype``: the compute dtype, "auto" (the default) or "f32": f16 / bf16 weights (a half-precision module,
     checkpoint or GGUF) are widened to f32 once at compile time and the model computes in f32. "f16" and "bf16"
-    are refused: no backend computes in half precision yet.
+    compute in that type (weights and activations; norm statistics, softmax, attention scores, RoPE angles and
+    the logits in f32) with backend="tvm" (CUDA and CPU) and on the reference backend; onnxruntime refuses them
+    with the reason.
     """
     from kiln.backends import check_backend
 

@@ -156,7 +156,9 @@ def add_quantize_option(group) -> None:
                             "quantized weights on the CPU with tvm or onnxruntime, else float)")
     group.add_argument("--dtype", default="auto", choices=("auto", "f32", "f16", "bf16"),
                        help="compute dtype: auto (default) and f32 widen f16/bf16 weights to f32 at compile time "
-                            "and compute in f32; f16 and bf16 are refused (no backend computes in them yet)")
+                            "and compute in f32; f16 and bf16 compute in that type (norm statistics, softmax, "
+                            "attention scores, RoPE angles and logits in f32) with --backend tvm (cuda and cpu) and "
+                            "reference; onnxruntime refuses them")
 
 
 def quantize_arg(args):

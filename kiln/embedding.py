@@ -38,6 +38,9 @@ def compile_embedding(source, *, backend: str, target: str, quantize, max_seq_le
         raise ConfigError(f"embedding models compile for {' or '.join(EMBEDDING_BACKENDS)}, not {backend!r}")
     if quantize not in (None, "none"):
         raise ConfigError(f"embedding models compile in fp32; quantize {quantize!r} is not supported for them")
+    if pass_options.extra.get("dtype") in ("f16", "bf16"):
+        raise ConfigError(f"embedding models compute in f32; dtype {pass_options.extra['dtype']!r} is not supported "
+                          "for them (use dtype 'auto' or 'f32')")
     module, loaded, manager = capture_embedding(source, max_seq_len=max_seq_len, pass_options=pass_options,
                                                 progress=progress)
     spec, length = loaded.spec, module.metadata["capture"]["max_seq"]
