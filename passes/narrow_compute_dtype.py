@@ -4,8 +4,8 @@ Op by op, as transformers and llama.cpp compute a half-precision model:
 
 - **half** (every float operand in the half type, f32 accumulation inside the op's reference and kernels):
   ``linear``, ``matmul``, ``embedding``, ``gated_mlp``, ``rms_norm`` / ``add_rms_norm`` / ``layer_norm``
-  (mean and variance in f32, the normalized value rounded to the half type before the weight multiplies it,
-  as ``LlamaRMSNorm`` does), ``rope`` (its ``inv_freq`` operand stays f32: the angles, cos and sin are f32,
+  (mean and variance in f32; RMSNorm rounds the normalized value to the half type before the weight
+  multiplies it, as ``LlamaRMSNorm`` does), ``rope`` (its ``inv_freq`` operand stays f32: the angles, cos and sin are f32,
   rounded to the half type before they multiply x), ``attention`` / ``paged_attention`` (scores, softmax and
   the weighted sum in f32; the cache pools keep the KV-cache dtype).
 - **f32** (range or precision: the reductions and transcendental steps of unfused norms, softmax and RoPE
