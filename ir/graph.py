@@ -257,22 +257,30 @@ class Module:
 
     def parameter_count(self, exclude: Iterable[str] = ()) -> int:
         """Elements of the weights at their logical shapes, as the source model counts them: a quantized
-        weight (the q, scale and offset a ``linear_q`` / ``embedding_q`` reads) counts as its [N, K], its
+        weight (the q, scale and offset a ``linear_q`` / ``embedding_q`` / ``gated_mlp_q`` reads) counts as its [N, K], its
         packing, scales and offsets as nothing; each weight once, however many ops read it. ``exclude``:
         names that are no parameter of the source (buffers such as RoPE frequencies)."""
+        from .quant_mlp_ops import WEIGHTS, split_inputs
+
         counts = {name: int(np.prod(t.shape)) if t.shape else 1 for name, t in self.weights.items()}
         for fn in self.functions.values():
             for node in fn.nodes:
-                if node.op not in ("linear_q", "embedding_q"):
+                if node.op in ("linear_q", "embedding_q"):
+                    quantized = [(node.inputs[1:], node.attrs["bits"])]
+                elif node.op == "gated_mlp_q":
+                    parts = split_inputs(node.inputs, node.attrs)[1:]
+                    quantized = [(part, node.attrs[f"{name}_bits"]) for name, part in zip(WEIGHTS, parts)]
+                else:
                     continue
-                producers = [v.producer for v in node.inputs[1:]]
-                if not all(p is not None and p.op == "weight" for p in producers):
-                    continue
-                names = [p.attrs["name"] for p in producers]
-                q = self.weights[names[0]]
-                # an i8 element holds one int8 value, a u32 eight int4 values
-                counts[names[0]] = q.shape[0] * q.shape[1] * itemsize(q.dtype) * 8 // node.attrs["bits"]
-                counts.update(dict.fromkeys(names[1:], 0))
+                for inputs, bits in quantized:
+                    producers = [v.producer for v in inputs]
+                    if not all(p is not None and p.op == "weight" for p in producers):
+                        continue
+                    names = [p.attrs["name"] for p in producers]
+                    q = self.weights[names[0]]
+                    # an i8 element holds one int8 value, a u32 eight int4 values
+                    counts[names[0]] = q.shape[0] * q.shape[1] * itemsize(q.dtype) * 8 // bits
+                    counts.update(dict.fromkeys(names[1:], 0))
         excluded = set(exclude)
         return sum(count for name, count in counts.items() if name not in excluded)
 

@@ -23,7 +23,7 @@ from .quant_ops import ACTIVATIONS, check_quantized, int8_activations_fit
 from .types import TensorType, is_float
 
 WEIGHTS = ("gate_up", "down")
-# Ops backends receive as their subgraphs (kiln/artifact.py calls decompose after writing the IR).
+# Ops the TVM and ONNX Runtime lowerings rewrite into their subgraphs (decompose) before lowering.
 DECOMPOSED_OPS = ("gated_mlp_q",)
 # gated_mlp's activation -> the elementwise op (and its attributes) applied to the gate
 ACTIVATION_OPS = {"silu": ("silu", {}), "gelu": ("gelu", {"approximate": "none"}),

@@ -15,7 +15,6 @@ from kiln.ir.errors import ArtifactError, ConfigError
 from kiln.ir.files import check_replaceable, install_directory, make_staging_directory, sha256_of
 from kiln.ir.kv_cache import DECODE_STEP, LOGITS, STEP, STEP_INPUTS
 from kiln.ir.printer import print_module
-from kiln.ir.quant_mlp_ops import decompose as decompose_gated_mlp_q
 from kiln.runtime.artifact import FORMAT_NAME, FORMAT_VERSION, MANIFEST, read_manifest
 
 WEIGHTS = "weights.safetensors"
@@ -67,10 +66,6 @@ def _stage(tmp: str, module, source, *, backend: str, target: str, options, pipe
         write_safetensors(os.path.join(tmp, WEIGHTS), module.weight_data)
     with open(os.path.join(tmp, IR), "w", encoding="utf-8") as f:
         f.write(print_module(module))
-    # An op no backend has a kernel of its own for lowers as its subgraph; the IR written above keeps it whole
-    # (and the reference backend interprets it from there).
-    for fn in module.functions.values():
-        decompose_gated_mlp_q(fn)
     lowered = lower.compile_module(module, target, tmp, options)
     tokenizer_entry, template_file = None, None
     bundle = source.tokenizer

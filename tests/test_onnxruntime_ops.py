@@ -317,7 +317,7 @@ def test_paged_attention_through_the_padded_view_matches_numpy(chunks, window):
 
 
 def test_every_ir_op_has_a_lowering():
-    from kiln.ir.quant_mlp_ops import DECOMPOSED_OPS  # lowered as their subgraphs (kiln/artifact.py)
+    from kiln.ir.quant_mlp_ops import DECOMPOSED_OPS  # rewritten into their subgraphs by lower_function
 
     assert sorted(set(OPS) - set(LOWERINGS) - set(DECOMPOSED_OPS)) == []
 

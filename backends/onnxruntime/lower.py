@@ -28,6 +28,7 @@ from onnx import TensorProto, helper, numpy_helper
 from kiln.ir.errors import ConfigError, UnsupportedOpError
 from kiln.ir.graph import Function, Module, Node
 from kiln.ir.kv_cache import KVCacheSpec
+from kiln.ir.quant_mlp_ops import decompose as decompose_gated_mlp_q
 from kiln.ir.symbolic import SymExpr
 from kiln.ir.types import TensorType, numpy_dtype, promote
 
@@ -861,6 +862,7 @@ def lower_function(module: Module, name: str, options: dict | None = None) -> Lo
         raise ConfigError(f"expected a function @{name} in the module, found "
                           f"{', '.join('@' + f for f in module.functions) or 'none'}")
     fn = module.functions[name]
+    decompose_gated_mlp_q(fn)  # ops lowered as their subgraphs, rewritten in place
     check_lowerable(fn)
     ctx = LoweringContext(module, fn, options or {})
     executor_operands = _executor_operands(fn)

@@ -19,6 +19,7 @@ from tvm import relax, te, tirx
 
 from kiln.ir.errors import ConfigError, UnsupportedOpError
 from kiln.ir.graph import Function, Module, Node
+from kiln.ir.quant_mlp_ops import decompose as decompose_gated_mlp_q
 from kiln.ir.symbolic import SymExpr
 from kiln.ir.types import TensorType, is_float, numpy_dtype, promote
 
@@ -690,6 +691,9 @@ def lower_functions(module: Module, function_names: Sequence[str], target="cpu",
         if name not in module.functions:
             raise ConfigError(f"expected a function @{name} in the module, found "
                               f"{', '.join('@' + f for f in module.functions) or 'none'}")
+        # ops lowered as their subgraphs (gated_mlp_q), rewritten in place: the VNNI repacking and launch fusion
+        # then see its linear_q as any other
+        decompose_gated_mlp_q(module.functions[name])
         if name.startswith(TE_PREFIX):
             raise ConfigError(f"expected function names not starting with {TE_PREFIX!r} (kiln's kernel "
                               f"prefix), found @{name}; rename the function")
