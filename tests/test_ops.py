@@ -544,9 +544,10 @@ add("paged_attention",
 # moe_route and moe_experts: in tests/test_moe.py, references vs transformers' routers and experts; moe_experts_q:
 # in tests/test_moe_quant.py, vs a torch dequantize-then-experts over int8 / int4 / GGUF block / mixed cases;
 # latent_attention and paged_latent_attention: in tests/test_mla.py, references vs torch's attention over the
-# expanded per-head K/V of DeepSeek's up-projections)
+# expanded per-head K/V of DeepSeek's up-projections; gated_mlp_q: in tests/test_quantized_gated_mlp.py, its reference
+# vs numpy from the formats' definitions, float and int8 activations)
 SPECIAL = {"weight", "linear_q", "embedding_q", "moe_route", "moe_experts", "moe_experts_q", "latent_attention",
-           "paged_latent_attention"}
+           "paged_latent_attention", "gated_mlp_q"}
 
 
 def test_table_covers_every_op():
