@@ -46,7 +46,8 @@ def _launches(path):
     return backend["kernel_launches"], backend["parallel_launches"]
 
 
-@pytest.mark.parametrize("quantize", ["none", "int4"])
+# about 12 s each: int4 by default, fp32 with -m slow
+@pytest.mark.parametrize("quantize", [pytest.param("none", marks=pytest.mark.slow), "int4"])
 def test_fused_decode_matches_transformers_and_unfused(tmp_path, monkeypatch, quantize):
     model = build_tiny_model("llama", num_hidden_layers=3)
     fused = kiln.compile(model, backend="tvm", max_seq_len=64, quantize=quantize, output=tmp_path / "fused.kiln")
@@ -101,7 +102,7 @@ def _tiny_mixtral():
                                                    max_position_embeddings=128))
 
 
-@pytest.mark.parametrize("name", ["llama", "mixtral"])
+@pytest.mark.parametrize("name", ["llama", pytest.param("mixtral", marks=pytest.mark.slow)])
 def test_every_store_of_a_launch_is_inside_a_parallel_loop(name, monkeypatch):
     import tvm
 

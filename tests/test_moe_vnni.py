@@ -325,7 +325,9 @@ def _prompt_with_margins(monkeypatch, interpreted, vocab: int):
 
 
 @needs_vnni
-@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "qwen2_moe"])
+# about 10 s each: Qwen3-MoE by default, Mixtral and Qwen2-MoE (shared expert) with -m slow
+@pytest.mark.parametrize("arch", [pytest.param("mixtral", marks=pytest.mark.slow), "qwen3_moe",
+                                  pytest.param("qwen2_moe", marks=pytest.mark.slow)])
 def test_int4_int8_activation_models_match_the_interpreter(monkeypatch, tmp_path, arch):
     """quantize=int4, activations=int8 on this CPU: both layers' experts run the expert kernel (their stacks are
     derived weights); on a prompt whose run keeps the margins, the prefill logits and every decode step within
@@ -346,6 +348,7 @@ def test_int4_int8_activation_models_match_the_interpreter(monkeypatch, tmp_path
     assert relative_error(ours.logits, run["result"].logits) <= FP32_TOLERANCE
 
 
+@pytest.mark.slow  # about 9 s
 def test_qwen2_moe_gap_was_one_exact_int8_tie(monkeypatch, tmp_path):
     """The int4 Qwen2-MoE of test_moe_quant (RMSNorm weights 1) with int8 activations came out 3e-3 from the
     interpreter from prompt position 3 on. The cause is one activation on a rounding midpoint: position 3's
