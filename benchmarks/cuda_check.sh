@@ -11,7 +11,7 @@
 #   tests        python -m pytest -m "cuda or nvcc" tests/test_tvm_cuda.py (paged-attention kernels against
 #                numpy on the GPU; kernels and whole tiny Llamas compiled with nvcc)
 #   gpu tests    python -m pytest -m cuda on the other files holding GPU tests (tiny models against
-#                transformers, linear_q against numpy, the greedy argmax kernel and engine)
+#                transformers, linear_q against numpy, the greedy argmax kernel and engine, f16 / bf16 compute)
 #   compile      SmolLM2 for --target cuda (fp32, gguf, gguf with int8 activations) and the same for the
 #                TVM CPU backend, all at once in the background while the tests run
 #   bench        each CUDA artifact: kiln.load, a warm-up, then 128 new tokens greedy (ignore_eos) from
@@ -261,7 +261,7 @@ pytest_step() {  # pytest_step NAME CAP LOG ARGS...
 }
 pytest_step tests 150 "$LOGS/pytest-cuda-nvcc.log" -m "cuda or nvcc" tests/test_tvm_cuda.py
 pytest_step "gpu tests" 90 "$LOGS/pytest-cuda-others.log" -m cuda tests/test_tvm_lower.py tests/test_quantize.py \
-    tests/test_greedy_argmax.py
+    tests/test_greedy_argmax.py tests/test_half_compute.py
 
 # ---- compile (wait) ----------------------------------------------------------------------------------
 COMPILED=()
