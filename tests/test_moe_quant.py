@@ -402,6 +402,7 @@ def test_quantized_moe_model_matches_transformers_with_the_same_weights(tmp_path
 # says the same of linear_q). On the int4 Qwen2-MoE that happens at the prompt's fourth token: measured 1e-7 on
 # tokens 1-3, then 3e-3 from token 4 on (carried by its K/V), the signature of one flipped step, not of a kernel
 # error (which would show on every token); the kernels' int8 rows are checked op by op above at 1e-5.
+@pytest.mark.slow  # about 12 s; tests/test_moe_vnni.py checks Qwen3-MoE a8 against the interpreter by default
 @pytest.mark.parametrize("arch", ["mixtral"])
 def test_int8_activation_experts_match_the_numpy_reference(tmp_path, arch):
     """int4 with int8 activations on TVM (both layers' experts take them: widths multiples of 32) vs the numpy

@@ -173,7 +173,9 @@ def test_many_threads_submit_at_once(llama_artifacts, expected):
     check_no_page_held(eng)
 
 
-@pytest.mark.parametrize("name", ["gpt2", "mistral", "falcon"])
+# about 8-12 s each: mistral (sliding window) by default, gpt2 and falcon with -m slow
+@pytest.mark.parametrize("name", [pytest.param("gpt2", marks=pytest.mark.slow), "mistral",
+                                  pytest.param("falcon", marks=pytest.mark.slow)])
 def test_other_architectures_batch_like_transformers(name):
     """Learned positions (GPT-2), a sliding window of 4 (Mistral), multi-query (Falcon): batched greedy tokens."""
     eng = kiln.load(kiln.compile(tiny_model(name), backend="tvm", max_seq_len=64, max_num_seqs=4, page_size=4),
