@@ -174,9 +174,9 @@ def test_shape_rule_refuses_mismatched_stacks():
 
 
 # kernels against the numpy reference ---------------------------------------------------------------------------
-def _module(case, poison=()):
-    """x, weights, ids -> moe_experts_q over the case's stacks, the stacks' scales (float stacks: weights) of the
-    experts in ``poison`` replaced by NaN."""
+def _module(case, poison=(), hidden: int = HIDDEN, top_k: int = TOP_K):
+    """x [tokens, hidden], weights, ids [tokens, top_k] -> moe_experts_q over the case's stacks, the stacks' scales
+    and offsets (float stacks: weights) of the experts in ``poison`` replaced by NaN."""
     module = Module()
     names = []
     for stack_name, arrays in (("gate_up", case["gate_up"]), ("down", case["down"])):
@@ -187,9 +187,9 @@ def _module(case, poison=()):
             names.append(f"{stack_name}.{i}")
             module.add_weight(names[-1], array)
     fn = module.add_function("f")
-    x = fn.add_param("x", TensorType("f32", (TOKENS, HIDDEN)))
-    weights = fn.add_param("weights", TensorType("f32", (TOKENS, TOP_K)))
-    ids = fn.add_param("ids", TensorType("i64", (TOKENS, TOP_K)))
+    x = fn.add_param("x", TensorType("f32", (TOKENS, hidden)))
+    weights = fn.add_param("weights", TensorType("f32", (TOKENS, top_k)))
+    ids = fn.add_param("ids", TensorType("i64", (TOKENS, top_k)))
     fn.set_results([fn.emit("moe_experts_q", x, weights, ids, *[fn.emit("weight", name=n) for n in names],
                             value_name="out", **case["attrs"])])
     return module

@@ -30,11 +30,10 @@ from kiln.backends.tvm import int8_kernels, moe_lower  # noqa: E402
 from kiln.backends.tvm.build import TVMFunction  # noqa: E402
 from kiln.backends.tvm.lower import cpu_target, lower_function  # noqa: E402
 from kiln.ir import moe_ops, quant_ops  # noqa: E402
-from kiln.ir.graph import Module  # noqa: E402
 from kiln.ir.symbolic import sym  # noqa: E402
-from kiln.ir.types import TensorType  # noqa: E402
 
 from test_moe import seeded_moe_model  # noqa: E402
+from test_moe_quant import _module as moe_quant_module  # noqa: E402
 from tiny_models import ENGINE_PROMPT, FP32_TOLERANCE, relative_error  # noqa: E402
 
 HOST = cpu_target()
@@ -126,19 +125,9 @@ def _poison(arrays, experts):
 
 
 def _module(case, unused=()):
-    module = Module()
-    names = []
-    for stack in ("gate_up", "down"):
-        for i, array in enumerate(_poison(case[stack], unused)):
-            names.append(f"{stack}.{i}")
-            module.add_weight(names[-1], array)
-    fn = module.add_function("f")
-    x = fn.add_param("x", TensorType("f32", (TOKENS, HIDDEN)))
-    weights = fn.add_param("weights", TensorType("f32", (TOKENS, TOP_K)))
-    ids = fn.add_param("ids", TensorType("i64", (TOKENS, TOP_K)))
-    fn.set_results([fn.emit("moe_experts_q", x, weights, ids, *[fn.emit("weight", name=n) for n in names],
-                            value_name="out", **case["attrs"])])
-    return module
+    """The op over the case's stacks, with the scales and offsets of the ``unused`` experts NaN: a kernel that read
+    those experts would give NaN (test_moe_quant's module builder at this file's sizes)."""
+    return moe_quant_module(case, unused, hidden=HIDDEN, top_k=TOP_K)
 
 
 def _compile_kernel(func):
